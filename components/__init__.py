@@ -1,0 +1,1 @@
+"""torchship stages: pure functions, one module per stage."""

@@ -1,0 +1,1 @@
+"""torchship pipelines: the KFP DAG, its compiler and the command line."""
