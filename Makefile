@@ -1,0 +1,37 @@
+# The front door: `make demo` runs the whole pipeline locally, `make test` runs the tests.
+# Both build .venv from nothing on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# The CPU build of torch lies on this machine's disk; unpinned torch would pull a CUDA build.
+TORCH_PIN := torch==2.13.0
+PIPELINE := out/torchship-pipeline.yaml
+
+.PHONY: install demo test lint compile images clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIN)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+compile: install
+	$(BIN)/torchship compile --output $(PIPELINE)
+
+demo: compile
+	$(BIN)/torchship run $(PIPELINE) --pipeline-root runs
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check components pipelines tests
+
+images:
+	docker build -f containers/Dockerfile.cpu -t torchship-cpu:$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('torchship'))") .
+
+clean:
+	rm -rf $(VENV) out runs

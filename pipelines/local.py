@@ -1,0 +1,83 @@
+"""Execute a compiled pipeline YAML on this machine with `kfp.local`, showing only progress."""
+
+import contextlib
+import io
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from kfp import components, local
+
+from torchship.components.progress import PREFIX
+
+# The last line of a stage's traceback when the user's input was at fault, or a check failed.
+_STAGE_ERROR = re.compile(
+    r"^(?:[\w.]+\.)?(UserInputError|ParityError|ServingError|ValueError|RuntimeError): (.+)$"
+)
+# kfp.local's own lines worth showing: a task starting and a task ending.
+_TASK_LINE = re.compile(r" - \w+ - ((?:Executing task|Task) '[\w-]+'(?: finished with status \w+)?)\s*$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class PipelineFailed(RuntimeError):
+    """A stage of a local run failed; the message is the stage's own error line."""
+
+
+class _ProgressFilter(io.TextIOBase):
+    """Passes torchship's progress lines through to `out` and keeps the last stage error line.
+
+    kfp.local echoes every task's executor input and output; a person running the pipeline wants
+    the epochs, the benchmark levels and, on failure, the one line that says what to fix.
+    """
+
+    def __init__(self, out: TextIO, verbose: bool) -> None:
+        self.out, self.verbose = out, verbose
+        self.partial = ""
+        self.error: str | None = None
+
+    def write(self, text: str) -> int:
+        self.partial += text
+        *lines, self.partial = self.partial.split("\n")
+        for line in lines:
+            line = _ANSI.sub("", line)
+            match = _STAGE_ERROR.match(line.strip())
+            if match:
+                self.error = match.group(2)
+            if self.verbose:
+                self.out.write(line + "\n")
+            elif line.startswith(PREFIX):
+                self.out.write("    " + line[len(PREFIX):] + "\n")
+            elif task := _TASK_LINE.search(line):
+                self.out.write(task.group(1) + "\n")
+        self.out.flush()
+        return len(text)
+
+
+def run_pipeline(
+    pipeline_yaml: str | Path,
+    pipeline_root: str | Path,
+    arguments: dict[str, Any],
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run the compiled pipeline under kfp.local's SubprocessRunner; return the run summary."""
+    pipeline = components.load_component_from_file(str(pipeline_yaml))
+    Path(pipeline_root).mkdir(parents=True, exist_ok=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(Path(pipeline_root).resolve()),
+        raise_on_error=True,
+    )
+    stdout = _ProgressFilter(sys.stdout, verbose)
+    stderr = _ProgressFilter(sys.stderr, verbose)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            task = pipeline(**arguments)
+    except Exception as exc:  # kfp.local raises a generic RuntimeError naming only the task
+        raise PipelineFailed(stdout.error or stderr.error or str(exc)) from exc
+    results = Path(task.outputs["results"].path)
+    summary = json.loads(results.read_text())
+    summary["summary_markdown"] = task.outputs["summary"].path
+    summary["results_json"] = str(results)
+    return summary
