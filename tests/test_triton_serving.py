@@ -1,0 +1,352 @@
+"""Deploy and benchmark against the real ``tritonserver`` shipped in the nvidia-pytriton wheel."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import text_format
+from torchship.components.benchmark import benchmark_repository, write_json
+from torchship.components.deploy import build_model_repository, deploy_local
+from torchship.components.errors import ServingError, UserInputError
+from torchship.components.triton import TritonServer, find_tritonserver
+from tritonclient.grpc import model_config_pb2 as mc
+
+N_FEATURES, N_CLASSES = 8, 3
+VARIANTS = ("fp32", "pruned")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _proc_table() -> list[tuple[int, int, str, str]]:
+    """(pid, pgid, state, cmdline) of every live process, from /proc."""
+    rows = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        rows.append((int(entry), int(fields[2]), fields[0], cmdline))
+    return rows
+
+
+def _triton_processes(marker: str) -> list[tuple[int, str]]:
+    """Non-zombie tritonserver / python-stub processes whose command line mentions ``marker``."""
+    return [
+        (pid, cmd)
+        for pid, _, state, cmd in _proc_table()
+        if state != "Z"
+        and marker in cmd
+        and ("tritonserver" in cmd or "triton_python_backend_stub" in cmd)
+    ]
+
+
+def _wait_gone(marker: str, timeout: float = 5.0) -> list:
+    deadline = time.monotonic() + timeout
+    while (left := _triton_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def _ort(model_path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"input": x})[0]
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("triton")
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(workdir) -> Path:
+    out = workdir / "onnx"
+    torch.manual_seed(0)
+    for variant in VARIANTS:
+        model = torch.nn.Linear(N_FEATURES, N_CLASSES).eval()
+        (out / variant).mkdir(parents=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter
+            torch.onnx.export(
+                model,
+                (torch.randn(2, N_FEATURES),),
+                str(out / variant / "model.onnx"),
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                dynamo=False,
+            )
+    (out / "variants.json").write_text(json.dumps([{"name": v} for v in VARIANTS]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_path(workdir) -> Path:
+    rng = np.random.default_rng(0)
+    path = workdir / "test.npz"
+    np.savez(
+        path,
+        x=rng.standard_normal((200, N_FEATURES)).astype(np.float32),
+        y=rng.integers(0, N_CLASSES, 200).astype(np.int64),
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_repo(workdir, onnx_dir) -> Path:
+    repo = workdir / "repo_local"
+    build_model_repository(onnx_dir, repo, target="local")
+    return repo
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+
+def test_find_tritonserver():
+    paths = find_tritonserver()
+    assert paths.binary.is_file() and os.access(paths.binary, os.X_OK)
+    assert paths.libs.is_dir()
+
+
+@pytest.mark.parametrize("target", ["local", "triton"])
+def test_config_pbtxt_is_a_model_config(workdir, onnx_dir, target):
+    repo = workdir / f"cfg_{target}"
+    repo.mkdir()
+    (repo / "stale").mkdir()  # an existing repository is replaced as a whole
+    models = build_model_repository(onnx_dir, repo, target=target, max_batch_size=16)
+
+    assert sorted(m["name"] for m in models) == sorted(VARIANTS)
+    assert sorted(p.name for p in repo.iterdir()) == sorted(VARIANTS)
+    assert not [p for p in repo.parent.iterdir() if p.name.startswith(f".{repo.name}")]
+    for model in models:
+        assert model["inputs"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [8]}]
+        assert model["outputs"] == [{"name": "logits", "data_type": "TYPE_FP32", "dims": [3]}]
+        assert model["max_batch_size"] == 16
+        model_dir = repo / model["name"]
+        config = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+        assert config.name == model["name"]
+        assert config.max_batch_size == 16
+        assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [
+            ("input", mc.TYPE_FP32, [N_FEATURES])
+        ]
+        assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [
+            ("logits", mc.TYPE_FP32, [N_CLASSES])
+        ]
+        assert config.HasField("dynamic_batching")
+        assert 0 < config.dynamic_batching.max_queue_delay_microseconds <= 1000
+        assert [(g.count, g.kind) for g in config.instance_group] == [
+            (1, mc.ModelInstanceGroup.KIND_CPU)
+        ]
+        assert (model_dir / "1" / "model.onnx").read_bytes() == (
+            onnx_dir / model["name"] / "model.onnx"
+        ).read_bytes()
+        if target == "triton":
+            assert (config.platform, config.backend) == ("onnxruntime_onnx", "")
+            assert not (model_dir / "1" / "model.py").exists()
+        else:
+            assert (config.platform, config.backend) == ("", "python")
+            source = (model_dir / "1" / "model.py").read_text()
+            assert "class TritonPythonModel" in source and "onnxruntime" in source
+
+
+def test_build_rejects_bad_input(workdir, onnx_dir):
+    with pytest.raises(UserInputError, match="target"):
+        build_model_repository(onnx_dir, workdir / "x", target="tensorrt")
+    empty = workdir / "empty_onnx"
+    empty.mkdir()
+    with pytest.raises(UserInputError, match="onnx_dir"):
+        build_model_repository(empty, workdir / "x")
+
+
+def test_deploy_local_matches_onnxruntime(workdir, onnx_dir, test_path):
+    repo = workdir / "repo_deploy"
+    result = deploy_local(onnx_dir, repo, test_path, n_samples=32, atol=1e-4)
+
+    assert sorted(result["models"]) == sorted(VARIANTS)
+    for stats in result["models"].values():
+        assert stats["ready"] is True
+        assert stats["max_abs_diff_grpc"] <= 1e-4
+        assert stats["max_abs_diff_http"] <= 1e-4
+        assert stats["n_samples"] == 32
+    assert result["server_startup_s"] > 0
+    assert _wait_gone(str(repo)) == []
+
+
+def test_dynamic_batches_are_split_back(workdir, onnx_dir, test_path):
+    """Simultaneous requests of different sizes, merged by the batcher, each get their own rows."""
+    import tritonclient.http as httpclient
+
+    repo = workdir / "repo_batching"
+    build_model_repository(onnx_dir, repo, target="local", max_queue_delay_us=50_000)
+    x = np.load(test_path)["x"]
+    sizes = [1, 2, 3, 4, 5, 6, 7, 8]
+    with TritonServer(repo) as server:
+        pids = [pid for pid, pgid, state, _ in _proc_table() if pgid == server.pid and state != "Z"]
+        assert len(pids) >= 1 + len(VARIANTS)  # the server and one stub per model
+        assert server.log_path is not None and server.log_path.is_file()
+
+        client = httpclient.InferenceServerClient(server.http_url, concurrency=len(sizes))
+        try:
+            pending = []
+            for k, size in enumerate(sizes):
+                rows = x[10 * k : 10 * k + size]
+                infer_input = httpclient.InferInput("input", list(rows.shape), "FP32")
+                infer_input.set_data_from_numpy(rows)
+                pending.append((rows, client.async_infer("fp32", [infer_input])))
+            for rows, request in pending:
+                got = request.get_result(timeout=30).as_numpy("logits")
+                np.testing.assert_allclose(
+                    got, _ort(repo / "fp32" / "1" / "model.onnx", rows), atol=1e-5
+                )
+            stats = client.get_inference_statistics("fp32")["model_stats"][0]
+            assert stats["inference_count"] == sum(sizes)
+            assert stats["execution_count"] < len(sizes)  # some requests were batched together
+        finally:
+            client.close()
+    assert _wait_gone(str(repo)) == []
+    alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"]
+    assert alive == []
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+    return stat[stat.rindex(")") + 2 :].split()[0]
+
+
+def test_benchmark_grpc(workdir, local_repo, test_path):
+    lines = []
+    duration = 1.0
+    result = benchmark_repository(
+        local_repo,
+        test_path,
+        concurrency=(1, 2),
+        batch_size=1,
+        warmup_s=0.3,
+        duration_s=duration,
+        protocol="grpc",
+        progress=lines.append,
+    )
+    assert result["protocol"] == "grpc" and result["batch_size"] == 1
+    rows = result["results"]
+    assert [(r["model"], r["concurrency"]) for r in rows] == [
+        (m, c) for m in sorted(VARIANTS) for c in (1, 2)
+    ]
+    assert len(lines) >= len(rows)
+    for row in rows:
+        assert row["errors"] == 0
+        assert row["requests"] > 10
+        assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["mean_ms"] > 0
+        expected = row["requests"] / duration
+        assert expected / 2 <= row["throughput_rps"] <= expected * 1.5
+    out = write_json(result, workdir / "bench" / "bench.json")
+    assert json.loads(out.read_text())["results"][0]["model"] == rows[0]["model"]
+    assert _wait_gone(str(local_repo)) == []
+
+
+def test_benchmark_http_batched(local_repo, test_path):
+    result = benchmark_repository(
+        local_repo,
+        test_path,
+        concurrency=1,
+        batch_size=4,
+        warmup_s=0.2,
+        duration_s=0.5,
+        protocol="http",
+        models=["pruned"],
+        progress=None,
+    )
+    (row,) = result["results"]
+    assert row["model"] == "pruned" and row["errors"] == 0 and row["requests"] > 0
+    assert row["throughput_sps"] == pytest.approx(4 * row["throughput_rps"])
+
+
+def test_benchmark_rejects_unknown_model(local_repo, test_path):
+    with pytest.raises(UserInputError, match="models"):
+        benchmark_repository(local_repo, test_path, models=["nope"], progress=None)
+
+
+def test_corrupt_model_raises_serving_error_promptly(workdir, local_repo):
+    repo = workdir / "repo_corrupt"
+    shutil.copytree(local_repo, repo)
+    (repo / "pruned" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
+    started = time.monotonic()
+    with (
+        pytest.raises(ServingError) as excinfo,
+        TritonServer(repo, startup_timeout_s=60, log_path=workdir / "corrupt.log"),
+    ):
+        pytest.fail("server with a corrupt model became ready")
+    assert time.monotonic() - started < 30
+    message = str(excinfo.value)
+    assert "pruned" in message
+    assert _wait_gone(str(repo)) == []
+
+
+def test_not_ready_in_time_raises_serving_error(workdir, local_repo):
+    started = time.monotonic()
+    with (
+        pytest.raises(ServingError, match="not ready after"),
+        TritonServer(local_repo, startup_timeout_s=0.3, log_path=workdir / "slow.log"),
+    ):
+        pytest.fail("server should not be ready this fast")
+    assert time.monotonic() - started < 20
+    assert _wait_gone(str(local_repo)) == []
+
+
+SLOW_MODEL = """
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        time.sleep(3)
+        return [
+            pb_utils.InferenceResponse(
+                [pb_utils.Tensor("logits", np.zeros((1, 3), dtype=np.float32))]
+            )
+            for _ in requests
+        ]
+"""
+
+
+def test_benchmark_request_timeout_is_an_error_not_a_hang(workdir, onnx_dir, test_path):
+    repo = workdir / "repo_slow"
+    build_model_repository(onnx_dir, repo, target="local")
+    shutil.rmtree(repo / "pruned")
+    (repo / "fp32" / "1" / "model.py").write_text(SLOW_MODEL)
+    started = time.monotonic()
+    with pytest.raises(ServingError, match="timed out"):
+        benchmark_repository(
+            repo,
+            test_path,
+            concurrency=1,
+            warmup_s=0.0,
+            duration_s=0.5,
+            request_timeout_s=0.5,
+            progress=None,
+        )
+    assert time.monotonic() - started < 30
+    assert _wait_gone(str(repo)) == []
