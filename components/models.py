@@ -1,0 +1,219 @@
+"""Model specs (built-in `mlp`/`cnn` or a user's `module:factory`) and plain-dict checkpoints."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchship.components.errors import UserInputError
+
+BUILTIN_MODELS = ("mlp", "cnn")
+CHECKPOINT_KEYS = ("model_name", "n_features", "n_classes", "state_dict")
+
+
+class MLP(nn.Module):
+    """A few Linear+ReLU layers over the flat feature vector."""
+
+    def __init__(
+        self, n_features: int, n_classes: int, hidden: int = 256, depth: int = 2,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = n_features
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            width = hidden
+        layers.append(nn.Linear(width, n_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class CNN(nn.Module):
+    """A small conv net over the features seen as a 1 x side x side image (64 features: 8 x 8)."""
+
+    def __init__(self, n_features: int, n_classes: int, channels: int = 16) -> None:
+        super().__init__()
+        side = math.isqrt(n_features)
+        if side * side != n_features:
+            raise UserInputError(
+                f"model 'cnn' needs a square number of features to see them as an image, got "
+                f"{n_features}; pass --model-name mlp or a module:factory of your own"
+            )
+        self.side = side
+        pooled = side // 2 if side >= 2 else side
+        self.features = nn.Sequential(
+            nn.Conv2d(1, channels, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, 2 * channels, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2) if side >= 2 else nn.Identity(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(2 * channels * pooled * pooled, 128),
+            nn.ReLU(),
+            nn.Linear(128, n_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # -1 rather than x.shape[0] keeps the exported ONNX Reshape free of shape arithmetic
+        # while leaving the batch dimension dynamic.
+        return self.classifier(self.features(x.reshape(-1, 1, self.side, self.side)))
+
+
+def build_model(name: str, n_features: int, n_classes: int) -> nn.Module:
+    """Build a fresh, untrained model from its spec: `mlp`, `cnn` or `module:factory`."""
+    if name == "mlp":
+        return MLP(n_features, n_classes)
+    if name == "cnn":
+        return CNN(n_features, n_classes)
+    if isinstance(name, str) and ":" in name:
+        return _build_from_factory(name, n_features, n_classes)
+    raise UserInputError(
+        f"model {name!r} is unknown; pass one of {', '.join(BUILTIN_MODELS)}, or "
+        "'module:factory' for your own (called as factory(n_features=..., n_classes=...))"
+    )
+
+
+def _build_from_factory(spec: str, n_features: int, n_classes: int) -> nn.Module:
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise UserInputError(
+            f"model {spec!r} is not of the form 'module:factory'; pass e.g. 'my_models:make_net'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # a user module can fail to import in any way
+        raise UserInputError(
+            f"model {spec!r}: module '{module_name}' could not be imported "
+            f"({_one_line(error)}); make it importable (on PYTHONPATH) or pass "
+            f"{' or '.join(BUILTIN_MODELS)}"
+        ) from error
+    factory = getattr(module, attribute, None)
+    if factory is None:
+        raise UserInputError(
+            f"model {spec!r}: module '{module_name}' has no attribute '{attribute}'; "
+            "pass the name of a function that builds the model"
+        )
+    if not callable(factory):
+        raise UserInputError(
+            f"model {spec!r}: '{attribute}' is not callable (type {type(factory).__name__}); "
+            "pass a function called as factory(n_features=..., n_classes=...)"
+        )
+    try:
+        inspect.signature(factory).bind(n_features=n_features, n_classes=n_classes)
+    except TypeError as error:
+        raise UserInputError(
+            f"model {spec!r}: '{attribute}' cannot be called as "
+            f"{attribute}(n_features=..., n_classes=...) ({error}); change its signature"
+        ) from error
+    except ValueError:  # some builtins have no signature; let the call itself decide
+        pass
+    model = factory(n_features=n_features, n_classes=n_classes)
+    if not isinstance(model, nn.Module):
+        raise UserInputError(
+            f"model {spec!r}: '{attribute}' returned a {type(model).__name__}, not a "
+            "torch.nn.Module; return the model from the factory"
+        )
+    return model
+
+
+def check_model_output(
+    model: nn.Module, n_features: int, n_classes: int, name: str = "model", batch_size: int = 3
+) -> None:
+    """Run a dummy batch and make sure the model maps [B, n_features] to logits [B, n_classes]."""
+    was_training = model.training
+    model.eval()
+    batch = torch.zeros(batch_size, n_features)
+    try:
+        with torch.no_grad():
+            output = model(batch)
+    except Exception as error:  # the user's forward can fail in any way
+        raise UserInputError(
+            f"model '{name}' failed on a float32 batch of shape [{batch_size}, {n_features}] "
+            f"({_one_line(error)}); its forward must take [batch, n_features]"
+        ) from error
+    finally:
+        model.train(was_training)
+    shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    if shape != [batch_size, n_classes]:
+        raise UserInputError(
+            f"model '{name}' returned {shape} for input [{batch_size}, {n_features}], expected "
+            f"logits [{batch_size}, {n_classes}]; make forward return one tensor [batch, n_classes]"
+        )
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """Return (all parameters, non-zero parameters)."""
+    total = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    return total, nonzero
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    model_name: str,
+    n_features: int,
+    n_classes: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the model as a plain-data checkpoint dict, atomically; returns the dict."""
+    checkpoint: dict[str, Any] = {
+        "model_name": model_name,
+        "n_features": int(n_features),
+        "n_classes": int(n_classes),
+        # CPU copies so a checkpoint written on GPU loads anywhere with weights_only=True.
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }
+    if extra:
+        checkpoint["extra"] = extra
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(checkpoint, handle)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; later stages and users read it
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return checkpoint
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes, in eval mode; returns (model, checkpoint dict)."""
+    if not Path(path).exists():
+        raise UserInputError(
+            f"checkpoint '{path}' does not exist; pass the model file that train wrote"
+        )
+    # weights_only: a checkpoint is plain data, so loading one can never run code.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise UserInputError(
+            f"checkpoint '{path}' lacks {', '.join(missing)}; pass a checkpoint that train wrote"
+        )
+    model = build_model(checkpoint["model_name"], checkpoint["n_features"], checkpoint["n_classes"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return model, checkpoint
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}"
