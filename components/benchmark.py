@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from torchship.components.errors import ServingError, UserInputError
 
 __all__ = ["PROTOCOLS", "benchmark_repository", "write_json"]

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from torchship.components.errors import ServingError, UserInputError
 
 __all__ = ["ONNX_TO_TRITON", "TARGETS", "build_model_repository", "deploy_local"]
@@ -329,6 +330,7 @@ def deploy_local(
     import onnxruntime as ort
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
+
     from torchship.components.triton import TritonServer
 
     repository_dir = Path(repository_dir)

@@ -76,8 +76,8 @@ def format_markdown(summary: dict[str, Any]) -> str:
     lines = [
         "# torchship run summary",
         "",
-        f"Triton over {summary['protocol']}, batch size {summary['batch_size']}, "
-        f"concurrency {', '.join(map(str, summary['concurrency']))}.",
+        (f"Triton over {summary['protocol']}, batch size {summary['batch_size']}, "
+         f"concurrency {', '.join(map(str, summary['concurrency']))}."),
         "",
         "| " + " | ".join(header for header, _, _ in columns) + " |",
         "|" + "---|" * len(columns),

@@ -4,8 +4,8 @@ Each body runs inside the project's image on Vertex AI / Kubeflow, and in the lo
 under `kfp.local.SubprocessRunner`; the image is chosen when the pipeline is compiled.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, List
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
@@ -127,7 +127,7 @@ def benchmark(
     model_repository: Input[Artifact],
     onnx_models: Input[Model],
     test: Input[Dataset],
-    concurrency: List[int],
+    concurrency: list[int],
     batch_size: int,
     duration_s: float,
     results: Output[Artifact],

@@ -41,8 +41,9 @@ class _ProgressFilter(io.TextIOBase):
         self.partial += text
         *lines, self.partial = self.partial.split("\n")
         for line in lines:
-            line = _ANSI.sub("", line)
-            match = _STAGE_ERROR.match(line.strip())
+            # kfp.local indents a task's output by four spaces.
+            line = _ANSI.sub("", line).strip()
+            match = _STAGE_ERROR.match(line)
             if match:
                 self.error = match.group(2)
             if self.verbose:

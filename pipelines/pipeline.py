@@ -1,9 +1,10 @@
 """The torchship DAG (data -> train -> compress -> export -> deploy -> benchmark) and its compiler."""
 
 import os
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable, List, NamedTuple
+from typing import NamedTuple
 
 from kfp import compiler, dsl
 from kfp.dsl import Artifact, Markdown
@@ -41,7 +42,7 @@ def build_pipeline(image: str) -> Callable:
         finetune_epochs: int = 2,
         quantize: bool = True,
         deploy_target: str = "local",
-        benchmark_concurrency: List[int] = [1, 4],  # noqa: B006 - KFP takes defaults from here
+        benchmark_concurrency: list[int] = [1, 4],  # noqa: B006 - KFP takes defaults from here
         benchmark_batch_size: int = 1,
         benchmark_duration_s: float = 3.0,
     ) -> NamedTuple("Outputs", summary=Markdown, results=Artifact):
@@ -68,7 +69,7 @@ def build_pipeline(image: str) -> Callable:
             concurrency=benchmark_concurrency, batch_size=benchmark_batch_size,
             duration_s=benchmark_duration_s,
         )
-        outputs = NamedTuple("Outputs", summary=Markdown, results=Artifact)
+        outputs = NamedTuple("Outputs", summary=Markdown, results=Artifact)  # noqa: UP014 - KFP's form
         return outputs(summary=measured.outputs["summary"], results=measured.outputs["results"])
 
     return torchship_pipeline

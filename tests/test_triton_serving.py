@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
 from torchship.components.benchmark import benchmark_repository, write_json
 from torchship.components.deploy import build_model_repository, deploy_local
 from torchship.components.errors import ServingError, UserInputError
 from torchship.components.triton import TritonServer, find_tritonserver
-from tritonclient.grpc import model_config_pb2 as mc
 
 N_FEATURES, N_CLASSES = 8, 3
 VARIANTS = ("fp32", "pruned")
