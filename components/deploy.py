@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -319,6 +320,7 @@ def deploy_local(
     max_batch_size: int = 64,
     startup_timeout_s: float = 120.0,
     request_timeout_s: float = 30.0,
+    progress: Callable[[str], None] = print,
 ) -> dict:
     """Build the local repository, serve it on the bundled ``tritonserver`` and smoke-test it.
 
@@ -434,6 +436,8 @@ def deploy_local(
                             f"max |diff| {diff:.3g} > atol {atol:g}"
                         )
                     diffs[protocol] = diff
+                progress(f"{name}: served by Triton, matches ONNX Runtime over gRPC and HTTP "
+                         f"(max |diff| {max(diffs.values()):.2g}, {len(x)} rows)")
                 results[name] = {
                     "max_abs_diff_grpc": diffs["grpc"],
                     "max_abs_diff_http": diffs["http"],

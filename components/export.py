@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -80,6 +80,7 @@ def export_variants(
     onnx_dir: str | os.PathLike,
     atol: float = 1e-4,
     min_top1_agreement: float = 0.97,
+    progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Write `onnx_dir/<variant>/model.onnx` and `onnx_dir/variants.json`; every model must pass.
 
@@ -129,6 +130,9 @@ def export_variants(
             records.append(
                 {**variant, "onnx_size_bytes": onnx_path.stat().st_size, "parity": parity}
             )
+            progress(f"{name}: model.onnx passes onnx.checker; parity with PyTorch "
+                     f"'{reference_name}': max |diff| {parity['max_abs_diff']:.2g}, "
+                     f"top-1 agreement {parity['top1_agreement']:.4f}")
         (staging / "variants.json").write_text(json.dumps(records, indent=2))
         publish_dir(staging, onnx_dir)
     except BaseException:

@@ -99,8 +99,9 @@ def export(
 ):
     """ONNX files that passed onnx.checker and a parity check against PyTorch."""
     from torchship.components.export import export_variants
+    from torchship.components.progress import report
 
-    rows = export_variants(variants.path, test.path, onnx_models.path)
+    rows = export_variants(variants.path, test.path, onnx_models.path, progress=report)
     onnx_models.metadata.update({"framework": "onnx", "variants": [row["name"] for row in rows]})
     for row in rows:
         metrics.log_metric(f"{row['name']}_onnx_size_bytes", row["onnx_size_bytes"])
@@ -118,8 +119,9 @@ def deploy(
     if target != "local":
         raise ValueError(f"deploy target {target!r} is not supported yet; pass target='local'")
     from torchship.components.deploy import deploy_local
+    from torchship.components.progress import report
 
-    smoke = deploy_local(onnx_models.path, model_repository.path, test.path)
+    smoke = deploy_local(onnx_models.path, model_repository.path, test.path, progress=report)
     model_repository.metadata.update({"target": target, "smoke": smoke})
 
 

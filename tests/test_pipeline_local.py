@@ -79,7 +79,7 @@ def table(n: int = 60) -> pd.DataFrame:
         ("missing file", ["--data-source", "{tmp}/nowhere.csv"], "does not exist"),
         ("missing label column", ["--data-source", "{tmp}/t.csv", "--label-column", "target"],
          "--label-column"),
-        ("non-numeric features", ["--data-source", "{tmp}/text.csv"], "'b'"),
+        ("non-numeric features", ["--data-source", "{tmp}/text.csv"], "columns b;"),
         ("empty table", ["--data-source", "{tmp}/empty.parquet"], "empty"),
         ("unknown model", ["--model", "resnet9000"], "resnet9000"),
     ],
