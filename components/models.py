@@ -23,7 +23,7 @@ class MLP(nn.Module):
     """A few Linear+ReLU layers over the flat feature vector."""
 
     def __init__(
-        self, n_features: int, n_classes: int, hidden: int = 256, depth: int = 2,
+        self, n_features: int, n_classes: int, hidden: int = 1024, depth: int = 2,
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
