@@ -56,12 +56,16 @@ def main() -> None:
               help="Where to write the pipeline YAML.")
 @click.option("--image", default=None,
               help="Component image URI (default: $TORCHSHIP_IMAGE, else torchship-cpu:VERSION).")
-def compile(output: str, image: str | None) -> None:
+@click.option("--target", type=click.Choice(["local", "vertex"]), default="local",
+              show_default=True,
+              help="local: N training processes in one task (kfp.local, Kubeflow); vertex: "
+                   "training as a Vertex AI multi-replica custom job.")
+def compile(output: str, image: str | None, target: str) -> None:
     """Compile the pipeline to a KFP v2 YAML: the file every runner executes."""
     from torchship.pipelines.pipeline import compile_pipeline, default_image
 
-    path = compile_pipeline(output, image=image)
-    click.echo(f"wrote {path} (image {image or default_image()})")
+    path = compile_pipeline(output, image=image, target=target)
+    click.echo(f"wrote {path} (target {target}, image {image or default_image()})")
 
 
 @main.command()

@@ -5,7 +5,7 @@ under `kfp.local.SubprocessRunner`; the image is chosen when the pipeline is com
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
@@ -153,9 +153,23 @@ def benchmark(
                 metrics.log_metric(f"{row['variant']}_{key}", value)
 
 
+def vertex_worker_pools(
+    template: str,
+    replica_count: int,
+    machine_type: str,
+    accelerator_type: str,
+    accelerator_count: int,
+) -> list:
+    """Vertex AI worker pool specs for the train custom job, sized by pipeline parameters."""
+    from torchship.pipelines.vertex import worker_pool_specs
+
+    return worker_pool_specs(template, replica_count, machine_type, accelerator_type,
+                             accelerator_count)
+
+
 @dataclass(frozen=True)
 class Components:
-    """The six stages as KFP components built for one image."""
+    """The stages as KFP components built for one image (and, for Vertex AI, the custom job)."""
 
     prepare_data: Callable
     train: Callable
@@ -163,19 +177,30 @@ class Components:
     export: Callable
     deploy: Callable
     benchmark: Callable
+    vertex_worker_pools: Callable
+    # The train component wrapped as a Vertex AI custom job, and its container as JSON.
+    train_custom_job: Callable | None = None
+    train_custom_job_template: str = ""
 
 
-def build_components(image: str) -> Components:
+def build_components(image: str, vertex: bool = False) -> Components:
     """Make the components with `image` as their base image (the image has torchship and kfp)."""
 
     def make(func: Callable) -> Callable:
         return dsl.component(func, base_image=image, install_kfp_package=False)
 
-    return Components(
+    ops = Components(
         prepare_data=make(prepare_data),
         train=make(train),
         compress=make(compress),
         export=make(export),
         deploy=make(deploy),
         benchmark=make(benchmark),
+        vertex_worker_pools=make(vertex_worker_pools),
     )
+    if not vertex:
+        return ops
+    from torchship.pipelines.vertex import custom_training_job
+
+    job, template = custom_training_job(ops.train)
+    return replace(ops, train_custom_job=job, train_custom_job_template=template)

@@ -4,12 +4,13 @@ import os
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kfp import compiler, dsl
 from kfp.dsl import Artifact, Markdown
 
-from torchship.pipelines.components import build_components
+from torchship.components.errors import UserInputError
+from torchship.pipelines.components import Components, build_components
 
 PIPELINE_NAME = "torchship"
 IMAGE_ENV = "TORCHSHIP_IMAGE"
@@ -21,14 +22,50 @@ def default_image() -> str:
     return os.environ.get(IMAGE_ENV) or f"torchship-cpu:{version('torchship')}"
 
 
-def build_pipeline(image: str) -> Callable:
-    """The pipeline function with every component's base image set to `image`."""
-    ops = build_components(image)
+Outputs = NamedTuple("Outputs", summary=Markdown, results=Artifact)  # noqa: UP014 - KFP's form
+TARGETS = ("local", "vertex")
 
-    @dsl.pipeline(
-        name=PIPELINE_NAME,
-        description="PyTorch model from raw data to a benchmarked NVIDIA Triton deployment.",
+
+def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.PipelineTask,
+                    params: dict[str, Any]) -> Outputs:
+    """compress -> export -> deploy -> benchmark, the same on every target."""
+    variants = ops.compress(
+        model=trained.outputs["model"], train=data.outputs["train"],
+        val=data.outputs["val"], test=data.outputs["test"],
+        target_sparsity=params["target_sparsity"], finetune_epochs=params["finetune_epochs"],
+        quantize=params["quantize"], seed=params["seed"],
     )
+    exported = ops.export(variants=variants.outputs["variants"], test=data.outputs["test"])
+    deployed = ops.deploy(
+        onnx_models=exported.outputs["onnx_models"], test=data.outputs["test"],
+        target=params["deploy_target"],
+    )
+    measured = ops.benchmark(
+        model_repository=deployed.outputs["model_repository"],
+        onnx_models=exported.outputs["onnx_models"], test=data.outputs["test"],
+        concurrency=params["benchmark_concurrency"], batch_size=params["benchmark_batch_size"],
+        duration_s=params["benchmark_duration_s"],
+    )
+    return Outputs(summary=measured.outputs["summary"], results=measured.outputs["results"])
+
+
+def build_pipeline(image: str, target: str = "local") -> Callable:
+    """The pipeline function for `target`, with every component's base image set to `image`.
+
+    `local` trains with N processes on one machine (kfp.local, one Kubeflow pod); `vertex` runs
+    the train task as a Vertex AI multi-replica custom job whose size is a pipeline parameter.
+    """
+    if target not in TARGETS:
+        raise UserInputError(f"target {target!r} is unknown; pass one of {', '.join(TARGETS)}")
+    ops = build_components(image, vertex=target == "vertex")
+    return _local_pipeline(ops) if target == "local" else _vertex_pipeline(ops)
+
+
+DESCRIPTION = "PyTorch model from raw data to a benchmarked NVIDIA Triton deployment."
+
+
+def _local_pipeline(ops: Components) -> Callable:
+    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
     def torchship_pipeline(
         data_source: str = "digits",
         label_column: str = "label",
@@ -45,41 +82,66 @@ def build_pipeline(image: str) -> Callable:
         benchmark_concurrency: list[int] = [1, 4],  # noqa: B006 - KFP takes defaults from here
         benchmark_batch_size: int = 1,
         benchmark_duration_s: float = 3.0,
-    ) -> NamedTuple("Outputs", summary=Markdown, results=Artifact):
+    ) -> Outputs:
+        params = locals()
         data = ops.prepare_data(data_source=data_source, label_column=label_column, seed=seed)
         trained = ops.train(
             train=data.outputs["train"], val=data.outputs["val"], model_name=model_name,
             epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
             num_workers=num_workers, seed=seed,
         )
-        variants = ops.compress(
-            model=trained.outputs["model"], train=data.outputs["train"],
-            val=data.outputs["val"], test=data.outputs["test"],
-            target_sparsity=target_sparsity, finetune_epochs=finetune_epochs,
-            quantize=quantize, seed=seed,
-        )
-        exported = ops.export(variants=variants.outputs["variants"], test=data.outputs["test"])
-        deployed = ops.deploy(
-            onnx_models=exported.outputs["onnx_models"], test=data.outputs["test"],
-            target=deploy_target,
-        )
-        measured = ops.benchmark(
-            model_repository=deployed.outputs["model_repository"],
-            onnx_models=exported.outputs["onnx_models"], test=data.outputs["test"],
-            concurrency=benchmark_concurrency, batch_size=benchmark_batch_size,
-            duration_s=benchmark_duration_s,
-        )
-        outputs = NamedTuple("Outputs", summary=Markdown, results=Artifact)  # noqa: UP014 - KFP's form
-        return outputs(summary=measured.outputs["summary"], results=measured.outputs["results"])
+        return _after_training(ops, data, trained, params)
 
     return torchship_pipeline
 
 
-def compile_pipeline(output: str | Path, image: str | None = None) -> Path:
+def _vertex_pipeline(ops: Components) -> Callable:
+    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
+    def torchship_vertex_pipeline(
+        data_source: str = "digits",
+        label_column: str = "label",
+        model_name: str = "mlp",
+        epochs: int = 10,
+        batch_size: int = 64,
+        learning_rate: float = 0.001,
+        num_workers: int = 1,
+        seed: int = 0,
+        target_sparsity: float = 0.8,
+        finetune_epochs: int = 2,
+        quantize: bool = True,
+        deploy_target: str = "local",
+        benchmark_concurrency: list[int] = [1, 4],  # noqa: B006 - KFP takes defaults from here
+        benchmark_batch_size: int = 1,
+        benchmark_duration_s: float = 3.0,
+        train_replica_count: int = 2,
+        train_machine_type: str = "n1-standard-8",
+        train_accelerator_type: str = "",
+        train_accelerator_count: int = 0,
+        vertex_location: str = "us-central1",
+    ) -> Outputs:
+        params = locals()
+        data = ops.prepare_data(data_source=data_source, label_column=label_column, seed=seed)
+        pools = ops.vertex_worker_pools(
+            template=ops.train_custom_job_template, replica_count=train_replica_count,
+            machine_type=train_machine_type, accelerator_type=train_accelerator_type,
+            accelerator_count=train_accelerator_count,
+        )
+        trained = ops.train_custom_job(
+            train=data.outputs["train"], val=data.outputs["val"], model_name=model_name,
+            epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+            num_workers=num_workers, seed=seed, worker_pool_specs=pools.output,
+            location=vertex_location,
+        )
+        return _after_training(ops, data, trained, params)
+
+    return torchship_vertex_pipeline
+
+
+def compile_pipeline(output: str | Path, image: str | None = None, target: str = "local") -> Path:
     """Write the pipeline YAML (the contract every runner executes) and return its path."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")  # kfp checks the suffix
-    compiler.Compiler().compile(build_pipeline(image or default_image()), str(tmp))
+    compiler.Compiler().compile(build_pipeline(image or default_image(), target), str(tmp))
     tmp.replace(output)
     return output

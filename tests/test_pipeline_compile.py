@@ -52,3 +52,48 @@ def test_compile_takes_image_from_environment_and_embeds_no_pip_install(tmp_path
         assert executor.container.image == "example.local/torchship:test"
         # The image carries torchship and kfp: nothing is installed at run time.
         assert "pip install" not in " ".join(executor.container.command)
+
+
+def test_vertex_yaml_runs_train_as_custom_job_sized_by_pipeline_parameters(tmp_path):
+    spec = compile_spec(tmp_path, "--target", "vertex", "--image", "example.local/torchship:v")
+    tasks = spec.root.dag.tasks
+    parameters = spec.root.input_definitions.parameters
+    for name in ("train_replica_count", "train_machine_type", "train_accelerator_type",
+                 "train_accelerator_count"):
+        assert name in parameters
+    pools = tasks["vertex-worker-pools"].inputs.parameters
+    assert pools["replica_count"].component_input_parameter == "train_replica_count"
+    assert pools["machine_type"].component_input_parameter == "train_machine_type"
+    # Each replica runs our train component in our image, with KFP's executor placeholders.
+    template = pools["template"].runtime_value.constant.string_value
+    assert '"image_uri": "example.local/torchship:v"' in template
+    assert "{{$.json_escape[1]}}" in template and "train_model" in template
+    # The custom-job task takes its worker pools from that task, at run time.
+    job = tasks["train"]
+    assert job.inputs.parameters["worker_pool_specs"].task_output_parameter.producer_task == (
+        "vertex-worker-pools")
+    job_images = [e.container.image for e in executors(spec)
+                  if "custom_job.launcher" in " ".join(e.container.command)]
+    assert job_images and all("google-cloud-pipeline-components" in i for i in job_images)
+
+
+def test_worker_pool_specs_put_the_chief_in_pool_0_and_the_rest_in_pool_1():
+    import json
+
+    import pytest
+
+    from torchship.components.errors import UserInputError
+    from torchship.pipelines.vertex import worker_pool_specs
+
+    template = json.dumps({"container_spec": {"image_uri": "img", "args": ["{{$.json_escape[1]}}"]}})
+    assert len(worker_pool_specs(template, 1, "n1-standard-8")) == 1
+    chief, workers = worker_pool_specs(template, 4, "a2-highgpu-2g", "NVIDIA_TESLA_A100", 2)
+    assert chief["replica_count"] == 1 and workers["replica_count"] == 3
+    assert workers["machine_spec"] == {"machine_type": "a2-highgpu-2g",
+                                       "accelerator_type": "NVIDIA_TESLA_A100",
+                                       "accelerator_count": 2}
+    assert workers["container_spec"]["args"] == ["{{$.json_escape[1]}}"]
+    with pytest.raises(UserInputError, match="train_replica_count 0"):
+        worker_pool_specs(template, 0, "n1-standard-8")
+    with pytest.raises(UserInputError, match="train_accelerator_count"):
+        worker_pool_specs(template, 2, "n1-standard-8", "NVIDIA_L4", 0)
