@@ -1,0 +1,188 @@
+"""A local stand-in for Vertex AI's REST API that records what the real SDK sends it.
+
+The one allowed stand-in: Google's servers. Point the real `google-cloud-aiplatform` SDK at it
+with `aiplatform.init(api_endpoint=fake.endpoint, api_transport="rest", ...)`. It keeps the
+resources it was asked to create, so `get`, `list`, `pause` and `delete` answer consistently.
+"""
+
+import itertools
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+# Custom methods whose long-running operation completes with the resource itself.
+_OPERATION_TYPES = {
+    "upload": "google.cloud.aiplatform.v1.UploadModelResponse",
+    "deployModel": "google.cloud.aiplatform.v1.DeployModelResponse",
+    "undeployModel": "google.cloud.aiplatform.v1.UndeployModelResponse",
+}
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+@dataclass
+class FakeVertex:
+    """Serve on 127.0.0.1; `requests` lists every call, `resources` what now exists."""
+
+    # States a pipeline job walks through on successive GETs; the last one sticks.
+    pipeline_states: list[str] = field(
+        default_factory=lambda: ["PIPELINE_STATE_RUNNING", "PIPELINE_STATE_SUCCEEDED"])
+    requests: list[Request] = field(default_factory=list)
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Paths (regular expressions) that answer with this HTTP status instead, e.g. to fail a deploy.
+    failures: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._gets: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None, "start the fake first"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> "FakeVertex":
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                url = urlparse(self.path)
+                request = Request(self.command, unquote(url.path), parse_qs(url.query),
+                                  json.loads(raw) if raw else {}, dict(self.headers))
+                status, payload = fake._answer(request)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = _serve
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+    # -- what the API answers -------------------------------------------------------------------
+
+    def calls(self, method: str, pattern: str) -> list[Request]:
+        """Recorded requests with this method whose path matches `pattern` (re.search)."""
+        return [r for r in self.requests if r.method == method and re.search(pattern, r.path)]
+
+    def _answer(self, request: Request) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            self.requests.append(request)
+            for pattern, status in self.failures.items():
+                if re.search(pattern, request.path):
+                    return status, {"error": {"code": status, "message": "injected failure",
+                                              "status": "FAILED_PRECONDITION"}}
+            path = request.path.removeprefix("/v1/").removeprefix("/v1beta1/")
+            name, _, verb = path.partition(":")
+            if verb:
+                return self._custom(request, name, verb)
+            if request.method == "POST":
+                return 200, self._create(request, name)
+            if request.method == "GET":
+                return self._get(name)
+            if request.method == "PATCH":
+                self.resources.setdefault(name, {"name": name}).update(request.body)
+                return 200, self.resources[name]
+            if request.method == "DELETE":
+                self.resources.pop(name, None)
+                return 200, self._operation(name, {}, "")
+            return 405, {"error": {"code": 405, "message": "method not allowed"}}
+
+    def _create(self, request: Request, collection: str) -> dict[str, Any]:
+        kind = collection.rsplit("/", 1)[-1]
+        given = {"pipelineJobs": "pipelineJobId", "schedules": "scheduleId"}.get(kind)
+        resource_id = (request.query.get(given) or [str(next(self._ids))])[0] if given else str(
+            next(self._ids))
+        resource = {**request.body, "name": f"{collection}/{resource_id}"}
+        if kind == "pipelineJobs":
+            resource["state"] = "PIPELINE_STATE_PENDING"
+        if kind == "schedules":
+            resource["state"] = "ACTIVE"
+        self.resources[resource["name"]] = resource
+        if kind in ("pipelineJobs", "schedules"):
+            return resource
+        return self._operation(resource["name"], resource, kind)
+
+    def _get(self, name: str) -> tuple[int, dict[str, Any]]:
+        if name in self.resources:
+            resource = self.resources[name]
+            if "/pipelineJobs/" in name:
+                seen = self._gets[name] = self._gets.get(name, -1) + 1
+                resource["state"] = self.pipeline_states[min(seen, len(self.pipeline_states) - 1)]
+            return 200, resource
+        if "/operations/" in name:
+            return 200, {"name": name, "done": True}
+        collection = [r for key, r in self.resources.items()
+                      if key.rsplit("/", 1)[0] == name]
+        kind = name.rsplit("/", 1)[-1]
+        if re.fullmatch(r"[a-zA-Z]+", kind):
+            return 200, {kind: collection}
+        return 404, {"error": {"code": 404, "message": f"{name} not found", "status": "NOT_FOUND"}}
+
+    def _custom(self, request: Request, name: str, verb: str) -> tuple[int, dict[str, Any]]:
+        if verb in ("pause", "resume"):
+            self.resources[name]["state"] = "PAUSED" if verb == "pause" else "ACTIVE"
+            return 200, {}
+        if verb == "cancel":
+            return 200, {}
+        if verb == "upload":
+            model_id = request.body.get("modelId") or str(next(self._ids))
+            parent = request.body.get("parentModel")
+            model_name = parent or f"{name}/{model_id}"
+            versions = [r for r in self.resources.values()
+                        if r.get("name") == model_name and "versionId" in r]
+            version = str(len(versions) + 1)
+            model = {**request.body.get("model", {}), "name": model_name, "versionId": version}
+            self.resources[f"{model_name}@{version}"] = model
+            self.resources[model_name] = model
+            return 200, self._operation(model_name, {"model": model_name,
+                                                     "modelVersionId": version}, verb)
+        if verb in ("deployModel", "undeployModel"):
+            endpoint = self.resources.setdefault(name, {"name": name})
+            if verb == "deployModel":
+                deployed = {**request.body.get("deployedModel", {}), "id": str(next(self._ids))}
+                endpoint.setdefault("deployedModels", []).append(deployed)
+                split = request.body.get("trafficSplit") or {deployed["id"]: 100}
+                # "0" in a request's split stands for the model being deployed.
+                endpoint["trafficSplit"] = {deployed["id"] if k == "0" else k: v
+                                            for k, v in split.items()}
+                return 200, self._operation(name, {"deployedModel": deployed}, verb)
+            endpoint["deployedModels"] = [d for d in endpoint.get("deployedModels", [])
+                                          if d["id"] != request.body.get("deployedModelId")]
+            return 200, self._operation(name, {}, verb)
+        return 400, {"error": {"code": 400, "message": f"unknown method :{verb}"}}
+
+    def _operation(self, name: str, response: dict[str, Any], kind: str) -> dict[str, Any]:
+        """A finished long-running operation whose response is typed by the method or resource."""
+        type_name = _OPERATION_TYPES.get(kind) or (
+            f"google.cloud.aiplatform.v1.{kind[0].upper()}{kind[1:-1]}" if kind
+            else "google.protobuf.Empty")
+        return {"name": f"{name}/operations/{next(self._ids)}", "done": True,
+                "response": {"@type": f"type.googleapis.com/{type_name}", **response}}
