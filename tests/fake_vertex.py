@@ -14,6 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
+from typing_extensions import Self
+
 # Custom methods whose long-running operation completes with the resource itself.
 _OPERATION_TYPES = {
     "upload": "google.cloud.aiplatform.v1.UploadModelResponse",
@@ -54,7 +56,7 @@ class FakeVertex:
         assert self._server is not None, "start the fake first"
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> "FakeVertex":
+    def __enter__(self) -> Self:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -81,7 +83,7 @@ class FakeVertex:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._server:
             self._server.shutdown()
             self._server.server_close()
