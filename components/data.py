@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -87,7 +88,32 @@ def prepare_data(
             for split in SPLITS
         },
         "n_rows": {split: len(split_index[split]) for split in SPLITS},
+        # Raw training statistics: the drift trigger (infra/trigger) compares new data with them.
+        "statistics": {
+            "source": source,
+            "n_rows": len(split_index["train"]),
+            "features": {
+                str(name): {"mean": float(m), "std": float(sd), "min": float(lo), "max": float(hi)}
+                for name, m, sd, lo, hi in zip(feature_columns, mean, std, train_x.min(axis=0),
+                                               train_x.max(axis=0))
+            },
+        },
     }
+
+
+def write_statistics(statistics: dict, uri: str) -> None:
+    """Write the training statistics as JSON to a path or any fsspec URI (gs:// included)."""
+    import fsspec
+
+    text = json.dumps(statistics, indent=2)
+    if "://" in uri:
+        with fsspec.open(uri, "w") as handle:  # object stores write whole objects
+            handle.write(text)
+        return
+    tmp = f"{uri}.tmp"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, uri)
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:

@@ -15,14 +15,24 @@ def prepare_data(
     data_source: str,
     label_column: str,
     seed: int,
+    statistics_uri: str,
     train: Output[Dataset],
     val: Output[Dataset],
     test: Output[Dataset],
+    statistics: Output[Artifact],
 ):
-    """Split and standardise the data; schema and class counts go into each split's metadata."""
+    """Split and standardise the data; schema and class counts go into each split's metadata.
+
+    The training statistics are kept as an artifact and, when `statistics_uri` is set, also
+    written there for the drift trigger to compare new data with.
+    """
     from torchship.components.data import prepare_data as run
+    from torchship.components.data import write_statistics
 
     meta = run(data_source, label_column, train.path, val.path, test.path, seed=seed)
+    write_statistics(meta["statistics"], statistics.path)
+    if statistics_uri:
+        write_statistics(meta["statistics"], statistics_uri)
     for split, artifact in (("train", train), ("val", val), ("test", test)):
         artifact.metadata.update(
             {

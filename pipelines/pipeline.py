@@ -69,6 +69,7 @@ def _local_pipeline(ops: Components) -> Callable:
     def torchship_pipeline(
         data_source: str = "digits",
         label_column: str = "label",
+        statistics_uri: str = "",
         model_name: str = "mlp",
         epochs: int = 10,
         batch_size: int = 64,
@@ -84,7 +85,8 @@ def _local_pipeline(ops: Components) -> Callable:
         benchmark_duration_s: float = 3.0,
     ) -> Outputs:
         params = locals()
-        data = ops.prepare_data(data_source=data_source, label_column=label_column, seed=seed)
+        data = ops.prepare_data(data_source=data_source, label_column=label_column, seed=seed,
+                                statistics_uri=statistics_uri)
         trained = ops.train(
             train=data.outputs["train"], val=data.outputs["val"], model_name=model_name,
             epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
@@ -100,6 +102,7 @@ def _vertex_pipeline(ops: Components) -> Callable:
     def torchship_vertex_pipeline(
         data_source: str = "digits",
         label_column: str = "label",
+        statistics_uri: str = "",
         model_name: str = "mlp",
         epochs: int = 10,
         batch_size: int = 64,
@@ -120,7 +123,8 @@ def _vertex_pipeline(ops: Components) -> Callable:
         vertex_location: str = "us-central1",
     ) -> Outputs:
         params = locals()
-        data = ops.prepare_data(data_source=data_source, label_column=label_column, seed=seed)
+        data = ops.prepare_data(data_source=data_source, label_column=label_column, seed=seed,
+                                statistics_uri=statistics_uri)
         pools = ops.vertex_worker_pools(
             template=ops.train_custom_job_template, replica_count=train_replica_count,
             machine_type=train_machine_type, accelerator_type=train_accelerator_type,

@@ -3,6 +3,7 @@
 import copy
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torchship.components.errors import UserInputError
@@ -54,3 +55,129 @@ def worker_pool_specs(
         workers["replica_count"] = int(replica_count) - 1
         pools.append(workers)
     return pools
+
+
+@dataclass(frozen=True)
+class VertexTarget:
+    """Where and as whom a pipeline runs on Vertex AI; nothing here is compiled into the YAML."""
+
+    project: str
+    location: str
+    pipeline_root: str = ""
+    service_account: str | None = None
+    network: str | None = None
+    api_endpoint: str | None = None  # tests point the real SDK at a local fake
+    credentials: Any = None
+
+    def init(self) -> None:
+        from google.cloud import aiplatform
+
+        aiplatform.init(
+            project=self.project, location=self.location, credentials=self.credentials,
+            api_endpoint=self.api_endpoint, api_transport="rest" if self.api_endpoint else None,
+        )
+
+
+def console_link(resource_name: str) -> str:
+    """The Google Cloud console page of a pipeline job."""
+    _, project, _, location, _, job_id = resource_name.split("/")
+    return (f"https://console.cloud.google.com/vertex-ai/locations/{location}/pipelines/runs/"
+            f"{job_id}?project={project}")
+
+
+def pipeline_job(target: VertexTarget, template: str, parameters: dict[str, Any],
+                 enable_caching: bool | None, labels: dict[str, str],
+                 job_id: str | None = None, display_name: str = "torchship"):
+    """An `aiplatform.PipelineJob` for a compiled YAML or an Artifact Registry template URI."""
+    from google.cloud import aiplatform
+
+    if not (target.pipeline_root or "").startswith("gs://"):
+        raise UserInputError(
+            f"pipeline root {target.pipeline_root!r} is not a gs:// URI; pass "
+            "--pipeline-root gs://BUCKET/PATH"
+        )
+    target.init()
+    return aiplatform.PipelineJob(
+        display_name=display_name, template_path=template, job_id=job_id,
+        pipeline_root=target.pipeline_root, parameter_values=parameters,
+        enable_caching=enable_caching, labels=labels or None,
+    )
+
+
+def submit(target: VertexTarget, template: str, parameters: dict[str, Any],
+           enable_caching: bool | None = None, labels: dict[str, str] | None = None,
+           job_id: str | None = None, wait: bool = False,
+           progress: Callable[[str], None] = print) -> str:
+    """Submit the pipeline to Vertex AI Pipelines; return the job's resource name.
+
+    With `wait`, follow the run to its end and raise if it did not succeed.
+    """
+    job = pipeline_job(target, template, parameters, enable_caching, labels or {}, job_id)
+    job.submit(service_account=target.service_account, network=target.network)
+    progress(f"submitted {job.resource_name}")
+    progress(f"console: {console_link(job.resource_name)}")
+    if wait:
+        job.wait()
+        state = job.state.name if job.state is not None else "UNKNOWN"
+        progress(f"finished: {state}")
+        if state != "PIPELINE_STATE_SUCCEEDED":
+            raise RuntimeError(f"pipeline job {job.resource_name} ended in {state}")
+    return job.resource_name
+
+
+def create_schedule(target: VertexTarget, template: str, parameters: dict[str, Any],
+                    display_name: str, cron: str, time_zone: str | None = None,
+                    max_concurrent_runs: int = 1, start_time: str | None = None,
+                    end_time: str | None = None, max_runs: int | None = None,
+                    enable_caching: bool | None = None,
+                    labels: dict[str, str] | None = None) -> str:
+    """A `PipelineJobSchedule` running the pipeline on a cron (5 fields, optional time zone)."""
+    from google.cloud import aiplatform
+
+    if len(cron.split()) != 5:
+        raise UserInputError(
+            f"cron {cron!r} does not have 5 fields (minute hour day month weekday); "
+            "pass e.g. '0 3 * * *' and the zone with --time-zone"
+        )
+    job = pipeline_job(target, template, parameters, enable_caching, labels or {})
+    schedule = aiplatform.PipelineJobSchedule(pipeline_job=job, display_name=display_name)
+    schedule.create(
+        cron=f"TZ={time_zone} {cron}" if time_zone else cron,
+        max_concurrent_run_count=max_concurrent_runs, start_time=start_time,
+        end_time=end_time, max_run_count=max_runs,
+        service_account=target.service_account, network=target.network,
+    )
+    return schedule.resource_name
+
+
+def schedules(target: VertexTarget) -> list[dict[str, str]]:
+    """The project's pipeline schedules: name, display name, state, cron."""
+    from google.cloud import aiplatform
+
+    target.init()
+    return [
+        {"name": s.resource_name, "display_name": s.display_name,
+         "state": s.state.name if s.state is not None else "", "cron": s.cron}
+        for s in aiplatform.PipelineJobSchedule.list()
+    ]
+
+
+def change_schedule(target: VertexTarget, name: str, action: str) -> None:
+    """Pause, resume or delete one schedule by resource name or ID."""
+    from google.cloud import aiplatform
+
+    actions = ("pause", "resume", "delete")
+    if action not in actions:
+        raise UserInputError(f"schedule action {action!r} is unknown; pass one of {actions}")
+    target.init()
+    getattr(aiplatform.PipelineJobSchedule.get(name), action)()
+
+
+def publish(host: str, pipeline_yaml: str, tags: list[str]) -> tuple[str, str]:
+    """Push the compiled pipeline to an Artifact Registry KFP repository.
+
+    `host` is `https://REGION-kfp.pkg.dev/PROJECT/REPOSITORY`; returns (package name, version).
+    """
+    from kfp.registry import RegistryClient
+
+    return RegistryClient(host=host).upload_pipeline(file_name=pipeline_yaml, tags=tags)

@@ -5,6 +5,7 @@ with `aiplatform.init(api_endpoint=fake.endpoint, api_transport="rest", ...)`. I
 resources it was asked to create, so `get`, `list`, `pause` and `delete` answer consistently.
 """
 
+import hashlib
 import itertools
 import json
 import re
@@ -64,12 +65,15 @@ class FakeVertex:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 url = urlparse(self.path)
-                request = Request(self.command, unquote(url.path), parse_qs(url.query),
-                                  json.loads(raw) if raw else {}, dict(self.headers))
+                is_json = "json" in (self.headers.get("Content-Type") or "json")
+                body = (json.loads(raw) if is_json else {"raw": raw.decode("latin-1")}) if raw else {}
+                request = Request(self.command, unquote(url.path), parse_qs(url.query), body,
+                                  dict(self.headers))
                 status, payload = fake._answer(request)
-                data = json.dumps(payload).encode()
+                text = isinstance(payload, str)
+                data = (payload if text else json.dumps(payload)).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "text/plain" if text else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -101,12 +105,14 @@ class FakeVertex:
                 if re.search(pattern, request.path):
                     return status, {"error": {"code": status, "message": "injected failure",
                                               "status": "FAILED_PRECONDITION"}}
+            if "raw" in request.body and request.method == "POST":
+                return 200, self._template_upload(request)
             path = request.path.removeprefix("/v1/").removeprefix("/v1beta1/")
             name, _, verb = path.partition(":")
             if verb:
                 return self._custom(request, name, verb)
             if request.method == "POST":
-                return 200, self._create(request, name)
+                return self._create(request, name)
             if request.method == "GET":
                 return self._get(name)
             if request.method == "PATCH":
@@ -117,20 +123,34 @@ class FakeVertex:
                 return 200, self._operation(name, {}, "")
             return 405, {"error": {"code": 405, "message": "method not allowed"}}
 
-    def _create(self, request: Request, collection: str) -> dict[str, Any]:
+    def _template_upload(self, request: Request) -> str:
+        """Artifact Registry's KFP repository: answers `PACKAGE/VERSION` for an uploaded YAML."""
+        raw = request.body["raw"]
+        package = re.search(r"^pipelineInfo:\n(?:  .*\n)*?  name: (\S+)", raw, re.MULTILINE).group(1)
+        version = "sha256:" + hashlib.sha256(raw.encode("latin-1")).hexdigest()
+        tags = re.search(r'name="tags"\r?\n\r?\n([^\r\n]*)', raw)
+        self.resources[f"{request.path}/{package}/{version}"] = {
+            "package": package, "version": version,
+            "tags": tags.group(1).split(",") if tags else [], "content": raw}
+        return f"{package}/{version}"
+
+    def _create(self, request: Request, collection: str) -> tuple[int, dict[str, Any]]:
         kind = collection.rsplit("/", 1)[-1]
         given = {"pipelineJobs": "pipelineJobId", "schedules": "scheduleId"}.get(kind)
         resource_id = (request.query.get(given) or [str(next(self._ids))])[0] if given else str(
             next(self._ids))
         resource = {**request.body, "name": f"{collection}/{resource_id}"}
+        if resource["name"] in self.resources:  # as Vertex AI answers a reused job ID
+            return 409, {"error": {"code": 409, "status": "ALREADY_EXISTS",
+                                   "message": f"{resource['name']} already exists"}}
         if kind == "pipelineJobs":
             resource["state"] = "PIPELINE_STATE_PENDING"
         if kind == "schedules":
             resource["state"] = "ACTIVE"
         self.resources[resource["name"]] = resource
         if kind in ("pipelineJobs", "schedules"):
-            return resource
-        return self._operation(resource["name"], resource, kind)
+            return 200, resource
+        return 200, self._operation(resource["name"], resource, kind)
 
     def _get(self, name: str) -> tuple[int, dict[str, Any]]:
         if name in self.resources:

@@ -1,0 +1,52 @@
+"""Open-source Kubeflow Pipelines: runs and recurring runs through `kfp.Client`."""
+
+from typing import Any
+
+from torchship.components.errors import UserInputError
+
+
+def _client(host: str, namespace: str | None):
+    import kfp
+
+    return kfp.Client(host=host, namespace=namespace)
+
+
+def submit(host: str, pipeline_yaml: str, parameters: dict[str, Any],
+           run_name: str = "torchship", experiment: str = "torchship",
+           enable_caching: bool | None = None, service_account: str | None = None,
+           namespace: str | None = None) -> str:
+    """Start one run of the compiled pipeline on a KFP cluster; return the run ID."""
+    run = _client(host, namespace).create_run_from_pipeline_package(
+        pipeline_yaml, arguments=parameters, run_name=run_name, experiment_name=experiment,
+        enable_caching=enable_caching, service_account=service_account,
+    )
+    return run.run_id
+
+
+def check_cron(cron: str) -> str:
+    """KFP's cron has six fields, seconds first; a five-field cron gets '0 ' put in front."""
+    fields = cron.split()
+    if len(fields) == 5:
+        return "0 " + cron
+    if len(fields) != 6:
+        raise UserInputError(
+            f"cron {cron!r} has {len(fields)} fields; Kubeflow takes 6 (second minute hour day "
+            "month weekday), e.g. '0 0 3 * * *'"
+        )
+    return cron
+
+
+def schedule(host: str, pipeline_yaml: str, parameters: dict[str, Any], name: str, cron: str,
+             max_concurrent_runs: int = 1, start_time: str | None = None,
+             end_time: str | None = None, experiment: str = "torchship",
+             enable_caching: bool | None = None, namespace: str | None = None) -> str:
+    """A recurring run of the compiled pipeline; return its ID."""
+    client = _client(host, namespace)
+    experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
+    recurring = client.create_recurring_run(
+        experiment_id=experiment_id, job_name=name, cron_expression=check_cron(cron),
+        max_concurrency=max_concurrent_runs, start_time=start_time, end_time=end_time,
+        pipeline_package_path=pipeline_yaml, params=parameters, enable_caching=enable_caching,
+    )
+    return recurring.recurring_run_id
+

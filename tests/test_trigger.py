@@ -1,0 +1,147 @@
+"""The retraining trigger (infra/trigger/main.py) under the real functions-framework, submitting
+through the real aiplatform SDK to a local fake of Vertex AI."""
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from fake_vertex import FakeVertex
+from functions_framework import create_app
+from google.cloud.aiplatform.utils import gcs_utils
+
+TRIGGER = Path(__file__).resolve().parents[1] / "infra" / "trigger" / "main.py"
+PIPELINE_JOBS = r"/pipelineJobs$"
+
+
+@pytest.fixture(scope="module")
+def pipeline_yaml(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("compiled") / "torchship.yaml"
+    subprocess.run([sys.executable, "-m", "torchship.pipelines.cli", "compile", "-o", str(path)],
+                   check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture
+def fake(monkeypatch, pipeline_yaml):
+    monkeypatch.setattr(gcs_utils, "create_gcs_bucket_for_pipeline_artifacts_if_it_does_not_exist",
+                        lambda *args, **kwargs: None)
+    with FakeVertex() as server:
+        for key, value in {"PROJECT": "acme", "REGION": "us-central1",
+                           "PIPELINE_TEMPLATE": str(pipeline_yaml),
+                           "PIPELINE_ROOT": "gs://acme-pipelines/root",
+                           "DATA_PREFIX": "gs://acme-data/incoming/",
+                           "VERTEX_API_ENDPOINT": server.endpoint}.items():
+            monkeypatch.setenv(key, value)
+        yield server
+
+
+def storage_event(client, name: str, generation: str, bucket: str = "acme-data", event_id="1"):
+    headers = {"ce-id": event_id, "ce-specversion": "1.0",
+               "ce-type": "google.cloud.storage.object.v1.finalized",
+               "ce-source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
+               "Content-Type": "application/json"}
+    body = {"bucket": bucket, "name": name, "generation": generation}
+    response = client.post("/", headers=headers, data=json.dumps(body))
+    assert response.status_code == 200, response.data
+
+
+def test_redelivered_event_submits_once_with_the_new_data_as_source(fake):
+    client = create_app("on_new_data", str(TRIGGER), "cloudevent").test_client()
+    for delivery in ("1", "2", "3"):  # Eventarc delivers at least once
+        storage_event(client, "incoming/2026-11-27.csv", "1700000000000001", event_id=delivery)
+    accepted = [r for r in fake.requests if r.method == "POST" and "pipelineJobs" in r.path]
+    assert len(accepted) == 3  # each delivery tried...
+    assert len([k for k in fake.resources if "/pipelineJobs/" in k]) == 1  # ...one job exists
+    job = next(r for k, r in fake.resources.items() if "/pipelineJobs/" in k)
+    assert job["runtimeConfig"]["parameterValues"]["data_source"] == (
+        "gs://acme-data/incoming/2026-11-27.csv")
+
+    # A new generation of the same object is new data: one more run.
+    storage_event(client, "incoming/2026-11-27.csv", "1700000000000002")
+    assert len([k for k in fake.resources if "/pipelineJobs/" in k]) == 2
+
+
+def test_objects_outside_the_prefix_submit_nothing(fake):
+    client = create_app("on_new_data", str(TRIGGER), "cloudevent").test_client()
+    storage_event(client, "archive/old.csv", "5")
+    storage_event(client, "incoming/2026-11-27.csv", "6", bucket="someone-elses-bucket")
+    storage_event(client, "incoming/readme.txt", "7")
+    assert not fake.calls("POST", PIPELINE_JOBS)
+
+
+def test_pubsub_notification_submits_like_a_storage_event(fake):
+    client = create_app("on_new_data", str(TRIGGER), "cloudevent").test_client()
+    message = {"message": {"data": base64.b64encode(json.dumps(
+        {"bucket": "acme-data", "name": "incoming/batch.parquet", "generation": "9"}).encode()
+    ).decode(), "attributes": {}}}
+    headers = {"ce-id": "p1", "ce-specversion": "1.0",
+               "ce-type": "google.cloud.pubsub.topic.v1.messagePublished",
+               "ce-source": "//pubsub.googleapis.com/projects/acme/topics/new-data",
+               "Content-Type": "application/json"}
+    assert client.post("/", headers=headers, data=json.dumps(message)).status_code == 200
+    [create] = fake.calls("POST", PIPELINE_JOBS)
+    assert create.body["runtimeConfig"]["parameterValues"]["data_source"] == (
+        "gs://acme-data/incoming/batch.parquet")
+
+
+@pytest.fixture
+def gcs(monkeypatch):
+    """Cloud Storage, stood in for by fsspec's in-memory filesystem under the gs:// scheme."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class InMemoryGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+        store: dict = {}  # noqa: RUF012 - fsspec keeps a filesystem's files on the class
+        pseudo_dirs: list = [""]  # noqa: RUF012
+
+    fsspec.register_implementation("gs", InMemoryGCS, clobber=True)
+    yield InMemoryGCS
+    fsspec.register_implementation("gs", "gcsfs.GCSFileSystem", clobber=True)
+
+
+def test_drift_trigger_submits_only_when_features_moved(fake, gcs, monkeypatch, tmp_path):
+    import fsspec
+
+    from torchship.components.data import prepare_data, write_statistics
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(300, 3)), columns=["a", "b", "c"])
+    frame["label"] = np.arange(300) % 3
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    meta = prepare_data(str(tmp_path / "train.csv"), "label",
+                        *(str(tmp_path / split) for split in ("train", "val", "test")))
+    write_statistics(meta["statistics"], "gs://acme-models/torchship/statistics.json")
+    monkeypatch.setenv("STATISTICS_URI", "gs://acme-models/torchship/statistics.json")
+
+    same = frame.sample(100, random_state=1)
+    for name, table in (("same.csv", same), ("moved.csv", same.assign(b=same["b"] + 2.0))):
+        with fsspec.open(f"gs://acme-data/incoming/{name}", "w") as handle:
+            table.to_csv(handle, index=False)
+
+    client = create_app("on_new_data", str(TRIGGER), "cloudevent").test_client()
+    storage_event(client, "incoming/same.csv", "1")
+    assert not fake.calls("POST", PIPELINE_JOBS)  # no drift: nothing to retrain on
+
+    storage_event(client, "incoming/moved.csv", "1")
+    [create] = fake.calls("POST", PIPELINE_JOBS)
+    assert create.body["runtimeConfig"]["parameterValues"]["data_source"] == (
+        "gs://acme-data/incoming/moved.csv")
+
+
+def test_drift_names_the_features_that_moved():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trigger_main", TRIGGER)
+    trigger = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trigger)
+    statistics = {"features": {"a": {"mean": 0.0, "std": 1.0}, "b": {"mean": 5.0, "std": 2.0},
+                               "c": {"mean": 1.0, "std": 1.0}}}
+    table = pd.DataFrame({"a": [0.1, -0.1], "b": [8.0, 8.0]})
+    report = trigger.drift(statistics, table, threshold=0.5)
+    assert report["drifted"] and report["moved"] == {"b": 1.5} and report["missing"] == ["c"]

@@ -1,0 +1,144 @@
+"""Submit, schedule and publish with the real google-cloud-aiplatform SDK against a local fake."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from fake_vertex import FakeVertex
+from google.cloud.aiplatform.utils import gcs_utils
+
+from torchship.pipelines.cli import main
+
+PROJECT, REGION = "acme-ml-prod", "europe-west4"
+ROOT = "gs://acme-pipelines/torchship"
+SERVICE_ACCOUNT = "pipelines@acme-ml-prod.iam.gserviceaccount.com"
+NETWORK = "projects/123456/global/networks/ml-vpc"
+
+
+@pytest.fixture(scope="module")
+def pipeline_yaml(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("compiled") / "torchship.yaml"
+    subprocess.run([sys.executable, "-m", "torchship.pipelines.cli", "compile", "-o", str(path),
+                    "--image", "europe-west4-docker.pkg.dev/acme/ml/torchship-cpu:0.1.0"],
+                   check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    # PipelineJob.submit first creates the gs:// bucket through Cloud Storage, which no local
+    # endpoint can stand in for; that step is Google's code, made a no-op here.
+    monkeypatch.setattr(gcs_utils, "create_gcs_bucket_for_pipeline_artifacts_if_it_does_not_exist",
+                        lambda *args, **kwargs: None)
+    with FakeVertex() as server:
+        monkeypatch.setenv("TORCHSHIP_VERTEX_API_ENDPOINT", server.endpoint)
+        yield server
+
+
+def cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+WHERE = ["--project", PROJECT, "--region", REGION, "--pipeline-root", ROOT,
+         "--service-account", SERVICE_ACCOUNT, "--network", NETWORK]
+
+
+def test_submit_sends_spec_parameters_root_account_network_and_labels(fake, pipeline_yaml):
+    output = cli("submit", str(pipeline_yaml), *WHERE, "-p", "epochs=20", "-p",
+                 "benchmark_concurrency=[1,8]", "-p", "data_source=gs://acme-data/new.csv",
+                 "--label", "team=ml", "--label", "trigger=manual", "--no-caching", "--wait")
+
+    [create] = fake.calls("POST", rf"^/v1/projects/{PROJECT}/locations/{REGION}/pipelineJobs$")
+    job = create.body
+    compiled = yaml.safe_load(pipeline_yaml.read_text())
+    # The compiled spec, as compiled (the SDK only adds caching options to each task).
+    assert job["pipelineSpec"]["components"] == compiled["components"]
+    assert job["pipelineSpec"]["deploymentSpec"] == compiled["deploymentSpec"]
+    assert job["pipelineSpec"]["root"]["dag"]["tasks"].keys() == compiled["root"]["dag"]["tasks"].keys()
+    runtime = job["runtimeConfig"]
+    assert runtime["gcsOutputDirectory"] == ROOT
+    assert runtime["parameterValues"] == {"epochs": 20, "benchmark_concurrency": [1, 8],
+                                          "data_source": "gs://acme-data/new.csv"}
+    assert job["serviceAccount"] == SERVICE_ACCOUNT and job["network"] == NETWORK
+    assert job["labels"]["team"] == "ml" and job["labels"]["trigger"] == "manual"
+    # Caching off reaches every task.
+    tasks = job["pipelineSpec"]["root"]["dag"]["tasks"]
+    assert all(t.get("cachingOptions", {}).get("enableCache") in (False, None) for t in tasks.values())
+    assert "console.cloud.google.com/vertex-ai/locations/europe-west4/pipelines/runs/" in output
+    assert "finished: PIPELINE_STATE_SUCCEEDED" in output
+
+
+def test_submit_fails_clearly_on_a_root_that_is_not_gcs(fake, pipeline_yaml):
+    result = CliRunner().invoke(main, ["submit", str(pipeline_yaml), "--project", PROJECT,
+                                       "--pipeline-root", "/tmp/root"])
+    assert result.exit_code == 2
+    assert "error: pipeline root '/tmp/root' is not a gs:// URI" in result.output
+    assert not fake.calls("POST", "pipelineJobs")
+
+
+def test_schedule_sends_cron_with_zone_and_limits_then_lists_pauses_resumes_deletes(
+        fake, pipeline_yaml):
+    output = cli("schedule", "create", str(pipeline_yaml), *WHERE, "--name", "nightly",
+                 "--cron", "0 3 * * *", "--time-zone", "Europe/Amsterdam",
+                 "--max-concurrent-runs", "2", "--start-time", "2027-01-01T00:00:00Z",
+                 "--end-time", "2027-12-31T00:00:00Z", "-p", "epochs=30")
+    [create] = fake.calls("POST", rf"^/v1/projects/{PROJECT}/locations/{REGION}/schedules$")
+    body = create.body
+    assert body["cron"] == "TZ=Europe/Amsterdam 0 3 * * *"
+    assert body["maxConcurrentRunCount"] == "2" or body["maxConcurrentRunCount"] == 2
+    assert body["startTime"].startswith("2027-01-01") and body["endTime"].startswith("2027-12-31")
+    request = body["createPipelineJobRequest"]
+    assert request["pipelineJob"]["runtimeConfig"]["parameterValues"] == {"epochs": 30}
+    assert request["pipelineJob"]["serviceAccount"] == SERVICE_ACCOUNT
+    name = re.search(r"created schedule (\S+)", output).group(1)
+
+    assert "nightly" in cli("schedule", "list", "--project", PROJECT, "--region", REGION)
+    cli("schedule", "pause", name, "--project", PROJECT, "--region", REGION)
+    assert fake.resources[name]["state"] == "PAUSED"
+    cli("schedule", "resume", name, "--project", PROJECT, "--region", REGION)
+    assert fake.resources[name]["state"] == "ACTIVE"
+    cli("schedule", "delete", name, "--project", PROJECT, "--region", REGION)
+    assert name not in fake.resources
+
+
+def test_schedule_refuses_a_cron_vertex_cannot_read(fake, pipeline_yaml):
+    result = CliRunner().invoke(main, ["schedule", "create", str(pipeline_yaml), *WHERE,
+                                       "--cron", "0 0 3 * * *"])
+    assert result.exit_code == 2 and "does not have 5 fields" in result.output
+    assert not fake.calls("POST", "schedules")
+
+
+def test_kubeflow_cron_takes_six_fields_seconds_first():
+    from torchship.components.errors import UserInputError
+    from torchship.pipelines.kubeflow import check_cron
+
+    assert check_cron("0 3 * * *") == "0 0 3 * * *"
+    assert check_cron("30 0 3 * * *") == "30 0 3 * * *"
+    with pytest.raises(UserInputError, match="Kubeflow takes 6"):
+        check_cron("3 * *")
+
+
+def test_publish_pushes_the_yaml_with_tags_to_the_template_registry(fake, pipeline_yaml):
+    host = f"{fake.endpoint}/v1/projects/{PROJECT}/locations/{REGION}/repositories/pipelines"
+    output = cli("publish", str(pipeline_yaml), "--host", host, "--tag", "v0.1.0",
+                 "--tag", "latest")
+    [stored] = [r for key, r in fake.resources.items() if "repositories/pipelines" in key]
+    assert stored["package"] == "torchship" and stored["tags"] == ["v0.1.0", "latest"]
+    assert pipeline_yaml.read_text() in stored["content"]
+    assert f"template URI: {host}/torchship/v0.1.0" in output
+
+
+def test_compiled_yaml_holds_no_project_bucket_or_credential(tmp_path):
+    for target in ("local", "vertex"):
+        path = tmp_path / f"{target}.yaml"
+        cli("compile", "-o", str(path), "--target", target, "--image", "registry.local/ts:1")
+        text = path.read_text()
+        assert "gs://" not in text
+        assert not re.search(r"projects/[\w-]+/", text)
+        assert not re.search(r"(?i)(api[_-]?key|secret|password|bearer|private_key)", text)
