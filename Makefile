@@ -39,8 +39,12 @@ bench-compress: install
 lint: install
 	$(BIN)/ruff check components pipelines tests
 
+# The component images (CPU, CUDA) and the Triton serving image; needs a Docker engine.
+VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 images:
-	docker build -f containers/Dockerfile.cpu -t torchship-cpu:$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('torchship'))") .
+	docker build -f containers/Dockerfile.cpu -t torchship-cpu:$(VERSION) .
+	docker build -f containers/Dockerfile.cuda -t torchship-cuda:$(VERSION) .
+	docker build -f containers/Dockerfile.triton -t torchship-tritonserver:$(VERSION) .
 
 clean:
 	rm -rf $(VENV) out runs
