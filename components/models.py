@@ -74,21 +74,39 @@ class CNN(nn.Module):
         return self.classifier(self.features(x.reshape(-1, 1, self.side, self.side)))
 
 
-def build_model(name: str, n_features: int, n_classes: int) -> nn.Module:
-    """Build a fresh, untrained model from its spec: `mlp`, `cnn` or `module:factory`."""
-    if name == "mlp":
-        return MLP(n_features, n_classes)
-    if name == "cnn":
-        return CNN(n_features, n_classes)
+def build_model(
+    name: str, n_features: int, n_classes: int, options: dict[str, Any] | None = None
+) -> nn.Module:
+    """Build a fresh, untrained model from its spec: `mlp`, `cnn` or `module:factory`.
+
+    `options` are keyword arguments for the model (`hidden`, `depth`, `dropout` for the mlp,
+    `channels` for the cnn, anything the factory takes): a distilled student is the same kind
+    of model, only narrower.
+    """
+    options = dict(options or {})
+    if name in BUILTIN_MODELS:
+        builder = MLP if name == "mlp" else CNN
+        try:
+            inspect.signature(builder).bind(n_features, n_classes, **options)
+        except TypeError as error:
+            accepted = [p for p in inspect.signature(builder).parameters
+                        if p not in ("n_features", "n_classes")]
+            raise UserInputError(
+                f"model {name!r} does not take options {sorted(options)} ({error}); "
+                f"pass only {', '.join(accepted)}"
+            ) from error
+        return builder(n_features, n_classes, **options)
     if isinstance(name, str) and ":" in name:
-        return _build_from_factory(name, n_features, n_classes)
+        return _build_from_factory(name, n_features, n_classes, options)
     raise UserInputError(
         f"model {name!r} is unknown; pass one of {', '.join(BUILTIN_MODELS)}, or "
         "'module:factory' for your own (called as factory(n_features=..., n_classes=...))"
     )
 
 
-def _build_from_factory(spec: str, n_features: int, n_classes: int) -> nn.Module:
+def _build_from_factory(
+    spec: str, n_features: int, n_classes: int, options: dict[str, Any]
+) -> nn.Module:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise UserInputError(
@@ -114,15 +132,16 @@ def _build_from_factory(spec: str, n_features: int, n_classes: int) -> nn.Module
             "pass a function called as factory(n_features=..., n_classes=...)"
         )
     try:
-        inspect.signature(factory).bind(n_features=n_features, n_classes=n_classes)
+        inspect.signature(factory).bind(n_features=n_features, n_classes=n_classes, **options)
     except TypeError as error:
+        extra = "".join(f", {key}=..." for key in options)
         raise UserInputError(
             f"model {spec!r}: '{attribute}' cannot be called as "
-            f"{attribute}(n_features=..., n_classes=...) ({error}); change its signature"
+            f"{attribute}(n_features=..., n_classes=...{extra}) ({error}); change its signature"
         ) from error
     except ValueError:  # some builtins have no signature; let the call itself decide
         pass
-    model = factory(n_features=n_features, n_classes=n_classes)
+    model = factory(n_features=n_features, n_classes=n_classes, **options)
     if not isinstance(model, nn.Module):
         raise UserInputError(
             f"model {spec!r}: '{attribute}' returned a {type(model).__name__}, not a "
@@ -170,8 +189,15 @@ def save_checkpoint(
     n_features: int,
     n_classes: int,
     extra: dict[str, Any] | None = None,
+    model_options: dict[str, Any] | None = None,
+    resized: bool = False,
 ) -> dict[str, Any]:
-    """Write the model as a plain-data checkpoint dict, atomically; returns the dict."""
+    """Write the model as a plain-data checkpoint dict, atomically; returns the dict.
+
+    `model_options` are build_model's options (a student's width); `resized` marks a model whose
+    layers were physically shrunk (structured pruning), so loading takes each layer's shape from
+    the saved tensors instead of from the spec.
+    """
     checkpoint: dict[str, Any] = {
         "model_name": model_name,
         "n_features": int(n_features),
@@ -181,6 +207,10 @@ def save_checkpoint(
     }
     if extra:
         checkpoint["extra"] = extra
+    if model_options:
+        checkpoint["model_options"] = dict(model_options)
+    if resized:
+        checkpoint["resized"] = True
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -208,10 +238,45 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
         raise UserInputError(
             f"checkpoint '{path}' lacks {', '.join(missing)}; pass a checkpoint that train wrote"
         )
-    model = build_model(checkpoint["model_name"], checkpoint["n_features"], checkpoint["n_classes"])
+    model = build_model(checkpoint["model_name"], checkpoint["n_features"], checkpoint["n_classes"],
+                        checkpoint.get("model_options"))
+    if checkpoint.get("resized"):
+        resize_to_state_dict(model, checkpoint["state_dict"])
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()
     return model, checkpoint
+
+
+def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Give every parameter and buffer of `model` the shape it has in `state_dict`, in place.
+
+    A structurally pruned model has the same modules as its spec builds, only narrower; forward
+    reads the tensors, so replacing them (and the width attributes, for a truthful repr and
+    re-export) rebuilds it.
+    """
+    for key, saved in state_dict.items():
+        module_name, _, tensor_name = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        current = getattr(module, tensor_name, None)
+        if not isinstance(current, torch.Tensor) or current.shape == saved.shape:
+            continue
+        if isinstance(current, nn.Parameter):
+            setattr(module, tensor_name, nn.Parameter(
+                torch.empty(saved.shape, dtype=current.dtype), current.requires_grad))
+        else:
+            module.register_buffer(tensor_name, torch.empty(saved.shape, dtype=current.dtype))
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = weight.shape
+        elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+            module.out_channels = weight.shape[0]
+            module.in_channels = weight.shape[1] * module.groups
+        elif isinstance(module, nn.modules.batchnorm._NormBase):
+            reference = weight if weight is not None else module.running_mean
+            if reference is not None:
+                module.num_features = reference.shape[0]
+    return model
 
 
 def _one_line(error: BaseException) -> str:

@@ -11,6 +11,7 @@ from torchship.components.models import (
     build_model,
     check_model_output,
     load_checkpoint,
+    resize_to_state_dict,
     save_checkpoint,
 )
 
@@ -110,3 +111,57 @@ def test_checkpoint_round_trip_is_plain_data(tmp_path, name):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(UserInputError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_options_build_a_narrower_model_and_bad_options_list_the_accepted():
+    model = build_model("mlp", 64, 10, {"hidden": 32, "depth": 1})
+    assert [m.out_features for m in model.modules() if isinstance(m, nn.Linear)] == [32, 10]
+    assert build_model("cnn", 64, 10, {"channels": 4}).features[0].out_channels == 4
+    with pytest.raises(UserInputError, match="does not take options.*pass only hidden, depth"):
+        build_model("mlp", 64, 10, {"width": 32})
+
+
+def test_factory_gets_the_options(tmp_path, monkeypatch):
+    module = user_module(tmp_path, monkeypatch, "tiny_models_options", """
+        def make(n_features, n_classes, hidden=8):
+            return nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, n_classes))
+    """)
+    assert build_model(f"{module}:make", 64, 10, {"hidden": 5})[0].out_features == 5
+    with pytest.raises(UserInputError, match=r"make\(n_features=..., n_classes=..., depth=...\)"):
+        build_model(f"{module}:make", 64, 10, {"depth": 2})
+
+
+def test_checkpoint_keeps_the_options(tmp_path):
+    model = build_model("mlp", 64, 10, {"hidden": 16}).eval()
+    save_checkpoint(tmp_path / "student.pt", model, "mlp", 64, 10, model_options={"hidden": 16})
+    loaded, checkpoint = load_checkpoint(tmp_path / "student.pt")
+    assert checkpoint["model_options"] == {"hidden": 16}
+    assert loaded.layers[0].out_features == 16
+
+
+def test_resized_checkpoint_loads_into_the_spec_narrowed():
+    """A structurally pruned model: the spec's modules, each narrower than the spec builds."""
+    narrow = build_model("mlp", 64, 10, {"hidden": 24}).eval()
+    state = narrow.state_dict()
+    spec = build_model("mlp", 64, 10)
+    resize_to_state_dict(spec, state)
+    spec.load_state_dict(state)
+    spec.eval()
+    assert (spec.layers[0].out_features, spec.layers[3].in_features) == (24, 24)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(spec(x), narrow(x))
+
+
+def test_resized_flag_round_trips(tmp_path):
+    narrow = build_model("cnn", 64, 10, {"channels": 4}).eval()
+    save_checkpoint(tmp_path / "model.pt", narrow, "cnn", 64, 10, resized=True)
+    loaded, checkpoint = load_checkpoint(tmp_path / "model.pt")
+    assert checkpoint["resized"] and loaded.features[0].out_channels == 4
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), narrow(x))
+    save_checkpoint(tmp_path / "plain.pt", narrow, "cnn", 64, 10)  # not marked: shapes must match
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_checkpoint(tmp_path / "plain.pt")
