@@ -1,13 +1,26 @@
-"""Deploy stage: ONNX files -> a Triton model repository -> a live, checked local endpoint.
+"""Deploy stage, local target: ONNX files -> a new version in a Triton model repository, served on
+the bundled ``tritonserver``, checked, and only then promoted.
 
-``build_model_repository`` writes ``<repo>/<variant>/config.pbtxt`` (built from Triton's own
-``ModelConfig`` protobuf, as shipped in ``tritonclient``) and ``<repo>/<variant>/1/model.onnx``.
-``target="triton"`` is the production form (``platform: "onnxruntime_onnx"``); ``target="local"``
-serves the same ``model.onnx`` through the Python backend (``model.py`` running ONNX Runtime),
-since the ``tritonserver`` inside the nvidia-pytriton wheel has no ONNX Runtime backend.
+The repository layout, configs and validation live in ``model_repository``; the checks in
+``deploy_smoke``; the other targets in ``deploy_vertex`` and ``deploy_kserve``.
 
-``deploy_local`` builds the local repository, starts the bundled ``tritonserver`` on it and checks
-every model over gRPC and HTTP against ONNX Runtime run directly on the same file.
+``deploy_local`` adds the next version of every model to a repository (a persistent one, when
+given, else the stage's artifact directory), never overwriting one:
+
+1. under the repository lock, each new version is written to a staging directory beside the
+   repository (config listing only that version, ``model.onnx``, ``model.py``, a warmup sample)
+   and validated;
+2. the bundled ``tritonserver`` serves the staging directory and the new version is checked at its
+   version URL over gRPC and HTTP: ready, metadata as in the repository, answers equal to ONNX
+   Runtime on held-out rows;
+3. only then is each version directory renamed into the repository and the model's
+   ``config.pbtxt`` rewritten (temporary name, rename) with a ``version_policy`` listing the last
+   ``keep_versions`` versions, the new one included.
+
+Any failure before step 3 changes nothing in the repository: the versions served before stay the
+ones served, and the stage raises with the reason. A deploy killed half-way leaves at most a staging
+directory (removed by the next deploy under the lock) or a version directory the config does not
+list (never loaded).
 """
 
 from __future__ import annotations
@@ -15,299 +28,30 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
+from torchship.components.deploy_smoke import load_samples, smoke_test_server
 from torchship.components.errors import ServingError, UserInputError
+from torchship.components.model_repository import (
+    ONNX_TO_TRITON,
+    TARGETS,
+    WARMUP_DIR,
+    InvalidRepositoryError,
+    _swap_into_place,
+    _variants,
+    build_model_repository,
+    describe_config,
+    read_model_config,
+    repository_lock,
+    served_versions,
+    validate_model_repository,
+    version_dirs,
+    write_config,
+    write_model,
+)
 
 __all__ = ["ONNX_TO_TRITON", "TARGETS", "build_model_repository", "deploy_local"]
-
-TARGETS = ("local", "triton")
-PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
-
-# onnx.TensorProto element type name -> Triton ModelConfig DataType name.
-ONNX_TO_TRITON = {
-    "FLOAT": "TYPE_FP32",
-    "FLOAT16": "TYPE_FP16",
-    "BFLOAT16": "TYPE_BF16",
-    "DOUBLE": "TYPE_FP64",
-    "INT8": "TYPE_INT8",
-    "INT16": "TYPE_INT16",
-    "INT32": "TYPE_INT32",
-    "INT64": "TYPE_INT64",
-    "UINT8": "TYPE_UINT8",
-    "UINT16": "TYPE_UINT16",
-    "UINT32": "TYPE_UINT32",
-    "UINT64": "TYPE_UINT64",
-    "BOOL": "TYPE_BOOL",
-    "STRING": "TYPE_STRING",
-}
-
-
-def _onnx_io(model_path: Path) -> tuple[list[dict], list[dict], list[str]]:
-    """Graph inputs/outputs as ``{"name", "data_type", "shape"}`` (-1 for a symbolic dim) and the
-    external-data files the model refers to."""
-    import onnx
-
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as exc:
-        raise UserInputError(
-            f"onnx_dir: {model_path} is not a readable ONNX model ({exc}); re-run the export stage"
-        ) from exc
-    graph = model.graph
-    initializers = {init.name for init in graph.initializer}
-
-    def describe(value) -> dict:
-        tensor_type = value.type.tensor_type
-        elem = onnx.TensorProto.DataType.Name(tensor_type.elem_type)
-        if elem not in ONNX_TO_TRITON:
-            raise UserInputError(
-                f"onnx_dir: {model_path} tensor '{value.name}' has type {elem}, which Triton "
-                "cannot serve; export it with a supported type"
-            )
-        if not tensor_type.HasField("shape"):
-            raise UserInputError(
-                f"onnx_dir: {model_path} tensor '{value.name}' has no shape; export with shapes"
-            )
-        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim]
-        return {"name": value.name, "data_type": ONNX_TO_TRITON[elem], "shape": shape}
-
-    inputs = [describe(v) for v in graph.input if v.name not in initializers]
-    outputs = [describe(v) for v in graph.output]
-    external = sorted(
-        {
-            entry.value
-            for init in graph.initializer
-            if init.data_location == onnx.TensorProto.EXTERNAL
-            for entry in init.external_data
-            if entry.key == "location"
-        }
-    )
-    return inputs, outputs, external
-
-
-def _model_config(
-    name: str,
-    inputs: list[dict],
-    outputs: list[dict],
-    target: str,
-    max_batch_size: int,
-    max_queue_delay_us: int,
-    preferred_batch_sizes: tuple[int, ...] | None,
-    instance_count: int,
-):
-    from tritonclient.grpc import model_config_pb2 as mc
-
-    config = mc.ModelConfig(name=name, max_batch_size=max_batch_size)
-    if target == "triton":
-        config.platform = "onnxruntime_onnx"
-    else:
-        config.backend = "python"
-
-    def dims(tensor: dict) -> list[int]:
-        shape = tensor["shape"]
-        if max_batch_size > 0:
-            if not shape or shape[0] > 0:
-                raise UserInputError(
-                    f"onnx_dir: model '{name}' tensor '{tensor['name']}' has shape {shape} without "
-                    "a dynamic first (batch) dimension; export with dynamic_axes={0: 'batch'} or "
-                    "use max_batch_size=0"
-                )
-            shape = shape[1:]
-        return shape or [1]
-
-    for tensor in inputs:
-        config.input.add(
-            name=tensor["name"], data_type=mc.DataType.Value(tensor["data_type"]), dims=dims(tensor)
-        )
-    for tensor in outputs:
-        config.output.add(
-            name=tensor["name"], data_type=mc.DataType.Value(tensor["data_type"]), dims=dims(tensor)
-        )
-    if max_batch_size > 0:
-        config.dynamic_batching.max_queue_delay_microseconds = int(max_queue_delay_us)
-        for size in preferred_batch_sizes or ():
-            if 0 < size <= max_batch_size:
-                config.dynamic_batching.preferred_batch_size.append(int(size))
-    config.instance_group.add(count=int(instance_count), kind=mc.ModelInstanceGroup.KIND_CPU)
-    return config
-
-
-def _swap_into_place(built: Path, destination: Path) -> None:
-    """Rename ``built`` to ``destination``, replacing a previous directory there."""
-    if destination.exists():
-        old = destination.with_name(f".{destination.name}.old-{os.getpid()}-{time.time_ns()}")
-        destination.rename(old)
-        try:
-            built.rename(destination)
-        except BaseException:
-            old.rename(destination)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        built.rename(destination)
-
-
-def build_model_repository(
-    onnx_dir: str | os.PathLike,
-    repository_dir: str | os.PathLike,
-    target: str = "local",
-    max_batch_size: int = 64,
-    *,
-    max_queue_delay_us: int = 100,
-    preferred_batch_sizes: tuple[int, ...] | None = None,
-    instance_count: int = 1,
-) -> list[dict]:
-    """Write a Triton model repository for every ``onnx_dir/<variant>/model.onnx``.
-
-    Each model gets ``config.pbtxt`` (a ``ModelConfig`` proto in text format) and ``1/model.onnx``;
-    ``target="local"`` adds ``1/model.py`` (Python backend running ONNX Runtime). The repository is
-    built in a temporary directory beside ``repository_dir`` and renamed into place. Returns one
-    dict per model: ``name``, ``inputs``, ``outputs`` (each ``name``, ``data_type``, ``dims``),
-    ``max_batch_size``, ``target``.
-    """
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
-
-    if target not in TARGETS:
-        raise UserInputError(f"target: '{target}' is not one of {', '.join(TARGETS)}")
-    if int(max_batch_size) < 0:
-        raise UserInputError(f"max_batch_size: {max_batch_size} is negative; use 0 or more")
-    max_batch_size = int(max_batch_size)
-    onnx_dir = Path(onnx_dir)
-    repository_dir = Path(repository_dir)
-    if not onnx_dir.is_dir():
-        raise UserInputError(f"onnx_dir: {onnx_dir} is not a directory; run the export stage first")
-    variants = sorted(p.parent for p in onnx_dir.glob("*/model.onnx") if p.is_file())
-    if not variants:
-        raise UserInputError(
-            f"onnx_dir: no <variant>/model.onnx under {onnx_dir}; run the export stage first"
-        )
-    if target == "local" and not PYTHON_MODEL_SOURCE.is_file():
-        raise ServingError(f"the Python-backend model source {PYTHON_MODEL_SOURCE} is missing")
-
-    repository_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(
-        tempfile.mkdtemp(prefix=f".{repository_dir.name}.tmp-", dir=repository_dir.parent)
-    )
-    models = []
-    try:
-        for variant_dir in variants:
-            name = variant_dir.name
-            source = variant_dir / "model.onnx"
-            inputs, outputs, external = _onnx_io(source)
-            config = _model_config(
-                name,
-                inputs,
-                outputs,
-                target,
-                max_batch_size,
-                max_queue_delay_us,
-                preferred_batch_sizes,
-                instance_count,
-            )
-            text = text_format.MessageToString(config)
-            parsed = text_format.Parse(text, mc.ModelConfig())
-            if parsed != config:  # pragma: no cover - a protobuf bug, not a user error
-                raise ServingError(f"config.pbtxt for '{name}' does not parse back to itself")
-
-            model_dir = staging / name
-            version_dir = model_dir / "1"
-            version_dir.mkdir(parents=True)
-            (model_dir / "config.pbtxt").write_text(text)
-            shutil.copy2(source, version_dir / "model.onnx")
-            for location in external:
-                target_file = version_dir / location
-                target_file.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(variant_dir / location, target_file)
-            if target == "local":
-                shutil.copy2(PYTHON_MODEL_SOURCE, version_dir / "model.py")
-
-            models.append(
-                {
-                    "name": name,
-                    "inputs": [
-                        {
-                            "name": t.name,
-                            "data_type": mc.DataType.Name(t.data_type),
-                            "dims": list(t.dims),
-                        }
-                        for t in parsed.input
-                    ],
-                    "outputs": [
-                        {
-                            "name": t.name,
-                            "data_type": mc.DataType.Name(t.data_type),
-                            "dims": list(t.dims),
-                        }
-                        for t in parsed.output
-                    ],
-                    "max_batch_size": parsed.max_batch_size,
-                    "target": target,
-                }
-            )
-        _swap_into_place(staging, repository_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return models
-
-
-# -- deploy_local ---------------------------------------------------------------------------------
-
-
-_TRITON_TO_V2 = {  # ModelConfig DataType -> KServe v2 datatype string used by the clients
-    "TYPE_FP32": "FP32",
-    "TYPE_FP16": "FP16",
-    "TYPE_BF16": "BF16",
-    "TYPE_FP64": "FP64",
-    "TYPE_INT8": "INT8",
-    "TYPE_INT16": "INT16",
-    "TYPE_INT32": "INT32",
-    "TYPE_INT64": "INT64",
-    "TYPE_UINT8": "UINT8",
-    "TYPE_UINT16": "UINT16",
-    "TYPE_UINT32": "UINT32",
-    "TYPE_UINT64": "UINT64",
-    "TYPE_BOOL": "BOOL",
-    "TYPE_STRING": "BYTES",
-}
-
-
-def _expected_shape(tensor: dict, max_batch_size: int) -> list[int]:
-    return ([-1] if max_batch_size > 0 else []) + list(tensor["dims"])
-
-
-def _check_metadata(model: dict, metadata: dict, protocol: str) -> None:
-    name = model["name"]
-    for kind in ("inputs", "outputs"):
-        served = [
-            (t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in metadata.get(kind, [])
-        ]
-        expected = [
-            (t["name"], _TRITON_TO_V2[t["data_type"]], _expected_shape(t, model["max_batch_size"]))
-            for t in model[kind]
-        ]
-        if served != expected:
-            raise ServingError(
-                f"model '{name}' ({protocol}) serves {kind} {served}, expected {expected}"
-            )
-
-
-def _load_x(test_path: Path, n_samples: int) -> np.ndarray:
-    if not test_path.is_file():
-        raise UserInputError(f"test_path: {test_path} does not exist; run prepare_data first")
-    with np.load(test_path, allow_pickle=False) as data:
-        if "x" not in data:
-            raise UserInputError(f"test_path: {test_path} has no 'x' array; run prepare_data")
-        x = np.asarray(data["x"])
-    if x.ndim < 2 or len(x) == 0:
-        raise UserInputError(f"test_path: 'x' in {test_path} has shape {x.shape}; expected [N, F]")
-    return np.ascontiguousarray(x[: max(1, int(n_samples))])
 
 
 def deploy_local(
@@ -317,143 +61,101 @@ def deploy_local(
     n_samples: int = 32,
     atol: float = 1e-4,
     *,
+    persistent_repository: str | os.PathLike | None = None,
+    keep_versions: int = 2,
     max_batch_size: int = 64,
+    max_queue_delay_us: int = 100,
+    instance_count: int = 1,
     startup_timeout_s: float = 120.0,
     request_timeout_s: float = 30.0,
-    progress: Callable[[str], None] = print,
+    lock_timeout_s: float = 900.0,
+    progress: Callable[[str], None] | None = print,
 ) -> dict:
-    """Build the local repository, serve it on the bundled ``tritonserver`` and smoke-test it.
+    """Add a version of every ``onnx_dir/<variant>/model.onnx`` to a local repository, serve it on
+    the bundled ``tritonserver``, smoke-test it and promote it (see the module docstring).
 
-    Each model gets ``n_samples`` held-out rows of ``test_path`` over gRPC and over HTTP; the answers
-    must match ONNX Runtime run directly on the same ``model.onnx`` within ``atol``, and the served
-    metadata must match the repository. Raises ``ServingError`` on any mismatch. Returns
-    ``{"models": {name: {"max_abs_diff_grpc", "max_abs_diff_http", "ready", ...}}, ...}``.
+    The repository that gains the version is ``persistent_repository`` when given (it outlives the
+    run; ``torchship serve`` serves it), else ``repository_dir``. With ``persistent_repository``,
+    ``repository_dir`` (the stage's artifact) receives a copy of what was deployed: each model's
+    config listing only its new version, that version and the warmup sample, so the benchmark
+    stage measures exactly the new version. The smoke test sends ``n_samples`` held-out rows of
+    ``test_path`` over gRPC and HTTP to ``/v2/models/<model>/versions/<new>``; answers must match
+    ONNX Runtime within ``atol``.
+
+    Raises ``ServingError`` (or ``UserInputError`` for bad inputs) with the reason; the repository
+    is then as before. Returns ``{"models": {name: {"version", "served_versions",
+    "previous_versions", "max_abs_diff_grpc", "max_abs_diff_http", "ready", "n_samples", ...}},
+    "versions": {name: version}, "repository", "artifact_repository", "target", "n_samples",
+    "atol", "server_startup_s", "passed"}``.
     """
-    import onnxruntime as ort
-    import tritonclient.grpc as grpcclient
-    import tritonclient.http as httpclient
-
     from torchship.components.triton import TritonServer
 
-    repository_dir = Path(repository_dir)
-    x_all = _load_x(Path(test_path), n_samples)
-    models = build_model_repository(onnx_dir, repository_dir, "local", max_batch_size)
+    if int(keep_versions) < 1:
+        raise UserInputError(f"keep_versions: {keep_versions} must be 1 or more")
+    if int(max_batch_size) < 0:
+        raise UserInputError(f"max_batch_size: {max_batch_size} is negative; use 0 or more")
+    artifact = Path(repository_dir)
+    served = Path(persistent_repository) if persistent_repository else artifact
+    x_all = load_samples(test_path, n_samples)
+    variants = _variants(Path(onnx_dir))
+    options = {
+        "max_batch_size": int(max_batch_size),
+        "max_queue_delay_us": max_queue_delay_us,
+        "instance_count": instance_count,
+    }
+    say = progress or (lambda _message: None)
 
-    results: dict[str, dict] = {}
-    with TritonServer(repository_dir, startup_timeout_s=startup_timeout_s) as server:
-        grpc = grpcclient.InferenceServerClient(server.grpc_url)
-        http = httpclient.InferenceServerClient(
-            server.http_url, connection_timeout=request_timeout_s, network_timeout=request_timeout_s
-        )
+    with repository_lock(served, lock_timeout_s):
+        _remove_stale_staging(served)
+        staging = Path(tempfile.mkdtemp(prefix=f".{served.name}.deploy-", dir=served.parent))
+        plans: list[dict] = []
         try:
-            for model in models:
-                name = model["name"]
-                if len(model["inputs"]) != 1:
-                    raise UserInputError(
-                        f"onnx_dir: model '{name}' has {len(model['inputs'])} inputs; the smoke "
-                        "test feeds one feature matrix, export a single 'input'"
+            try:
+                for variant in variants:
+                    plans.append(_stage_version(variant, served, staging, x_all, options))
+                validate_model_repository(staging, target="local")
+                with TritonServer(staging, startup_timeout_s=startup_timeout_s) as server:
+                    smoke = smoke_test_server(
+                        [plan["model"] for plan in plans],
+                        x_all,
+                        http_url=server.http_url,
+                        grpc_url=server.grpc_url,
+                        atol=atol,
+                        request_timeout_s=request_timeout_s,
+                        log_tail=server.log_tail,
+                        progress=say,
                     )
-                tensor = model["inputs"][0]
-                dims = tensor["dims"] if model["max_batch_size"] > 0 else tensor["dims"][1:]
-                if len(dims) != x_all.ndim - 1 or any(
-                    d not in (-1, s) for d, s in zip(dims, x_all.shape[1:])
-                ):
-                    raise UserInputError(
-                        f"test_path: rows of shape {list(x_all.shape[1:])} do not fit model "
-                        f"'{name}' input dims {tensor['dims']}; use the test split of the same data"
-                    )
-                dtype = np.dtype(_numpy_dtype(tensor["data_type"]))
-                x = x_all.astype(dtype, copy=False)
-                if model["max_batch_size"] == 0:
-                    x = x[:1]  # no batching: one request of exactly the model's shape
-
-                ready_grpc = grpc.is_model_ready(name, client_timeout=request_timeout_s)
-                ready_http = http.is_model_ready(name)
-                if not (ready_grpc and ready_http):
-                    raise ServingError(
-                        f"model '{name}' is not ready (gRPC {ready_grpc}, HTTP {ready_http}):\n"
-                        f"{server.log_tail()}"
-                    )
-                _check_metadata(
-                    model,
-                    grpc.get_model_metadata(name, as_json=True, client_timeout=request_timeout_s),
-                    "gRPC",
+                    startup_s = server.startup_s
+            except (ServingError, UserInputError) as exc:
+                raise _not_promoted(exc, served, [v.name for v in variants]) from exc
+            for plan in plans:
+                _promote(plan, served, staging, int(keep_versions))
+                say(
+                    f"{plan['name']}: version {plan['version']} promoted in {served} "
+                    f"(serving versions {plan['served_versions']})"
                 )
-                _check_metadata(model, http.get_model_metadata(name), "HTTP")
-
-                session = ort.InferenceSession(
-                    str(repository_dir / name / "1" / "model.onnx"),
-                    providers=["CPUExecutionProvider"],
-                )
-                output_names = [o["name"] for o in model["outputs"]]
-                expected = session.run(output_names, {tensor["name"]: x})
-
-                chunk = model["max_batch_size"] or len(x)
-                diffs = {}
-                for protocol, client, module in (
-                    ("grpc", grpc, grpcclient),
-                    ("http", http, httpclient),
-                ):
-                    got = [[] for _ in output_names]
-                    for start in range(0, len(x), chunk):
-                        part = x[start : start + chunk]
-                        infer_input = module.InferInput(
-                            tensor["name"], list(part.shape), _TRITON_TO_V2[tensor["data_type"]]
-                        )
-                        infer_input.set_data_from_numpy(part)
-                        requested = [module.InferRequestedOutput(o) for o in output_names]
-                        try:
-                            if protocol == "grpc":
-                                result = client.infer(
-                                    name,
-                                    [infer_input],
-                                    outputs=requested,
-                                    client_timeout=request_timeout_s,
-                                )
-                            else:
-                                result = client.infer(name, [infer_input], outputs=requested)
-                        except Exception as exc:
-                            raise ServingError(
-                                f"model '{name}': {protocol} inference failed: {exc}\n"
-                                f"{server.log_tail()}"
-                            ) from exc
-                        for k, out in enumerate(output_names):
-                            got[k].append(result.as_numpy(out))
-                    diff = 0.0
-                    for k, out in enumerate(output_names):
-                        served = np.concatenate(got[k], axis=0)
-                        if served.shape != expected[k].shape:
-                            raise ServingError(
-                                f"model '{name}' ({protocol}) output '{out}' has shape "
-                                f"{served.shape}, ONNX Runtime gives {expected[k].shape}"
-                            )
-                        diff = max(
-                            diff, float(np.max(np.abs(served.astype(np.float64) - expected[k])))
-                        )
-                    if not diff <= atol:
-                        raise ServingError(
-                            f"model '{name}' over {protocol} differs from ONNX Runtime by "
-                            f"max |diff| {diff:.3g} > atol {atol:g}"
-                        )
-                    diffs[protocol] = diff
-                progress(f"{name}: served by Triton, matches ONNX Runtime over gRPC and HTTP "
-                         f"(max |diff| {max(diffs.values()):.2g}, {len(x)} rows)")
-                results[name] = {
-                    "max_abs_diff_grpc": diffs["grpc"],
-                    "max_abs_diff_http": diffs["http"],
-                    "ready": True,
-                    "n_samples": len(x),
-                    "inputs": model["inputs"],
-                    "outputs": model["outputs"],
-                    "max_batch_size": model["max_batch_size"],
-                }
+            validate_model_repository(
+                served, target="local", models=[p["name"] for p in plans], load_onnx=False
+            )
         finally:
-            grpc.close()
-            http.close()
-        startup_s = server.startup_s
+            shutil.rmtree(staging, ignore_errors=True)
+        if artifact.resolve() != served.resolve():
+            _export_versions(served, {p["name"]: p["version"] for p in plans}, artifact)
+
+    results = {
+        plan["name"]: {
+            **smoke[plan["name"]],
+            "version": plan["version"],
+            "served_versions": plan["served_versions"],
+            "previous_versions": plan["previous_versions"],
+        }
+        for plan in plans
+    }
     return {
         "models": results,
-        "repository": str(repository_dir),
+        "versions": {plan["name"]: plan["version"] for plan in plans},
+        "repository": str(served),
+        "artifact_repository": str(artifact),
         "target": "local",
         "n_samples": len(x_all),
         "atol": float(atol),
@@ -462,7 +164,114 @@ def deploy_local(
     }
 
 
-def _numpy_dtype(triton_type: str):
-    from tritonclient.utils import triton_to_np_dtype
+def _remove_stale_staging(repository: Path) -> None:
+    """Staging left by a deploy that died (we hold the lock, so none is in progress)."""
+    for stale in repository.parent.glob(f".{repository.name}.deploy-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
-    return triton_to_np_dtype(_TRITON_TO_V2[triton_type])
+
+def _stage_version(
+    variant: Path, repository: Path, staging: Path, x_all, options: dict
+) -> dict:
+    """Write the next version of ``variant`` into ``staging/<name>/``; plan its promotion."""
+    name = variant.name
+    model_dir = repository / name
+    existing = None
+    if (model_dir / "config.pbtxt").is_file():
+        existing = read_model_config(model_dir / "config.pbtxt")
+    elif model_dir.is_dir() and any(model_dir.iterdir()):
+        raise InvalidRepositoryError(
+            f"repository: {model_dir} has files but no config.pbtxt, so it is not a Triton model; "
+            "move it away or deploy to another repository"
+        )
+    available = version_dirs(model_dir)
+    version = max(available, default=0) + 1
+    previous = served_versions(existing, available) if existing is not None else []
+    model, config = write_model(
+        variant / "model.onnx", staging / name, version, target="local", versions=[version],
+        sample=x_all, **options,
+    )
+    if existing is not None:
+        _check_compatible(existing, config, model_dir)
+    model["onnx_path"] = str(staging / name / str(version) / "model.onnx")
+    return {
+        "name": name,
+        "version": version,
+        "previous_versions": previous,
+        "config": config,
+        "model": model,
+    }
+
+
+def _check_compatible(existing, new, model_dir: Path) -> None:
+    """All served versions share one config: a new version must keep the tensors and batching."""
+    old, fresh = describe_config(existing), describe_config(new)
+    for key in ("target", "inputs", "outputs", "max_batch_size"):
+        if old[key] != fresh[key]:
+            raise UserInputError(
+                f"onnx_dir: model '{new.name}' has {key} {fresh[key]}, but {model_dir} serves "
+                f"{old[key]}; versions of one model must agree, so deploy to a new repository or "
+                "under a new variant name"
+            )
+
+
+def _promote(plan: dict, repository: Path, staging: Path, keep_versions: int) -> None:
+    """Move the checked version into the repository, then list it in the config (the switch)."""
+    name, version = plan["name"], plan["version"]
+    staged, model_dir = staging / name, repository / name
+    keep = (plan["previous_versions"] + [version])[-keep_versions:]
+    plan["served_versions"] = keep
+    if not (model_dir / "config.pbtxt").is_file():
+        # A new model appears whole: one rename of its directory (an empty one may be in the way).
+        if model_dir.is_dir():
+            model_dir.rmdir()
+        staged.rename(model_dir)
+        return
+    (staged / str(version)).rename(model_dir / str(version))  # not served: the config omits it
+    warmup = staged / WARMUP_DIR
+    if warmup.is_dir():
+        (model_dir / WARMUP_DIR).mkdir(exist_ok=True)
+        for sample in warmup.iterdir():
+            os.replace(sample, model_dir / WARMUP_DIR / sample.name)
+    config = plan["config"]
+    del config.version_policy.specific.versions[:]
+    config.version_policy.specific.versions.extend(keep)
+    write_config(config, model_dir / "config.pbtxt")
+
+
+def _not_promoted(exc: BaseException, repository: Path, names: list[str]) -> BaseException:
+    """``exc`` with the state of the repository (unchanged) in front of its message."""
+    kept = []
+    for name in names:
+        config_path = repository / name / "config.pbtxt"
+        if config_path.is_file():
+            try:
+                versions = served_versions(read_model_config(config_path),
+                                           version_dirs(repository / name))
+            except UserInputError:
+                continue
+            kept.append(f"'{name}' versions {versions}")
+    state = f"{', '.join(kept)} stay served" if kept else "nothing was served before"
+    return type(exc)(f"deploy to {repository} failed and was not promoted ({state}): {exc}")
+
+
+def _export_versions(repository: Path, versions: dict[str, int], destination: Path) -> None:
+    """Copy each model's given version (config listing only it, and its warmup sample) into a
+    fresh ``destination``, renamed into place whole."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    try:
+        for name, version in versions.items():
+            source, target = repository / name, staging / name
+            shutil.copytree(source / str(version), target / str(version))
+            if (source / WARMUP_DIR).is_dir():
+                shutil.copytree(source / WARMUP_DIR, target / WARMUP_DIR)
+            config = read_model_config(source / "config.pbtxt")
+            del config.version_policy.specific.versions[:]
+            config.version_policy.specific.versions.append(version)
+            write_config(config, target / "config.pbtxt")
+        validate_model_repository(staging, target="local", load_onnx=False)
+        _swap_into_place(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -20,7 +20,10 @@ server"):
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -35,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from torchship.components.errors import ServingError, UserInputError
 
-__all__ = ["TritonPaths", "TritonServer", "find_tritonserver", "free_port"]
+__all__ = ["TritonPaths", "TritonServer", "check_port_free", "find_tritonserver", "free_port"]
 
 if TYPE_CHECKING:  # annotations only; no runtime dependency on typing_extensions
     from typing_extensions import Self
@@ -121,7 +124,9 @@ def _tail(path: Path, lines: int = 40) -> str:
 # Error lines Triton always prints on a machine without a GPU; not worth reporting.
 _BENIGN = ("CudaDriverHelper has not been initialized",)
 # Log lines that mean startup has failed (with --exit-on-error the server exits a bit later).
-_FATAL = ("failed to load '", "error: creating server")
+_FATAL = ("failed to load '", "error: creating server", "Poll failed for model directory",
+          "failed to start ")
+_LOG_PREFIX = re.compile(r"^[EWI]\d{4} [\d:.]+\s+\d+\s+[\w.]+:\d+\]\s*")
 
 
 def _log_errors(text: str, limit: int = 8, width: int = 500) -> list[str]:
@@ -133,24 +138,94 @@ def _log_errors(text: str, limit: int = 8, width: int = 500) -> list[str]:
     return [e if len(e) <= width else e[:width] + " ..." for e in errors[:limit]]
 
 
+def _error_summary(text: str, width: int = 300) -> str | None:
+    """The most telling error of a server log as one line, without Triton's prefix."""
+    errors = _log_errors(text, limit=100, width=10_000)
+    errors += [line for line in text.splitlines() if line.startswith("error: creating server")]
+    if not errors:
+        return None
+    markers = ("failed to start ", "Poll failed", "failed to load '")
+    chosen = next((e for m in markers for e in errors if m in e), errors[0])
+    message = " ".join(_LOG_PREFIX.sub("", chosen).strip().strip('"').split())
+    return message if len(message) <= width else message[:width] + " ..."
+
+
+def _port_conflict(text: str) -> str | None:
+    """Which listener ("http" or "grpc") could not bind its port, from the server log."""
+    for line in text.splitlines():
+        lowered = line.lower()
+        if "already in use" in lowered or "address in use" in lowered:
+            if "grpc" in lowered or "chttp2" in lowered:
+                return "grpc"
+            if "http" in lowered:
+                return "http"
+    return None
+
+
+def _connect_host(host: str) -> str:
+    """The address a client on this machine uses to reach a server bound to ``host``."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """Raise ``UserInputError`` (one line, naming the port and the fix) if ``port`` is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR: a port in TIME_WAIT is free for tritonserver too; only a listener is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, int(port)))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UserInputError(_port_in_use(what, host, port)) from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise UserInputError(
+                    f"host: {host} is not an address of this machine; use 127.0.0.1 (the "
+                    "default) or 0.0.0.0 to listen on every interface"
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise UserInputError(
+                    f"{what}: port {port} needs privileges to bind; use a port above 1023"
+                ) from None
+            raise
+
+
+def _port_in_use(what: str, host: str, port: int) -> str:
+    return (
+        f"{what}: port {port} on {host} is already in use; stop the process listening there "
+        f"(another tritonserver?) or pass a different --{what.replace('_', '-')}"
+    )
+
+
 class TritonServer:
-    """The bundled ``tritonserver`` running on ``repository``, bound to 127.0.0.1 on free ports.
+    """The bundled ``tritonserver`` running on ``repository``, bound to ``host`` (127.0.0.1).
 
     Use as a context manager::
 
         with TritonServer(repo) as server:
             client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
 
-    Startup waits until the server (with strict readiness, i.e. every model) is ready, or raises
-    ``ServingError`` with the tail of the server log. Model control is closed (mode ``none``) and
-    metrics are off. The server and every Python-backend stub it spawns run in their own process
-    group, which is sent SIGTERM and, after ``stop_grace_s``, SIGKILL on exit.
+    Ports are free ones picked at start unless ``http_port`` / ``grpc_port`` are given; a given
+    port that is taken raises ``UserInputError`` naming it. Every ``config.pbtxt`` is parsed before
+    the server starts, so a malformed one is one clear error line. Startup waits until the server
+    (with strict readiness, i.e. every model) is ready, or raises ``ServingError`` whose first line
+    is the server's own reason. Model control is closed: mode ``none`` (the repository is read
+    once, at start) and the model-repository API (index, load, unload) needs a key that only this
+    object knows. Metrics are off. The server and every Python-backend stub it spawns run in their
+    own process group, which is sent SIGTERM and, after ``stop_grace_s``, SIGKILL on exit.
     """
 
     def __init__(
         self,
         repository: str | os.PathLike,
         *,
+        host: str = "127.0.0.1",
+        http_port: int | None = None,
+        grpc_port: int | None = None,
         startup_timeout_s: float = 60.0,
         stop_grace_s: float = 10.0,
         log_path: str | os.PathLike | None = None,
@@ -158,6 +233,16 @@ class TritonServer:
         extra_args: tuple[str, ...] | list[str] = (),
     ):
         self.repository = Path(repository).resolve()
+        self.host = str(host)
+        self._fixed_ports = {"http_port": http_port, "grpc_port": grpc_port}
+        for what, port in self._fixed_ports.items():
+            if port is not None and not 0 < int(port) < 65536:
+                raise UserInputError(f"{what}: {port} is not a TCP port (1-65535)")
+        if http_port is not None and http_port == grpc_port:
+            raise UserInputError(
+                f"grpc_port: {grpc_port} is also the http_port; give the two listeners "
+                "different ports"
+            )
         self.startup_timeout_s = float(startup_timeout_s)
         self.stop_grace_s = float(stop_grace_s)
         self.log_verbose = int(log_verbose)
@@ -167,6 +252,8 @@ class TritonServer:
         self.grpc_port: int | None = None
         self.http_port: int | None = None
         self.startup_s: float | None = None
+        # Header that unlocks the model-repository API (nobody outside this process knows it).
+        self.admin_header = {"torchship-admin": secrets.token_hex(16)}
         self._workspace: Path | None = None
         self._proc: subprocess.Popen | None = None
         self._log_file = None
@@ -176,12 +263,12 @@ class TritonServer:
     @property
     def grpc_url(self) -> str:
         self._require_started()
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{_connect_host(self.host)}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
         self._require_started()
-        return f"127.0.0.1:{self.http_port}"
+        return f"{_connect_host(self.host)}:{self.http_port}"
 
     @property
     def pid(self) -> int | None:
@@ -190,16 +277,18 @@ class TritonServer:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc is not None else None
+
     def log_tail(self, lines: int = 40) -> str:
-        """The error lines of the server log, then its last ``lines`` lines."""
+        """The error lines of the server log or, when it has none, its last ``lines`` lines."""
         if not self.log_path:
             return "(no server log)"
-        tail = _tail(self.log_path, lines)
         try:
             errors = _log_errors(self.log_path.read_text(errors="replace"))
         except OSError:
             errors = []
-        return ("\n".join(["errors:", *errors, "last lines:", tail])) if errors else tail
+        return "\n".join(errors) if errors else _tail(self.log_path, lines)
 
     def __enter__(self) -> Self:
         self.start()
@@ -216,6 +305,10 @@ class TritonServer:
             raise UserInputError(
                 f"repository: {self.repository} is not a directory; build a model repository first"
             )
+        self._check_configs()
+        for what, port in self._fixed_ports.items():
+            if port is not None:
+                check_port_free(self.host, int(port), what)
         paths = find_tritonserver()
         self._workspace = Path(tempfile.mkdtemp(prefix="torchship-triton-"))
         try:
@@ -227,10 +320,16 @@ class TritonServer:
                 self._launch(paths, backends, env, attempt)
                 try:
                     self._wait_ready()
-                except ServingError as exc:
+                except ServingError:
                     self._terminate()
-                    if attempt < 2 and "address already in use" in str(exc).lower():
-                        continue
+                    conflict = _port_conflict(self._log_text())
+                    if conflict is not None:
+                        what = f"{conflict}_port"
+                        if self._fixed_ports[what] is not None:
+                            port = self.http_port if conflict == "http" else self.grpc_port
+                            raise UserInputError(_port_in_use(what, self.host, port)) from None
+                        if attempt < 2:
+                            continue
                     raise
                 self.startup_s = time.monotonic() - started
                 return self
@@ -256,6 +355,19 @@ class TritonServer:
     def _require_started(self) -> None:
         if self.grpc_port is None:
             raise RuntimeError("TritonServer is not started; use it as a context manager")
+
+    def _check_configs(self) -> None:
+        """Parse every ``config.pbtxt`` first: Triton's own complaint is buried in its log."""
+        from torchship.components.model_repository import read_model_config
+
+        for config_path in sorted(self.repository.glob("*/config.pbtxt")):
+            read_model_config(config_path)
+
+    def _log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace") if self.log_path else ""
+        except OSError:
+            return ""
 
     def _prepare_backends(self, paths: TritonPaths) -> Path:
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -283,18 +395,25 @@ class TritonServer:
         # ONNX Runtime / OpenMP inside the stubs: one thread each unless the caller says otherwise.
         env.setdefault("OMP_NUM_THREADS", "1")
         env.pop("PYTHONHOME", None)
+        # Vertex AI mode switches on from the environment; this server is never that.
+        env.pop("AIP_MODE", None)
         return env
 
+    def _pick_ports(self) -> None:
+        self.http_port = self._fixed_ports["http_port"] or free_port()
+        self.grpc_port = self._fixed_ports["grpc_port"] or free_port()
+        while self.grpc_port == self.http_port:
+            self.grpc_port = free_port()
+
     def _launch(self, paths: TritonPaths, backends: Path, env: dict[str, str], attempt: int):
-        self.grpc_port, self.http_port = free_port(), free_port()
-        while self.http_port == self.grpc_port:
-            self.http_port = free_port()
+        self._pick_ports()
         if self._user_log_path is not None:
             self.log_path = self._user_log_path
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
         else:
             self.log_path = self._workspace / "tritonserver.log"
         shm_prefix = f"torchship{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        (key, value), = self.admin_header.items()
         cmd = [
             str(paths.binary),
             f"--model-repository={self.repository}",
@@ -303,11 +422,13 @@ class TritonServer:
             "--exit-on-error=true",
             "--exit-timeout-secs=5",
             "--allow-http=true",
-            "--http-address=127.0.0.1",
+            f"--http-address={self.host}",
             f"--http-port={self.http_port}",
+            f"--http-restricted-api=model-repository:{key}={value}",
             "--allow-grpc=true",
-            "--grpc-address=127.0.0.1",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
+            f"--grpc-restricted-protocol=model-repository:{key}={value}",
             "--allow-metrics=false",
             "--allow-gpu-metrics=false",
             "--allow-cpu-metrics=false",
@@ -319,7 +440,8 @@ class TritonServer:
             *self.extra_args,
         ]
         self._log_file = open(self.log_path, "ab" if attempt else "wb")  # noqa: SIM115
-        self._log_file.write(("$ " + " ".join(cmd) + "\n").encode())
+        shown = [c.replace(value, "***") for c in cmd]
+        self._log_file.write(("$ " + " ".join(shown) + "\n").encode())
         self._log_file.flush()
         self._proc = subprocess.Popen(
             cmd,
@@ -330,6 +452,13 @@ class TritonServer:
             cwd=self._workspace,
             start_new_session=True,  # own process group: the stubs are stopped with it
         )
+
+    def _failure(self, what: str) -> ServingError:
+        """A ``ServingError`` whose first line says what failed and why (the server's reason)."""
+        reason = _error_summary(self._log_text())
+        if reason:  # one line: the reason is the server's own, the rest is in the log
+            return ServingError(f"{what}: {reason} (log: {self.log_path})")
+        return ServingError(f"{what} (log: {self.log_path})\n{self.log_tail()}")
 
     def _wait_ready(self) -> None:
         import tritonclient.http as httpclient
@@ -342,24 +471,21 @@ class TritonServer:
             while True:
                 code = self._proc.poll()
                 if code is not None:
-                    raise ServingError(
+                    raise self._failure(
                         f"tritonserver exited with status {code} while starting on "
-                        f"{self.repository} (log: {self.log_path}):\n{self.log_tail()}"
+                        f"{self.repository}"
                     )
                 with contextlib.suppress(Exception):  # not listening yet
                     if client.is_server_ready():
                         return
-                text = self.log_path.read_text(errors="replace")
+                text = self._log_text()
                 if any(marker in text for marker in _FATAL):
                     # exit-on-error: the server will exit after unloading; no need to wait.
-                    raise ServingError(
-                        f"tritonserver failed to load the models in {self.repository} "
-                        f"(log: {self.log_path}):\n{self.log_tail(8)}"
-                    )
+                    raise self._failure(f"tritonserver failed to serve {self.repository}")
                 if time.monotonic() > deadline:
                     raise ServingError(
                         f"tritonserver on {self.repository} not ready after "
-                        f"{self.startup_timeout_s:.0f} s (log: {self.log_path}):\n{self.log_tail()}"
+                        f"{self.startup_timeout_s:.0f} s (log: {self.log_path})\n{self.log_tail()}"
                     )
                 time.sleep(0.1)
         finally:

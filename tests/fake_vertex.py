@@ -3,6 +3,12 @@
 The one allowed stand-in: Google's servers. Point the real `google-cloud-aiplatform` SDK at it
 with `aiplatform.init(api_endpoint=fake.endpoint, api_transport="rest", ...)`. It keeps the
 resources it was asked to create, so `get`, `list`, `pause` and `delete` answer consistently.
+
+Model Registry and Endpoints: `upload` adds versions under a parent model (aliases move between
+versions as on Vertex AI), `deployModel` / `undeployModel` keep the endpoint's traffic split, and
+`:rawPredict` picks a deployed model by that split (smooth weighted round robin, so a 10% canary
+answers every tenth request) and names it in `X-Vertex-AI-Deployed-Model-Id`. What the deployed
+model answers is the test's to say: set `raw_predict` (the fake runs no models).
 """
 
 import hashlib
@@ -10,6 +16,7 @@ import itertools
 import json
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -45,12 +52,17 @@ class FakeVertex:
     resources: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Paths (regular expressions) that answer with this HTTP status instead, e.g. to fail a deploy.
     failures: dict[str, int] = field(default_factory=dict)
+    # What a deployed model answers to `:rawPredict`: (request, endpoint, deployed model) ->
+    # (HTTP status, JSON body). Unset: 501.
+    raw_predict: Callable[[Request, dict[str, Any], dict[str, Any]],
+                          tuple[int, dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
         self._gets: dict[str, int] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        self._credit: dict[str, dict[str, int]] = {}  # rawPredict routing state per endpoint
 
     @property
     def endpoint(self) -> str:
@@ -69,12 +81,14 @@ class FakeVertex:
                 body = (json.loads(raw) if is_json else {"raw": raw.decode("latin-1")}) if raw else {}
                 request = Request(self.command, unquote(url.path), parse_qs(url.query), body,
                                   dict(self.headers))
-                status, payload = fake._answer(request)
+                status, payload, *extra = fake._answer(request)
                 text = isinstance(payload, str)
                 data = (payload if text else json.dumps(payload)).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "text/plain" if text else "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for key, value in (extra[0] if extra else {}).items():
+                    self.send_header(key, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -114,7 +128,7 @@ class FakeVertex:
             if request.method == "POST":
                 return self._create(request, name)
             if request.method == "GET":
-                return self._get(name)
+                return self._get(name, request.query)
             if request.method == "PATCH":
                 self.resources.setdefault(name, {"name": name}).update(request.body)
                 return 200, self.resources[name]
@@ -152,7 +166,8 @@ class FakeVertex:
             return 200, resource
         return 200, self._operation(resource["name"], resource, kind)
 
-    def _get(self, name: str) -> tuple[int, dict[str, Any]]:
+    def _get(self, name: str, query: dict[str, list[str]] | None = None
+             ) -> tuple[int, dict[str, Any]]:
         if name in self.resources:
             resource = self.resources[name]
             if "/pipelineJobs/" in name:
@@ -162,8 +177,11 @@ class FakeVertex:
         if "/operations/" in name:
             return 200, {"name": name, "done": True}
         collection = [r for key, r in self.resources.items()
-                      if key.rsplit("/", 1)[0] == name]
+                      if key.rsplit("/", 1)[0] == name and "@" not in key]  # not model versions
         kind = name.rsplit("/", 1)[-1]
+        wanted = re.fullmatch(r'display_name="([^"]*)"', ((query or {}).get("filter") or [""])[0])
+        if kind in ("models", "endpoints") and wanted:
+            collection = [r for r in collection if r.get("displayName") == wanted.group(1)]
         if re.fullmatch(r"[a-zA-Z]+", kind):
             return 200, {kind: collection}
         return 404, {"error": {"code": 404, "message": f"{name} not found", "status": "NOT_FOUND"}}
@@ -178,14 +196,33 @@ class FakeVertex:
             model_id = request.body.get("modelId") or str(next(self._ids))
             parent = request.body.get("parentModel")
             model_name = parent or f"{name}/{model_id}"
-            versions = [r for r in self.resources.values()
-                        if r.get("name") == model_name and "versionId" in r]
+            versions = [key for key in self.resources if key.startswith(f"{model_name}@")]
             version = str(len(versions) + 1)
-            model = {**request.body.get("model", {}), "name": model_name, "versionId": version}
+            model = {**request.body.get("model", {}), "name": model_name, "versionId": version,
+                     # Custom-container models deploy on dedicated machines.
+                     "supportedDeploymentResourcesTypes": ["DEDICATED_RESOURCES"]}
+            if not versions:  # the first version is the default whatever was asked
+                model["versionAliases"] = sorted({*model.get("versionAliases", []), "default"})
+            self._move_aliases(model_name, version, model.get("versionAliases", []))
             self.resources[f"{model_name}@{version}"] = model
-            self.resources[model_name] = model
+            if not versions or "default" in model.get("versionAliases", []):
+                self.resources[model_name] = model  # the model's name means its default version
             return 200, self._operation(model_name, {"model": model_name,
                                                      "modelVersionId": version}, verb)
+        if verb == "mergeVersionAliases":
+            model = self.resources[name]
+            changes = request.body.get("versionAliases", [])
+            aliases = set(model.get("versionAliases", []))
+            aliases -= {a[1:] for a in changes if a.startswith("-")}
+            added = [a for a in changes if not a.startswith("-")]
+            model["versionAliases"] = sorted(aliases | set(added))
+            base, _, version = name.partition("@")
+            self._move_aliases(base, version, added)
+            if "default" in added:
+                self.resources[base] = model
+            return 200, model
+        if verb == "rawPredict":
+            return self._raw_predict(request, name)
         if verb in ("deployModel", "undeployModel"):
             endpoint = self.resources.setdefault(name, {"name": name})
             if verb == "deployModel":
@@ -196,10 +233,44 @@ class FakeVertex:
                 endpoint["trafficSplit"] = {deployed["id"] if k == "0" else k: v
                                             for k, v in split.items()}
                 return 200, self._operation(name, {"deployedModel": deployed}, verb)
+            gone = request.body.get("deployedModelId")
             endpoint["deployedModels"] = [d for d in endpoint.get("deployedModels", [])
-                                          if d["id"] != request.body.get("deployedModelId")]
+                                          if d["id"] != gone]
+            if "trafficSplit" in request.body:
+                endpoint["trafficSplit"] = request.body["trafficSplit"]
+            else:
+                endpoint["trafficSplit"] = {k: v for k, v in endpoint.get("trafficSplit", {}).items()
+                                            if k != gone}
             return 200, self._operation(name, {}, verb)
         return 400, {"error": {"code": 400, "message": f"unknown method :{verb}"}}
+
+    def _move_aliases(self, model_name: str, version: str, aliases: list[str]) -> None:
+        """An alias names one version at a time: giving it to `version` takes it off the others."""
+        for key, other in self.resources.items():
+            if key.startswith(f"{model_name}@") and key != f"{model_name}@{version}":
+                other["versionAliases"] = [a for a in other.get("versionAliases", [])
+                                           if a not in aliases]
+
+    def _raw_predict(self, request: Request, name: str
+                     ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """Route by the traffic split (smooth weighted round robin) to a deployed model."""
+        endpoint = self.resources.get(name)
+        split = {k: int(v) for k, v in (endpoint or {}).get("trafficSplit", {}).items() if int(v)}
+        if not split:
+            return 400, {"error": {"code": 400, "status": "FAILED_PRECONDITION",
+                                   "message": f"{name} has no deployed model with traffic"}}, {}
+        credit = self._credit.setdefault(name, {})
+        for key, weight in split.items():
+            credit[key] = credit.get(key, 0) + weight
+        chosen = max(split, key=lambda key: credit[key])
+        credit[chosen] -= sum(split.values())
+        deployed = next(d for d in endpoint["deployedModels"] if d["id"] == chosen)
+        headers = {"X-Vertex-AI-Deployed-Model-Id": chosen,
+                   "X-Vertex-AI-Model": deployed.get("model", "").partition("@")[0]}
+        if self.raw_predict is None:
+            return 501, {"error": {"code": 501, "message": "no raw_predict answer set"}}, headers
+        status, body = self.raw_predict(request, endpoint, deployed)
+        return status, body, headers
 
     def _operation(self, name: str, response: dict[str, Any], kind: str) -> dict[str, Any]:
         """A finished long-running operation whose response is typed by the method or resource."""

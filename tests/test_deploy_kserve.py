@@ -1,0 +1,143 @@
+"""KServe target: the rendered InferenceService, its validation, the kept example, and a clear,
+prompt error when no cluster can be reached (there is no Kubernetes cluster here)."""
+
+from __future__ import annotations
+
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from torchship.components.deploy_kserve import (
+    apply_inference_service,
+    deploy_kserve,
+    example_inference_service,
+    inference_service_yaml,
+    render_inference_service,
+)
+from torchship.components.errors import ServingError, UserInputError
+
+EXAMPLE = Path(__file__).parents[1] / "infra" / "kserve" / "inferenceservice.yaml"
+STORAGE = "gs://bucket/root/run/deploy/model_repository"
+
+
+def test_rendered_inference_service_fields():
+    manifest = render_inference_service(
+        "torchship", "models", STORAGE, canary_percent=20,
+        resources={"requests": {"cpu": "500m", "memory": "1Gi"},
+                   "limits": {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": "1"}},
+        min_replicas=1, max_replicas=4,
+    )
+    assert manifest["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert manifest["kind"] == "InferenceService"
+    assert manifest["metadata"]["name"] == "torchship"
+    assert manifest["metadata"]["namespace"] == "models"
+    predictor = manifest["spec"]["predictor"]
+    assert predictor["canaryTrafficPercent"] == 20
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (1, 4)
+    model = predictor["model"]
+    assert model["modelFormat"] == {"name": "onnx"}
+    assert model["protocolVersion"] == "v2"
+    assert model["runtime"] == "kserve-tritonserver"
+    assert model["storageUri"] == STORAGE
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # No canary: the field is absent (KServe then sends all traffic to the new revision).
+    plain = render_inference_service("torchship", "models", STORAGE)
+    assert "canaryTrafficPercent" not in plain["spec"]["predictor"]
+    assert plain["spec"]["predictor"]["model"]["resources"]["requests"] == {"cpu": "1",
+                                                                            "memory": "2Gi"}
+    assert yaml.safe_load(inference_service_yaml(manifest)) == manifest
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"name": "Torch_Ship"}, "name"),
+        ({"name": "1torchship"}, "name"),
+        ({"namespace": "Models"}, "namespace"),
+        ({"storage_uri": "/local/path"}, "storage_uri"),
+        ({"storage_uri": "ftp://host/repo"}, "storage_uri"),
+        ({"canary_percent": 101}, "canary_percent"),
+        ({"resources": {"limits": {"cpu": "two"}}}, "resources"),
+        ({"resources": {"limits": {"gpu": "1"}}}, "resources"),
+        ({"resources": {"requests": {"nvidia.com/gpu": "1"}}}, "resources"),
+        ({"resources": {"limit": {"cpu": "1"}}}, "resources"),
+        ({"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
+        ({"runtime": ""}, "runtime"),
+    ],
+)
+def test_rendering_rejects_what_the_cluster_would(kwargs, field):
+    args = {"name": "torchship", "namespace": "models", "storage_uri": STORAGE, **kwargs}
+    with pytest.raises(UserInputError, match=rf"^{field}"):
+        render_inference_service(**args)
+
+
+def test_infra_example_is_the_rendered_manifest():
+    assert yaml.safe_load(EXAMPLE.read_text()) == example_inference_service()
+
+
+def _dead_kubeconfig(tmp_path: Path) -> tuple[Path, int]:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "dead",
+        "clusters": [{"name": "dead", "cluster": {"server": f"https://127.0.0.1:{port}",
+                                                  "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "dead", "user": {"token": "not-a-token"}}],
+        "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "dead"}}],
+    }))
+    return path, port
+
+
+def test_apply_without_a_reachable_cluster_is_one_clear_line(tmp_path):
+    kubeconfig, port = _dead_kubeconfig(tmp_path)
+    manifest = render_inference_service("torchship", "models", STORAGE)
+    started = time.monotonic()
+    with pytest.raises(ServingError) as excinfo:
+        apply_inference_service(manifest, kubeconfig, timeout_s=5)
+    assert time.monotonic() - started < 20
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert f"https://127.0.0.1:{port}" in message and "unreachable" in message
+
+    with pytest.raises(UserInputError, match="^kubeconfig: .* does not exist"):
+        apply_inference_service(manifest, tmp_path / "missing")
+
+
+def test_apply_without_any_cluster_configured(tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    manifest = render_inference_service("torchship", "models", STORAGE)
+    with pytest.raises(UserInputError, match="^kubeconfig: no Kubernetes cluster is configured"):
+        apply_inference_service(manifest)
+
+
+def test_deploy_kserve_builds_and_fails_clearly_without_a_cluster(tmp_path):
+    onnx_dir = tmp_path / "onnx" / "fp32"
+    onnx_dir.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(torch.nn.Linear(8, 3).eval(), (torch.randn(2, 8),),
+                          str(onnx_dir / "model.onnx"), input_names=["input"],
+                          output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          dynamo=False)
+    test_path = tmp_path / "test.npz"
+    np.savez(test_path, x=np.zeros((4, 8), np.float32), y=np.zeros(4, np.int64))
+    kubeconfig, _ = _dead_kubeconfig(tmp_path)
+    repository = tmp_path / "model_repository"
+    started = time.monotonic()
+    with pytest.raises(ServingError, match="unreachable"):
+        deploy_kserve(repository, test_path, name="torchship", namespace="models",
+                      storage_uri=STORAGE, onnx_dir=tmp_path / "onnx", kubeconfig=kubeconfig,
+                      api_timeout_s=5, progress=None)
+    assert time.monotonic() - started < 30
+    # The repository it would serve was built for the Triton container (ONNX Runtime).
+    assert "onnxruntime_onnx" in (repository / "fp32" / "config.pbtxt").read_text()
