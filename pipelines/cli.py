@@ -329,24 +329,17 @@ def bench(repository: str, test_data: str, concurrency: str, batch_size: int, du
 
 @main.command()
 @click.argument("repository", type=click.Path(exists=True, file_okay=False))
-def serve(repository: str) -> None:
-    """Serve REPOSITORY on the bundled tritonserver (127.0.0.1) until Ctrl-C or SIGTERM."""
-    import signal
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback exposes the server to the network.")
+@click.option("--http-port", type=int, help="HTTP port (default: a free one).")
+@click.option("--grpc-port", type=int, help="gRPC port (default: a free one).")
+def serve(repository: str, host: str, http_port: int | None, grpc_port: int | None) -> None:
+    """Serve REPOSITORY on the bundled tritonserver until Ctrl-C or SIGTERM."""
+    from torchship.components.serve import serve as run_server
 
-    from torchship.components.triton import TritonServer
-
-    def stop(*_: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
     try:
-        with TritonServer(repository) as server:
-            click.echo(f"serving {repository}: grpc {server.grpc_url}, http {server.http_url}")
-            click.echo("Ctrl-C to stop")
-            signal.pause()
-    except KeyboardInterrupt:
-        click.echo("stopped")
-    except ServingError as exc:
+        run_server(repository, host, http_port, grpc_port, progress=click.echo)
+    except (UserInputError, ServingError) as exc:
         _fail(str(exc))
 
 
