@@ -1,0 +1,90 @@
+"""`make bench-serve`: how well the local Triton server scales with dynamic batching.
+
+Builds a model repository for the default model (`mlp` on `digits`; untrained, since latency does
+not depend on the weights) with dynamic batching on, launches the bundled `tritonserver` once and
+measures concurrency 1 and 8 at batch size 1, alternating, `--rounds` times each, so background
+load on a shared machine hits both alike. The figure is the median throughput at concurrency 8
+over the median at concurrency 1, printed last as
+
+    triton_c8_over_c1_throughput = X      (goal: at least 2.5)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from torchship.components.benchmark import benchmark_repository
+from torchship.components.data import prepare_data
+from torchship.components.deploy import build_model_repository
+from torchship.components.export import export_onnx
+from torchship.components.models import build_model
+
+# Dynamic batching settings measured to scale best on a small CPU machine (see README).
+MAX_QUEUE_DELAY_US = 100
+PREFERRED_BATCH_SIZES: tuple[int, ...] | None = None
+INSTANCE_COUNT = 1
+
+
+def build_repository(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    test_path = work / "test.npz"
+    meta = prepare_data("digits", "label", str(work / "train.npz"), str(work / "val.npz"),
+                        str(test_path), seed=0)
+    torch.manual_seed(0)
+    model = build_model("mlp", meta["n_features"], meta["n_classes"])
+    onnx_dir = work / "onnx"
+    export_onnx(model, meta["n_features"], onnx_dir / "fp32" / "model.onnx")
+    (onnx_dir / "variants.json").write_text(json.dumps([{"name": "fp32"}]))
+    repository = work / "repository"
+    build_model_repository(
+        onnx_dir, repository, target="local",
+        max_queue_delay_us=args.max_queue_delay_us,
+        preferred_batch_sizes=tuple(args.preferred_batch_sizes or ()) or None,
+        instance_count=args.instance_count,
+    )
+    return repository, test_path
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="http")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--window-s", type=float, default=1.0)
+    parser.add_argument("--max-queue-delay-us", type=int, default=MAX_QUEUE_DELAY_US)
+    parser.add_argument("--preferred-batch-sizes", type=int, nargs="*",
+                        default=list(PREFERRED_BATCH_SIZES or ()))
+    parser.add_argument("--instance-count", type=int, default=INSTANCE_COUNT)
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="torchship-bench-serve-") as tmp:
+        repository, test_path = build_repository(Path(tmp), args)
+        result = benchmark_repository(
+            repository, test_path, concurrency=(1, 8) * args.rounds, batch_size=1,
+            warmup_s=0.5, duration_s=3 * args.window_s, window_s=args.window_s,
+            max_windows=6, protocol=args.protocol, progress=print,
+        )
+    by_level: dict[int, list[dict]] = {1: [], 8: []}
+    for row in result["results"]:
+        by_level[row["concurrency"]].append(row)
+    c1 = statistics.median(r["throughput_rps"] for r in by_level[1])
+    c8 = statistics.median(r["throughput_rps"] for r in by_level[8])
+    p50_c1 = statistics.median(r["p50_ms"] for r in by_level[1])
+    unstable = sum(not r["stable"] for r in result["results"])
+    print(f"protocol {args.protocol}; dynamic batching: max_queue_delay_us "
+          f"{args.max_queue_delay_us}, preferred_batch_sizes {args.preferred_batch_sizes or '-'}, "
+          f"instance_count {args.instance_count}")
+    print(f"concurrency 1: {c1:.0f} req/s (p50 {p50_c1:.2f} ms); concurrency 8: {c8:.0f} req/s; "
+          f"{unstable} of {len(result['results'])} levels unstable")
+    ratio = c8 / c1
+    print(f"triton_c8_over_c1_throughput = {ratio:.2f}")
+    return ratio
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,382 @@
+"""The benchmark against the real ``tritonserver`` bundled in nvidia-pytriton: local and remote mode,
+windows and stability, Triton's own statistics, reports, and failures that end in bounded time."""
+
+from __future__ import annotations
+
+import csv
+import http.server
+import json
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from torchship.components.benchmark import (
+    SCHEMA,
+    ProgressBar,
+    benchmark_endpoint,
+    benchmark_repository,
+    find_level,
+    metrics_for_kfp,
+    read_json,
+    write_csv,
+    write_json,
+)
+from torchship.components.benchmark_gate import evaluate_gate
+from torchship.components.deploy import build_model_repository
+from torchship.components.errors import ServingError, UserInputError
+from torchship.components.report import build_summary, format_markdown, format_table
+from torchship.components.report_html import write_html_report
+from torchship.components.triton import TritonServer, free_port
+
+N_FEATURES, N_CLASSES = 8, 3
+SHORT = {"warmup_s": 0.2, "window_s": 0.25, "min_windows": 3, "max_windows": 5}
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(workdir) -> Path:
+    out = workdir / "onnx"
+    torch.manual_seed(0)
+    records = []
+    for name, accuracy in (("fp32", 0.95), ("pruned", 0.94)):
+        (out / name).mkdir(parents=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter
+            torch.onnx.export(
+                torch.nn.Linear(N_FEATURES, N_CLASSES).eval(), (torch.randn(2, N_FEATURES),),
+                str(out / name / "model.onnx"), input_names=["input"], output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+            )
+        records.append({
+            "name": name, "test_accuracy": accuracy, "onnx_size_bytes": 400,
+            "parity": {"max_abs_diff": 1e-6, "top1_agreement": 1.0, "passed": True},
+            "acc_drop_pt": (0.95 - accuracy) * 100, "latency_b1_ms": 0.05,
+        })
+    (out / "variants.json").write_text(json.dumps(records))
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_path(workdir) -> Path:
+    rng = np.random.default_rng(0)
+    path = workdir / "test.npz"
+    np.savez(path, x=rng.standard_normal((256, N_FEATURES)).astype(np.float32),
+             y=rng.integers(0, N_CLASSES, 256).astype(np.int64))
+    return path
+
+
+@pytest.fixture(scope="module")
+def repo(workdir, onnx_dir) -> Path:
+    path = workdir / "repo"
+    build_model_repository(onnx_dir, path, target="local")
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_result(repo, test_path):
+    """One local-mode sweep shared by the checks on its numbers and its reports."""
+    lines, events = [], []
+    started = time.monotonic()
+    result = benchmark_repository(
+        repo, test_path, concurrency=(1, 4), batch_sizes=(1, 4), protocol="grpc",
+        models=["fp32"], progress=lines.append, on_window=events.append, **SHORT,
+    )
+    return result, lines, events, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    with TritonServer(repo) as running:
+        yield running
+
+
+# Python-backend models that misbehave on purpose (after the preflight and the load warm-up).
+MISBEHAVING = {
+    "failing": "if self.count > 40:\n            return self.error('injected failure')",
+    "flaky": "if self.count % 5 == 0:\n            return self.error('injected flaky failure')",
+    "stalling": "if self.count > 40:\n            time.sleep(2)",
+}
+MODEL_TEMPLATE = """
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.count = 0
+
+    def error(self, text):
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(text))
+
+    def answer(self, request):
+        self.count += 1
+        {rule}
+        x = pb_utils.get_input_tensor_by_name(request, "input").as_numpy()
+        return pb_utils.InferenceResponse(
+            [pb_utils.Tensor("logits", np.zeros((x.shape[0], 3), dtype=np.float32))]
+        )
+
+    def execute(self, requests):
+        return [self.answer(request) for request in requests]
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_server(workdir, repo):
+    path = workdir / "repo_bad"
+    for name, rule in MISBEHAVING.items():
+        (path / name / "1").mkdir(parents=True)
+        config = text_format.Parse((repo / "fp32" / "config.pbtxt").read_text(), mc.ModelConfig())
+        config.name = name
+        config.ClearField("model_warmup")
+        (path / name / "config.pbtxt").write_text(text_format.MessageToString(config))
+        (path / name / "1" / "model.py").write_text(MODEL_TEMPLATE.replace("{rule}", rule))
+    with TritonServer(path) as running:
+        yield running
+
+
+# -- local mode ---------------------------------------------------------------------------------
+
+
+def test_local_sweep_numbers_are_consistent(local_result):
+    result, lines, events, _ = local_result
+    assert result["schema"] == SCHEMA and result["mode"] == "local"
+    assert result["protocol"] == "grpc" and result["batch_sizes"] == [1, 4]
+    assert [(r["batch_size"], r["concurrency"]) for r in result["results"]] == [
+        (1, 1), (1, 4), (4, 1), (4, 4)
+    ]
+    for row in result["results"]:
+        where = f"b{row['batch_size']} c{row['concurrency']}"
+        assert row["errors"] == 0 and row["first_error"] is None, where
+        assert row["requests"] > 20, where
+        assert 0 < row["min_ms"] <= row["p50_ms"] <= row["p90_ms"] <= row["p95_ms"] \
+            <= row["p99_ms"] <= row["max_ms"], where
+        assert row["min_ms"] <= row["mean_ms"] <= row["max_ms"], where
+        # Throughput is requests over the judged windows' time, exactly.
+        assert row["duration_s"] == pytest.approx(SHORT["min_windows"] * SHORT["window_s"])
+        assert row["throughput_rps"] == pytest.approx(row["requests"] / row["duration_s"])
+        assert row["throughput_sps"] == pytest.approx(row["batch_size"] * row["throughput_rps"])
+        judged = [w for w in row["windows"] if w["index"] in row["stability"]["judged_windows"]]
+        assert sum(w["requests"] for w in judged) == row["requests"], where
+        assert SHORT["min_windows"] <= len(row["windows"]) <= SHORT["max_windows"], where
+        # Stability is stated, never implied.
+        assert isinstance(row["stable"], bool), where
+        assert row["stability"]["band_pct"] == 15.0
+        assert len(row["stability"]["judged_windows"]) == SHORT["min_windows"]
+        if not row["stable"]:
+            assert len(row["windows"]) == SHORT["max_windows"], where
+        assert sum(row["histogram"]["counts"]) == row["requests"], where
+        assert len(row["histogram"]["edges_ms"]) == len(row["histogram"]["counts"]) + 1
+        low, high = row["p99_ci95_ms"]
+        assert 0 <= low <= high, where
+        # Triton's own view beside the client's.
+        server = row["server"]
+        assert server is not None, row["server_error"]
+        assert server["requests"] >= row["requests"] * 0.8, where
+        assert server["failures"] == 0
+        # Snapshots are taken while requests are in flight: off by at most a few of them.
+        slack = 2 * row["concurrency"] * row["batch_size"]
+        assert abs(server["inferences"] - server["requests"] * row["batch_size"]) <= slack, where
+        assert server["avg_batch_size"] >= row["batch_size"]
+        for key in ("queue_us", "compute_input_us", "compute_infer_us", "compute_output_us"):
+            assert server[key] >= 0, (where, key)
+        assert 0 < server["request_us"] <= row["max_ms"] * 1e3
+        assert row["client"]["cpu_s"] > 0 and row["client"]["threads"] == row["concurrency"]
+    # Progress: a line per level, an event per window, the last of each level with its verdict.
+    assert len(lines) >= 1 + len(result["results"])
+    assert all(("stable" in line or "UNSTABLE" in line) for line in lines[1:])
+    finals = [e for e in events if e["stable"] is not None]
+    assert len(finals) == len(result["results"]) and finals[-1]["level"] == finals[-1]["levels"]
+
+
+def test_local_sweep_writes_json_csv_and_kfp_metrics(local_result, workdir):
+    result, *_ = local_result
+    path = write_json(result, workdir / "out" / "bench.json")
+    assert read_json(path)["results"][0]["p99_ms"] == result["results"][0]["p99_ms"]
+    assert read_json(workdir / "out" / "absent.json") is None
+    with open(write_csv(result, workdir / "out" / "bench.csv")) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(result["results"])
+    assert float(rows[0]["p99_ms"]) == pytest.approx(result["results"][0]["p99_ms"])
+    assert rows[0]["server_queue_us"] != ""
+    metrics = metrics_for_kfp(result)
+    assert metrics["fp32_c4_b4_p99_ms"] == pytest.approx(find_level(result, "fp32", 4, 4)["p99_ms"])
+    assert metrics["fp32_c1_b1_errors"] == 0.0
+    assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_html_report_embeds_plots_and_links_nowhere(local_result, onnx_dir, workdir):
+    result, *_ = local_result
+    summary = build_summary(str(onnx_dir), result)
+    summary["gate"] = evaluate_gate(summary, accuracy_floor=0.9, latency_budget_p99_ms=1000,
+                                    target_concurrency=4, variant="fp32")
+    page = write_html_report(summary, workdir / "out" / "report.html").read_text()
+    assert page.count('<img alt="') >= 2
+    assert page.count('src="data:image/png;base64,') >= 2
+    assert "http://" not in page and "https://" not in page
+    assert "<script" not in page and "<link" not in page and "url(" not in page
+    assert "gate: PASSED" in page and "fp32" in page
+    # The table and Markdown carry the compress stage's extra columns when present.
+    assert "acc drop pt" in format_table(summary) and "ORT b1 ms" in format_markdown(summary)
+
+
+def test_progress_bar_renders_events(local_result):
+    import io
+
+    _, _, events, _ = local_result
+    stream = io.StringIO()
+    bar = ProgressBar(stream)
+    for event in events:
+        bar(event)
+    text = stream.getvalue()
+    assert text.count("\r") == len(events) and text.endswith("\n") and "fp32" in text
+
+
+def test_local_http_and_bad_arguments(repo, test_path):
+    result = benchmark_repository(repo, test_path, concurrency=2, batch_size=3, protocol="http",
+                                  models=["pruned"], progress=None, **SHORT)
+    (row,) = result["results"]
+    assert row["model"] == "pruned" and row["errors"] == 0 and row["server"]["failures"] == 0
+    assert result["endpoint"].startswith("http://127.0.0.1:")
+    with pytest.raises(UserInputError, match="batch_size"):
+        benchmark_repository(repo, test_path, batch_size=1000, progress=None)
+    with pytest.raises(UserInputError, match="min_windows"):
+        benchmark_repository(repo, test_path, min_windows=4, max_windows=2, progress=None)
+
+
+# -- remote mode --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_remote_triton(server, test_path, protocol):
+    url = server.grpc_url if protocol == "grpc" else f"http://{server.http_url}"
+    result = benchmark_endpoint(url, protocol, ["fp32", "pruned"], test_path, concurrency=(2,),
+                                progress=None, **SHORT)
+    assert result["mode"] == "remote" and result["repository"] is None
+    assert [r["model"] for r in result["results"]] == ["fp32", "pruned"]
+    for row in result["results"]:
+        assert row["errors"] == 0 and row["requests"] > 20
+        assert row["server"]["requests"] > 0 and row["server"]["compute_infer_us"] > 0
+
+
+def test_remote_vertex_json_body(server, test_path):
+    # Triton's own HTTP endpoint takes the same KServe v2 JSON that rawPredict forwards.
+    url = f"http://{server.http_url}/v2/models/{{model}}/infer"
+    result = benchmark_endpoint(url, "vertex", ["fp32"], test_path, concurrency=(2,),
+                                batch_size=2, progress=None, **SHORT)
+    (row,) = result["results"]
+    assert row["errors"] == 0 and row["requests"] > 20 and row["batch_size"] == 2
+    assert row["server"] is None and "statistics" in row["server_error"]
+    assert result["endpoint"] == url  # http: no token was fetched or added
+
+
+def test_remote_without_model_names_needs_them_where_unlisted(server, test_path):
+    # The local server keeps its repository index private: the benchmark asks for names.
+    with pytest.raises(UserInputError, match="pass the model names"):
+        benchmark_endpoint(f"http://{server.http_url}", "http", None, test_path, progress=None)
+    with pytest.raises(UserInputError, match="does not fit protocol"):
+        benchmark_endpoint(f"http://{server.http_url}", "grpc", ["fp32"], test_path)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http", "vertex"])
+def test_nothing_listening_fails_fast(test_path, protocol):
+    port = free_port()
+    url = {"grpc": f"127.0.0.1:{port}", "http": f"127.0.0.1:{port}",
+           "vertex": f"http://127.0.0.1:{port}/predict"}[protocol]
+    started = time.monotonic()
+    with pytest.raises(ServingError, match="cannot reach"):
+        benchmark_endpoint(url, protocol, ["fp32"], test_path, request_timeout_s=3,
+                           progress=None)
+    assert time.monotonic() - started < 10
+
+
+class _Always500(http.server.BaseHTTPRequestHandler):
+    """Live and describing a model, but every inference fails with HTTP 500."""
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path.endswith("/health/live"):
+            self._send(200, {})
+        elif self.path.endswith("/config"):
+            self._send(200, {"name": "fp32", "max_batch_size": 8})
+        else:
+            self._send(200, {"name": "fp32", "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [-1, N_FEATURES]}],
+                "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, N_CLASSES]}]})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._send(500, {"error": "model crashed"})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def always_500():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Always500)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "vertex"])
+def test_server_answering_500_fails_clearly(always_500, test_path, protocol):
+    url = f"http://{always_500}" + ("/predict" if protocol == "vertex" else "")
+    started = time.monotonic()
+    with pytest.raises(ServingError, match="model crashed") as excinfo:
+        benchmark_endpoint(url, protocol, ["fp32"], test_path, request_timeout_s=3,
+                           progress=None)
+    assert time.monotonic() - started < 10
+    assert "fp32" in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def test_all_errors_during_the_run_stop_it(bad_server, test_path):
+    started = time.monotonic()
+    with pytest.raises(ServingError, match="injected failure") as excinfo:
+        benchmark_endpoint(bad_server.grpc_url, "grpc", ["failing"], test_path,
+                           concurrency=(2,), progress=None, **SHORT)
+    assert "requests of window" in str(excinfo.value)
+    assert time.monotonic() - started < 15
+
+
+def test_some_errors_are_counted_not_hidden(bad_server, test_path):
+    result = benchmark_endpoint(f"http://{bad_server.http_url}", "http", ["flaky"], test_path,
+                                concurrency=(2,), progress=None, **SHORT)
+    (row,) = result["results"]
+    assert row["errors"] > 0 and row["requests"] > 0
+    assert 0.1 < row["error_rate"] < 0.35
+    assert "injected flaky failure" in row["first_error"]
+
+
+def test_a_server_that_stalls_mid_run_times_out(bad_server, test_path):
+    started = time.monotonic()
+    with pytest.raises(ServingError, match="timed out after 0.5 s"):
+        benchmark_endpoint(bad_server.grpc_url, "grpc", ["stalling"], test_path,
+                           concurrency=(2,), request_timeout_s=0.5, progress=None, **SHORT)
+    assert time.monotonic() - started < 15
