@@ -275,3 +275,75 @@ def _export_versions(repository: Path, versions: dict[str, int], destination: Pa
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+DEPLOY_TARGETS = ("local", "vertex", "kserve")
+# Settings each remote target cannot do without (pipeline parameter `deploy_settings`).
+_REQUIRED_SETTINGS = {
+    "vertex": ("project", "location", "model_display_name", "serving_image_uri"),
+    "kserve": ("name", "namespace"),
+}
+
+
+def deploy_to(
+    target: str,
+    onnx_dir: str | os.PathLike,
+    repository_dir: str | os.PathLike,
+    repository_uri: str,
+    test_path: str | os.PathLike,
+    *,
+    local_repository: str = "",
+    settings: dict | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """Deploy `onnx_dir` to `target`, building its repository at `repository_dir` (the stage's
+    artifact, at `repository_uri`). `settings` are the target's keyword arguments
+    (`deploy_vertex`, `deploy_kserve`); `local_repository` is the persistent repository a local
+    deploy adds a version to. Returns the target's result with a one-line `summary`."""
+    settings = dict(settings or {})
+    if target not in DEPLOY_TARGETS:
+        raise UserInputError(
+            f"deploy target '{target}' is unknown; pass one of {', '.join(DEPLOY_TARGETS)}")
+    missing = [key for key in _REQUIRED_SETTINGS.get(target, ()) if not settings.get(key)]
+    if missing:
+        raise UserInputError(
+            f"deploy target '{target}' needs deploy_settings {', '.join(missing)}; pass them as "
+            f"-p deploy_settings='{{\"{missing[0]}\": ...}}'")
+    if target == "local":
+        if settings:
+            raise UserInputError(
+                f"deploy_settings {sorted(settings)} are for remote targets; the local target "
+                "takes local_repository only")
+        result = deploy_local(onnx_dir, repository_dir, test_path,
+                              persistent_repository=local_repository or None, progress=progress)
+        result["summary"] = {"versions": result.get("versions", {})}
+        return result
+    if target == "vertex":
+        from torchship.components.deploy_vertex import deploy_vertex
+
+        _check_settings(target, settings, deploy_vertex)
+        result = deploy_vertex(repository_dir, test_path, onnx_dir=onnx_dir,
+                               repository_uri=settings.pop("repository_uri", repository_uri),
+                               progress=progress, **settings)
+    else:
+        from torchship.components.deploy_kserve import deploy_kserve
+
+        _check_settings(target, settings, deploy_kserve)
+        result = deploy_kserve(repository_dir, test_path, onnx_dir=onnx_dir,
+                               storage_uri=settings.pop("storage_uri", repository_uri),
+                               progress=progress, **settings)
+    result["summary"] = {key: result[key] for key in ("endpoint", "deployed_model_id", "name",
+                                                       "url", "promoted") if key in result}
+    return result
+
+
+def _check_settings(target: str, settings: dict, deploy: Callable) -> None:
+    import inspect
+
+    accepted = set(inspect.signature(deploy).parameters) - {
+        "repository_dir", "test_path", "onnx_dir", "progress"}
+    unknown = sorted(set(settings) - accepted)
+    if unknown:
+        raise UserInputError(
+            f"deploy_settings {', '.join(unknown)} are not settings of the '{target}' target; "
+            f"use any of {', '.join(sorted(accepted))}")

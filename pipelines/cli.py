@@ -28,6 +28,13 @@ RUN_PARAMETERS = {
     "concurrency": "benchmark_concurrency",
     "bench_batch_size": "benchmark_batch_size",
     "bench_duration": "benchmark_duration_s",
+    "variants": "variants",
+    "max_accuracy_drop": "max_accuracy_drop_pt",
+    "latency_budget_ms": "latency_budget_p99_ms",
+    "target_concurrency": "target_concurrency",
+    "baseline": "baseline_uri",
+    "previous_results": "previous_results_uri",
+    "local_repository": "local_repository",
 }
 
 
@@ -87,8 +94,19 @@ def compile(output: str, image: str | None, target: str) -> None:
 @click.option("--concurrency", help="Benchmark concurrency levels, e.g. 1,4.")
 @click.option("--bench-batch-size", type=int, help="Rows per benchmark request.")
 @click.option("--bench-duration", type=float, help="Seconds measured per concurrency level.")
+@click.option("--variants", help="Variants to make, e.g. fp32,pruned,int8 (also structured, "
+              "distilled, int8_dynamic, fp16).")
+@click.option("--max-accuracy-drop", type=float, help="Points of accuracy a variant may lose.")
+@click.option("--latency-budget-ms", type=float, help="Gate: p99 budget on Triton (0: none).")
+@click.option("--target-concurrency", type=int, help="Gate: concurrency the budget applies at.")
+@click.option("--baseline", help="Gate record of the serving model (path or gs://).")
+@click.option("--previous-results", help="Previous run's results (path or gs://) for regressions.")
+@click.option("--local-repository", help="Persistent Triton repository the deploy adds a version to.")
+@click.option("--param", "-p", "params", multiple=True,
+              help="Any pipeline parameter NAME=VALUE (JSON values typed), repeatable.")
 @click.option("--verbose", is_flag=True, help="Show kfp.local's full logs.")
-def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, **options: Any) -> None:
+def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tuple[str, ...],
+        **options: Any) -> None:
     """Execute the compiled pipeline locally (kfp.local) and print the variant table.
 
     Without PIPELINE_YAML the pipeline is compiled first to out/torchship-pipeline.yaml.
@@ -105,7 +123,12 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, **options:
     for option, value in options.items():
         if value is None:
             continue
-        arguments[RUN_PARAMETERS[option]] = _concurrency_levels(value) if option == "concurrency" else value
+        if option == "concurrency":
+            value = _concurrency_levels(value)
+        elif option == "variants":
+            value = [name.strip() for name in value.split(",") if name.strip()]
+        arguments[RUN_PARAMETERS[option]] = value
+    arguments.update(_key_values(params, "--param", parse_json=True))
     click.echo(f"running {pipeline_yaml} locally (artifacts under {pipeline_root}/)")
     try:
         summary = run_pipeline(pipeline_yaml, pipeline_root, arguments, verbose=verbose)
@@ -114,8 +137,13 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, **options:
     click.echo("")
     click.echo(format_table(summary))
     click.echo("")
-    click.echo(f"summary: {summary['summary_markdown']}")
-    click.echo(f"results: {summary['results_json']}")
+    gate = summary["gate"]
+    for name, path in summary["paths"].items():
+        click.echo(f"{name}: {path}")
+    if not gate["passed"]:
+        click.echo("not deployed: the serving version is unchanged", err=True)
+        sys.exit(1)
+    click.echo(f"deployed: {gate['variant']}")
 
 
 def _key_values(pairs: tuple[str, ...], option: str, parse_json: bool) -> dict[str, Any]:

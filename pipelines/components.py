@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 
 def prepare_data(
@@ -82,17 +82,20 @@ def compress(
     finetune_epochs: int,
     quantize: bool,
     seed: int,
+    variant_names: list[str],
+    calibration_method: str,
     variants: Output[Artifact],
     metrics: Output[Metrics],
 ):
-    """Pruned and int8 variants of the trained model, each with accuracy and size."""
+    """The variants a serving team weighs (pruned, structured, distilled, int8, fp16, ...)."""
     from torchship.components.compress import compress_model
     from torchship.components.progress import report
 
     rows = compress_model(
         model.path, train.path, val.path, test.path, variants.path,
         target_sparsity=target_sparsity, finetune_epochs=finetune_epochs, quantize=quantize,
-        seed=seed, progress=report,
+        seed=seed, progress=report, variants=list(variant_names),
+        calibration_method=calibration_method,
     )
     variants.metadata["variants"] = [row["name"] for row in rows]
     for row in rows:
@@ -107,60 +110,115 @@ def export(
     onnx_models: Output[Model],
     metrics: Output[Metrics],
 ):
-    """ONNX files that passed onnx.checker and a parity check against PyTorch."""
+    """ONNX files that passed onnx.checker and parity with PyTorch, each measured (accuracy,
+    size, ONNX Runtime latency at batch 1 and 64, agreement with fp32)."""
+    from torchship.components.compress_choice import format_variant_table, variant_metrics
     from torchship.components.export import export_variants
     from torchship.components.progress import report
 
     rows = export_variants(variants.path, test.path, onnx_models.path, progress=report)
     onnx_models.metadata.update({"framework": "onnx", "variants": [row["name"] for row in rows]})
-    for row in rows:
-        metrics.log_metric(f"{row['name']}_onnx_size_bytes", row["onnx_size_bytes"])
-        metrics.log_metric(f"{row['name']}_parity_max_abs_diff", row["parity"]["max_abs_diff"])
-        metrics.log_metric(f"{row['name']}_parity_top1_agreement", row["parity"]["top1_agreement"])
-
-
-def deploy(
-    onnx_models: Input[Model],
-    test: Input[Dataset],
-    target: str,
-    model_repository: Output[Artifact],
-):
-    """A Triton model repository, served and smoke-tested against ONNX Runtime."""
-    if target != "local":
-        raise ValueError(f"deploy target {target!r} is not supported yet; pass target='local'")
-    from torchship.components.deploy import deploy_local
-    from torchship.components.progress import report
-
-    smoke = deploy_local(onnx_models.path, model_repository.path, test.path, progress=report)
-    model_repository.metadata.update({"target": target, "smoke": smoke})
+    for line in format_variant_table(rows).splitlines():
+        report(line)
+    for key, value in variant_metrics(rows).items():
+        metrics.log_metric(key, value)
 
 
 def benchmark(
-    model_repository: Input[Artifact],
     onnx_models: Input[Model],
     test: Input[Dataset],
     concurrency: list[int],
     batch_size: int,
     duration_s: float,
     results: Output[Artifact],
+    results_csv: Output[Dataset],
     metrics: Output[Metrics],
     summary: Output[Markdown],
 ):
-    """Latency and throughput of each model on a real Triton server, plus the run summary."""
-    from torchship.components.benchmark import benchmark_repository
+    """Every variant on a real Triton launched over a candidate repository (as Model Analyzer's
+    local mode does): latency percentiles, throughput, server queue/compute time."""
+    import tempfile
+
+    from torchship.components.benchmark import benchmark_repository, metrics_for_kfp, write_csv
+    from torchship.components.deploy import build_model_repository
     from torchship.components.progress import report
     from torchship.components.report import build_summary, write_summary
 
-    measured = benchmark_repository(
-        model_repository.path, test.path, concurrency=tuple(int(level) for level in concurrency),
-        batch_size=batch_size, duration_s=duration_s, progress=report,
-    )
+    with tempfile.TemporaryDirectory(prefix="torchship-candidates-") as scratch:
+        repository = f"{scratch}/repository"
+        build_model_repository(onnx_models.path, repository, "local", warmup_path=test.path)
+        measured = benchmark_repository(
+            repository, test.path, concurrency=[int(level) for level in concurrency],
+            batch_size=batch_size, duration_s=duration_s, progress=report,
+        )
     table = build_summary(onnx_models.path, measured)
     write_summary(table, results.path, summary.path)
-    for row in table["rows"]:
-        for key, value in row.items():
-            if key != "variant" and isinstance(value, (int, float)):
-                metrics.log_metric(f"{row['variant']}_{key}", value)
+    write_csv(measured, results_csv.path)
+    for key, value in metrics_for_kfp(measured).items():
+        metrics.log_metric(key, value)
+
+
+def gate(
+    onnx_models: Input[Model],
+    results: Input[Artifact],
+    max_accuracy_drop_pt: float,
+    max_size_bytes: int,
+    optimise: str,
+    accuracy_floor: float,
+    baseline_uri: str,
+    latency_budget_p99_ms: float,
+    target_concurrency: int,
+    previous_results_uri: str,
+    max_p99_regression_pct: float,
+    record: Output[Artifact],
+    report_html: Output[HTML],
+    chosen_model: Output[Model],
+    metrics: Output[Metrics],
+) -> bool:
+    """One record decides promotion: the chosen variant, its accuracy, parity and p99 on Triton."""
+    import json
+
+    from torchship.components.benchmark_gate import gate_metrics
+    from torchship.components.gate import decide, write_reports
+    from torchship.components.progress import report
+
+    with open(results.path) as handle:
+        summary = json.load(handle)
+    decision = decide(
+        onnx_models.path, summary, chosen_model.path,
+        max_accuracy_drop_pt=max_accuracy_drop_pt, max_size_bytes=max_size_bytes,
+        optimise=optimise, accuracy_floor=accuracy_floor, baseline_uri=baseline_uri,
+        latency_budget_p99_ms=latency_budget_p99_ms, target_concurrency=target_concurrency,
+        previous_results_uri=previous_results_uri,
+        max_p99_regression_pct=max_p99_regression_pct, progress=report,
+    )
+    write_reports(decision, summary, record.path, report_html.path)
+    record.metadata.update({"passed": decision["passed"], "variant": decision["variant"],
+                            "reason": decision["reason"]})
+    metrics.log_metric("gate_passed", float(decision["passed"]))
+    if decision["variant"] is not None:
+        for key, value in gate_metrics(decision).items():
+            metrics.log_metric(key, value)
+    return bool(decision["passed"])
+
+
+def deploy(
+    chosen_model: Input[Model],
+    test: Input[Dataset],
+    target: str,
+    local_repository: str,
+    settings: dict,
+    model_repository: Output[Artifact],
+):
+    """Deploy the chosen model: a new version on Triton (local), a Vertex AI Endpoint or KServe,
+    smoke-tested against ONNX Runtime; on failure the serving version stays as it was."""
+    from torchship.components.deploy import deploy_to
+    from torchship.components.progress import report
+
+    result = deploy_to(target, chosen_model.path, model_repository.path, model_repository.uri,
+                       test.path, local_repository=local_repository, settings=settings,
+                       progress=report)
+    model_repository.metadata.update({"target": target, **result.get("summary", {})})
 
 
 def vertex_worker_pools(
@@ -187,6 +245,7 @@ class Components:
     export: Callable
     deploy: Callable
     benchmark: Callable
+    gate: Callable
     vertex_worker_pools: Callable
     # The train component wrapped as a Vertex AI custom job, and its container as JSON.
     train_custom_job: Callable | None = None
@@ -206,6 +265,7 @@ def build_components(image: str, vertex: bool = False) -> Components:
         export=make(export),
         deploy=make(deploy),
         benchmark=make(benchmark),
+        gate=make(gate),
         vertex_worker_pools=make(vertex_worker_pools),
     )
     if not vertex:

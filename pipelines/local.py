@@ -79,6 +79,8 @@ def run_pipeline(
         raise PipelineFailed(stdout.error or stderr.error or str(exc)) from exc
     results = Path(task.outputs["results"].path)
     summary = json.loads(results.read_text())
-    summary["summary_markdown"] = task.outputs["summary"].path
-    summary["results_json"] = str(results)
+    summary["gate"] = json.loads(Path(task.outputs["gate_record"].path).read_text())
+    summary["paths"] = {"summary": task.outputs["summary"].path, "results": str(results),
+                        "gate": task.outputs["gate_record"].path,
+                        "report": task.outputs["report"].path}
     return summary

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kfp import compiler, dsl
-from kfp.dsl import Artifact, Markdown
+from kfp.dsl import HTML, Artifact, Markdown
 
 from torchship.components.errors import UserInputError
 from torchship.pipelines.components import Components, build_components
@@ -22,31 +22,48 @@ def default_image() -> str:
     return os.environ.get(IMAGE_ENV) or f"torchship-cpu:{version('torchship')}"
 
 
-Outputs = NamedTuple("Outputs", summary=Markdown, results=Artifact)  # noqa: UP014 - KFP's form
+Outputs = NamedTuple(  # noqa: UP014 - KFP's form
+    "Outputs", summary=Markdown, results=Artifact, gate_record=Artifact, report=HTML)
 TARGETS = ("local", "vertex")
+# Variants the pipeline makes by default: fp16 and dynamic int8 are for GPU serving and for
+# comparison; ask for them with the `variants` parameter.
+DEFAULT_VARIANTS = ["fp32", "pruned", "structured", "distilled", "int8"]
 
 
 def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.PipelineTask,
                     params: dict[str, Any]) -> Outputs:
-    """compress -> export -> deploy -> benchmark, the same on every target."""
+    """compress -> export -> benchmark -> gate -> (if it passed) deploy, on every target."""
     variants = ops.compress(
         model=trained.outputs["model"], train=data.outputs["train"],
         val=data.outputs["val"], test=data.outputs["test"],
         target_sparsity=params["target_sparsity"], finetune_epochs=params["finetune_epochs"],
-        quantize=params["quantize"], seed=params["seed"],
+        quantize=params["quantize"], seed=params["seed"], variant_names=params["variants"],
+        calibration_method=params["calibration_method"],
     )
     exported = ops.export(variants=variants.outputs["variants"], test=data.outputs["test"])
-    deployed = ops.deploy(
-        onnx_models=exported.outputs["onnx_models"], test=data.outputs["test"],
-        target=params["deploy_target"],
-    )
     measured = ops.benchmark(
-        model_repository=deployed.outputs["model_repository"],
         onnx_models=exported.outputs["onnx_models"], test=data.outputs["test"],
         concurrency=params["benchmark_concurrency"], batch_size=params["benchmark_batch_size"],
         duration_s=params["benchmark_duration_s"],
     )
-    return Outputs(summary=measured.outputs["summary"], results=measured.outputs["results"])
+    decided = ops.gate(
+        onnx_models=exported.outputs["onnx_models"], results=measured.outputs["results"],
+        max_accuracy_drop_pt=params["max_accuracy_drop_pt"],
+        max_size_bytes=params["max_size_bytes"], optimise=params["optimise"],
+        accuracy_floor=params["accuracy_floor"], baseline_uri=params["baseline_uri"],
+        latency_budget_p99_ms=params["latency_budget_p99_ms"],
+        target_concurrency=params["target_concurrency"],
+        previous_results_uri=params["previous_results_uri"],
+        max_p99_regression_pct=params["max_p99_regression_pct"],
+    )
+    with dsl.If(decided.outputs["Output"] == True, name="gate-passed"):
+        ops.deploy(
+            chosen_model=decided.outputs["chosen_model"], test=data.outputs["test"],
+            target=params["deploy_target"], local_repository=params["local_repository"],
+            settings=params["deploy_settings"],
+        )
+    return Outputs(summary=measured.outputs["summary"], results=measured.outputs["results"],
+                   gate_record=decided.outputs["record"], report=decided.outputs["report_html"])
 
 
 def build_pipeline(image: str, target: str = "local") -> Callable:
@@ -79,10 +96,23 @@ def _local_pipeline(ops: Components) -> Callable:
         target_sparsity: float = 0.8,
         finetune_epochs: int = 2,
         quantize: bool = True,
-        deploy_target: str = "local",
-        benchmark_concurrency: list[int] = [1, 4],  # noqa: B006 - KFP takes defaults from here
+        variants: list[str] = DEFAULT_VARIANTS,
+        calibration_method: str = "minmax",
+        benchmark_concurrency: list[int] = [1, 4],  # noqa: B006
         benchmark_batch_size: int = 1,
         benchmark_duration_s: float = 3.0,
+        max_accuracy_drop_pt: float = 1.0,
+        max_size_bytes: int = 0,
+        optimise: str = "latency",
+        accuracy_floor: float = 0.0,
+        baseline_uri: str = "",
+        latency_budget_p99_ms: float = 0.0,
+        target_concurrency: int = 4,
+        previous_results_uri: str = "",
+        max_p99_regression_pct: float = 10.0,
+        deploy_target: str = "local",
+        local_repository: str = "",
+        deploy_settings: dict = {},  # noqa: B006
     ) -> Outputs:
         params = locals()
         data = ops.prepare_data(data_source=data_source, label_column=label_column, seed=seed,
@@ -112,10 +142,23 @@ def _vertex_pipeline(ops: Components) -> Callable:
         target_sparsity: float = 0.8,
         finetune_epochs: int = 2,
         quantize: bool = True,
-        deploy_target: str = "local",
-        benchmark_concurrency: list[int] = [1, 4],  # noqa: B006 - KFP takes defaults from here
+        variants: list[str] = DEFAULT_VARIANTS,
+        calibration_method: str = "minmax",
+        benchmark_concurrency: list[int] = [1, 4],  # noqa: B006
         benchmark_batch_size: int = 1,
         benchmark_duration_s: float = 3.0,
+        max_accuracy_drop_pt: float = 1.0,
+        max_size_bytes: int = 0,
+        optimise: str = "latency",
+        accuracy_floor: float = 0.0,
+        baseline_uri: str = "",
+        latency_budget_p99_ms: float = 0.0,
+        target_concurrency: int = 4,
+        previous_results_uri: str = "",
+        max_p99_regression_pct: float = 10.0,
+        deploy_target: str = "local",
+        local_repository: str = "",
+        deploy_settings: dict = {},  # noqa: B006
         train_replica_count: int = 2,
         train_machine_type: str = "n1-standard-8",
         train_accelerator_type: str = "",

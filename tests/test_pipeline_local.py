@@ -1,6 +1,7 @@
 """The compiled pipeline, run end to end under kfp.local on real parts, and its bad-input errors."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 TORCHSHIP = [sys.executable, "-m", "torchship.pipelines.cli"]
 SMALL = ["--epochs", "3", "--finetune-epochs", "1", "--bench-duration", "1",
-         "--concurrency", "1,2"]
+         "--concurrency", "1,2", "--variants", "fp32,pruned,int8", "--target-concurrency", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +30,21 @@ def torchship_run(pipeline_yaml: Path, root: Path, *args: str) -> subprocess.Com
     )
 
 
-def test_compiled_pipeline_runs_end_to_end_on_real_triton(pipeline_yaml, tmp_path):
+def printed_paths(stdout: str) -> dict[str, Path]:
+    return {name: Path(line.split(": ", 1)[1]) for line in stdout.splitlines()
+            for name in ("summary", "results", "gate", "report") if line.startswith(f"{name}: ")}
+
+
+def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_yaml, tmp_path):
     done = torchship_run(pipeline_yaml, tmp_path / "runs", *SMALL)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     # Progress from inside the stages reaches the user: epochs and benchmark levels.
     assert "epoch 3/3" in done.stdout
-    assert "Task 'benchmark' finished with status SUCCESS" in done.stdout
+    assert "Task 'deploy' finished with status SUCCESS" in done.stdout
 
-    results_line = next(line for line in done.stdout.splitlines() if line.startswith("results: "))
-    summary = json.loads(Path(results_line.split(": ", 1)[1]).read_text())
+    paths = printed_paths(done.stdout)
+    summary = json.loads(paths["results"].read_text())
     rows = {row["variant"]: row for row in summary["rows"]}
     assert set(rows) == {"fp32", "pruned", "int8"}
     for name, row in rows.items():
@@ -50,12 +56,32 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton(pipeline_yaml, tmp_pat
                    for line in done.stdout.splitlines() if line.strip())
     assert rows["int8"]["onnx_size_bytes"] < rows["fp32"]["onnx_size_bytes"] / 2
 
-    # The deployed repository is a Triton repository with a version per model.
-    repositories = list((tmp_path / "runs").rglob("model_repository"))
-    assert len(repositories) == 1
-    for name in rows:
-        assert (repositories[0] / name / "config.pbtxt").is_file()
-        assert (repositories[0] / name / "1" / "model.onnx").is_file()
+    # One record decided, and the variant it chose is what was deployed, as version 1.
+    gate = json.loads(paths["gate"].read_text())
+    assert gate["passed"] and gate["variant"] in rows
+    assert f"deployed: {gate['variant']}" in done.stdout
+    [repository] = list((tmp_path / "runs").rglob("deploy/model_repository"))
+    assert [p.name for p in repository.iterdir() if p.is_dir()] == [gate["variant"]]
+    assert (repository / gate["variant"] / "config.pbtxt").is_file()
+    assert (repository / gate["variant"] / "1" / "model.onnx").is_file()
+
+    # The HTML report is self-contained, with its plots embedded.
+    html = paths["report"].read_text()
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', html)) >= 2
+    assert "http://" not in html and "https://" not in html
+
+
+def test_gate_that_fails_keeps_the_record_and_does_not_deploy(pipeline_yaml, tmp_path):
+    done = torchship_run(pipeline_yaml, tmp_path / "runs", *SMALL, "--variants", "fp32",
+                         "--latency-budget-ms", "0.001")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "not deployed: the serving version is unchanged" in done.stderr
+    gate = json.loads(printed_paths(done.stdout)["gate"].read_text())
+    assert not gate["passed"]
+    assert any(c["name"] == "p99 latency" and not c["passed"] for c in gate["checks"])
+    assert "gate: FAILED" in done.stdout
+    assert "Executing task 'deploy'" not in done.stdout
+    assert not list((tmp_path / "runs").rglob("deploy"))
 
 
 def write_table(path: Path, frame: pd.DataFrame) -> Path:

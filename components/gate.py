@@ -1,0 +1,78 @@
+"""The promotion gate: one record that says whether the candidate may be deployed, and why.
+
+The record joins three decisions: the variant chosen by the user's constraints (accuracy drop,
+size, the metric to optimise), the gate checks on that variant (accuracy against the serving
+baseline or a floor, parity with PyTorch, p99 on Triton at the target concurrency), and the
+regression check against the previous run's numbers.
+"""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torchship.components.benchmark_gate import GATE_SCHEMA, evaluate_gate, write_gate_record
+from torchship.components.benchmark_regression import compare_with_previous
+from torchship.components.compress_choice import (
+    choose_variant,
+    format_variant_table,
+    publish_chosen_variant,
+)
+from torchship.components.report_html import write_html_report
+
+
+def decide(
+    onnx_dir: str,
+    summary: dict[str, Any],
+    chosen_dir: str,
+    *,
+    max_accuracy_drop_pt: float = 1.0,
+    max_size_bytes: int = 0,
+    optimise: str = "latency",
+    accuracy_floor: float = 0.0,
+    baseline_uri: str = "",
+    latency_budget_p99_ms: float = 0.0,
+    target_concurrency: int = 1,
+    previous_results_uri: str = "",
+    max_p99_regression_pct: float = 10.0,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Choose the variant, gate it and return the record; the chosen model goes to `chosen_dir`.
+
+    Zero means "no limit" for `max_size_bytes` and `latency_budget_p99_ms`; an empty
+    `baseline_uri` means the first run (the accuracy floor applies), an empty
+    `previous_results_uri` means no regression check.
+    """
+    rows = json.loads((Path(onnx_dir) / "variants.json").read_text())
+    choice = choose_variant(rows, max_acc_drop_pt=max_accuracy_drop_pt,
+                            max_size_bytes=max_size_bytes or None, optimise=optimise)
+    regression = compare_with_previous(summary, previous_results_uri or None,
+                                       max_p99_regression_pct)
+    variant = choice["chosen"]
+    if variant is None:
+        record = {"schema": GATE_SCHEMA, "passed": False, "checks": [], "regression": regression,
+                  "reason": f"no variant meets the constraints: {choice['reason']}"}
+        progress(record["reason"])
+        progress(format_variant_table(choice))
+        return {**record, "choice": choice, "variant": None}
+    # The gate record itself (a later run reads a passing one as its serving baseline), with
+    # the choice that named its variant.
+    record = evaluate_gate(
+        summary, accuracy_floor=accuracy_floor, baseline_accuracy=baseline_uri or None,
+        max_accuracy_drop_pt=max_accuracy_drop_pt,
+        latency_budget_p99_ms=latency_budget_p99_ms or None,
+        target_concurrency=target_concurrency, variant=variant, regression=regression,
+    )
+    record = {**record, "choice": choice, "variant": variant}
+    if record["passed"]:
+        publish_chosen_variant(onnx_dir, choice, chosen_dir)
+    progress(f"chose '{variant}': {choice['reason']}")
+    progress(f"gate {'passed' if record['passed'] else 'FAILED'}: {record['reason']}")
+    return record
+
+
+def write_reports(record: dict[str, Any], summary: dict[str, Any], record_path: str,
+                  html_path: str) -> None:
+    """The record as JSON, and the HTML report with the variant table, plots and the gate."""
+    write_gate_record(record, record_path)
+    write_html_report(summary, html_path, gate=record, regression=record.get("regression"))
