@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_PIN := torch==2.13.0
 PIPELINE := out/torchship-pipeline.yaml
 
-.PHONY: install demo test lint compile images clean bench bench-train bench-compress
+.PHONY: install demo test lint compile images clean bench bench-train bench-compress bench-serve bench-load
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,13 +28,19 @@ test: install
 	$(BIN)/python -m pytest
 
 # Performance goals live here, printed as ratios measured in one run (never as timed tests).
-bench: bench-train bench-compress
+bench: bench-train bench-compress bench-serve bench-load
 
 bench-train: install
 	$(BIN)/python tests/benchmarks/bench_train.py
 
 bench-compress: install
 	$(BIN)/python tests/benchmarks/bench_compress.py
+
+bench-serve: install
+	$(BIN)/python tests/benchmarks/bench_serve.py
+
+bench-load: install
+	$(BIN)/python tests/benchmarks/bench_load.py
 
 lint: install
 	$(BIN)/ruff check components pipelines tests
