@@ -14,7 +14,7 @@ from torchship.pipelines.components import Components, build_components
 
 PIPELINE_NAME = "torchship"
 IMAGE_ENV = "TORCHSHIP_IMAGE"
-STAGES = ("prepare-data", "train", "compress", "export", "deploy", "benchmark")
+STAGES = ("prepare-data", "train", "compress", "export", "benchmark", "gate", "deploy")
 
 
 def default_image() -> str:

@@ -32,7 +32,14 @@ def executors(spec: pipeline_spec_pb2.PipelineSpec) -> list:
 def test_compiled_yaml_is_a_pipeline_spec_with_one_task_per_stage(tmp_path):
     spec = compile_spec(tmp_path, "--image", "registry.example/team/torchship-cpu:1.2.3")
     assert spec.pipeline_info.name == "torchship"
-    assert sorted(spec.root.dag.tasks) == sorted(STAGES)
+    # Every stage runs at the top level but deploy, which runs only under the gate's condition.
+    root = spec.root.dag.tasks
+    [condition] = [name for name in root if name.startswith("condition")]
+    assert sorted(set(root) - {condition}) == sorted(set(STAGES) - {"deploy"})
+    assert "gate" in root[condition].dependent_tasks
+    assert root[condition].trigger_policy.condition == (
+        "inputs.parameter_values['pipelinechannel--gate-Output'] == true")
+    assert list(spec.components[root[condition].component_ref.name].dag.tasks) == ["deploy"]
     images = {executor.container.image for executor in executors(spec)}
     assert images == {"registry.example/team/torchship-cpu:1.2.3"}
     parameters = set(spec.root.input_definitions.parameters)
@@ -42,7 +49,8 @@ def test_compiled_yaml_is_a_pipeline_spec_with_one_task_per_stage(tmp_path):
     # The DAG order: each stage consumes the previous one's artifacts.
     tasks = spec.root.dag.tasks
     assert "train" in tasks["compress"].dependent_tasks
-    assert "deploy" in tasks["benchmark"].dependent_tasks
+    assert "export" in tasks["benchmark"].dependent_tasks
+    assert "benchmark" in tasks["gate"].dependent_tasks
 
 
 def test_compile_takes_image_from_environment_and_embeds_no_pip_install(tmp_path):
