@@ -124,6 +124,21 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
         )
 
 
+def _check_google_credentials(source: str) -> None:
+    """Fail at once, in one line, where Cloud Storage would otherwise retry for a minute."""
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        google.auth.default()
+    except DefaultCredentialsError as error:
+        raise UserInputError(
+            f"data source '{source}' needs Google credentials and none were found "
+            f"({_one_line(error)[:160]}); run 'gcloud auth application-default login' or set "
+            "GOOGLE_APPLICATION_CREDENTIALS"
+        ) from error
+
+
 def _load_table(source: str, label_column: str) -> tuple[pd.DataFrame, list[str], str]:
     """Read the source into one DataFrame; returns it with its feature columns and label column."""
     import fsspec
@@ -140,6 +155,8 @@ def _load_table(source: str, label_column: str) -> tuple[pd.DataFrame, list[str]
         raise UserInputError(
             f"data source {source!r} is empty; pass a path to a CSV or Parquet file, or 'digits'"
         )
+    if source.startswith(("gs://", "gcs://")):
+        _check_google_credentials(source)
     try:
         fs, fs_path = fsspec.core.url_to_fs(source)
     except ValueError as error:  # an unknown protocol; a missing gcsfs/s3fs is an ImportError

@@ -125,8 +125,16 @@ def export_variants(
                         f"variant '{name}' comes from '{reference_name}', which is not in "
                         f"'{variants_dir}'; pass the variants directory that compress wrote"
                     )
+                source_path = variants_dir / name / "model.onnx"
+                try:
+                    onnx.checker.check_model(str(source_path))
+                except Exception as error:  # unreadable or invalid: the variant file is bad
+                    raise UserInputError(
+                        f"variant '{name}': {source_path} is not a valid ONNX model "
+                        f"({str(error).splitlines()[0][:160]}); re-run the compress stage"
+                    ) from error
                 onnx_path.parent.mkdir(parents=True)
-                shutil.copyfile(variants_dir / name / "model.onnx", onnx_path)
+                shutil.copyfile(source_path, onnx_path)
             else:
                 raise UserInputError(
                     f"variant '{name}' in '{variants_dir}' has unknown format "

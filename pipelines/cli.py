@@ -113,7 +113,7 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
     """
     from torchship.components.report import format_table
     from torchship.pipelines.local import PipelineFailed, run_pipeline
-    from torchship.pipelines.pipeline import compile_pipeline
+    from torchship.pipelines.pipeline import check_parameters, compile_pipeline, compiled_defaults
 
     if pipeline_yaml is None:
         pipeline_yaml = str(compile_pipeline(DEFAULT_PIPELINE))
@@ -129,6 +129,10 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
             value = [name.strip() for name in value.split(",") if name.strip()]
         arguments[RUN_PARAMETERS[option]] = value
     arguments.update(_key_values(params, "--param", parse_json=True))
+    try:
+        check_parameters(arguments, compiled_defaults(pipeline_yaml))
+    except UserInputError as exc:
+        _fail(str(exc))
     click.echo(f"running {pipeline_yaml} locally (artifacts under {pipeline_root}/)")
     try:
         summary = run_pipeline(pipeline_yaml, pipeline_root, arguments, verbose=verbose)
@@ -221,6 +225,9 @@ def submit(template: str, project: str | None, region: str, pipeline_root: str |
     """Submit TEMPLATE (a compiled YAML or an Artifact Registry URI) as a pipeline run."""
     parameters = _key_values(params, "--param", parse_json=True)
     try:
+        from torchship.pipelines.pipeline import check_parameters
+
+        check_parameters(parameters)
         if kfp_host:
             from torchship.pipelines import kubeflow
 

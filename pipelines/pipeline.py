@@ -192,3 +192,42 @@ def compile_pipeline(output: str | Path, image: str | None = None, target: str =
     compiler.Compiler().compile(build_pipeline(image or default_image(), target), str(tmp))
     tmp.replace(output)
     return output
+
+
+def check_parameters(arguments: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
+    """Refuse, before anything runs, parameter values that would fail only hours later at the
+    compress stage or the gate. `defaults` fill in what `arguments` leave out."""
+    from torchship.components.compress import ONNX_VARIANTS, TORCH_VARIANTS
+    from torchship.components.compress_quantize import CALIBRATION_METHODS
+
+    values = {**(defaults or {}), **arguments}
+
+    def refuse(name: str, problem: str, fix: str) -> None:
+        raise UserInputError(f"parameter {name}={values[name]!r} {problem}; {fix}")
+
+    for name in ("latency_budget_p99_ms", "max_accuracy_drop_pt", "max_size_bytes",
+                 "max_p99_regression_pct", "accuracy_floor"):
+        if name in values and float(values[name]) < 0:
+            refuse(name, "is negative", "pass 0 for no limit or a positive value")
+    known = (*TORCH_VARIANTS, *ONNX_VARIANTS)
+    if "variants" in values:
+        unknown = [v for v in values["variants"] if v not in known]
+        if unknown or not values["variants"]:
+            refuse("variants", f"names no variant or unknown ones ({', '.join(unknown)})",
+                   f"pass some of {', '.join(known)}")
+    if "calibration_method" in values and values["calibration_method"] not in CALIBRATION_METHODS:
+        refuse("calibration_method", "is unknown", f"pass one of {', '.join(CALIBRATION_METHODS)}")
+    if "target_concurrency" in values and "benchmark_concurrency" in values:
+        levels = [int(level) for level in values["benchmark_concurrency"]]
+        if int(values["target_concurrency"]) not in levels:
+            refuse("target_concurrency", f"is not a measured level ({levels})",
+                   "pass one of the benchmark concurrency levels, or add it to them")
+
+
+def compiled_defaults(pipeline_yaml: str | Path) -> dict[str, Any]:
+    """The parameter defaults a compiled pipeline YAML declares."""
+    import yaml
+
+    spec = yaml.safe_load(Path(pipeline_yaml).read_text())
+    parameters = spec["root"].get("inputDefinitions", {}).get("parameters", {})
+    return {name: p["defaultValue"] for name, p in parameters.items() if "defaultValue" in p}

@@ -1,0 +1,177 @@
+"""Faults: the server killed mid-benchmark, an export killed mid-write, two deploys at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+from conftest import N_CLASSES, N_FEATURES, make_onnx_dir, triton_processes, wait_gone
+
+from torchship.components.benchmark import benchmark_repository
+from torchship.components.errors import ServingError
+from torchship.components.export import export_variants
+from torchship.components.model_repository import read_model_config
+from torchship.components.models import build_model, save_checkpoint
+
+
+def test_tritonserver_killed_during_benchmark_is_a_serving_error_and_leaves_nothing(
+        workdir, local_repo, test_path):
+    marker = str(local_repo.resolve())
+    killed: dict[str, float] = {}
+    messages: list[str] = []
+
+    def kill_server(_window: dict) -> None:
+        # Called by the benchmark after each measured window: the server dies mid-level.
+        servers = [pid for pid, cmd in triton_processes(marker)
+                   if cmd.split(" ", 1)[0].endswith("tritonserver")]
+        if servers and "killed" not in killed:
+            os.killpg(servers[0], signal.SIGKILL)  # the server leads its own process group
+            killed["killed"] = time.monotonic()
+
+    started = time.monotonic()
+    with pytest.raises(ServingError) as excinfo:
+        benchmark_repository(local_repo, test_path, concurrency=(1, 2), duration_s=2,
+                             warmup_s=0.5, request_timeout_s=5, startup_timeout_s=60,
+                             progress=messages.append, on_window=kill_server)
+    assert "killed" in killed, messages
+    elapsed = time.monotonic() - killed["killed"]
+    message = str(excinfo.value)
+    first = message.splitlines()[0]
+    assert first.startswith("tritonserver exited during the benchmark (model 'fp32' at "
+                            "concurrency 1, batch size 1"), message
+    assert elapsed < 5 + 10, (elapsed, message)  # within the request timeout (and the stop grace)
+    assert wait_gone(marker, 10) == [], "stray tritonserver / stub processes"
+    assert time.monotonic() - started < 90
+
+
+EXPORT = textwrap.dedent("""
+    import sys
+    from torchship.components.export import export_variants
+    export_variants(sys.argv[1], sys.argv[2], sys.argv[3], measure=False, progress=print)
+""")
+
+
+def _variants(directory: Path) -> Path:
+    for name in ("fp32", "pruned"):
+        model = build_model("mlp", N_FEATURES, N_CLASSES)
+        save_checkpoint(directory / name / "model.pt", model, "mlp", N_FEATURES, N_CLASSES)
+        (directory / name / "variant.json").write_text(json.dumps(
+            {"name": name, "format": "torch", "n_features": N_FEATURES, "n_classes": N_CLASSES}))
+    return directory
+
+
+def test_export_killed_mid_write_leaves_the_previous_export_whole(tmp_path, test_path):
+    variants = _variants(tmp_path / "variants")
+    onnx_dir = tmp_path / "onnx"
+    export_variants(variants, str(test_path), onnx_dir, measure=False, progress=lambda _: None)
+    before = {p.name: (onnx_dir / p.name / "model.onnx").read_bytes()
+              for p in onnx_dir.iterdir() if p.is_dir()}
+    assert set(before) == {"fp32", "pruned"}
+
+    proc = subprocess.Popen([sys.executable, "-c", EXPORT, str(variants), str(test_path),
+                             str(onnx_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    caught = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        # The exporter writes `.model.onnx.*.tmp` inside a `.onnx.tmp-*` staging directory.
+        partial = list(tmp_path.glob(".onnx.tmp-*/*/.model.onnx.*.tmp"))
+        if partial:
+            proc.send_signal(signal.SIGKILL)
+            caught = partial[0]
+            break
+        time.sleep(0.001)
+    proc.wait(timeout=30)
+    assert caught is not None, "the export finished before it could be interrupted"
+    assert proc.returncode == -signal.SIGKILL
+
+    # The published export is the earlier one, whole, and passes the checker.
+    after = {p.name: (onnx_dir / p.name / "model.onnx").read_bytes()
+             for p in onnx_dir.iterdir() if p.is_dir()}
+    assert after == before
+    for name in after:
+        onnx.checker.check_model(str(onnx_dir / name / "model.onnx"), full_check=True)
+    assert not list(onnx_dir.rglob("*.tmp"))
+    # What the kill leaves is the hidden staging directory beside it, never inside it.
+    assert caught.parent.parent.name.startswith(".onnx.tmp-")
+
+    # A re-run succeeds and publishes a complete export.
+    records = export_variants(variants, str(test_path), onnx_dir, measure=False,
+                              progress=lambda _: None)
+    assert [r["name"] for r in records] == ["fp32", "pruned"]
+    for name in ("fp32", "pruned"):
+        onnx.checker.check_model(str(onnx_dir / name / "model.onnx"), full_check=True)
+    assert json.loads((onnx_dir / "variants.json").read_text())[0]["name"] == "fp32"
+
+
+DEPLOY = textwrap.dedent("""
+    import json, sys
+    from torchship.components.deploy import deploy_local
+    result = deploy_local(sys.argv[1], sys.argv[2], sys.argv[3], persistent_repository=sys.argv[4],
+                          keep_versions=5, progress=None)
+    print("RESULT", json.dumps(result["versions"]))
+""")
+
+
+def test_two_deploys_to_one_persistent_repository_get_distinct_versions(tmp_path, test_path):
+    served = tmp_path / "served"
+    onnx_dirs = [make_onnx_dir(tmp_path / f"onnx{i}", seed=i) for i in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", DEPLOY, str(onnx_dirs[i]),
+                          str(tmp_path / f"artifact{i}"), str(test_path), str(served)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [proc.communicate(timeout=240) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    versions = sorted(
+        json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])["fp32"]
+        for out, _ in outputs
+    )
+    assert versions == [1, 2]
+    config = read_model_config(served / "fp32" / "config.pbtxt")
+    assert sorted(config.version_policy.specific.versions) == [1, 2]
+    for version in (1, 2):
+        assert (served / "fp32" / str(version) / "model.onnx").is_file()
+    # Each version holds the model of the deploy that got it.
+    by_version = {
+        (served / "fp32" / str(v) / "model.onnx").read_bytes() for v in (1, 2)
+    }
+    assert by_version == {(d / "fp32" / "model.onnx").read_bytes() for d in onnx_dirs}
+    assert wait_gone(str(served.resolve()), 5) == []
+    assert not [p for p in served.iterdir() if p.name.startswith(".") and p.is_dir()], \
+        "staging left behind"
+
+
+def test_threads_deploying_at_once_also_get_distinct_versions(tmp_path, test_path):
+    from torchship.components.deploy import deploy_local
+
+    served = tmp_path / "served"
+    onnx_dirs = [make_onnx_dir(tmp_path / f"onnx{i}", seed=10 + i) for i in range(2)]
+    results: list = [None, None]
+
+    def deploy(i: int) -> None:
+        try:
+            results[i] = deploy_local(onnx_dirs[i], tmp_path / f"artifact{i}",
+                                      test_path, persistent_repository=served, progress=None)
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            results[i] = exc
+
+    threads = [threading.Thread(target=deploy, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert all(isinstance(r, dict) for r in results), results
+    assert sorted(r["versions"]["fp32"] for r in results) == [1, 2]
+    shutil.rmtree(served)
