@@ -1,9 +1,9 @@
 """The images install what pyproject.toml pins, and Cloud Build builds the Dockerfiles that exist."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 
@@ -34,7 +34,7 @@ def test_image_pins_agree_with_pyproject():
     for dockerfile in python_images:
         text = dockerfile.read_text()
         # The package itself is installed, so every other dependency takes pyproject's pin.
-        assert re.search(r"pip install \.( |$)", text, re.M), dockerfile.name
+        assert re.search(r"pip install \.( |$)", text, re.MULTILINE), dockerfile.name
         pins = image_pins(dockerfile)
         assert pins["torch"] == makefile_torch, dockerfile.name
         for name, version in pins.items():
