@@ -101,7 +101,9 @@ def compile(output: str, image: str | None, target: str) -> None:
 @click.option("--target-concurrency", type=int, help="Gate: concurrency the budget applies at.")
 @click.option("--baseline", help="Gate record of the serving model (path or gs://).")
 @click.option("--previous-results", help="Previous run's results (path or gs://) for regressions.")
-@click.option("--local-repository", help="Persistent Triton repository the deploy adds a version to.")
+@click.option("--local-repository",
+              help="Persistent Triton repository the deploy adds a version to "
+                   "[default: PIPELINE_ROOT/model_repository].")
 @click.option("--param", "-p", "params", multiple=True,
               help="Any pipeline parameter NAME=VALUE (JSON values typed), repeatable.")
 @click.option("--verbose", is_flag=True, help="Show kfp.local's full logs.")
@@ -129,6 +131,8 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
             value = [name.strip() for name in value.split(",") if name.strip()]
         arguments[RUN_PARAMETERS[option]] = value
     arguments.update(_key_values(params, "--param", parse_json=True))
+    # Each local run adds a version to one repository that `torchship serve` can serve.
+    arguments.setdefault("local_repository", str(Path(pipeline_root, "model_repository").resolve()))
     try:
         check_parameters(arguments, compiled_defaults(pipeline_yaml))
     except UserInputError as exc:

@@ -205,6 +205,9 @@ def check_parameters(arguments: dict[str, Any], defaults: dict[str, Any] | None 
     def refuse(name: str, problem: str, fix: str) -> None:
         raise UserInputError(f"parameter {name}={values[name]!r} {problem}; {fix}")
 
+    if "latency_budget_p99_ms" in arguments and float(arguments["latency_budget_p99_ms"]) == 0:
+        refuse("latency_budget_p99_ms", "is a p99 budget no server can meet",
+               "pass a positive budget in ms, or leave it out for none")
     for name in ("latency_budget_p99_ms", "max_accuracy_drop_pt", "max_size_bytes",
                  "max_p99_regression_pct", "accuracy_floor"):
         if name in values and float(values[name]) < 0:

@@ -64,6 +64,10 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
     assert [p.name for p in repository.iterdir() if p.is_dir()] == [gate["variant"]]
     assert (repository / gate["variant"] / "config.pbtxt").is_file()
     assert (repository / gate["variant"] / "1" / "model.onnx").is_file()
+    # The same version was added to the persistent repository `torchship serve` serves.
+    persistent = tmp_path / "runs" / "model_repository" / gate["variant"]
+    assert (persistent / "1" / "model.onnx").read_bytes() == (
+        repository / gate["variant"] / "1" / "model.onnx").read_bytes()
 
     # The HTML report is self-contained, with its plots embedded.
     html = paths["report"].read_text()

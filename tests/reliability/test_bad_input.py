@@ -308,6 +308,7 @@ def test_cli_bad_inputs_print_one_error_line_and_exit_2(pipeline_yaml, tmp_path)
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--latency-budget-ms", "-5"], "latency_budget_p99_ms=-5.0 is negative"),
+    (["--latency-budget-ms", "0"], "latency_budget_p99_ms=0.0 is a p99 budget no server can meet"),
     (["--concurrency", "1,2", "--target-concurrency", "8"], "is not a measured level ([1, 2])"),
     (["--variants", "fp32,int4"], "unknown ones (int4)"),
     (["-p", "calibration_method=magic"], "calibration_method='magic' is unknown"),
