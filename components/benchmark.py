@@ -60,8 +60,9 @@ Result JSON (``write_json``), schema ``torchship.benchmark/v2``; times in ms unl
                            "queue_us", "compute_input_us", "compute_infer_us",
                            "compute_output_us", "request_us"} (per request, µs)
       client              {"processes", "threads", "cpu_s", "cpu_cores", "cpu_util_pct",
-                           "outside_server_us"}: the load generator's CPU (cores busy, and % of
-                          the machine) and the mean latency not spent inside the server
+                           "saturated", "outside_server_us"}: the load generator's CPU (cores
+                          busy, % of the machine; saturated: a process above 0.9 cores, so the
+                          client may limit the load) and the mean latency not spent in the server
 
 ``write_csv`` writes the rows flat, ``metrics_for_kfp`` gives the numbers a KFP ``Metrics``
 artifact takes.
@@ -120,6 +121,7 @@ DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
 STABILITY_METRICS = ("throughput_rps", "p50_ms")
 PAYLOADS_PER_CLIENT = 16  # distinct held-out batches each client cycles through
 HISTOGRAM_BINS_PER_DECADE = 20
+CLIENT_SATURATED = 0.9  # cores per client process beyond which the client limits the load
 CSV_COLUMNS = (
     "model", "batch_size", "concurrency", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms",
     "std_ms", "min_ms", "max_ms", "throughput_rps", "throughput_sps", "requests", "errors",
@@ -680,6 +682,8 @@ def _level_row(model: _Model, batch_size: int, concurrency: int, processes: int,
             "cpu_s": float(cpu_s),
             "cpu_cores": float(cpu_cores),
             "cpu_util_pct": float(cpu_cores / (os.cpu_count() or 1) * 100.0),
+            # A client process near one busy core is the bottleneck, not the server.
+            "saturated": bool(cpu_cores / max(1, min(processes, concurrency)) > CLIENT_SATURATED),
             "outside_server_us": None,
         },
     }
@@ -830,8 +834,9 @@ def _level_line(row: dict) -> str:
     )
     if queue is not None and infer is not None:
         text += f"  server queue {queue:.0f} us compute {infer:.0f} us"
-    text += (f"  client {row['client']['cpu_cores']:.2f} cores  ({row['requests']} requests, "
-             f"{row['errors']} errors)")
+    text += (f"  client {row['client']['cpu_cores']:.2f} cores"
+             f"{' (SATURATED: add client_processes)' if row['client']['saturated'] else ''}"
+             f"  ({row['requests']} requests, {row['errors']} errors)")
     return text
 
 

@@ -108,7 +108,7 @@ def server(repo):
 MISBEHAVING = {
     "failing": "if self.count > 40:\n            return self.error('injected failure')",
     "flaky": "if self.count % 5 == 0:\n            return self.error('injected flaky failure')",
-    "stalling": "if self.count > 40:\n            time.sleep(2)",
+    "stalling": "if self.count == 41:\n            time.sleep(3)",
 }
 MODEL_TEMPLATE = """
 import time
@@ -198,6 +198,7 @@ def test_local_sweep_numbers_are_consistent(local_result):
             assert server[key] >= 0, (where, key)
         assert 0 < server["request_us"] <= row["max_ms"] * 1e3
         assert row["client"]["cpu_s"] > 0 and row["client"]["threads"] == row["concurrency"]
+        assert isinstance(row["client"]["saturated"], bool)
     # Progress: a line per level, an event per window, the last of each level with its verdict.
     assert len(lines) >= 1 + len(result["results"])
     assert all(("stable" in line or "UNSTABLE" in line) for line in lines[1:])
