@@ -340,30 +340,63 @@ def publish(pipeline_yaml: str, host: str, tags: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("repository", type=click.Path(exists=True, file_okay=False))
+@click.argument("target")
 @click.option("--test-data", required=True, type=click.Path(exists=True, dir_okay=False),
               help="An .npz split from prepare_data whose rows the requests carry.")
-@click.option("--concurrency", default="1,4", show_default=True)
+@click.option("--concurrency", default="1,2,4,8,16", show_default=True)
 @click.option("--batch-size", default=1, show_default=True)
-@click.option("--duration", default=3.0, show_default=True, help="Seconds per level.")
-@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
-@click.option("--output", "-o", default=None, help="Write the JSON result here.")
-def bench(repository: str, test_data: str, concurrency: str, batch_size: int, duration: float,
-          protocol: str, output: str | None) -> None:
-    """Launch a local Triton over REPOSITORY and measure every model in it."""
-    from torchship.components.benchmark import benchmark_repository, write_json
-    from torchship.components.progress import report
+@click.option("--duration", default=3.0, show_default=True, help="Measured seconds per level.")
+@click.option("--max-windows", default=10, show_default=True,
+              help="Windows a level may take to become stable before it is reported unstable.")
+@click.option("--protocol", type=click.Choice(["grpc", "http", "vertex"]), default="grpc",
+              show_default=True, help="vertex: KServe v2 JSON to a Vertex AI rawPredict URL.")
+@click.option("--model", "models", multiple=True, help="Model to measure (default: all).")
+@click.option("--output", "-o", default=None, help="Write the JSON result here (path or gs://).")
+@click.option("--csv", "csv_path", default=None, help="Write the levels as CSV here.")
+@click.option("--html", "html_path", default=None, help="Write the HTML report here.")
+def bench(target: str, test_data: str, concurrency: str, batch_size: int, duration: float,
+          max_windows: int, protocol: str, models: tuple[str, ...], output: str | None,
+          csv_path: str | None, html_path: str | None) -> None:
+    """Measure TARGET: a model repository (a local Triton is launched over it, as Model
+    Analyzer's local mode does) or the URL of a running endpoint."""
+    from torchship.components.benchmark import (
+        ProgressBar,
+        benchmark_endpoint,
+        benchmark_repository,
+        write_csv,
+        write_json,
+    )
+    from torchship.components.report_html import write_html_report
 
+    levels = _concurrency_levels(concurrency)
+    common: dict[str, Any] = {
+        "concurrency": levels, "batch_size": batch_size, "duration_s": duration,
+        "max_windows": max_windows, "models": list(models) or None, "progress": click.echo,
+        "on_window": ProgressBar(),
+    }
     try:
-        result = benchmark_repository(
-            repository, test_data, concurrency=tuple(_concurrency_levels(concurrency)),
-            batch_size=batch_size, duration_s=duration, protocol=protocol, progress=report,
-        )
+        if Path(target).is_dir():
+            if protocol == "vertex":
+                _fail("--protocol vertex measures a URL, not a repository; pass the endpoint URL")
+            result = benchmark_repository(target, test_data, protocol=protocol, **common)
+        elif "://" in target or ":" in target:
+            result = benchmark_endpoint(target, protocol, test_path=test_data, **common)
+        else:
+            _fail(f"bench target {target!r} is neither a model repository nor a URL; pass a "
+                  "folder made by the deploy stage or e.g. 127.0.0.1:8001")
     except (UserInputError, ServingError, ParityError) as exc:
         _fail(str(exc))
     if output:
         write_json(result, output)
-    click.echo(json.dumps(result["results"], indent=2))
+    if csv_path:
+        write_csv(result, csv_path)
+    if html_path:
+        write_html_report({"rows": [], "benchmark": result, "concurrency": levels,
+                           "batch_size": batch_size, "protocol": protocol}, html_path)
+    for row in result["results"]:
+        click.echo(f"{row['model']} c={row['concurrency']}: p50 {row['p50_ms']:.2f} ms, "
+                   f"p99 {row['p99_ms']:.2f} ms, {row['throughput_rps']:.0f} req/s, "
+                   f"{row['errors']} errors{'' if row.get('stable', True) else ' (unstable)'}")
 
 
 @main.command()

@@ -381,3 +381,33 @@ def test_a_server_that_stalls_mid_run_times_out(bad_server, test_path):
         benchmark_endpoint(bad_server.grpc_url, "grpc", ["stalling"], test_path,
                            concurrency=(2,), request_timeout_s=0.5, progress=None, **SHORT)
     assert time.monotonic() - started < 15
+
+
+def test_bench_command_measures_a_repository_and_a_running_server(repo, server, test_path,
+                                                                   tmp_path):
+    import subprocess
+    import sys
+
+    def bench(target: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "torchship.pipelines.cli", "bench", target, "--test-data",
+             str(test_path), "--concurrency", "1,2", "--duration", "0.6", "--max-windows", "3",
+             *args], capture_output=True, text=True, timeout=180, check=False)
+
+    local = bench(str(repo), "--csv", str(tmp_path / "levels.csv"), "--html",
+                  str(tmp_path / "report.html"), "-o", str(tmp_path / "result.json"))
+    assert local.returncode == 0, local.stderr[-2000:]
+    assert "level 4/4" in local.stdout + local.stderr  # the progress bar reached the end
+    assert json.loads((tmp_path / "result.json").read_text())["mode"] == "local"
+    assert len((tmp_path / "levels.csv").read_text().splitlines()) == 1 + 4
+    assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") >= 2
+
+    # Our server keeps its model index closed, so a remote run names the models.
+    names = [arg for d in sorted(repo.iterdir()) if (d / "config.pbtxt").is_file()
+             for arg in ("--model", d.name)]
+    remote = bench(server.http_url, "--protocol", "http", *names)
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    assert remote.stdout.count(" errors") >= 4 and " 0 errors" in remote.stdout
+
+    nowhere = bench("127.0.0.1:9", "--protocol", "http")
+    assert nowhere.returncode == 2 and "error: cannot reach Triton" in nowhere.stderr
