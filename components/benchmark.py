@@ -97,6 +97,7 @@ from torchship.components.benchmark_client import (
     http_error,
 )
 from torchship.components.errors import ServingError, UserInputError
+from torchship.components.model_repository import load_sample
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -270,18 +271,6 @@ def _one_line(exc: BaseException | str, width: int = 300) -> str:
 
 
 # -- inputs -------------------------------------------------------------------------------------
-
-
-def _load_rows(test_path: Path) -> np.ndarray:
-    if not test_path.is_file():
-        raise UserInputError(f"test_path: {test_path} does not exist; run prepare_data first")
-    with np.load(test_path, allow_pickle=False) as data:
-        if "x" not in data:
-            raise UserInputError(f"test_path: {test_path} has no 'x' array; run prepare_data")
-        x = np.asarray(data["x"])
-    if x.ndim < 2 or len(x) == 0:
-        raise UserInputError(f"test_path: 'x' in {test_path} has shape {x.shape}; expected [N, F]")
-    return x
 
 
 def _repository_models(repository_dir: Path, models: Sequence[str] | None) -> list[_Model]:
@@ -993,7 +982,7 @@ def benchmark_repository(
                      request_timeout_s, client_processes)
     repository_dir = Path(repository_dir)
     specs = _repository_models(repository_dir, models)
-    plan = _plan(specs, _load_rows(Path(test_path)), method)
+    plan = _plan(specs, load_sample(test_path, what="test_path"), method)
     progress = progress or (lambda *_: None)
     started, started_at = time.monotonic(), _now()
 
@@ -1079,7 +1068,7 @@ def benchmark_endpoint(
     method = _method(concurrency, batch_size, batch_sizes, warmup_s, duration_s, window_s,
                      min_windows, max_windows, stability_pct, stability_metrics,
                      request_timeout_s, client_processes)
-    x = _load_rows(Path(test_path))
+    x = load_sample(test_path, what="test_path")
     progress = progress or (lambda *_: None)
     if isinstance(models, str):
         models = [models]
