@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_PIN := torch==2.13.0
 PIPELINE := out/torchship-pipeline.yaml
 
-.PHONY: install demo test lint compile images clean bench bench-train bench-compress bench-serve bench-load
+.PHONY: install demo test lint compile images clean bench bench-train bench-compress bench-serve bench-load gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-serve: install
 
 bench-load: install
 	$(BIN)/python tests/benchmarks/bench_load.py
+
+# The train stage's GPU recipe (NCCL, bf16, fp16 with loss scaling); skipped without a GPU.
+gpu-check: install
+	$(BIN)/python -m pytest -v tests/test_gpu.py
 
 lint: install
 	$(BIN)/ruff check components pipelines tests

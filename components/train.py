@@ -155,10 +155,6 @@ def train_model(
         raise UserInputError(
             f"--precision {precision!r} is unknown; pass one of {', '.join(PRECISIONS)}"
         )
-    if precision == "fp16" and cuda_devices == 0:
-        raise UserInputError(
-            "--precision fp16 needs a GPU (no GPU is visible); pass fp32 or bf16 on CPU"
-        )
     for path in (train_path, val_path):
         if not Path(path).exists():
             raise UserInputError(
@@ -305,6 +301,9 @@ def _train(
     # rank repeats the optimizer step, so it does not shrink as workers are added.
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=True)
     precision, autocast_dtype, scaler = _mixed_precision(config.precision, device)
+    if precision == "fp16" and device.type == "cpu":
+        report("fp16 on CPU: autocast and loss scaling work, but most CPUs have no fp16 units "
+               "and run it slower than fp32; fp16 is meant for GPUs")
     loss_fn = nn.CrossEntropyLoss()
 
     # Each rank takes its own shard of a permutation that set_epoch changes every epoch; with a
@@ -440,12 +439,16 @@ def _train(
             "best_val_loss": state["best_val_loss"],
             "world_size": world_size,
             "nnodes": launch.nnodes,
+            "backend": launch.backend,
             "final_train_loss": history[-1]["train_loss"],
             "model_name": config.model_name,
             "n_parameters": n_parameters,
             "global_batch_size": config.batch_size * world_size * accumulation,
             "optimizer_steps": state["step"],
             "precision": precision,
+            # fp16's final loss scale: one that collapsed towards 1 means gradients kept
+            # overflowing. None where no scaling is needed (fp32, bf16).
+            "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
             "flops_per_sample": flops_per_sample,
             "training_flops": training_flops,
             GPU_HOURS_KEY: training_flops / (GPU_PEAK_FLOPS * GPU_UTILISATION) / 3600,

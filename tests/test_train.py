@@ -21,9 +21,10 @@ from torchship.components.train import (
 
 METRIC_KEYS = {"val_accuracy", "samples_per_second", "epochs", "world_size", "final_train_loss",
                "model_name", "n_parameters", "val_loss", "epochs_trained", "resumed_from_epoch",
-               "stopped_early", "best_epoch", "best_val_loss", "nnodes", "global_batch_size",
-               "optimizer_steps", "precision", "flops_per_sample", "training_flops",
-               GPU_HOURS_KEY, "gpu_hours_assumption", "history"}
+               "stopped_early", "best_epoch", "best_val_loss", "nnodes", "backend",
+               "global_batch_size", "optimizer_steps", "precision", "loss_scale",
+               "flops_per_sample", "training_flops", GPU_HOURS_KEY, "gpu_hours_assumption",
+               "history"}
 # The default mlp (64 -> 1024 -> 1024 -> 10): forward 2 FLOP per weight per sample, backward
 # twice that, less the gradient of the input, which nothing needs.
 MLP_LAYERS = [(64, 1024), (1024, 1024), (1024, 10)]
@@ -59,6 +60,7 @@ def test_two_workers_with_torch_distributed_run(digits, tmp_path):
 
     assert set(metrics) == METRIC_KEYS
     assert metrics["world_size"] == 2 and metrics["epochs"] == 3
+    assert metrics["backend"] == "gloo" and metrics["precision"] == "fp32"  # CPU defaults
     assert metrics["val_accuracy"] > 0.8
     assert metrics["samples_per_second"] > 0 and metrics["final_train_loss"] < 1.5
     assert len(lines) == 4

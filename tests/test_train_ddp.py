@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -271,8 +272,39 @@ def test_bf16_autocast_on_cpu_trains(tmp_path):
                               progress=lambda _: None)
     assert metrics["precision"] == "bf16"
     assert metrics["val_accuracy"] > 0.6  # four classes: chance is 0.25
-    with pytest.raises(UserInputError, match="fp16 needs a GPU"):
-        train_model(train, val, str(tmp_path / "fp16.pt"), precision="fp16")
+    assert metrics["loss_scale"] is None  # bf16 has fp32's range: no loss scaling
+
+
+def test_fp16_loss_scaling_under_ddp_resumes_exactly(tmp_path):
+    # fp16 autocast and the GradScaler run on CPU too, so the GPU recipe's loss scaling, its
+    # interplay with no_sync accumulation and its checkpointed state are checked here with 2
+    # gloo workers. A run resumed from epoch 2 must end exactly where an uninterrupted one did:
+    # a scaler restarted at its initial scale would skip different steps or scale differently.
+    train, val = synthetic_splits(tmp_path, rows=512, features=16, classes=4)
+    common = {"model_name": "cnn", "epochs": 3, "batch_size": 16, "learning_rate": 3e-3,
+              "precision": "fp16", "num_workers": 2, "gradient_accumulation_steps": 2}
+    lines: list[str] = []
+    straight = train_model(train, val, str(tmp_path / "straight.pt"), progress=lines.append,
+                           **common)
+    assert straight["precision"] == "fp16"
+    assert any("fp16 on CPU" in line for line in lines)  # says it is meant for GPUs
+    assert straight["val_accuracy"] > 0.6  # four classes: chance is 0.25
+    scale = straight["loss_scale"]
+    assert scale >= 1 and math.log2(scale).is_integer()  # the scaler ran: a power of two
+
+    checkpoints = tmp_path / "resumed.pt.checkpoints"
+    train_model(train, val, str(tmp_path / "resumed.pt"), progress=lambda _: None, **common)
+    (checkpoints / "epoch-0003.pt").unlink()  # as if killed during epoch 3
+    resumed = train_model(train, val, str(tmp_path / "resumed.pt"), progress=lambda _: None,
+                          **common)
+    assert resumed["resumed_from_epoch"] == 2 and resumed["loss_scale"] == scale
+
+    def final(name: str) -> dict:
+        return torch.load(tmp_path / f"{name}.pt.checkpoints" / "epoch-0003.pt",
+                          weights_only=True)
+
+    assert final("resumed")["scaler"] == final("straight")["scaler"]
+    assert max_abs_difference(final("resumed")["model"], final("straight")["model"]) == 0
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
