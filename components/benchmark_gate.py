@@ -28,7 +28,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from torchship.components.benchmark import find_level, read_json, write_json
+from torchship.components.benchmark_results import find_level, read_json, write_json
 from torchship.components.errors import UserInputError
 
 __all__ = ["GATE_SCHEMA", "baseline_accuracy_of", "evaluate_gate", "gate_metrics",

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from torchship.components.benchmark import read_json, t_quantile_975
+from torchship.components.benchmark_results import read_json
+from torchship.components.benchmark_stats import t_quantile_975
 from torchship.components.errors import UserInputError
 
 __all__ = ["REGRESSION_SCHEMA", "compare_with_previous", "window_p99s"]

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from torchship.components.benchmark import write_text_atomic
+from torchship.components.benchmark_results import write_text_atomic
 from torchship.components.report import (
     gate_line,
     method_line,

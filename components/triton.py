@@ -150,6 +150,15 @@ def _error_summary(text: str, width: int = 300) -> str | None:
     return message if len(message) <= width else message[:width] + " ..."
 
 
+def _last_line(text: str, width: int = 120) -> str | None:
+    """The log's last line that says something (not the option table, not the command line)."""
+    for line in reversed(text.splitlines()):
+        line = " ".join(_LOG_PREFIX.sub("", line).strip().strip('"').split())
+        if line and line[0] not in "|+$":
+            return line if len(line) <= width else line[:width] + " ..."
+    return None
+
+
 def _port_conflict(text: str) -> str | None:
     """Which listener ("http" or "grpc") could not bind its port, from the server log."""
     for line in text.splitlines():
@@ -279,6 +288,25 @@ class TritonServer:
 
     def returncode(self) -> int | None:
         return self._proc.poll() if self._proc is not None else None
+
+    def exit_reason(self) -> str:
+        """How the server exited, on one line: its status and its log's error or last line."""
+        code = self.returncode()
+        if code is None:
+            how = "still running" if self._proc is not None else "never started"
+        elif code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exit status {code}"
+        text = self._log_text()
+        error = _error_summary(text, width=120)
+        if error:
+            return f"{how}; its log says: {error}"
+        last = _last_line(text)
+        return f"{how}; last log line: {last}" if last else how
 
     def log_tail(self, lines: int = 40) -> str:
         """The error lines of the server log or, when it has none, its last ``lines`` lines."""

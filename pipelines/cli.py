@@ -359,13 +359,8 @@ def bench(target: str, test_data: str, concurrency: str, batch_size: int, durati
           csv_path: str | None, html_path: str | None) -> None:
     """Measure TARGET: a model repository (a local Triton is launched over it, as Model
     Analyzer's local mode does) or the URL of a running endpoint."""
-    from torchship.components.benchmark import (
-        ProgressBar,
-        benchmark_endpoint,
-        benchmark_repository,
-        write_csv,
-        write_json,
-    )
+    from torchship.components.benchmark import ProgressBar, benchmark_endpoint, benchmark_repository
+    from torchship.components.benchmark_results import write_csv, write_json
     from torchship.components.report_html import write_html_report
 
     levels = _concurrency_levels(concurrency)

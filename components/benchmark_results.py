@@ -1,0 +1,204 @@
+"""The benchmark's result document: its schema, the level lookup, KFP metrics, JSON and CSV files.
+
+Result JSON (``write_json``), schema ``torchship.benchmark/v2``; times in ms unless named ``_us``
+(microseconds) or ``_s`` (seconds)::
+
+    schema              "torchship.benchmark/v2"
+    mode                "local" (server launched over a repository) | "remote" (a URL)
+    endpoint            the URL measured (credentials never appear)
+    protocol            "grpc" | "http" | "vertex"
+    repository          the model repository (local mode), else null
+    server_startup_s    local mode: seconds until the server was ready, else null
+    models              model names, in the order measured
+    batch_size          the first of batch_sizes (v1 readers)
+    batch_sizes         rows per request, one sweep each
+    concurrency         the concurrency levels (requests in flight)
+    warmup_s, duration_s, window_s, min_windows, max_windows, stability_pct,
+    stability_metrics, request_timeout_s, client_processes    the method, as run
+    host                {"cpu_count", "platform", "python"} of the client machine
+    started_at          ISO 8601 UTC; wall_s: seconds the whole run took
+    results             one row per (model, batch_size, concurrency):
+      model, batch_size, concurrency
+      p50_ms, p90_ms, p95_ms, p99_ms, mean_ms, std_ms, min_ms, max_ms   over the judged windows
+      throughput_rps      requests/s = requests / duration_s; throughput_sps: rows/s
+      requests            successful requests in the judged windows; duration_s their length
+      errors              failed requests in every measured window; error_rate over those windows
+      first_error         the first failure's message, or null
+      stable              true when the judged windows agree within the band
+      stability           {"band_pct", "metrics", "judged_windows", "spread_pct": {metric: %}}
+      windows             every measured window: {"index", "requests", "errors",
+                          "throughput_rps", "p50_ms", "p99_ms", "mean_ms", "client_cpu_s"}
+      p99_ci95_ms         [low, high]: 95 % t-interval of the judged windows' p99, or null
+      histogram           {"edges_ms": [...], "counts": [...]}: judged-window latencies in
+                          log-spaced bins (20 per decade), trimmed to the occupied range
+      server              Triton's statistics over the level, or null (see server_error):
+                          {"requests", "failures", "executions", "inferences", "avg_batch_size",
+                           "queue_us", "compute_input_us", "compute_infer_us",
+                           "compute_output_us", "request_us"} (per request, µs)
+      client              {"processes", "threads", "cpu_s", "cpu_cores", "cpu_util_pct",
+                           "saturated", "outside_server_us"}: the load generator's CPU (cores
+                          busy, % of the machine; saturated: a process above 0.9 cores, so the
+                          client may limit the load) and the mean latency not spent in the server
+
+``write_csv`` writes the rows flat, ``metrics_for_kfp`` gives the numbers a KFP ``Metrics``
+artifact takes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CSV_COLUMNS",
+    "SCHEMA",
+    "find_level",
+    "metrics_for_kfp",
+    "read_json",
+    "write_csv",
+    "write_json",
+    "write_text_atomic",
+]
+
+SCHEMA = "torchship.benchmark/v2"
+CSV_COLUMNS = (
+    "model", "batch_size", "concurrency", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms",
+    "std_ms", "min_ms", "max_ms", "throughput_rps", "throughput_sps", "requests", "errors",
+    "error_rate", "stable", "windows", "p99_ci95_low_ms", "p99_ci95_high_ms",
+    "server_requests", "server_avg_batch_size", "server_queue_us", "server_compute_input_us",
+    "server_compute_infer_us", "server_compute_output_us", "server_request_us",
+    "client_processes", "client_cpu_s", "client_cpu_cores", "client_outside_server_us",
+)
+
+
+def find_level(result: dict, model: str, concurrency: int,
+               batch_size: int | None = None) -> dict | None:
+    """The result row of ``model`` at ``concurrency`` (and ``batch_size``, default: the first)."""
+    batch_size = result.get("batch_size", 1) if batch_size is None else batch_size
+    for row in result.get("results", []):
+        if (row["model"] == model and int(row["concurrency"]) == int(concurrency)
+                and int(row.get("batch_size", 1)) == int(batch_size)):
+            return row
+    return None
+
+
+def _metric_name(*parts: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9_]+", "_", "_".join(str(p) for p in parts)).strip("_")
+
+
+def metrics_for_kfp(result: dict) -> dict[str, float]:
+    """Flat ``{name: number}`` for a KFP ``Metrics`` artifact: per model and level
+    ``<model>_c<c>[_b<b>]_<metric>`` (``_b`` only when several batch sizes were swept)."""
+    several = len(result.get("batch_sizes") or [result.get("batch_size", 1)]) > 1
+    metrics: dict[str, float] = {}
+    for row in result.get("results", []):
+        level = f"c{row['concurrency']}" + (f"_b{row['batch_size']}" if several else "")
+        values = {
+            "p50_ms": row.get("p50_ms"), "p95_ms": row.get("p95_ms"), "p99_ms": row.get("p99_ms"),
+            "mean_ms": row.get("mean_ms"), "throughput_rps": row.get("throughput_rps"),
+            "errors": row.get("errors"),
+            "stable": None if row.get("stable") is None else float(bool(row["stable"])),
+            "server_queue_us": (row.get("server") or {}).get("queue_us"),
+            "server_compute_infer_us": (row.get("server") or {}).get("compute_infer_us"),
+            "client_cpu_cores": (row.get("client") or {}).get("cpu_cores"),
+        }
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and math.isfinite(value):
+                metrics[_metric_name(row["model"], level, key)] = float(value)
+    return metrics
+
+
+def _csv_row(row: dict) -> dict[str, Any]:
+    server, client = row.get("server") or {}, row.get("client") or {}
+    ci = row.get("p99_ci95_ms") or [None, None]
+    flat = {key: row.get(key) for key in CSV_COLUMNS}
+    flat.update(
+        windows=len(row.get("windows") or []),
+        p99_ci95_low_ms=ci[0], p99_ci95_high_ms=ci[1],
+        server_requests=server.get("requests"),
+        server_avg_batch_size=server.get("avg_batch_size"),
+        server_queue_us=server.get("queue_us"),
+        server_compute_input_us=server.get("compute_input_us"),
+        server_compute_infer_us=server.get("compute_infer_us"),
+        server_compute_output_us=server.get("compute_output_us"),
+        server_request_us=server.get("request_us"),
+        client_processes=client.get("processes"), client_cpu_s=client.get("cpu_s"),
+        client_cpu_cores=client.get("cpu_cores"),
+        client_outside_server_us=client.get("outside_server_us"),
+    )
+    return {k: ("" if v is None else v) for k, v in flat.items()}
+
+
+def write_csv(result: dict, path: str | os.PathLike) -> Path:
+    """One CSV row per model and level (columns ``CSV_COLUMNS``), written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in result.get("results", []):
+        writer.writerow(_csv_row(row))
+    return write_text_atomic(Path(path), buffer.getvalue())
+
+
+def write_json(result: dict, path: str | os.PathLike) -> Path | str:
+    """Write ``result`` as JSON to a path (atomically: temporary file, then rename) or to an fsspec
+    URI such as ``gs://bucket/torchship/benchmark.json`` (object stores write whole objects)."""
+    text = json.dumps(result, indent=2, default=_json_default) + "\n"
+    if "://" in str(path):
+        import fsspec
+
+        with fsspec.open(str(path), "w") as handle:
+            handle.write(text)
+        return str(path)
+    return write_text_atomic(Path(path), text)
+
+
+def read_json(uri: str | os.PathLike) -> dict | None:
+    """A JSON document from a path or an fsspec URI (``gs://`` included); ``None`` when absent."""
+    uri = str(uri)
+    if "://" not in uri:
+        path = Path(uri)
+        return json.loads(path.read_text()) if path.is_file() else None
+    import fsspec
+
+    try:
+        with fsspec.open(uri, "r") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
