@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,11 @@ VARIANT_ORDER = ("fp32", "pruned", "structured", "distilled", "int8", "int8_dyna
 BATCH_SIZES_CHECKED = (1, 7)
 # Held-out rows used for parity; enough for a stable top-1 agreement, cheap to run.
 MAX_PARITY_ROWS = 2048
+# A staging directory in which nothing changed for this long was left by a run that was killed
+# (SIGKILL, a lost machine): a live one writes each variant as it finishes, in seconds to minutes.
+STALE_STAGING_S = 3600.0
+# The random part tempfile.mkdtemp puts after a staging directory's prefix.
+_MKDTEMP_NAME = re.compile(r"[a-z0-9_]{8}")
 
 
 def export_onnx(
@@ -250,12 +257,53 @@ def check_parity(
 
 
 def make_staging_dir(destination: str | os.PathLike) -> Path:
-    """A fresh directory beside `destination`, to build an artifact in before publish_dir."""
+    """A fresh directory beside `destination`, to build an artifact in before publish_dir.
+
+    Staging directories of `destination` that killed runs left behind are removed first.
+    """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    remove_stale_staging(destination)
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(destination), dir=destination.parent))
     staging.chmod(0o755)  # mkdtemp makes it owner-only; the published artifact is read by others
     return staging
+
+
+def remove_stale_staging(destination: str | os.PathLike,
+                         max_idle_s: float = STALE_STAGING_S) -> list[Path]:
+    """Remove the staging directories of `destination` (and of no other) in which nothing has
+    changed for `max_idle_s`, and return them; those still being written are left alone."""
+    destination = Path(destination)
+    prefix = _staging_prefix(destination)
+    removed = []
+    for entry in destination.parent.iterdir():
+        if not (entry.name.startswith(prefix) and _MKDTEMP_NAME.fullmatch(entry.name[len(prefix):])
+                and entry.is_dir() and not entry.is_symlink()):
+            continue
+        try:
+            idle_s = time.time() - _last_change(entry)
+        except FileNotFoundError:  # its own run just published or removed it
+            continue
+        if idle_s >= max_idle_s:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _staging_prefix(destination: Path) -> str:
+    return f".{destination.name}.tmp-"
+
+
+def _last_change(directory: Path) -> float:
+    """The newest modification time of `directory` and of everything under it."""
+    newest = directory.stat().st_mtime
+    for root, dirs, files in os.walk(directory):
+        for name in (*dirs, *files):
+            try:
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+            except FileNotFoundError:  # removed while we looked
+                pass
+    return newest
 
 
 def publish_dir(staging: Path, destination: str | os.PathLike) -> None:

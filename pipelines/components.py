@@ -130,16 +130,24 @@ def benchmark(
     concurrency: list[int],
     batch_size: int,
     duration_s: float,
+    warmup_s: float,
+    window_s: float,
+    min_windows: int,
+    max_windows: int,
+    stability_pct: float,
     results: Output[Artifact],
     results_csv: Output[Dataset],
     metrics: Output[Metrics],
     summary: Output[Markdown],
 ):
     """Every variant on a real Triton launched over a candidate repository (as Model Analyzer's
-    local mode does): latency percentiles, throughput, server queue/compute time."""
+    local mode does): latency percentiles, throughput, server queue/compute time. Each level
+    runs `min_windows` to `max_windows` windows of `window_s` (0: `duration_s / min_windows`)
+    after `warmup_s`, until they agree within `stability_pct`."""
     import tempfile
 
-    from torchship.components.benchmark import benchmark_repository, metrics_for_kfp, write_csv
+    from torchship.components.benchmark import benchmark_repository
+    from torchship.components.benchmark_results import metrics_for_kfp, write_csv
     from torchship.components.deploy import build_model_repository
     from torchship.components.progress import report
     from torchship.components.report import build_summary, write_summary
@@ -149,7 +157,9 @@ def benchmark(
         build_model_repository(onnx_models.path, repository, "local", warmup_path=test.path)
         measured = benchmark_repository(
             repository, test.path, concurrency=[int(level) for level in concurrency],
-            batch_size=batch_size, duration_s=duration_s, progress=report,
+            batch_size=batch_size, duration_s=duration_s, warmup_s=warmup_s,
+            window_s=window_s or None, min_windows=min_windows, max_windows=max_windows,
+            stability_pct=stability_pct, progress=report,
         )
     table = build_summary(onnx_models.path, measured)
     write_summary(table, results.path, summary.path)

@@ -1,10 +1,11 @@
 """The torchship DAG (data -> train -> compress -> export -> deploy -> benchmark) and its compiler."""
 
+import inspect
 import os
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from kfp import compiler, dsl
 from kfp.dsl import HTML, Artifact, Markdown
@@ -44,7 +45,10 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
     measured = ops.benchmark(
         onnx_models=exported.outputs["onnx_models"], test=data.outputs["test"],
         concurrency=params["benchmark_concurrency"], batch_size=params["benchmark_batch_size"],
-        duration_s=params["benchmark_duration_s"],
+        duration_s=params["benchmark_duration_s"], warmup_s=params["benchmark_warmup_s"],
+        window_s=params["benchmark_window_s"], min_windows=params["benchmark_min_windows"],
+        max_windows=params["benchmark_max_windows"],
+        stability_pct=params["benchmark_stability_pct"],
     )
     decided = ops.gate(
         onnx_models=exported.outputs["onnx_models"], results=measured.outputs["results"],
@@ -66,6 +70,63 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
                    gate_record=decided.outputs["record"], report=decided.outputs["report_html"])
 
 
+DESCRIPTION = "PyTorch model from raw data to a benchmarked NVIDIA Triton deployment."
+
+# A pipeline's parameters as (name, type, default). KFP reads them from the pipeline function's
+# signature, so each target's signature is built from one of these.
+Parameters = tuple[tuple[str, Any, Any], ...]
+# The parameters of every target.
+PARAMETERS: Parameters = (
+    ("data_source", str, "digits"),
+    ("label_column", str, "label"),
+    ("statistics_uri", str, ""),
+    ("model_name", str, "mlp"),
+    ("epochs", int, 10),
+    ("batch_size", int, 64),
+    ("learning_rate", float, 0.001),
+    ("num_workers", int, 2),
+    ("seed", int, 0),
+    ("target_sparsity", float, 0.8),
+    ("finetune_epochs", int, 2),
+    ("quantize", bool, True),
+    ("variants", list[str], DEFAULT_VARIANTS),
+    ("calibration_method", str, "minmax"),
+    ("benchmark_concurrency", list[int], [1, 4]),
+    ("benchmark_batch_size", int, 1),
+    ("benchmark_duration_s", float, 3.0),
+    # Each level runs min to max windows, until its windows agree within stability_pct.
+    ("benchmark_warmup_s", float, 1.0),
+    ("benchmark_window_s", float, 0.0),  # 0: benchmark_duration_s / benchmark_min_windows
+    ("benchmark_min_windows", int, 3),
+    ("benchmark_max_windows", int, 10),
+    ("benchmark_stability_pct", float, 15.0),
+    ("max_accuracy_drop_pt", float, 1.0),
+    ("max_size_bytes", int, 0),
+    ("optimise", str, "latency"),
+    ("accuracy_floor", float, 0.0),
+    ("baseline_uri", str, ""),
+    ("latency_budget_p99_ms", float, 0.0),
+    ("target_concurrency", int, 4),
+    ("previous_results_uri", str, ""),
+    ("max_p99_regression_pct", float, 10.0),
+    ("deploy_target", str, "local"),
+    ("local_repository", str, ""),
+    ("deploy_settings", dict, {}),
+)
+# The vertex target scales training out over replicas (one process each by default), sized by
+# the parameters it adds.
+VERTEX_PARAMETERS: Parameters = (
+    *((name, kind, 1 if name == "num_workers" else default) for name, kind, default in PARAMETERS),
+    ("train_replica_count", int, 2),
+    ("train_machine_type", str, "n1-standard-8"),
+    ("train_accelerator_type", str, ""),
+    ("train_accelerator_count", int, 0),
+    ("vertex_location", str, "us-central1"),
+)
+# Pipeline parameters the train component takes under the same names, on every target.
+TRAINING_PARAMETERS = ("model_name", "epochs", "batch_size", "learning_rate", "num_workers", "seed")
+
+
 def build_pipeline(image: str, target: str = "local") -> Callable:
     """The pipeline function for `target`, with every component's base image set to `image`.
 
@@ -75,113 +136,56 @@ def build_pipeline(image: str, target: str = "local") -> Callable:
     if target not in TARGETS:
         raise UserInputError(f"target {target!r} is unknown; pass one of {', '.join(TARGETS)}")
     ops = build_components(image, vertex=target == "vertex")
-    return _local_pipeline(ops) if target == "local" else _vertex_pipeline(ops)
+    if target == "local":
+        return _pipeline(ops, PARAMETERS, _train_in_one_task)
+    return _pipeline(ops, VERTEX_PARAMETERS, _train_as_vertex_job)
 
 
-DESCRIPTION = "PyTorch model from raw data to a benchmarked NVIDIA Triton deployment."
+TrainStep = Callable[[Components, dsl.PipelineTask, dict[str, Any]], dsl.PipelineTask]
 
 
-def _local_pipeline(ops: Components) -> Callable:
-    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
-    def torchship_pipeline(
-        data_source: str = "digits",
-        label_column: str = "label",
-        statistics_uri: str = "",
-        model_name: str = "mlp",
-        epochs: int = 10,
-        batch_size: int = 64,
-        learning_rate: float = 0.001,
-        num_workers: int = 2,
-        seed: int = 0,
-        target_sparsity: float = 0.8,
-        finetune_epochs: int = 2,
-        quantize: bool = True,
-        variants: list[str] = DEFAULT_VARIANTS,
-        calibration_method: str = "minmax",
-        benchmark_concurrency: list[int] = [1, 4],  # noqa: B006
-        benchmark_batch_size: int = 1,
-        benchmark_duration_s: float = 3.0,
-        max_accuracy_drop_pt: float = 1.0,
-        max_size_bytes: int = 0,
-        optimise: str = "latency",
-        accuracy_floor: float = 0.0,
-        baseline_uri: str = "",
-        latency_budget_p99_ms: float = 0.0,
-        target_concurrency: int = 4,
-        previous_results_uri: str = "",
-        max_p99_regression_pct: float = 10.0,
-        deploy_target: str = "local",
-        local_repository: str = "",
-        deploy_settings: dict = {},  # noqa: B006
-    ) -> Outputs:
-        params = locals()
-        data = ops.prepare_data(data_source=data_source, label_column=label_column, seed=seed,
-                                statistics_uri=statistics_uri)
-        trained = ops.train(
-            train=data.outputs["train"], val=data.outputs["val"], model_name=model_name,
-            epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-            num_workers=num_workers, seed=seed,
-        )
-        return _after_training(ops, data, trained, params)
+def _pipeline(ops: Components, parameters: Parameters, train: TrainStep) -> Callable:
+    """The pipeline taking `parameters`: prepare-data, then `train`, then every later stage."""
+    signature = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                           annotation=kind) for name, kind, default in parameters],
+        return_annotation=Outputs,
+    )
 
-    return torchship_pipeline
+    def torchship_pipeline(*args: Any, **kwargs: Any) -> Outputs:
+        bound = signature.bind(*args, **kwargs)  # KFP passes one channel a parameter, in order
+        bound.apply_defaults()
+        params = bound.arguments
+        data = ops.prepare_data(data_source=params["data_source"],
+                                label_column=params["label_column"], seed=params["seed"],
+                                statistics_uri=params["statistics_uri"])
+        return _after_training(ops, data, train(ops, data, params), params)
+
+    torchship_pipeline.__signature__ = signature  # what KFP's compiler reads
+    return dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)(torchship_pipeline)
 
 
-def _vertex_pipeline(ops: Components) -> Callable:
-    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
-    def torchship_vertex_pipeline(
-        data_source: str = "digits",
-        label_column: str = "label",
-        statistics_uri: str = "",
-        model_name: str = "mlp",
-        epochs: int = 10,
-        batch_size: int = 64,
-        learning_rate: float = 0.001,
-        num_workers: int = 1,
-        seed: int = 0,
-        target_sparsity: float = 0.8,
-        finetune_epochs: int = 2,
-        quantize: bool = True,
-        variants: list[str] = DEFAULT_VARIANTS,
-        calibration_method: str = "minmax",
-        benchmark_concurrency: list[int] = [1, 4],  # noqa: B006
-        benchmark_batch_size: int = 1,
-        benchmark_duration_s: float = 3.0,
-        max_accuracy_drop_pt: float = 1.0,
-        max_size_bytes: int = 0,
-        optimise: str = "latency",
-        accuracy_floor: float = 0.0,
-        baseline_uri: str = "",
-        latency_budget_p99_ms: float = 0.0,
-        target_concurrency: int = 4,
-        previous_results_uri: str = "",
-        max_p99_regression_pct: float = 10.0,
-        deploy_target: str = "local",
-        local_repository: str = "",
-        deploy_settings: dict = {},  # noqa: B006
-        train_replica_count: int = 2,
-        train_machine_type: str = "n1-standard-8",
-        train_accelerator_type: str = "",
-        train_accelerator_count: int = 0,
-        vertex_location: str = "us-central1",
-    ) -> Outputs:
-        params = locals()
-        data = ops.prepare_data(data_source=data_source, label_column=label_column, seed=seed,
-                                statistics_uri=statistics_uri)
-        pools = ops.vertex_worker_pools(
-            template=ops.train_custom_job_template, replica_count=train_replica_count,
-            machine_type=train_machine_type, accelerator_type=train_accelerator_type,
-            accelerator_count=train_accelerator_count,
-        )
-        trained = ops.train_custom_job(
-            train=data.outputs["train"], val=data.outputs["val"], model_name=model_name,
-            epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-            num_workers=num_workers, seed=seed, worker_pool_specs=pools.output,
-            location=vertex_location,
-        )
-        return _after_training(ops, data, trained, params)
+def _train_in_one_task(ops: Components, data: dsl.PipelineTask,
+                       params: dict[str, Any]) -> dsl.PipelineTask:
+    """DDP over `num_workers` processes in one task (kfp.local, one Kubeflow pod)."""
+    return ops.train(train=data.outputs["train"], val=data.outputs["val"],
+                     **{name: params[name] for name in TRAINING_PARAMETERS})
 
-    return torchship_vertex_pipeline
+
+def _train_as_vertex_job(ops: Components, data: dsl.PipelineTask,
+                         params: dict[str, Any]) -> dsl.PipelineTask:
+    """A Vertex AI custom job of `train_replica_count` machines, sized at run time."""
+    pools = ops.vertex_worker_pools(
+        template=ops.train_custom_job_template, replica_count=params["train_replica_count"],
+        machine_type=params["train_machine_type"],
+        accelerator_type=params["train_accelerator_type"],
+        accelerator_count=params["train_accelerator_count"],
+    )
+    return ops.train_custom_job(
+        train=data.outputs["train"], val=data.outputs["val"],
+        **{name: params[name] for name in TRAINING_PARAMETERS},
+        worker_pool_specs=pools.output, location=params["vertex_location"],
+    )
 
 
 def compile_pipeline(output: str | Path, image: str | None = None, target: str = "local") -> Path:
@@ -202,7 +206,7 @@ def check_parameters(arguments: dict[str, Any], defaults: dict[str, Any] | None 
 
     values = {**(defaults or {}), **arguments}
 
-    def refuse(name: str, problem: str, fix: str) -> None:
+    def refuse(name: str, problem: str, fix: str) -> NoReturn:
         raise UserInputError(f"parameter {name}={values[name]!r} {problem}; {fix}")
 
     if "latency_budget_p99_ms" in arguments and float(arguments["latency_budget_p99_ms"]) == 0:
@@ -220,11 +224,53 @@ def check_parameters(arguments: dict[str, Any], defaults: dict[str, Any] | None 
                    f"pass some of {', '.join(known)}")
     if "calibration_method" in values and values["calibration_method"] not in CALIBRATION_METHODS:
         refuse("calibration_method", "is unknown", f"pass one of {', '.join(CALIBRATION_METHODS)}")
+    _check_benchmark_sweep(values, refuse)
     if "target_concurrency" in values and "benchmark_concurrency" in values:
         levels = [int(level) for level in values["benchmark_concurrency"]]
         if int(values["target_concurrency"]) not in levels:
             refuse("target_concurrency", f"is not a measured level ({levels})",
                    "pass one of the benchmark concurrency levels, or add it to them")
+
+
+def _check_benchmark_sweep(values: dict[str, Any],
+                           refuse: Callable[[str, str, str], NoReturn]) -> None:
+    """The benchmark's levels and measurement windows, which it would refuse only after training."""
+
+    def number(name: str) -> float:
+        try:
+            return float(values[name])
+        except (TypeError, ValueError):
+            refuse(name, "is not a number", "pass a number")
+
+    def whole(value: Any) -> bool:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and float(value).is_integer() and value >= 1)
+
+    if "benchmark_concurrency" in values:
+        levels = values["benchmark_concurrency"]
+        if not isinstance(levels, list) or not levels or not all(map(whole, levels)):
+            refuse("benchmark_concurrency", "is not a list of positive integers",
+                   "pass the levels to measure, e.g. [1, 4]")
+    for name in ("benchmark_batch_size", "benchmark_min_windows", "benchmark_max_windows"):
+        if name in values and not whole(values[name]):
+            refuse(name, "is not a positive integer", "pass 1 or more")
+    if "benchmark_min_windows" in values and "benchmark_max_windows" in values:
+        least = values["benchmark_min_windows"]
+        if values["benchmark_max_windows"] < least:
+            refuse("benchmark_max_windows", f"is below benchmark_min_windows={least:g}",
+                   "pass a maximum at least the minimum")
+    for name, fix in (
+        ("benchmark_duration_s", "pass the seconds measured per level, e.g. 3"),
+        ("benchmark_stability_pct", "pass the % a level's windows must agree within, e.g. 15"),
+    ):
+        if name in values and not number(name) > 0:
+            refuse(name, "is not positive", fix)
+    for name, fix in (
+        ("benchmark_warmup_s", "pass 0 for no warm-up, or the seconds to warm up each level"),
+        ("benchmark_window_s", "pass a window in seconds, or 0 for duration / min windows"),
+    ):
+        if name in values and not number(name) >= 0:
+            refuse(name, "is negative", fix)
 
 
 def compiled_defaults(pipeline_yaml: str | Path) -> dict[str, Any]:

@@ -5,13 +5,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from torchship.pipelines.pipeline import STAGES
+from torchship.components.errors import UserInputError
+from torchship.pipelines.pipeline import (
+    STAGES,
+    check_parameters,
+    compile_pipeline,
+    compiled_defaults,
+)
 
 TORCHSHIP = [sys.executable, "-m", "torchship.pipelines.cli"]
+
+
+@pytest.fixture(scope="module")
+def compiled_local(tmp_path_factory) -> Path:
+    return compile_pipeline(tmp_path_factory.mktemp("compiled") / "pipeline.yaml", image="img:1")
 
 
 def compile_spec(tmp_path: Path, *args: str, env: dict | None = None) -> pipeline_spec_pb2.PipelineSpec:
@@ -105,3 +117,84 @@ def test_worker_pool_specs_put_the_chief_in_pool_0_and_the_rest_in_pool_1():
         worker_pool_specs(template, 0, "n1-standard-8")
     with pytest.raises(UserInputError, match="train_accelerator_count"):
         worker_pool_specs(template, 2, "n1-standard-8", "NVIDIA_L4", 0)
+
+
+# The benchmark sweep's parameters and their defaults: what the benchmark did before they existed.
+BENCHMARK_SWEEP = {
+    "benchmark_concurrency": ("LIST", [1, 4]),
+    "benchmark_duration_s": ("NUMBER_DOUBLE", 3.0),
+    "benchmark_warmup_s": ("NUMBER_DOUBLE", 1.0),
+    "benchmark_window_s": ("NUMBER_DOUBLE", 0.0),
+    "benchmark_min_windows": ("NUMBER_INTEGER", 3),
+    "benchmark_max_windows": ("NUMBER_INTEGER", 10),
+    "benchmark_stability_pct": ("NUMBER_DOUBLE", 15.0),
+}
+
+
+@pytest.mark.parametrize("target", ["local", "vertex"])
+def test_benchmark_sweep_is_set_by_pipeline_parameters_that_default_to_todays_sweep(
+        tmp_path, target):
+    spec = compile_spec(tmp_path, "--target", target)
+    parameters = spec.root.input_definitions.parameters
+    declared = {
+        name: (pipeline_spec_pb2.ParameterType.ParameterTypeEnum.Name(
+                   parameters[name].parameter_type),
+               json_format.MessageToDict(parameters[name].default_value))
+        for name in BENCHMARK_SWEEP
+    }
+    assert declared == BENCHMARK_SWEEP
+    assert check_parameters({}, compiled_defaults(tmp_path / "pipeline.yaml")) is None
+    # The benchmark task takes each one, under its own name without the `benchmark_` prefix.
+    inputs = spec.root.dag.tasks["benchmark"].inputs.parameters
+    for name in BENCHMARK_SWEEP:
+        assert inputs[name.removeprefix("benchmark_")].component_input_parameter == name
+
+
+def test_both_targets_take_the_same_parameters_but_vertex_adds_the_custom_job_size(tmp_path):
+    local = compile_spec(tmp_path / "local", "--target", "local").root.input_definitions
+    vertex = compile_spec(tmp_path / "vertex", "--target", "vertex").root.input_definitions
+    added = set(vertex.parameters) - set(local.parameters)
+    assert added == {"train_replica_count", "train_machine_type", "train_accelerator_type",
+                     "train_accelerator_count", "vertex_location"}
+    assert set(local.parameters) <= set(vertex.parameters)
+    for name, parameter in local.parameters.items():
+        if name != "num_workers":  # one process per replica on Vertex AI
+            assert vertex.parameters[name] == parameter, name
+    assert local.parameters["num_workers"].default_value.number_value == 2
+    assert vertex.parameters["num_workers"].default_value.number_value == 1
+
+
+@pytest.mark.parametrize(("arguments", "expected"), [
+    ({"benchmark_concurrency": []},
+     ("parameter benchmark_concurrency=[] is not a list of positive integers; "
+      "pass the levels to measure, e.g. [1, 4]")),
+    ({"benchmark_concurrency": [1, 0]}, "benchmark_concurrency=[1, 0] is not a list of positive"),
+    ({"benchmark_concurrency": "1,4"}, "benchmark_concurrency='1,4' is not a list of positive"),
+    ({"benchmark_batch_size": 0}, "benchmark_batch_size=0 is not a positive integer; pass 1"),
+    ({"benchmark_min_windows": 2.5}, "benchmark_min_windows=2.5 is not a positive integer"),
+    ({"benchmark_max_windows": 2},
+     ("parameter benchmark_max_windows=2 is below benchmark_min_windows=3; "
+      "pass a maximum at least the minimum")),
+    ({"benchmark_duration_s": 0}, "benchmark_duration_s=0 is not positive; pass the seconds"),
+    ({"benchmark_stability_pct": -1}, "benchmark_stability_pct=-1 is not positive; pass the %"),
+    ({"benchmark_warmup_s": -0.5}, "benchmark_warmup_s=-0.5 is negative; pass 0 for no warm-up"),
+    ({"benchmark_window_s": -1}, "benchmark_window_s=-1 is negative; pass a window in seconds"),
+    ({"benchmark_window_s": "long"}, "benchmark_window_s='long' is not a number; pass a number"),
+])
+def test_bad_benchmark_sweep_is_refused_in_one_line_naming_the_parameter(
+        compiled_local, arguments, expected):
+    with pytest.raises(UserInputError) as error:
+        check_parameters(arguments, compiled_defaults(compiled_local))
+    assert expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_run_refuses_a_bad_benchmark_sweep_before_anything_runs(compiled_local, tmp_path):
+    done = subprocess.run([*TORCHSHIP, "run", str(compiled_local), "--pipeline-root",
+                           str(tmp_path / "runs"), "-p", "benchmark_max_windows=2"],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        ("error: parameter benchmark_max_windows=2 is below benchmark_min_windows=3; "
+         "pass a maximum at least the minimum")]
+    assert not (tmp_path / "runs").exists()
