@@ -8,99 +8,49 @@ import http.server
 import json
 import threading
 import time
-import warnings
-from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
+from artifacts import N_CLASSES, N_FEATURES
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from torchship.components.benchmark import (
+from torchship.components.benchmark import ProgressBar, benchmark_endpoint, benchmark_repository
+from torchship.components.benchmark_gate import evaluate_gate
+from torchship.components.benchmark_results import (
     SCHEMA,
-    ProgressBar,
-    benchmark_endpoint,
-    benchmark_repository,
     find_level,
     metrics_for_kfp,
     read_json,
     write_csv,
     write_json,
 )
-from torchship.components.benchmark_gate import evaluate_gate
-from torchship.components.deploy import build_model_repository
 from torchship.components.errors import ServingError, UserInputError
 from torchship.components.report import build_summary, format_markdown, format_table
 from torchship.components.report_html import write_html_report
 from torchship.components.triton import TritonServer, free_port
 
-N_FEATURES, N_CLASSES = 8, 3
 SHORT = {"warmup_s": 0.2, "window_s": 0.25, "min_windows": 3, "max_windows": 5}
 
 
 # -- fixtures -----------------------------------------------------------------------------------
+# workdir, onnx_dir (fp32 and pruned), test_path and local_repo come from conftest.py.
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("bench")
-
-
-@pytest.fixture(scope="module")
-def onnx_dir(workdir) -> Path:
-    out = workdir / "onnx"
-    torch.manual_seed(0)
-    records = []
-    for name, accuracy in (("fp32", 0.95), ("pruned", 0.94)):
-        (out / name).mkdir(parents=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter
-            torch.onnx.export(
-                torch.nn.Linear(N_FEATURES, N_CLASSES).eval(), (torch.randn(2, N_FEATURES),),
-                str(out / name / "model.onnx"), input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
-            )
-        records.append({
-            "name": name, "test_accuracy": accuracy, "onnx_size_bytes": 400,
-            "parity": {"max_abs_diff": 1e-6, "top1_agreement": 1.0, "passed": True},
-            "acc_drop_pt": (0.95 - accuracy) * 100, "latency_b1_ms": 0.05,
-        })
-    (out / "variants.json").write_text(json.dumps(records))
-    return out
-
-
-@pytest.fixture(scope="module")
-def test_path(workdir) -> Path:
-    rng = np.random.default_rng(0)
-    path = workdir / "test.npz"
-    np.savez(path, x=rng.standard_normal((256, N_FEATURES)).astype(np.float32),
-             y=rng.integers(0, N_CLASSES, 256).astype(np.int64))
-    return path
-
-
-@pytest.fixture(scope="module")
-def repo(workdir, onnx_dir) -> Path:
-    path = workdir / "repo"
-    build_model_repository(onnx_dir, path, target="local")
-    return path
-
-
-@pytest.fixture(scope="module")
-def local_result(repo, test_path):
+def local_result(local_repo, test_path):
     """One local-mode sweep shared by the checks on its numbers and its reports."""
     lines, events = [], []
     started = time.monotonic()
     result = benchmark_repository(
-        repo, test_path, concurrency=(1, 4), batch_sizes=(1, 4), protocol="grpc",
+        local_repo, test_path, concurrency=(1, 4), batch_sizes=(1, 4), protocol="grpc",
         models=["fp32"], progress=lines.append, on_window=events.append, **SHORT,
     )
     return result, lines, events, time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
-def server(repo):
-    with TritonServer(repo) as running:
+def server(local_repo):
+    with TritonServer(local_repo) as running:
         yield running
 
 
@@ -138,11 +88,12 @@ class TritonPythonModel:
 
 
 @pytest.fixture(scope="module")
-def bad_server(workdir, repo):
+def bad_server(workdir, local_repo):
     path = workdir / "repo_bad"
     for name, rule in MISBEHAVING.items():
         (path / name / "1").mkdir(parents=True)
-        config = text_format.Parse((repo / "fp32" / "config.pbtxt").read_text(), mc.ModelConfig())
+        config = text_format.Parse((local_repo / "fp32" / "config.pbtxt").read_text(),
+                                   mc.ModelConfig())
         config.name = name
         config.ClearField("model_warmup")
         (path / name / "config.pbtxt").write_text(text_format.MessageToString(config))
@@ -249,16 +200,16 @@ def test_progress_bar_renders_events(local_result):
     assert text.count("\r") == len(events) and text.endswith("\n") and "fp32" in text
 
 
-def test_local_http_and_bad_arguments(repo, test_path):
-    result = benchmark_repository(repo, test_path, concurrency=2, batch_size=3, protocol="http",
+def test_local_http_and_bad_arguments(local_repo, test_path):
+    result = benchmark_repository(local_repo, test_path, concurrency=2, batch_size=3, protocol="http",
                                   models=["pruned"], progress=None, **SHORT)
     (row,) = result["results"]
     assert row["model"] == "pruned" and row["errors"] == 0 and row["server"]["failures"] == 0
     assert result["endpoint"].startswith("http://127.0.0.1:")
     with pytest.raises(UserInputError, match="batch_size"):
-        benchmark_repository(repo, test_path, batch_size=1000, progress=None)
+        benchmark_repository(local_repo, test_path, batch_size=1000, progress=None)
     with pytest.raises(UserInputError, match="min_windows"):
-        benchmark_repository(repo, test_path, min_windows=4, max_windows=2, progress=None)
+        benchmark_repository(local_repo, test_path, min_windows=4, max_windows=2, progress=None)
 
 
 # -- remote mode --------------------------------------------------------------------------------
@@ -383,7 +334,7 @@ def test_a_server_that_stalls_mid_run_times_out(bad_server, test_path):
     assert time.monotonic() - started < 15
 
 
-def test_bench_command_measures_a_repository_and_a_running_server(repo, server, test_path,
+def test_bench_command_measures_a_repository_and_a_running_server(local_repo, server, test_path,
                                                                    tmp_path):
     import subprocess
     import sys
@@ -394,7 +345,7 @@ def test_bench_command_measures_a_repository_and_a_running_server(repo, server, 
              str(test_path), "--concurrency", "1,2", "--duration", "0.6", "--max-windows", "3",
              *args], capture_output=True, text=True, timeout=180, check=False)
 
-    local = bench(str(repo), "--csv", str(tmp_path / "levels.csv"), "--html",
+    local = bench(str(local_repo), "--csv", str(tmp_path / "levels.csv"), "--html",
                   str(tmp_path / "report.html"), "-o", str(tmp_path / "result.json"))
     assert local.returncode == 0, local.stderr[-2000:]
     assert "level 4/4" in local.stdout + local.stderr  # the progress bar reached the end
@@ -403,7 +354,7 @@ def test_bench_command_measures_a_repository_and_a_running_server(repo, server, 
     assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") >= 2
 
     # Our server keeps its model index closed, so a remote run names the models.
-    names = [arg for d in sorted(repo.iterdir()) if (d / "config.pbtxt").is_file()
+    names = [arg for d in sorted(local_repo.iterdir()) if (d / "config.pbtxt").is_file()
              for arg in ("--model", d.name)]
     remote = bench(server.http_url, "--protocol", "http", *names)
     assert remote.returncode == 0, remote.stderr[-2000:]

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from torchship.components.benchmark import SCHEMA
 from torchship.components.benchmark_gate import (
     GATE_SCHEMA,
     evaluate_gate,
@@ -16,6 +15,7 @@ from torchship.components.benchmark_gate import (
     write_gate_record,
 )
 from torchship.components.benchmark_regression import compare_with_previous
+from torchship.components.benchmark_results import SCHEMA
 from torchship.components.errors import UserInputError
 
 

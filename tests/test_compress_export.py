@@ -1,7 +1,6 @@
 """compress_model and export_variants on a model trained once for the whole module."""
 
 import json
-import socket
 
 import numpy as np
 import onnx
@@ -17,11 +16,12 @@ from torchship.components.compress import (
     structured_pruning,
 )
 from torchship.components.compress_measure import measure_variants
-from torchship.components.data import load_split, prepare_data
+from torchship.components.data import load_split
 from torchship.components.errors import ParityError, UserInputError
 from torchship.components.export import export_onnx, export_variants
 from torchship.components.models import build_model, load_checkpoint, save_checkpoint
 from torchship.components.train import train_model
+from torchship.components.triton import free_port
 
 VARIANT_KEYS = {"name", "format", "source", "kind", "precision", "test_accuracy", "size_bytes",
                 "sparsity", "n_parameters", "nonzero_parameters", "settings"}
@@ -33,19 +33,10 @@ MEASURED_KEYS = {"onnx_test_accuracy", "acc_drop_pt", "n_parameters", "nonzero_p
 FAST = {"target_sparsity": 0.8, "prune_steps": 2, "finetune_epochs": 1, "distill_epochs": 8}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, digits):
     """Digits splits and an mlp trained in this process as a one-worker job (no launcher)."""
-    directory = tmp_path_factory.mktemp("trained")
-    paths = {name: str(directory / name) for name in ("train", "val", "test")}
-    prepare_data("digits", "", paths["train"], paths["val"], paths["test"], seed=0)
-    paths["model"] = str(directory / "model.pt")
+    paths = {**digits, "model": str(tmp_path_factory.mktemp("trained") / "model.pt")}
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
         for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",

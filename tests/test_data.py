@@ -18,15 +18,15 @@ def split_paths(directory: Path) -> tuple[str, str, str]:
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
+def prepared_digits(tmp_path_factory):
     directory = tmp_path_factory.mktemp("digits")
     meta = prepare_data("digits", "ignored", *split_paths(directory), seed=0)
     return meta, {name: load_split(path) for name, path in zip(
         ("train", "val", "test"), split_paths(directory))}, directory
 
 
-def test_digits_splits_have_the_contract_keys_at_exact_paths(digits):
-    meta, splits, directory = digits
+def test_digits_splits_have_the_contract_keys_at_exact_paths(prepared_digits):
+    meta, splits, directory = prepared_digits
     assert sorted(p.name for p in directory.iterdir()) == ["test", "train", "val"]
     for split in splits.values():
         assert set(split) == KEYS
@@ -40,8 +40,8 @@ def test_digits_splits_have_the_contract_keys_at_exact_paths(digits):
     assert len(meta["schema"]) == 65 and len(meta["feature_names"]) == 64
 
 
-def test_digits_split_is_stratified(digits):
-    meta, splits, _ = digits
+def test_digits_split_is_stratified(prepared_digits):
+    meta, splits, _ = prepared_digits
     overall = np.bincount(np.concatenate([s["y"] for s in splits.values()])) / 1797
     for name, split in splits.items():
         share = np.bincount(split["y"], minlength=10) / len(split["y"])
@@ -50,8 +50,8 @@ def test_digits_split_is_stratified(digits):
         assert [counts[str(i)] for i in range(10)] == list(np.bincount(split["y"], minlength=10))
 
 
-def test_digits_split_is_seeded(digits, tmp_path):
-    _, splits, _ = digits
+def test_digits_split_is_seeded(prepared_digits, tmp_path):
+    _, splits, _ = prepared_digits
     prepare_data("digits", "", *split_paths(tmp_path / "same"), seed=0)
     prepare_data("digits", "", *split_paths(tmp_path / "other"), seed=1)
     same = load_split(str(tmp_path / "same" / "val"))
@@ -61,8 +61,8 @@ def test_digits_split_is_seeded(digits, tmp_path):
     assert not np.array_equal(other["x"], splits["val"]["x"])
 
 
-def test_standardisation_is_fitted_on_train_only(digits):
-    _, splits, _ = digits
+def test_standardisation_is_fitted_on_train_only(prepared_digits):
+    _, splits, _ = prepared_digits
     train, val = splits["train"], splits["val"]
     np.testing.assert_allclose(train["x"].mean(axis=0), 0, atol=1e-5)
     # Constant pixels keep std 1 (the floor), every other column has unit variance on train.

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import socket
 import time
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 import yaml
+from artifacts import write_onnx_dir
 
 from torchship.components.deploy_kserve import (
     apply_inference_service,
@@ -119,18 +117,8 @@ def test_apply_without_any_cluster_configured(tmp_path, monkeypatch):
         apply_inference_service(manifest)
 
 
-def test_deploy_kserve_builds_and_fails_clearly_without_a_cluster(tmp_path):
-    onnx_dir = tmp_path / "onnx" / "fp32"
-    onnx_dir.mkdir(parents=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(torch.nn.Linear(8, 3).eval(), (torch.randn(2, 8),),
-                          str(onnx_dir / "model.onnx"), input_names=["input"],
-                          output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          dynamo=False)
-    test_path = tmp_path / "test.npz"
-    np.savez(test_path, x=np.zeros((4, 8), np.float32), y=np.zeros(4, np.int64))
+def test_deploy_kserve_builds_and_fails_clearly_without_a_cluster(tmp_path, test_path):
+    write_onnx_dir(tmp_path / "onnx")
     kubeconfig, _ = _dead_kubeconfig(tmp_path)
     repository = tmp_path / "model_repository"
     started = time.monotonic()

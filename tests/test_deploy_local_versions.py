@@ -4,13 +4,12 @@ version is never promoted, concurrent deploys get distinct versions, leftovers a
 from __future__ import annotations
 
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import tritonclient.http as httpclient
+from artifacts import export_linear, write_onnx_dir
 from tritonclient.utils import InferenceServerException
 
 from torchship.components import model_repository
@@ -18,23 +17,6 @@ from torchship.components.deploy import build_model_repository, deploy_local
 from torchship.components.errors import ServingError, UserInputError
 from torchship.components.model_repository import LOCK_NAME, read_model_config
 from torchship.components.triton import TritonServer
-
-N_FEATURES, N_CLASSES = 8, 3
-
-
-def _export(directory: Path, seed: int) -> Path:
-    """``directory/fp32/model.onnx``: a linear model whose weights depend on ``seed``."""
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(N_FEATURES, N_CLASSES).eval()
-    (directory / "fp32").mkdir(parents=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model, (torch.randn(2, N_FEATURES),), str(directory / "fp32" / "model.onnx"),
-            input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
-        )
-    return directory
 
 
 def _ort(onnx_dir: Path, x: np.ndarray) -> np.ndarray:
@@ -65,20 +47,6 @@ def _served(repository: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("versions")
-
-
-@pytest.fixture(scope="module")
-def test_path(workdir) -> Path:
-    rng = np.random.default_rng(0)
-    path = workdir / "test.npz"
-    np.savez(path, x=rng.standard_normal((64, N_FEATURES)).astype(np.float32),
-             y=rng.integers(0, N_CLASSES, 64).astype(np.int64))
-    return path
-
-
-@pytest.fixture(scope="module")
 def x(test_path) -> np.ndarray:
     return np.load(test_path)["x"][:16]
 
@@ -97,7 +65,8 @@ def _wrong_model_source(tmp: Path) -> Path:
 def test_versions_answer_at_their_urls_and_a_broken_version_is_never_served(
     workdir, test_path, x, monkeypatch
 ):
-    onnx_v1, onnx_v2 = _export(workdir / "onnx_v1", 1), _export(workdir / "onnx_v2", 2)
+    onnx_v1 = write_onnx_dir(workdir / "onnx_v1", 1)
+    onnx_v2 = write_onnx_dir(workdir / "onnx_v2", 2)
     repo = workdir / "served"
 
     first = deploy_local(onnx_v1, workdir / "artifact_v1", test_path,
@@ -129,7 +98,7 @@ def test_versions_answer_at_their_urls_and_a_broken_version_is_never_served(
             assert not np.allclose(_ort(onnx_v1, x), _ort(onnx_v2, x))
 
             # Version 3 with a corrupt ONNX file: refused before anything is written.
-            corrupt = _export(workdir / "onnx_corrupt", 3)
+            corrupt = write_onnx_dir(workdir / "onnx_corrupt", 3)
             (corrupt / "fp32" / "model.onnx").write_bytes(b"\x08\x07not an onnx model")
             with pytest.raises(UserInputError) as refused:
                 deploy_local(corrupt, workdir / "artifact_v3", test_path,
@@ -139,7 +108,7 @@ def test_versions_answer_at_their_urls_and_a_broken_version_is_never_served(
             assert "model.onnx is not a readable ONNX model" in message
 
             # Version 3 that loads but answers wrongly: the real server's smoke test rejects it.
-            onnx_v3 = _export(workdir / "onnx_v3", 3)
+            onnx_v3 = write_onnx_dir(workdir / "onnx_v3", 3)
             monkeypatch.setattr(model_repository, "PYTHON_MODEL_SOURCE",
                                 _wrong_model_source(workdir))
             with pytest.raises(ServingError) as rejected:
@@ -176,7 +145,7 @@ def test_versions_answer_at_their_urls_and_a_broken_version_is_never_served(
 
 
 def test_concurrent_deploys_get_distinct_versions(workdir, test_path, x):
-    onnx_a, onnx_b = _export(workdir / "onnx_a", 11), _export(workdir / "onnx_b", 12)
+    onnx_a, onnx_b = write_onnx_dir(workdir / "onnx_a", 11), write_onnx_dir(workdir / "onnx_b", 12)
     repo = workdir / "shared"
     # Staging left by a deploy that was killed: removed by the next deploy, never served.
     stale = workdir / ".shared.deploy-killed" / "fp32" / "1"
@@ -223,16 +192,9 @@ def test_concurrent_deploys_get_distinct_versions(workdir, test_path, x):
 def test_incompatible_new_version_is_refused(workdir, test_path):
     """All versions share one config: a model with other tensors cannot join an existing one."""
     repo = workdir / "narrow"
-    build_model_repository(_export(workdir / "onnx_narrow", 1), repo, "local")
+    build_model_repository(write_onnx_dir(workdir / "onnx_narrow", 1), repo, "local")
     wide = workdir / "onnx_wide"
-    (wide / "fp32").mkdir(parents=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(torch.nn.Linear(N_FEATURES, 5).eval(), (torch.randn(2, N_FEATURES),),
-                          str(wide / "fp32" / "model.onnx"), input_names=["input"],
-                          output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          dynamo=False)
+    export_linear(wide / "fp32" / "model.onnx", n_classes=5)
     before = _snapshot(repo)
     with pytest.raises(UserInputError, match=r"outputs .* but .* serves"):
         deploy_local(wide, workdir / "artifact_wide", test_path, persistent_repository=repo,

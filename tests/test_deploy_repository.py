@@ -6,12 +6,11 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from artifacts import N_FEATURES, write_onnx_dir
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -24,30 +23,11 @@ from torchship.components.model_repository import (
     validate_model_repository,
 )
 
-N_FEATURES, N_CLASSES = 8, 3
-
 
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("onnx")
-    (out / "fp32").mkdir()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(torch.nn.Linear(N_FEATURES, N_CLASSES).eval(),
-                          (torch.randn(2, N_FEATURES),), str(out / "fp32" / "model.onnx"),
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          dynamo=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def test_path(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "test.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, x=rng.standard_normal((10, N_FEATURES)).astype(np.float32),
-             y=np.zeros(10, np.int64))
-    return path
+    """One variant, fp32, in place of conftest's two: these tests read the one model back."""
+    return write_onnx_dir(tmp_path_factory.mktemp("export") / "onnx")
 
 
 def test_config_has_policy_warmup_and_instances(tmp_path, onnx_dir, test_path):

@@ -6,13 +6,12 @@ container would)."""
 
 from __future__ import annotations
 
-import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from artifacts import write_onnx_dir
+from fake_vertex import FakeVertex, Request
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform
 from google.cloud.aiplatform_v1.types import AcceleratorType
@@ -21,29 +20,11 @@ from torchship.components.deploy_vertex import deploy_vertex, gcs_uri
 from torchship.components.errors import ServingError, UserInputError
 from torchship.components.model_repository import build_model_repository, read_model_config
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fake_vertex import FakeVertex, Request
-
 PROJECT, REGION = "torchship-test", "us-central1"
 IMAGE = f"{REGION}-docker.pkg.dev/{PROJECT}/serving/tritonserver:24.10-py3"
 BUCKET = "gs://torchship-test-pipelines/root"
 PARENT = f"/v1/projects/{PROJECT}/locations/{REGION}"
-N_FEATURES, N_CLASSES = 8, 3
 V2_TYPES = {"TYPE_FP32": "FP32"}
-
-
-def _export(directory: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    (directory / "fp32").mkdir(parents=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            torch.nn.Linear(N_FEATURES, N_CLASSES).eval(), (torch.randn(2, N_FEATURES),),
-            str(directory / "fp32" / "model.onnx"), input_names=["input"],
-            output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
-        )
-    return directory
 
 
 class TritonOnVertex:
@@ -92,15 +73,6 @@ def fake():
         yield server
 
 
-@pytest.fixture
-def test_path(tmp_path) -> Path:
-    path = tmp_path / "test.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, x=rng.standard_normal((40, N_FEATURES)).astype(np.float32),
-             y=rng.integers(0, N_CLASSES, 40).astype(np.int64))
-    return path
-
-
 def _deploy(tmp_path: Path, test_path: Path, triton: TritonOnVertex, run: int, **overrides):
     repository = tmp_path / f"run{run}" / "model_repository"
     uri = f"{BUCKET}/run{run}/model_repository"
@@ -111,7 +83,7 @@ def _deploy(tmp_path: Path, test_path: Path, triton: TritonOnVertex, run: int, *
         "machine_type": "n1-standard-8", "accelerator_type": "NVIDIA_TESLA_T4",
         "accelerator_count": 1, "min_replicas": 1, "max_replicas": 3, "canary_percent": 10,
         "alias": f"run{run}", "repository_uri": uri,
-        "onnx_dir": _export(tmp_path / f"onnx{run}", run), "progress": None,
+        "onnx_dir": write_onnx_dir(tmp_path / f"onnx{run}", run), "progress": None,
         **overrides,
     }
     return deploy_vertex(repository, test_path, **options), uri
@@ -200,7 +172,7 @@ def test_promote_moves_traffic_and_default(fake, tmp_path, test_path):
 
 def test_bad_inputs_fail_before_any_call(fake, tmp_path, test_path):
     repository = tmp_path / "repo"
-    build_model_repository(_export(tmp_path / "onnx", 1), repository, "triton")
+    build_model_repository(write_onnx_dir(tmp_path / "onnx", 1), repository, "triton")
     common = {"project": PROJECT, "location": REGION, "model_display_name": "torchship",
               "serving_image_uri": IMAGE, "progress": None}
     with pytest.raises(UserInputError, match="repository_uri"):

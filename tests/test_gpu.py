@@ -11,18 +11,9 @@ import math
 import pytest
 import torch
 
-from torchship.components.data import prepare_data
 from torchship.components.train import train_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("digits")
-    paths = {name: str(directory / name) for name in ("train", "val", "test")}
-    prepare_data("digits", "", paths["train"], paths["val"], paths["test"], seed=0)
-    return paths
 
 
 def test_auto_precision_on_gpu_is_mixed(digits, tmp_path):

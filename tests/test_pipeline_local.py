@@ -3,31 +3,19 @@
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
+from artifacts import labelled_table
+from processes import torchship
 
-TORCHSHIP = [sys.executable, "-m", "torchship.pipelines.cli"]
 SMALL = ["--epochs", "3", "--finetune-epochs", "1", "--bench-duration", "1",
          "--concurrency", "1,2", "--variants", "fp32,pruned,int8", "--target-concurrency", "2"]
 
 
-@pytest.fixture(scope="module")
-def pipeline_yaml(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("compiled") / "torchship.yaml"
-    subprocess.run([*TORCHSHIP, "compile", "--output", str(path)], check=True,
-                   capture_output=True)
-    return path
-
-
 def torchship_run(pipeline_yaml: Path, root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*TORCHSHIP, "run", str(pipeline_yaml), "--pipeline-root", str(root), *args],
-        capture_output=True, text=True, timeout=600, check=False,
-    )
+    return torchship("run", str(pipeline_yaml), "--pipeline-root", str(root), *args, timeout=600)
 
 
 def printed_paths(stdout: str) -> dict[str, Path]:
@@ -96,13 +84,6 @@ def write_table(path: Path, frame: pd.DataFrame) -> Path:
     return path
 
 
-def table(n: int = 60) -> pd.DataFrame:
-    rng = np.random.default_rng(0)
-    frame = pd.DataFrame(rng.normal(size=(n, 4)), columns=["a", "b", "c", "d"])
-    frame["label"] = np.arange(n) % 3
-    return frame
-
-
 @pytest.mark.parametrize(
     ("case", "args", "expected"),
     [
@@ -116,11 +97,11 @@ def table(n: int = 60) -> pd.DataFrame:
 )
 def test_bad_input_fails_with_one_clear_line_before_training(
         pipeline_yaml, tmp_path, case, args, expected):
-    write_table(tmp_path / "t.csv", table())
-    text = table()
+    write_table(tmp_path / "t.csv", labelled_table())
+    text = labelled_table()
     text["b"] = "x"
     write_table(tmp_path / "text.csv", text)
-    write_table(tmp_path / "empty.parquet", table().iloc[:0])
+    write_table(tmp_path / "empty.parquet", labelled_table().iloc[:0])
 
     root = tmp_path / "runs"
     done = torchship_run(pipeline_yaml, root, *[a.format(tmp=tmp_path) for a in args])

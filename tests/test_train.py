@@ -2,14 +2,13 @@
 
 import json
 import re
-import socket
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from torchship.components.data import load_split, prepare_data
+from torchship.components.data import load_split
 from torchship.components.errors import UserInputError
 from torchship.components.models import load_checkpoint
 from torchship.components.train import (
@@ -18,6 +17,7 @@ from torchship.components.train import (
     metrics_path_for,
     train_model,
 )
+from torchship.components.triton import free_port
 
 METRIC_KEYS = {"val_accuracy", "samples_per_second", "epochs", "world_size", "final_train_loss",
                "model_name", "n_parameters", "val_loss", "epochs_trained", "resumed_from_epoch",
@@ -29,20 +29,6 @@ METRIC_KEYS = {"val_accuracy", "samples_per_second", "epochs", "world_size", "fi
 # twice that, less the gradient of the input, which nothing needs.
 MLP_LAYERS = [(64, 1024), (1024, 1024), (1024, 10)]
 MLP_FLOPS_PER_SAMPLE = sum(6 * i * o for i, o in MLP_LAYERS) - 2 * 64 * 1024
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("digits")
-    paths = {name: str(directory / name) for name in ("train", "val", "test")}
-    prepare_data("digits", "", paths["train"], paths["val"], paths["test"], seed=0)
-    return paths
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def val_accuracy(model: torch.nn.Module, path: str) -> float:

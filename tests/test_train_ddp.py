@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from artifacts import synthetic_splits
 
 from torchship.components.errors import UserInputError
 from torchship.components.models import MLP, load_checkpoint
@@ -33,26 +34,6 @@ from torchship.components.models import MLP
 def make(n_features, n_classes):
     return MLP(n_features, n_classes, dropout=0.0)
 """
-
-
-def write_split(path: Path, x: np.ndarray, y: np.ndarray, n_classes: int) -> str:
-    with open(path, "wb") as handle:  # np.savez would add '.npz' to a bare name
-        np.savez(handle, x=x.astype(np.float32), y=y.astype(np.int64),
-                 class_names=np.array([f"class{i}" for i in range(n_classes)]))
-    return str(path)
-
-
-def synthetic_splits(directory: Path, rows: int, random_labels: bool = False,
-                     features: int = 64, classes: int = 10) -> tuple[str, str]:
-    """A train and a val split; labels from a fixed linear map, or random (to overfit)."""
-    rng = np.random.default_rng(0)
-    weights = rng.normal(size=(features, classes))
-    splits = []
-    for name, n in (("train", rows), ("val", max(256, rows // 8))):
-        x = rng.normal(size=(n, features))
-        y = rng.integers(0, classes, n) if random_labels else (x @ weights).argmax(axis=1)
-        splits.append(write_split(directory / name, x, y, classes))
-    return splits[0], splits[1]
 
 
 @contextmanager

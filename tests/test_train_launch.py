@@ -3,20 +3,20 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
+from artifacts import synthetic_splits
 
 from torchship.components.errors import UserInputError
 from torchship.components.launch import Launch, resolve_launch
 from torchship.components.train import build_parser, checkpoint_dir_for, train_model
+from torchship.components.triton import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,23 +139,9 @@ def test_checkpoints_go_next_to_the_model_or_where_vertex_ai_says():
 
 @pytest.fixture(scope="module")
 def small_splits(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("splits")
-    rng = np.random.default_rng(0)
-    weights = rng.normal(size=(16, 4))
-    paths = {}
-    for name, rows in (("train", 2048), ("val", 256)):
-        x = rng.normal(size=(rows, 16)).astype(np.float32)
-        paths[name] = str(directory / name)
-        with open(paths[name], "wb") as handle:
-            np.savez(handle, x=x, y=(x @ weights).argmax(axis=1).astype(np.int64),
-                     class_names=np.array(["a", "b", "c", "d"]))
-    return paths
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    train, val = synthetic_splits(tmp_path_factory.mktemp("splits"), rows=2048, features=16,
+                                  classes=4)
+    return {"train": train, "val": val}
 
 
 @pytest.mark.parametrize("env", [

@@ -13,61 +13,27 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import tritonclient.http
+from artifacts import N_CLASSES, N_FEATURES, VARIANT_RECORDS
 from google.protobuf import text_format
+from processes import process_table, triton_processes, wait_gone
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from torchship.components.benchmark import benchmark_repository, write_json
+from torchship.components.benchmark import benchmark_repository
+from torchship.components.benchmark_results import write_json
 from torchship.components.deploy import build_model_repository, deploy_local
 from torchship.components.errors import ServingError, UserInputError
 from torchship.components.triton import TritonServer, find_tritonserver
 
-N_FEATURES, N_CLASSES = 8, 3
-VARIANTS = ("fp32", "pruned")
+VARIANTS = tuple(record["name"] for record in VARIANT_RECORDS)
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def _proc_table() -> list[tuple[int, int, str, str]]:
-    """(pid, pgid, state, cmdline) of every live process, from /proc."""
-    rows = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        rows.append((int(entry), int(fields[2]), fields[0], cmdline))
-    return rows
-
-
-def _triton_processes(marker: str) -> list[tuple[int, str]]:
-    """Non-zombie tritonserver / python-stub processes whose command line mentions ``marker``."""
-    return [
-        (pid, cmd)
-        for pid, _, state, cmd in _proc_table()
-        if state != "Z"
-        and marker in cmd
-        and ("tritonserver" in cmd or "triton_python_backend_stub" in cmd)
-    ]
-
-
-def _wait_gone(marker: str, timeout: float = 5.0) -> list:
-    deadline = time.monotonic() + timeout
-    while (left := _triton_processes(marker)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
 
 
 def _ort(model_path: Path, x: np.ndarray) -> np.ndarray:
@@ -77,56 +43,8 @@ def _ort(model_path: Path, x: np.ndarray) -> np.ndarray:
     return session.run(["logits"], {"input": x})[0]
 
 
-# -- fixtures -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("triton")
-
-
-@pytest.fixture(scope="module")
-def onnx_dir(workdir) -> Path:
-    out = workdir / "onnx"
-    torch.manual_seed(0)
-    for variant in VARIANTS:
-        model = torch.nn.Linear(N_FEATURES, N_CLASSES).eval()
-        (out / variant).mkdir(parents=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter
-            torch.onnx.export(
-                model,
-                (torch.randn(2, N_FEATURES),),
-                str(out / variant / "model.onnx"),
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                dynamo=False,
-            )
-    (out / "variants.json").write_text(json.dumps([{"name": v} for v in VARIANTS]))
-    return out
-
-
-@pytest.fixture(scope="module")
-def test_path(workdir) -> Path:
-    rng = np.random.default_rng(0)
-    path = workdir / "test.npz"
-    np.savez(
-        path,
-        x=rng.standard_normal((200, N_FEATURES)).astype(np.float32),
-        y=rng.integers(0, N_CLASSES, 200).astype(np.int64),
-    )
-    return path
-
-
-@pytest.fixture(scope="module")
-def local_repo(workdir, onnx_dir) -> Path:
-    repo = workdir / "repo_local"
-    build_model_repository(onnx_dir, repo, target="local")
-    return repo
-
-
 # -- tests --------------------------------------------------------------------------------------
+# workdir, onnx_dir (fp32 and pruned), test_path and local_repo come from conftest.py.
 
 
 def test_find_tritonserver():
@@ -196,7 +114,7 @@ def test_deploy_local_matches_onnxruntime(workdir, onnx_dir, test_path):
         assert stats["max_abs_diff_http"] <= 1e-4
         assert stats["n_samples"] == 32
     assert result["server_startup_s"] > 0
-    assert _wait_gone(str(repo)) == []
+    assert wait_gone(str(repo), 5) == []
 
 
 def test_dynamic_batches_are_split_back(workdir, onnx_dir, test_path):
@@ -208,7 +126,8 @@ def test_dynamic_batches_are_split_back(workdir, onnx_dir, test_path):
     x = np.load(test_path)["x"]
     sizes = [1, 2, 3, 4, 5, 6, 7, 8]
     with TritonServer(repo) as server:
-        pids = [pid for pid, pgid, state, _ in _proc_table() if pgid == server.pid and state != "Z"]
+        pids = [pid for pid, pgid, state, _ in process_table()
+                if pgid == server.pid and state != "Z"]
         assert len(pids) >= 1 + len(VARIANTS)  # the server and one stub per model
         assert server.log_path is not None and server.log_path.is_file()
 
@@ -233,7 +152,7 @@ def test_dynamic_batches_are_split_back(workdir, onnx_dir, test_path):
             assert stats["execution_count"] - before["execution_count"] < len(sizes)
         finally:
             client.close()
-    assert _wait_gone(str(repo)) == []
+    assert wait_gone(str(repo), 5) == []
     alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"]
     assert alive == []
 
@@ -274,7 +193,7 @@ def test_benchmark_grpc(workdir, local_repo, test_path):
         assert expected / 2 <= row["throughput_rps"] <= expected * 1.5
     out = write_json(result, workdir / "bench" / "bench.json")
     assert json.loads(out.read_text())["results"][0]["model"] == rows[0]["model"]
-    assert _wait_gone(str(local_repo)) == []
+    assert wait_gone(str(local_repo), 5) == []
 
 
 def test_benchmark_http_batched(local_repo, test_path):
@@ -312,7 +231,7 @@ def test_corrupt_model_raises_serving_error_promptly(workdir, local_repo):
     assert time.monotonic() - started < 30
     message = str(excinfo.value)
     assert "pruned" in message
-    assert _wait_gone(str(repo)) == []
+    assert wait_gone(str(repo), 5) == []
 
 
 def test_not_ready_in_time_raises_serving_error(workdir, local_repo):
@@ -323,7 +242,7 @@ def test_not_ready_in_time_raises_serving_error(workdir, local_repo):
     ):
         pytest.fail("server should not be ready this fast")
     assert time.monotonic() - started < 20
-    assert _wait_gone(str(local_repo)) == []
+    assert wait_gone(str(local_repo), 5) == []
 
 
 SLOW_MODEL = """
@@ -362,7 +281,7 @@ def test_benchmark_request_timeout_is_an_error_not_a_hang(workdir, onnx_dir, tes
             progress=None,
         )
     assert time.monotonic() - started < 30
-    assert _wait_gone(str(repo)) == []
+    assert wait_gone(str(repo), 5) == []
 
 
 # -- torchship serve -------------------------------------------------------------------------------
@@ -415,9 +334,9 @@ def test_serve_stops_cleanly_on_a_signal(local_repo, sig, when):
         lines = _lines(proc)
         if when == "starting":
             deadline = time.monotonic() + 60
-            while not _triton_processes(str(local_repo)) and time.monotonic() < deadline:
+            while not triton_processes(str(local_repo)) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert _triton_processes(str(local_repo)), "tritonserver never started"
+            assert triton_processes(str(local_repo)), "tritonserver never started"
         else:
             line = lines.get(timeout=180)
             assert line and line.startswith("READY"), (line, proc.stderr.read())
@@ -439,13 +358,13 @@ def test_serve_stops_cleanly_on_a_signal(local_repo, sig, when):
             rest.append(line)
         assert f"STOPPED {int(sig)}" in rest
         if when == "serving":  # the server's process group (server and stubs) is gone too
-            assert [p for p, pgid, state, _ in _proc_table() if pgid == int(pid) and state != "Z"
+            assert [p for p, pgid, state, _ in process_table() if pgid == int(pid) and state != "Z"
                     ] == []
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert _wait_gone(str(local_repo)) == []
+    assert wait_gone(str(local_repo), 5) == []
 
 
 def test_serve_port_in_use_is_one_clear_line(local_repo):
@@ -462,7 +381,7 @@ def test_serve_port_in_use_is_one_clear_line(local_repo):
     assert "\n" not in message
     assert f"port {port} on 127.0.0.1 is already in use" in message and "--http-port" in message
     assert time.monotonic() - started < 10
-    assert _wait_gone(str(local_repo)) == []
+    assert wait_gone(str(local_repo), 5) == []
 
 
 def test_invalid_config_values_are_one_clear_line(workdir, local_repo):
@@ -483,4 +402,4 @@ def test_invalid_config_values_are_one_clear_line(workdir, local_repo):
         pytest.fail("a negative max_batch_size was served")
     assert "\n" not in str(rejected.value)
     assert "'max_batch_size' must be non-negative" in str(rejected.value)
-    assert _wait_gone(str(repo)) == []
+    assert wait_gone(str(repo), 5) == []

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
-from conftest import N_CLASSES, N_FEATURES, error_lines, make_onnx_dir, torchship, wait_gone
+from artifacts import N_CLASSES, N_FEATURES, labelled_table, write_onnx_dir
+from processes import error_lines, torchship, wait_gone
 
 from torchship.components.benchmark import benchmark_endpoint
 from torchship.components.benchmark_gate import evaluate_gate
@@ -38,25 +38,18 @@ def _one_line(excinfo) -> str:
 
 # -- data sources -------------------------------------------------------------------------------
 
-def _frame(n: int = 60) -> pd.DataFrame:
-    rng = np.random.default_rng(0)
-    frame = pd.DataFrame(rng.normal(size=(n, 4)), columns=["a", "b", "c", "d"])
-    frame["label"] = np.arange(n) % 3
-    return frame
-
-
 def _write_sources(root: Path) -> None:
     (root / "folder.csv").mkdir()  # a directory where a file is expected (root reads any file)
     (root / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
-    _frame().iloc[:0].to_parquet(root / "empty.parquet")
-    _frame().to_csv(root / "table.csv", index=False)
-    one = _frame()
+    labelled_table().iloc[:0].to_parquet(root / "empty.parquet")
+    labelled_table().to_csv(root / "table.csv", index=False)
+    one = labelled_table()
     one["label"] = 7
     one.to_csv(root / "one_class.csv", index=False)
-    nan = _frame()
+    nan = labelled_table()
     nan.loc[4, "c"] = np.nan
     nan.to_csv(root / "nan.csv", index=False)
-    text = _frame()
+    text = labelled_table()
     text["b"] = "x"
     text.to_csv(root / "text.csv", index=False)
 
@@ -173,7 +166,7 @@ def _truncate(path: Path) -> None:
 
 
 def test_truncated_onnx_is_refused_by_build_and_deploy(tmp_path, test_path):
-    onnx_dir = make_onnx_dir(tmp_path / "onnx")
+    onnx_dir = write_onnx_dir(tmp_path / "onnx")
     _truncate(onnx_dir / "fp32" / "model.onnx")
     with pytest.raises(UserInputError) as built:
         build_model_repository(onnx_dir, tmp_path / "repo", target="local")

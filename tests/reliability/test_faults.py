@@ -15,7 +15,8 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import N_CLASSES, N_FEATURES, make_onnx_dir, triton_processes, wait_gone
+from artifacts import N_CLASSES, N_FEATURES, write_onnx_dir
+from processes import triton_processes, wait_gone
 
 from torchship.components.benchmark import benchmark_repository
 from torchship.components.errors import ServingError
@@ -46,9 +47,12 @@ def test_tritonserver_killed_during_benchmark_is_a_serving_error_and_leaves_noth
     assert "killed" in killed, messages
     elapsed = time.monotonic() - killed["killed"]
     message = str(excinfo.value)
-    first = message.splitlines()[0]
-    assert first.startswith("tritonserver exited during the benchmark (model 'fp32' at "
-                            "concurrency 1, batch size 1"), message
+    # One line naming the cause, the level and what to do; not Triton's option table.
+    assert "\n" not in message and len(message) < 400, message
+    assert message.startswith("tritonserver exited during the benchmark (killed by SIGKILL"), \
+        message
+    assert "while measuring model 'fp32' at concurrency 1, batch size 1" in message, message
+    assert "run the benchmark again" in message, message
     assert elapsed < 5 + 10, (elapsed, message)  # within the request timeout (and the stop grace)
     assert wait_gone(marker, 10) == [], "stray tritonserver / stub processes"
     assert time.monotonic() - started < 90
@@ -124,7 +128,7 @@ DEPLOY = textwrap.dedent("""
 
 def test_two_deploys_to_one_persistent_repository_get_distinct_versions(tmp_path, test_path):
     served = tmp_path / "served"
-    onnx_dirs = [make_onnx_dir(tmp_path / f"onnx{i}", seed=i) for i in range(2)]
+    onnx_dirs = [write_onnx_dir(tmp_path / f"onnx{i}", seed=i) for i in range(2)]
     procs = [
         subprocess.Popen([sys.executable, "-c", DEPLOY, str(onnx_dirs[i]),
                           str(tmp_path / f"artifact{i}"), str(test_path), str(served)],
@@ -157,7 +161,7 @@ def test_threads_deploying_at_once_also_get_distinct_versions(tmp_path, test_pat
     from torchship.components.deploy import deploy_local
 
     served = tmp_path / "served"
-    onnx_dirs = [make_onnx_dir(tmp_path / f"onnx{i}", seed=10 + i) for i in range(2)]
+    onnx_dirs = [write_onnx_dir(tmp_path / f"onnx{i}", seed=10 + i) for i in range(2)]
     results: list = [None, None]
 
     def deploy(i: int) -> None:
@@ -175,3 +179,45 @@ def test_threads_deploying_at_once_also_get_distinct_versions(tmp_path, test_pat
     assert all(isinstance(r, dict) for r in results), results
     assert sorted(r["versions"]["fp32"] for r in results) == [1, 2]
     shutil.rmtree(served)
+
+
+def test_export_removes_the_staging_a_killed_export_left_and_only_that(tmp_path, test_path):
+    from torchship.components.export import STALE_STAGING_S, make_staging_dir
+
+    variants = _variants(tmp_path / "variants")
+    onnx_dir = tmp_path / "onnx"
+
+    def backdate(directory: Path) -> None:
+        old = time.time() - 2 * STALE_STAGING_S
+        for path in [directory, *directory.rglob("*")]:
+            os.utime(path, (old, old))
+
+    # What an export killed with SIGKILL leaves: its hidden staging directory, a model half written.
+    killed = make_staging_dir(onnx_dir)
+    (killed / "fp32").mkdir()
+    (killed / "fp32" / ".model.onnx.x1y2z3.tmp").write_bytes(b"\x08\x07partial")
+    backdate(killed)
+    # An export to the same destination still writing (its last file is fresh), and a killed
+    # export to another destination: neither is this export's to remove.
+    running = make_staging_dir(onnx_dir)
+    (running / "fp32").mkdir()
+    backdate(running)
+    (running / "fp32" / ".model.onnx.a1b2c3.tmp").write_bytes(b"being written")
+    other = make_staging_dir(tmp_path / "onnx_other")
+    backdate(other)
+
+    records = export_variants(variants, str(test_path), onnx_dir, measure=False,
+                              progress=lambda _: None)
+
+    assert not killed.exists()
+    assert running.is_dir() and other.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["variants", "onnx", running.name, other.name])
+    # The export is whole: every variant passes the checker, and nothing else is published.
+    assert [r["name"] for r in records] == ["fp32", "pruned"]
+    assert sorted(p.name for p in onnx_dir.iterdir()) == ["fp32", "pruned", "variants.json"]
+    for name in ("fp32", "pruned"):
+        assert [p.name for p in (onnx_dir / name).iterdir()] == ["model.onnx"]
+        onnx.checker.check_model(str(onnx_dir / name / "model.onnx"), full_check=True)
+    assert [r["name"] for r in json.loads((onnx_dir / "variants.json").read_text())] == [
+        "fp32", "pruned"]

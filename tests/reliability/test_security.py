@@ -12,7 +12,8 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import N_CLASSES, N_FEATURES, error_lines, torchship, wait_gone
+from artifacts import N_CLASSES, N_FEATURES
+from processes import error_lines, torchship, wait_gone
 from tritonclient.utils import InferenceServerException
 
 from torchship.components.models import build_model, load_checkpoint

@@ -1,0 +1,84 @@
+"""Tiny stand-ins for what the stages hand each other: an export directory of linear ONNX models,
+a held-out split, a labelled table and synthetic training splits."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+N_FEATURES, N_CLASSES = 8, 3
+
+# What export and compress record for each variant, as the report and the gate read them.
+VARIANT_RECORDS = [
+    {"name": name, "test_accuracy": accuracy, "onnx_size_bytes": 400,
+     "parity": {"max_abs_diff": 1e-6, "top1_agreement": 1.0, "passed": True},
+     "acc_drop_pt": (0.95 - accuracy) * 100, "latency_b1_ms": 0.05}
+    for name, accuracy in (("fp32", 0.95), ("pruned", 0.94))
+]
+
+
+def export_linear(path: Path, n_classes: int = N_CLASSES) -> Path:
+    """A linear model at ``path`` with the serving contract's tensors: ``input`` [batch, 8] in,
+    ``logits`` [batch, n_classes] out. Its weights come from torch's global seed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter
+        torch.onnx.export(
+            torch.nn.Linear(N_FEATURES, n_classes).eval(), (torch.randn(2, N_FEATURES),),
+            str(path), input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+        )
+    return path
+
+
+def write_onnx_dir(directory: Path, seed: int = 0, records: list[dict] | None = None) -> Path:
+    """``directory`` as the export stage leaves it: ``<variant>/model.onnx`` for each record
+    (one fp32 model by default) and ``variants.json``. The same seed gives the same weights."""
+    records = records or [{"name": "fp32"}]
+    torch.manual_seed(seed)
+    for record in records:
+        export_linear(directory / record["name"] / "model.onnx")
+    (directory / "variants.json").write_text(json.dumps(records))
+    return directory
+
+
+def write_test_split(path: Path, rows: int = 256) -> Path:
+    """A held-out split for the tiny models: ``x`` [rows, 8] float32, ``y`` int64 labels."""
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.standard_normal((rows, N_FEATURES)).astype(np.float32),
+             y=rng.integers(0, N_CLASSES, rows).astype(np.int64))
+    return path
+
+
+def labelled_table(n: int = 60) -> pd.DataFrame:
+    """A data source: four numeric feature columns a-d and a three-class ``label``."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(n, 4)), columns=["a", "b", "c", "d"])
+    frame["label"] = np.arange(n) % 3
+    return frame
+
+
+def write_split(path: Path, x: np.ndarray, y: np.ndarray, n_classes: int) -> str:
+    """A split at exactly ``path``, as prepare_data writes one."""
+    with open(path, "wb") as handle:  # np.savez would add '.npz' to a bare name
+        np.savez(handle, x=x.astype(np.float32), y=y.astype(np.int64),
+                 class_names=np.array([f"class{i}" for i in range(n_classes)]))
+    return str(path)
+
+
+def synthetic_splits(directory: Path, rows: int, random_labels: bool = False,
+                     features: int = 64, classes: int = 10) -> tuple[str, str]:
+    """A train and a val split; labels from a fixed linear map, or random (to overfit)."""
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(features, classes))
+    splits = []
+    for name, n in (("train", rows), ("val", max(256, rows // 8))):
+        x = rng.normal(size=(n, features))
+        y = rng.integers(0, classes, n) if random_labels else (x @ weights).argmax(axis=1)
+        splits.append(write_split(directory / name, x, y, classes))
+    return splits[0], splits[1]
