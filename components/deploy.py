@@ -25,6 +25,7 @@ list (never loaded).
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -301,6 +302,33 @@ def deploy_to(
     (`deploy_vertex`, `deploy_kserve`); `local_repository` is the persistent repository a local
     deploy adds a version to. Returns the target's result with a one-line `summary`."""
     settings = dict(settings or {})
+    check_deploy_settings(target, settings)
+    if target == "local":
+        result = deploy_local(onnx_dir, repository_dir, test_path,
+                              persistent_repository=local_repository or None, progress=progress)
+        result["summary"] = {"versions": result.get("versions", {})}
+        return result
+    if target == "vertex":
+        from torchship.components.deploy_vertex import deploy_vertex
+
+        result = deploy_vertex(repository_dir, test_path, onnx_dir=onnx_dir,
+                               repository_uri=settings.pop("repository_uri", repository_uri),
+                               progress=progress, **settings)
+    else:
+        from torchship.components.deploy_kserve import deploy_kserve
+
+        result = deploy_kserve(repository_dir, test_path, onnx_dir=onnx_dir,
+                               storage_uri=settings.pop("storage_uri", repository_uri),
+                               progress=progress, **settings)
+    result["summary"] = {key: result[key] for key in ("endpoint", "deployed_model_id", "name",
+                                                       "url", "promoted") if key in result}
+    return result
+
+
+def check_deploy_settings(target: str, settings: dict | None) -> None:
+    """Refuse a deploy target or settings the deploy stage would refuse, hours into a run:
+    `torchship run`, `submit` and `schedule create` call this before anything starts."""
+    settings = settings or {}
     if target not in DEPLOY_TARGETS:
         raise UserInputError(
             f"deploy target '{target}' is unknown; pass one of {', '.join(DEPLOY_TARGETS)}")
@@ -314,32 +342,12 @@ def deploy_to(
             raise UserInputError(
                 f"deploy_settings {sorted(settings)} are for remote targets; the local target "
                 "takes local_repository only")
-        result = deploy_local(onnx_dir, repository_dir, test_path,
-                              persistent_repository=local_repository or None, progress=progress)
-        result["summary"] = {"versions": result.get("versions", {})}
-        return result
+        return
     if target == "vertex":
-        from torchship.components.deploy_vertex import deploy_vertex
-
-        _check_settings(target, settings, deploy_vertex)
-        result = deploy_vertex(repository_dir, test_path, onnx_dir=onnx_dir,
-                               repository_uri=settings.pop("repository_uri", repository_uri),
-                               progress=progress, **settings)
+        from torchship.components.deploy_vertex import deploy_vertex as deploy
     else:
-        from torchship.components.deploy_kserve import deploy_kserve
-
-        _check_settings(target, settings, deploy_kserve)
-        result = deploy_kserve(repository_dir, test_path, onnx_dir=onnx_dir,
-                               storage_uri=settings.pop("storage_uri", repository_uri),
-                               progress=progress, **settings)
-    result["summary"] = {key: result[key] for key in ("endpoint", "deployed_model_id", "name",
-                                                       "url", "promoted") if key in result}
-    return result
-
-
-def _check_settings(target: str, settings: dict, deploy: Callable) -> None:
-    import inspect
-
+        from torchship.components.deploy_kserve import deploy_kserve as deploy
+    # The stage's own arguments, and the artifact URIs it fills in, are not settings.
     accepted = set(inspect.signature(deploy).parameters) - {
         "repository_dir", "test_path", "onnx_dir", "progress"}
     unknown = sorted(set(settings) - accepted)

@@ -273,6 +273,9 @@ def schedule_create(template: str, display_name: str, cron: str, time_zone: str 
     """Create a schedule that runs TEMPLATE on CRON."""
     parameters = _key_values(params, "--param", parse_json=True)
     try:
+        from torchship.pipelines.pipeline import check_parameters
+
+        check_parameters(parameters)  # or every scheduled run fails the same way
         if kfp_host:
             from torchship.pipelines import kubeflow
 

@@ -225,6 +225,14 @@ def check_parameters(arguments: dict[str, Any], defaults: dict[str, Any] | None 
     if "calibration_method" in values and values["calibration_method"] not in CALIBRATION_METHODS:
         refuse("calibration_method", "is unknown", f"pass one of {', '.join(CALIBRATION_METHODS)}")
     _check_benchmark_sweep(values, refuse)
+    if "deploy_target" in values or "deploy_settings" in values:
+        from torchship.components.deploy import check_deploy_settings
+
+        settings = values.get("deploy_settings") or {}
+        if not isinstance(settings, dict):
+            refuse("deploy_settings", "is not a JSON object",
+                   "pass e.g. -p deploy_settings='{\"project\": \"my-project\"}'")
+        check_deploy_settings(values.get("deploy_target", "local"), settings)
     if "target_concurrency" in values and "benchmark_concurrency" in values:
         levels = [int(level) for level in values["benchmark_concurrency"]]
         if int(values["target_concurrency"]) not in levels:

@@ -1,5 +1,6 @@
 """Submit, schedule and publish with the real google-cloud-aiplatform SDK against a local fake."""
 
+import json
 import re
 import subprocess
 import sys
@@ -115,6 +116,40 @@ def test_schedule_refuses_a_cron_vertex_cannot_read(fake, pipeline_yaml):
                                        "--cron", "0 0 3 * * *"])
     assert result.exit_code == 2 and "does not have 5 fields" in result.output
     assert not fake.calls("POST", "schedules")
+
+
+VERTEX_DEPLOY = {"project": PROJECT, "location": REGION, "model_display_name": "digits",
+                 "serving_image_uri": "us-docker.pkg.dev/acme/serving/tritonserver:24.09"}
+
+
+@pytest.mark.parametrize(("parameters", "message"), [
+    (["deploy_target=vertex"],
+     "needs deploy_settings project, location, model_display_name, serving_image_uri"),
+    (["deploy_target=vertex", "deploy_settings=" + json.dumps({**VERTEX_DEPLOY, "replicas": 2})],
+     "deploy_settings replicas are not settings of the 'vertex' target; use any of "),
+    (["deploy_settings={\"name\": \"digits\"}"], "are for remote targets"),
+    (["deploy_target=cloudrun"], "deploy target 'cloudrun' is unknown"),
+    (["deploy_target=kserve", "deploy_settings=[1]"], "deploy_settings=[1] is not a JSON object"),
+])
+@pytest.mark.parametrize("command", [["submit"], ["schedule", "create", "--cron", "0 3 * * *"]])
+def test_deploy_settings_the_deploy_stage_would_refuse_are_refused_before_submitting(
+        fake, pipeline_yaml, command, parameters, message):
+    # The deploy stage runs last: a mistake here would otherwise surface hours into the run,
+    # and on a schedule, in every run.
+    result = CliRunner().invoke(main, [*command[:2], str(pipeline_yaml), *WHERE, *command[2:],
+                                       *(arg for p in parameters for arg in ("-p", p))])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.splitlines()
+    assert line.startswith("error: ") and message in line
+    assert not fake.calls("POST", "pipelineJobs") and not fake.calls("POST", "schedules")
+
+
+def test_complete_vertex_deploy_settings_are_submitted(fake, pipeline_yaml):
+    cli("submit", str(pipeline_yaml), *WHERE, "-p", "deploy_target=vertex",
+        "-p", "deploy_settings=" + json.dumps({**VERTEX_DEPLOY, "min_replicas": 2}))
+    [create] = fake.calls("POST", "pipelineJobs")
+    values = create.body["runtimeConfig"]["parameterValues"]
+    assert values["deploy_settings"] == {**VERTEX_DEPLOY, "min_replicas": 2}
 
 
 def test_kubeflow_cron_takes_six_fields_seconds_first():
