@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from torchship.components.benchmark_gate import GATE_SCHEMA, evaluate_gate, write_gate_record
 from torchship.components.benchmark_regression import compare_with_previous
 from torchship.components.compress_choice import (
@@ -18,6 +20,7 @@ from torchship.components.compress_choice import (
     format_variant_table,
     publish_chosen_variant,
 )
+from torchship.components.data import load_split
 from torchship.components.report_html import write_html_report
 
 
@@ -76,3 +79,20 @@ def write_reports(record: dict[str, Any], summary: dict[str, Any], record_path: 
     """The record as JSON, and the HTML report with the variant table, plots and the gate."""
     write_gate_record(record, record_path)
     write_html_report(summary, html_path, gate=record, regression=record.get("regression"))
+
+
+def confusion_matrix(onnx_dir: str, variant: str, test_path: str) -> dict[str, Any]:
+    """The chosen variant's ONNX model on the test split, as KFP's ClassificationMetrics takes
+    it: class names, and counts with rows the true class and columns the predicted one."""
+    import onnxruntime as ort
+
+    split = load_split(test_path)
+    session = ort.InferenceSession(str(Path(onnx_dir) / variant / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: split["x"]})
+    n = logits.shape[1]
+    categories = [str(name) for name in split.get("class_names", range(n))]
+    counts = np.bincount(split["y"] * n + logits.argmax(axis=1), minlength=n * n)
+    matrix = counts.reshape(n, n)
+    return {"categories": categories, "matrix": matrix.tolist(),
+            "accuracy": float(np.trace(matrix) / matrix.sum())}

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from artifacts import N_CLASSES
+from onnx import numpy_helper
 
 from torchship.components.benchmark_gate import (
     GATE_SCHEMA,
@@ -17,6 +21,7 @@ from torchship.components.benchmark_gate import (
 from torchship.components.benchmark_regression import compare_with_previous
 from torchship.components.benchmark_results import SCHEMA
 from torchship.components.errors import UserInputError
+from torchship.components.gate import confusion_matrix
 
 
 def level(model: str, concurrency: int, window_p99s: list[float], batch_size: int = 1,
@@ -201,3 +206,23 @@ def test_no_previous_run_is_not_an_error(tmp_path):
     assert compare_with_previous(result([]), None)["status"] == "no baseline"
     with pytest.raises(UserInputError, match="not a benchmark result"):
         compare_with_previous(result([]), write(tmp_path / "other.json", {"x": 1}))
+
+
+def test_confusion_matrix_of_the_chosen_variant(onnx_dir, test_path):
+    # The linear model's predictions, worked out here from its own weights.
+    model = onnx.load(str(onnx_dir / "pruned" / "model.onnx"))
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    [w] = [a for a in weights.values() if a.ndim == 2]
+    [b] = [a for a in weights.values() if a.ndim == 1]
+    split = np.load(test_path)
+    predicted = (split["x"] @ w.T + b).argmax(axis=1)
+
+    result = confusion_matrix(str(onnx_dir), "pruned", str(test_path))
+    matrix = np.array(result["matrix"])
+    assert result["categories"] == [str(i) for i in range(N_CLASSES)]
+    assert matrix.shape == (N_CLASSES, N_CLASSES)
+    for true in range(N_CLASSES):
+        for guess in range(N_CLASSES):
+            expected = np.sum((split["y"] == true) & (predicted == guess))
+            assert matrix[true, guess] == expected
+    assert result["accuracy"] == pytest.approx(np.mean(predicted == split["y"]))
