@@ -38,9 +38,11 @@ def decide(
     target_concurrency: int = 1,
     previous_results_uri: str = "",
     max_p99_regression_pct: float = 10.0,
+    test_path: str | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Choose the variant, gate it and return the record; the chosen model goes to `chosen_dir`.
+    With `test_path`, the record also holds the chosen variant's confusion matrix on it.
 
     Zero means "no limit" for `max_size_bytes` and `latency_budget_p99_ms`; an empty
     `baseline_uri` means the first run (the accuracy floor applies), an empty
@@ -67,6 +69,8 @@ def decide(
         target_concurrency=target_concurrency, variant=variant, regression=regression,
     )
     record = {**record, "choice": choice, "variant": variant}
+    if test_path:
+        record["confusion_matrix"] = confusion_matrix(onnx_dir, variant, test_path)
     if record["passed"]:
         publish_chosen_variant(onnx_dir, choice, chosen_dir)
     progress(f"chose '{variant}': {choice['reason']}")

@@ -4,7 +4,7 @@ fetched from anywhere, so the Vertex AI and Kubeflow UIs (and a browser offline)
 ``write_html_report(summary, path)`` renders a run summary (``report.build_summary``), with its
 gate and regression records when the summary carries them or they are passed:
 
-* the gate verdict and its checks;
+* the gate verdict and its checks, and the chosen variant's confusion matrix on the test split;
 * the variant table (accuracy, size, parity, latency per level; unstable levels marked);
 * throughput against p99 latency per variant, one point per concurrency level;
 * the latency histogram of each variant at one level (the gate's target concurrency, else the
@@ -247,6 +247,14 @@ def render_html_report(summary: dict[str, Any], gate: dict[str, Any] | None = No
             classes.append(["", "", "pass" if check["passed"] else "fail", "", "", ""])
         parts.append(_table(["variant", "check", "passed", "value", "threshold", "detail"],
                             body, classes))
+        matrix = gate.get("confusion_matrix")
+        if matrix:
+            parts.append(f"<h2>Confusion matrix</h2><p class=\"note\">'{_esc(gate['variant'])}' "
+                         f"on the test split (accuracy {matrix['accuracy']:.4f}): rows are the "
+                         "true class, columns the predicted one.</p>")
+            parts.append(_table([""] + matrix["categories"],
+                                [[name, *map(str, counts)] for name, counts in
+                                 zip(matrix["categories"], matrix["matrix"], strict=True)]))
 
     columns = table_columns(summary)
     parts.append("<h2>Variants</h2>")

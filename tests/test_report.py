@@ -6,17 +6,24 @@ import base64
 import json
 import re
 
+import numpy as np
 import pytest
+from artifacts import export_linear
 
 from torchship.components.benchmark_gate import evaluate_gate
 from torchship.components.benchmark_regression import compare_with_previous
+from torchship.components.gate import confusion_matrix, decide
 from torchship.components.report import (
     build_summary,
     format_markdown,
     format_table,
     write_summary,
 )
-from torchship.components.report_html import histogram_concurrency, write_html_report
+from torchship.components.report_html import (
+    histogram_concurrency,
+    render_html_report,
+    write_html_report,
+)
 
 
 def bench_row(model: str, concurrency: int, p99: float, batch_size: int = 1,
@@ -111,3 +118,20 @@ def test_html_report_is_self_contained(onnx_dir, measured, tmp_path):
     assert "127.0.0.1:8000" in page  # the endpoint, without a scheme that would make a link
     assert histogram_concurrency({**summary, "gate": gate}) == 4
     assert histogram_concurrency(summary) == 8
+
+
+def test_html_report_shows_the_chosen_variants_confusion_matrix(onnx_dir, measured, test_path,
+                                                                 tmp_path):
+    for name in ("fp32", "int8"):  # the records above, now with models behind them
+        export_linear(onnx_dir / name / "model.onnx")
+    summary = build_summary(str(onnx_dir), measured)
+    record = decide(str(onnx_dir), summary, str(tmp_path / "chosen"), test_path=str(test_path),
+                    progress=lambda _: None)
+    matrix = record["confusion_matrix"]
+    assert matrix == confusion_matrix(str(onnx_dir), record["variant"], str(test_path))
+    assert sum(map(sum, matrix["matrix"])) == len(np.load(test_path)["y"])
+    page = render_html_report(summary, gate=record)
+    assert f"'{record['variant']}' on the test split" in page
+    # One row per true class: its name, then a count per predicted class.
+    for name, counts in zip(matrix["categories"], matrix["matrix"], strict=True):
+        assert "<tr><td>" + "</td><td>".join([name, *map(str, counts)]) + "</td></tr>" in page
