@@ -295,17 +295,21 @@ def deploy_to(
     *,
     local_repository: str = "",
     settings: dict | None = None,
+    serving: dict | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict:
     """Deploy `onnx_dir` to `target`, building its repository at `repository_dir` (the stage's
     artifact, at `repository_uri`). `settings` are the target's keyword arguments
     (`deploy_vertex`, `deploy_kserve`); `local_repository` is the persistent repository a local
-    deploy adds a version to. Returns the target's result with a one-line `summary`."""
+    deploy adds a version to. `serving` holds the Triton settings the serving search chose
+    (`instance_count`, `max_queue_delay_us`) for every target's model config; a setting also
+    given in `settings` wins. Returns the target's result with a one-line `summary`."""
     settings = dict(settings or {})
     check_deploy_settings(target, settings)
     if target == "local":
         result = deploy_local(onnx_dir, repository_dir, test_path,
-                              persistent_repository=local_repository or None, progress=progress)
+                              persistent_repository=local_repository or None, progress=progress,
+                              **(serving or {}))
         result["summary"] = {"versions": result.get("versions", {})}
         return result
     if target == "vertex":
@@ -313,13 +317,13 @@ def deploy_to(
 
         result = deploy_vertex(repository_dir, test_path, onnx_dir=onnx_dir,
                                repository_uri=settings.pop("repository_uri", repository_uri),
-                               progress=progress, **settings)
+                               progress=progress, **{**(serving or {}), **settings})
     else:
         from torchship.components.deploy_kserve import deploy_kserve
 
         result = deploy_kserve(repository_dir, test_path, onnx_dir=onnx_dir,
                                storage_uri=settings.pop("storage_uri", repository_uri),
-                               progress=progress, **settings)
+                               progress=progress, **{**(serving or {}), **settings})
     result["summary"] = {key: result[key] for key in ("endpoint", "deployed_model_id", "name",
                                                        "url", "promoted") if key in result}
     return result

@@ -362,6 +362,9 @@ def deploy_kserve(
     kubeconfig: str | os.PathLike | None = None,
     context: str | None = None,
     onnx_dir: str | os.PathLike | None = None,
+    max_batch_size: int = 64,
+    instance_count: int = 1,
+    max_queue_delay_us: int = 100,
     manifest_path: str | os.PathLike | None = None,
     smoke_url: str | None = None,
     ready_timeout_s: float = 900.0,
@@ -372,16 +375,19 @@ def deploy_kserve(
     progress: Callable[[str], None] | None = print,
 ) -> dict:
     """Roll the repository at ``storage_uri`` (a local copy at ``repository_dir``, built from
-    ``onnx_dir`` when given) out as an ``InferenceService``: a canary of ``canary_percent`` when
-    the service exists, else a new service; wait until ready, smoke-test the new revision, then
-    promote it (``promote``) or leave the canary; on failure roll back (see the module docstring)
-    and raise ``ServingError`` with the reason. ``manifest_path``: also write the applied manifest
+    ``onnx_dir`` when given, with ``max_batch_size``, ``instance_count`` and
+    ``max_queue_delay_us`` in its model config) out as an ``InferenceService``: a canary of
+    ``canary_percent`` when the service exists, else a new service; wait until ready, smoke-test
+    the new revision, then promote it (``promote``) or leave the canary; on failure roll back (see
+    the module docstring) and raise ``ServingError`` with the reason. ``manifest_path``: also write the applied manifest
     there (YAML). Returns ``{"name", "namespace", "manifest", "url", "models", "promoted",
     "canary_percent", "passed"}``."""
     say = progress or (lambda _message: None)
     if onnx_dir is not None:
         gpu = any("nvidia.com/gpu" in (v or {}) for v in (resources or {}).values())
-        build_model_repository(onnx_dir, repository_dir, "triton",
+        build_model_repository(onnx_dir, repository_dir, "triton", max_batch_size,
+                               instance_count=instance_count,
+                               max_queue_delay_us=max_queue_delay_us,
                                instance_kind="KIND_GPU" if gpu else "KIND_CPU",
                                warmup_path=test_path)
     models = validate_model_repository(repository_dir, target="triton")

@@ -87,6 +87,8 @@ def deploy_vertex(
     repository_uri: str | None = None,
     onnx_dir: str | os.PathLike | None = None,
     max_batch_size: int = 64,
+    instance_count: int = 1,
+    max_queue_delay_us: int = 100,
     tensorrt_fp16: bool = False,
     parent_model: str | None = None,
     labels: dict[str, str] | None = None,
@@ -100,8 +102,9 @@ def deploy_vertex(
     named ``model_display_name``, deploy it next to what the endpoint serves with
     ``canary_percent`` of the traffic, and check it; undeploy it again if the check fails.
 
-    ``onnx_dir``: build the repository there first (``target="triton"``, ``KIND_GPU`` instances
-    when an accelerator is given, optional TensorRT FP16, a warmup sample from ``test_path``).
+    ``onnx_dir``: build the repository there first (``target="triton"``, ``instance_count``
+    instances, ``KIND_GPU`` when an accelerator is given, dynamic batching with
+    ``max_queue_delay_us``, optional TensorRT FP16, a warmup sample from ``test_path``).
     ``repository_uri``: the repository's ``gs://`` URI (default: derived from a ``/gcs/`` path).
     The first version of a model, and the first model on an endpoint, get all the traffic.
 
@@ -137,6 +140,7 @@ def deploy_vertex(
     if onnx_dir is not None:
         build_model_repository(
             onnx_dir, repository_dir, "triton", max_batch_size,
+            instance_count=instance_count, max_queue_delay_us=max_queue_delay_us,
             instance_kind="KIND_GPU" if accelerator_type else "KIND_CPU",
             tensorrt_fp16=tensorrt_fp16, warmup_path=test_path,
         )

@@ -1,4 +1,4 @@
-"""The six KFP components: thin wrappers whose bodies import and call a stage function.
+"""The KFP components, one per stage: thin wrappers whose bodies import and call a stage function.
 
 Each body runs inside the project's image on Vertex AI / Kubeflow, and in the local environment
 under `kfp.local.SubprocessRunner`; the image is chosen when the pipeline is compiled.
@@ -8,7 +8,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import (
+    HTML,
+    Artifact,
+    ClassificationMetrics,
+    Dataset,
+    Input,
+    Markdown,
+    Metrics,
+    Model,
+    Output,
+)
 
 
 def prepare_data(
@@ -171,6 +181,7 @@ def benchmark(
 def gate(
     onnx_models: Input[Model],
     results: Input[Artifact],
+    test: Input[Dataset],
     max_accuracy_drop_pt: float,
     max_size_bytes: int,
     optimise: str,
@@ -184,8 +195,10 @@ def gate(
     report_html: Output[HTML],
     chosen_model: Output[Model],
     metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
 ) -> bool:
-    """One record decides promotion: the chosen variant, its accuracy, parity and p99 on Triton."""
+    """One record decides promotion: the chosen variant, its accuracy, parity and p99 on Triton.
+    The chosen variant's confusion matrix on the test split goes to the UI's classification view."""
     import json
 
     from torchship.components.benchmark_gate import gate_metrics
@@ -200,7 +213,7 @@ def gate(
         optimise=optimise, accuracy_floor=accuracy_floor, baseline_uri=baseline_uri,
         latency_budget_p99_ms=latency_budget_p99_ms, target_concurrency=target_concurrency,
         previous_results_uri=previous_results_uri,
-        max_p99_regression_pct=max_p99_regression_pct, progress=report,
+        max_p99_regression_pct=max_p99_regression_pct, test_path=test.path, progress=report,
     )
     write_reports(decision, summary, record.path, report_html.path)
     record.metadata.update({"passed": decision["passed"], "variant": decision["variant"],
@@ -209,26 +222,82 @@ def gate(
     if decision["variant"] is not None:
         for key, value in gate_metrics(decision).items():
             metrics.log_metric(key, value)
+        matrix = decision["confusion_matrix"]
+        confusion.log_confusion_matrix(matrix["categories"], matrix["matrix"])
+        confusion.metadata["variant"] = decision["variant"]
+        confusion.metadata["test_accuracy"] = matrix["accuracy"]
     return bool(decision["passed"])
+
+
+def tune_serving(
+    chosen_model: Input[Model],
+    test: Input[Dataset],
+    instance_counts: list[int],
+    queue_delays_us: list[int],
+    optimise: str,
+    latency_budget_p99_ms: float,
+    target_concurrency: int,
+    batch_size: int,
+    duration_s: float,
+    warmup_s: float,
+    window_s: float,
+    min_windows: int,
+    max_windows: int,
+    stability_pct: float,
+    record: Output[Artifact],
+    metrics: Output[Metrics],
+    table: Output[Markdown],
+):
+    """The chosen model under each Triton setting (instance_count x max_queue_delay_us) on one
+    local tritonserver, measured like the benchmark stage; the record names the settings to
+    deploy with, chosen by the gate's objective."""
+    from torchship.components.progress import report
+    from torchship.components.serving_search import (
+        search_serving_config,
+        serving_metrics,
+        write_candidate_table,
+    )
+
+    searched = search_serving_config(
+        chosen_model.path, test.path, record.path,
+        instance_counts=[int(c) for c in instance_counts],
+        queue_delays_us=[int(d) for d in queue_delays_us],
+        target_concurrency=target_concurrency, latency_budget_p99_ms=latency_budget_p99_ms,
+        optimise=optimise, batch_size=batch_size, duration_s=duration_s, warmup_s=warmup_s,
+        window_s=window_s or None, min_windows=min_windows, max_windows=max_windows,
+        stability_pct=stability_pct, progress=report,
+    )
+    write_candidate_table(searched, table.path)
+    record.metadata.update({"chosen": searched["chosen"], "settings": searched["settings"],
+                            "reason": searched["reason"]})
+    for key, value in serving_metrics(searched).items():
+        metrics.log_metric(key, value)
 
 
 def deploy(
     chosen_model: Input[Model],
     test: Input[Dataset],
+    serving_record: Input[Artifact],
     target: str,
     local_repository: str,
     settings: dict,
     model_repository: Output[Artifact],
 ):
-    """Deploy the chosen model: a new version on Triton (local), a Vertex AI Endpoint or KServe,
-    smoke-tested against ONNX Runtime; on failure the serving version stays as it was."""
+    """Deploy the chosen model with the serving search's settings: a new version on Triton
+    (local), a Vertex AI Endpoint or KServe, smoke-tested against ONNX Runtime; on failure the
+    serving version stays as it was."""
+    import json
+
     from torchship.components.deploy import deploy_to
     from torchship.components.progress import report
 
+    with open(serving_record.path) as handle:
+        serving = json.load(handle)["settings"]
     result = deploy_to(target, chosen_model.path, model_repository.path, model_repository.uri,
                        test.path, local_repository=local_repository, settings=settings,
-                       progress=report)
-    model_repository.metadata.update({"target": target, **result.get("summary", {})})
+                       serving=serving, progress=report)
+    model_repository.metadata.update({"target": target, "serving": serving,
+                                      **result.get("summary", {})})
 
 
 def vertex_worker_pools(
@@ -256,6 +325,7 @@ class Components:
     deploy: Callable
     benchmark: Callable
     gate: Callable
+    tune_serving: Callable
     vertex_worker_pools: Callable
     # The train component wrapped as a Vertex AI custom job, and its container as JSON.
     train_custom_job: Callable | None = None
@@ -276,6 +346,7 @@ def build_components(image: str, vertex: bool = False) -> Components:
         deploy=make(deploy),
         benchmark=make(benchmark),
         gate=make(gate),
+        tune_serving=make(tune_serving),
         vertex_worker_pools=make(vertex_worker_pools),
     )
     if not vertex:

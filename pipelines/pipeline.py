@@ -1,4 +1,5 @@
-"""The torchship DAG (data -> train -> compress -> export -> deploy -> benchmark) and its compiler."""
+"""The torchship DAG (data -> train -> compress -> export -> benchmark -> gate -> tune-serving ->
+deploy) and its compiler."""
 
 import inspect
 import os
@@ -15,7 +16,8 @@ from torchship.pipelines.components import Components, build_components
 
 PIPELINE_NAME = "torchship"
 IMAGE_ENV = "TORCHSHIP_IMAGE"
-STAGES = ("prepare-data", "train", "compress", "export", "benchmark", "gate", "deploy")
+STAGES = ("prepare-data", "train", "compress", "export", "benchmark", "gate", "tune-serving",
+          "deploy")
 
 
 def default_image() -> str:
@@ -33,7 +35,8 @@ DEFAULT_VARIANTS = ["fp32", "pruned", "structured", "distilled", "int8"]
 
 def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.PipelineTask,
                     params: dict[str, Any]) -> Outputs:
-    """compress -> export -> benchmark -> gate -> (if it passed) deploy, on every target."""
+    """compress -> export -> benchmark -> gate -> (if it passed) tune-serving -> deploy, on every
+    target."""
     variants = ops.compress(
         model=trained.outputs["model"], train=data.outputs["train"],
         val=data.outputs["val"], test=data.outputs["test"],
@@ -52,6 +55,7 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
     )
     decided = ops.gate(
         onnx_models=exported.outputs["onnx_models"], results=measured.outputs["results"],
+        test=data.outputs["test"],
         max_accuracy_drop_pt=params["max_accuracy_drop_pt"],
         max_size_bytes=params["max_size_bytes"], optimise=params["optimise"],
         accuracy_floor=params["accuracy_floor"], baseline_uri=params["baseline_uri"],
@@ -61,8 +65,21 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
         max_p99_regression_pct=params["max_p99_regression_pct"],
     )
     with dsl.If(decided.outputs["Output"] == True, name="gate-passed"):
+        tuned = ops.tune_serving(
+            chosen_model=decided.outputs["chosen_model"], test=data.outputs["test"],
+            instance_counts=params["serving_instance_counts"],
+            queue_delays_us=params["serving_queue_delays_us"], optimise=params["optimise"],
+            latency_budget_p99_ms=params["latency_budget_p99_ms"],
+            target_concurrency=params["target_concurrency"],
+            batch_size=params["benchmark_batch_size"],
+            duration_s=params["benchmark_duration_s"], warmup_s=params["benchmark_warmup_s"],
+            window_s=params["benchmark_window_s"], min_windows=params["benchmark_min_windows"],
+            max_windows=params["benchmark_max_windows"],
+            stability_pct=params["benchmark_stability_pct"],
+        )
         ops.deploy(
             chosen_model=decided.outputs["chosen_model"], test=data.outputs["test"],
+            serving_record=tuned.outputs["record"],
             target=params["deploy_target"], local_repository=params["local_repository"],
             settings=params["deploy_settings"],
         )
@@ -109,6 +126,9 @@ PARAMETERS: Parameters = (
     ("target_concurrency", int, 4),
     ("previous_results_uri", str, ""),
     ("max_p99_regression_pct", float, 10.0),
+    # The serving search's grid (Triton settings of the chosen model); [] keeps that default.
+    ("serving_instance_counts", list[int], [1, 2]),
+    ("serving_queue_delays_us", list[int], [100, 2000]),
     ("deploy_target", str, "local"),
     ("local_repository", str, ""),
     ("deploy_settings", dict, {}),
@@ -238,6 +258,7 @@ def check_parameters(arguments: dict[str, Any], defaults: dict[str, Any] | None 
         if int(values["target_concurrency"]) not in levels:
             refuse("target_concurrency", f"is not a measured level ({levels})",
                    "pass one of the benchmark concurrency levels, or add it to them")
+    _check_serving_search(values, refuse)
 
 
 def _check_benchmark_sweep(values: dict[str, Any],
@@ -279,6 +300,20 @@ def _check_benchmark_sweep(values: dict[str, Any],
     ):
         if name in values and not number(name) >= 0:
             refuse(name, "is negative", fix)
+
+
+def _check_serving_search(values: dict[str, Any],
+                          refuse: Callable[[str, str, str], NoReturn]) -> None:
+    """The serving search's grid, which only the tune-serving stage, after the gate, would read."""
+    for name, least, fix in (
+        ("serving_instance_counts", 1, "pass instance counts of 1 or more, e.g. [1, 2], or []"),
+        ("serving_queue_delays_us", 0, "pass delays in microseconds, e.g. [100, 2000], or []"),
+    ):
+        grid = values.get(name, [])
+        if not isinstance(grid, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool)
+                and float(v).is_integer() and v >= least for v in grid):  # YAML gives 1.0
+            refuse(name, f"is not a list of integers >= {least}", fix + " to keep the default")
 
 
 def compiled_defaults(pipeline_yaml: str | Path) -> dict[str, Any]:

@@ -129,3 +129,22 @@ def test_deploy_kserve_builds_and_fails_clearly_without_a_cluster(tmp_path, test
     assert time.monotonic() - started < 30
     # The repository it would serve was built for the Triton container (ONNX Runtime).
     assert "onnxruntime_onnx" in (repository / "fp32" / "config.pbtxt").read_text()
+
+
+def test_deploy_to_kserve_builds_the_repository_with_the_serving_search_settings(
+        tmp_path, test_path):
+    from torchship.components.deploy import deploy_to
+    from torchship.components.model_repository import read_model_config
+
+    write_onnx_dir(tmp_path / "onnx")
+    kubeconfig, _ = _dead_kubeconfig(tmp_path)
+    repository = tmp_path / "model_repository"
+    settings = {"name": "torchship", "namespace": "models", "kubeconfig": str(kubeconfig),
+                "api_timeout_s": 5}
+    with pytest.raises(ServingError, match="unreachable"):
+        deploy_to("kserve", tmp_path / "onnx", repository, STORAGE, test_path, settings=settings,
+                  serving={"instance_count": 2, "max_queue_delay_us": 2000},
+                  progress=lambda _line: None)
+    config = read_model_config(repository / "fp32" / "config.pbtxt")
+    assert config.platform == "onnxruntime_onnx" and config.instance_group[0].count == 2
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2000

@@ -44,14 +44,20 @@ def executors(spec: pipeline_spec_pb2.PipelineSpec) -> list:
 def test_compiled_yaml_is_a_pipeline_spec_with_one_task_per_stage(tmp_path):
     spec = compile_spec(tmp_path, "--image", "registry.example/team/torchship-cpu:1.2.3")
     assert spec.pipeline_info.name == "torchship"
-    # Every stage runs at the top level but deploy, which runs only under the gate's condition.
+    # Every stage runs at the top level but tune-serving and deploy, which run only under the
+    # gate's condition, in that order.
     root = spec.root.dag.tasks
     [condition] = [name for name in root if name.startswith("condition")]
-    assert sorted(set(root) - {condition}) == sorted(set(STAGES) - {"deploy"})
+    gated = {"tune-serving", "deploy"}
+    assert sorted(set(root) - {condition}) == sorted(set(STAGES) - gated)
     assert "gate" in root[condition].dependent_tasks
     assert root[condition].trigger_policy.condition == (
         "inputs.parameter_values['pipelinechannel--gate-Output'] == true")
-    assert list(spec.components[root[condition].component_ref.name].dag.tasks) == ["deploy"]
+    branch = spec.components[root[condition].component_ref.name].dag.tasks
+    assert set(branch) == gated
+    assert "tune-serving" in branch["deploy"].dependent_tasks
+    record = branch["deploy"].inputs.artifacts["serving_record"].task_output_artifact
+    assert (record.producer_task, record.output_artifact_key) == ("tune-serving", "record")
     images = {executor.container.image for executor in executors(spec)}
     assert images == {"registry.example/team/torchship-cpu:1.2.3"}
     parameters = set(spec.root.input_definitions.parameters)
@@ -63,6 +69,11 @@ def test_compiled_yaml_is_a_pipeline_spec_with_one_task_per_stage(tmp_path):
     assert "train" in tasks["compress"].dependent_tasks
     assert "export" in tasks["benchmark"].dependent_tasks
     assert "benchmark" in tasks["gate"].dependent_tasks
+    # Metrics and reports as the Vertex AI and Kubeflow UIs show them.
+    gate_outputs = spec.components[tasks["gate"].component_ref.name].output_definitions.artifacts
+    assert gate_outputs["confusion"].artifact_type.schema_title == "system.ClassificationMetrics"
+    assert gate_outputs["metrics"].artifact_type.schema_title == "system.Metrics"
+    assert gate_outputs["report_html"].artifact_type.schema_title == "system.HTML"
 
 
 def test_compile_takes_image_from_environment_and_embeds_no_pip_install(tmp_path):
@@ -119,6 +130,15 @@ def test_worker_pool_specs_put_the_chief_in_pool_0_and_the_rest_in_pool_1():
         worker_pool_specs(template, 2, "n1-standard-8", "NVIDIA_L4", 0)
 
 
+def declared(spec: pipeline_spec_pb2.PipelineSpec, names) -> dict[str, tuple]:
+    """(type, default) of each named pipeline parameter, as the compiled spec declares it."""
+    parameters = spec.root.input_definitions.parameters
+    return {name: (pipeline_spec_pb2.ParameterType.ParameterTypeEnum.Name(
+                       parameters[name].parameter_type),
+                   json_format.MessageToDict(parameters[name].default_value))
+            for name in names}
+
+
 # The benchmark sweep's parameters and their defaults: what the benchmark did before they existed.
 BENCHMARK_SWEEP = {
     "benchmark_concurrency": ("LIST", [1, 4]),
@@ -135,14 +155,7 @@ BENCHMARK_SWEEP = {
 def test_benchmark_sweep_is_set_by_pipeline_parameters_that_default_to_todays_sweep(
         tmp_path, target):
     spec = compile_spec(tmp_path, "--target", target)
-    parameters = spec.root.input_definitions.parameters
-    declared = {
-        name: (pipeline_spec_pb2.ParameterType.ParameterTypeEnum.Name(
-                   parameters[name].parameter_type),
-               json_format.MessageToDict(parameters[name].default_value))
-        for name in BENCHMARK_SWEEP
-    }
-    assert declared == BENCHMARK_SWEEP
+    assert declared(spec, BENCHMARK_SWEEP) == BENCHMARK_SWEEP
     assert check_parameters({}, compiled_defaults(tmp_path / "pipeline.yaml")) is None
     # The benchmark task takes each one, under its own name without the `benchmark_` prefix.
     inputs = spec.root.dag.tasks["benchmark"].inputs.parameters
@@ -198,3 +211,52 @@ def test_run_refuses_a_bad_benchmark_sweep_before_anything_runs(compiled_local, 
         ("error: parameter benchmark_max_windows=2 is below benchmark_min_windows=3; "
          "pass a maximum at least the minimum")]
     assert not (tmp_path / "runs").exists()
+
+
+# The serving search's grid and its defaults: 2 instance counts x 2 queue delays.
+SERVING_SEARCH = {
+    "serving_instance_counts": ("LIST", [1, 2]),
+    "serving_queue_delays_us": ("LIST", [100, 2000]),
+}
+
+
+@pytest.mark.parametrize("target", ["local", "vertex"])
+def test_serving_search_is_set_by_pipeline_parameters_and_reads_the_gates_objective(
+        tmp_path, target):
+    spec = compile_spec(tmp_path, "--target", target)
+    assert declared(spec, SERVING_SEARCH) == SERVING_SEARCH
+    [condition] = [name for name in spec.root.dag.tasks if name.startswith("condition")]
+    branch = spec.components[spec.root.dag.tasks[condition].component_ref.name].dag.tasks
+    inputs = branch["tune-serving"].inputs.parameters
+    expected = {"instance_counts": "serving_instance_counts",
+                "queue_delays_us": "serving_queue_delays_us", "optimise": "optimise",
+                "latency_budget_p99_ms": "latency_budget_p99_ms",
+                "target_concurrency": "target_concurrency",
+                "duration_s": "benchmark_duration_s", "min_windows": "benchmark_min_windows"}
+    for name, parameter in expected.items():
+        assert inputs[name].component_input_parameter == f"pipelinechannel--{parameter}", name
+    outputs = spec.components[branch["tune-serving"].component_ref.name].output_definitions
+    assert {name: a.artifact_type.schema_title for name, a in outputs.artifacts.items()} == {
+        "record": "system.Artifact", "metrics": "system.Metrics", "table": "system.Markdown"}
+
+
+@pytest.mark.parametrize(("arguments", "expected"), [
+    ({"serving_instance_counts": [0, 2]},
+     ("parameter serving_instance_counts=[0, 2] is not a list of integers >= 1; pass instance "
+      "counts of 1 or more, e.g. [1, 2], or [] to keep the default")),
+    ({"serving_instance_counts": "1,2"}, "serving_instance_counts='1,2' is not a list"),
+    ({"serving_queue_delays_us": [-100]},
+     "serving_queue_delays_us=[-100] is not a list of integers >= 0; pass delays in microseconds"),
+    ({"serving_queue_delays_us": [0.5]}, "serving_queue_delays_us=[0.5] is not a list"),
+])
+def test_bad_serving_search_grid_is_refused_in_one_line(compiled_local, arguments, expected):
+    with pytest.raises(UserInputError) as error:
+        check_parameters(arguments, compiled_defaults(compiled_local))
+    assert expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_empty_serving_search_axes_are_accepted(compiled_local):
+    defaults = compiled_defaults(compiled_local)
+    assert check_parameters({"serving_instance_counts": [], "serving_queue_delays_us": []},
+                            defaults) is None

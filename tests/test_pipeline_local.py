@@ -10,6 +10,8 @@ import pytest
 from artifacts import labelled_table
 from processes import torchship
 
+from torchship.components.model_repository import read_model_config
+
 SMALL = ["--epochs", "3", "--finetune-epochs", "1", "--bench-duration", "1",
          "--concurrency", "1,2", "--variants", "fp32,pruned,int8", "--target-concurrency", "2"]
 
@@ -57,6 +59,23 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
     assert (persistent / "1" / "model.onnx").read_bytes() == (
         repository / gate["variant"] / "1" / "model.onnx").read_bytes()
 
+    # The serving search measured each candidate setting of the chosen model, printed a line
+    # each and its choice, and the deployed config carries the chosen settings.
+    assert "Task 'tune-serving' finished with status SUCCESS" in done.stdout
+    [record_path] = list((tmp_path / "runs").rglob("tune-serving/record"))
+    serving = json.loads(record_path.read_text())
+    assert serving["variant"] == gate["variant"] and len(serving["candidates"]) == 4
+    for candidate in serving["candidates"]:
+        assert candidate["levels"]["c2"]["throughput_rps"] > 0, candidate["model"]
+        assert any(line.strip().startswith(candidate["model"] + " ")
+                   for line in done.stdout.splitlines()), candidate["model"]
+    assert f"serving: instance_count {serving['settings']['instance_count']}," in done.stdout
+    for config in (read_model_config(repository / gate["variant"] / "config.pbtxt"),
+                   read_model_config(persistent / "config.pbtxt")):
+        assert config.instance_group[0].count == serving["settings"]["instance_count"]
+        assert config.dynamic_batching.max_queue_delay_microseconds == (
+            serving["settings"]["max_queue_delay_us"])
+
     # The HTML report is self-contained, with its plots embedded.
     html = paths["report"].read_text()
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', html)) >= 2
@@ -73,6 +92,7 @@ def test_gate_that_fails_keeps_the_record_and_does_not_deploy(pipeline_yaml, tmp
     assert any(c["name"] == "p99 latency" and not c["passed"] for c in gate["checks"])
     assert "gate: FAILED" in done.stdout
     assert "Executing task 'deploy'" not in done.stdout
+    assert "Executing task 'tune-serving'" not in done.stdout
     assert not list((tmp_path / "runs").rglob("deploy"))
 
 
