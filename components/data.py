@@ -6,6 +6,7 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,17 +16,40 @@ from torchship.components.errors import UserInputError
 
 if TYPE_CHECKING:
     import pandas as pd
+    import PIL.Image
+    from fsspec import AbstractFileSystem
 
-# pandas, fsspec and scikit-learn are imported inside the functions that use them: training
+# pandas, fsspec, scikit-learn and Pillow are imported inside the functions that use them: training
 # workers import this module only for load_split, and each of them would pay seconds for these.
 
 TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+# Single-channel Pillow modes (LA: grey with alpha, which is dropped). A palette image ("P") may
+# hold colours, so it counts as colour.
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+SOURCE_KINDS = ("a path to a CSV, Parquet or .npz file, a folder of images with one sub-folder "
+                "per class, or 'digits'")
 SPLITS = ("train", "val", "test")
 # A feature whose training std is below this is (near) constant: dividing by it would blow up
 # rounding noise, so it is left unscaled (std 1) instead.
 STD_FLOOR = 1e-6
 # Long column lists would break the one-line error rule; show this many and count the rest.
 MAX_LISTED = 12
+
+
+@dataclass(frozen=True)
+class LoadedSource:
+    """What every kind of source loads to, before the one split / standardise / write path."""
+
+    features: np.ndarray  # [rows, n_features], finite: float64, or float32 pixels for images
+    labels: np.ndarray  # int64 class index per row: class i is class_names[i]
+    class_names: list[str]
+    feature_names: list[str]
+    schema: dict[str, str]
+    # For the too-few-rows error: where the labels come from ("label column 'species'"; empty
+    # where the source itself says it) and what a row is.
+    labels_from: str = ""
+    row_noun: str = "rows"
 
 
 def prepare_data(
@@ -40,49 +64,48 @@ def prepare_data(
 ) -> dict:
     """Split `source` into standardised train/val/test `.npz` files and return its metadata.
 
-    Every check on the input runs before the first file is written, so a bad source leaves
-    nothing behind.
+    `source` is `digits`, a CSV/Parquet table with a `label_column`, an `.npz` with arrays `x`
+    and `y`, or a folder of images with one sub-folder per class (local or any fsspec URL);
+    `label_column` is used by tables only. Every check on the input runs before the first file
+    is written, so a bad source leaves nothing behind.
     """
     _check_fractions(val_fraction, test_fraction)
-    table, feature_columns, label_column = _load_table(source, label_column)
-    features, labels, class_names = _features_and_labels(source, table, feature_columns,
-                                                         label_column)
-    split_index = _stratified_split(source, label_column, labels, class_names, seed,
-                                    val_fraction, test_fraction)
+    data = _load_source(source, label_column)
+    split_index = _stratified_split(source, data, seed, val_fraction, test_fraction)
 
     # Statistics come from the training rows only, so val/test stay unseen data.
-    train_x = features[split_index["train"]]
-    mean = train_x.mean(axis=0)
-    std = train_x.std(axis=0)
+    train_x = data.features[split_index["train"]]
+    mean = train_x.mean(axis=0, dtype=np.float64)
+    std = train_x.std(axis=0, dtype=np.float64)
     std = np.where(std < STD_FLOOR, 1.0, std)
 
-    feature_names = np.array([str(c) for c in feature_columns])
-    class_names_array = np.array(class_names)
     paths = {"train": train_path, "val": val_path, "test": test_path}
     for split in SPLITS:
         rows = split_index[split]
         _write_npz(
             paths[split],
-            x=((features[rows] - mean) / std).astype(np.float32),
-            y=labels[rows].astype(np.int64),
+            x=((data.features[rows] - mean) / std).astype(np.float32),
+            y=data.labels[rows].astype(np.int64),
             mean=mean.astype(np.float32),
             std=std.astype(np.float32),
-            feature_names=feature_names,
-            class_names=class_names_array,
+            feature_names=np.array(data.feature_names),
+            class_names=np.array(data.class_names),
         )
 
+    class_names = data.class_names
     return {
         "source": source,
-        "n_features": len(feature_columns),
+        "n_features": len(data.feature_names),
         "n_classes": len(class_names),
         "class_names": list(class_names),
-        "feature_names": [str(c) for c in feature_columns],
-        "schema": {str(col): str(dtype) for col, dtype in table.dtypes.items()},
+        "feature_names": list(data.feature_names),
+        "schema": data.schema,
         "class_counts": {
             split: {
                 name: int(count)
                 for name, count in zip(
-                    class_names, np.bincount(labels[split_index[split]], minlength=len(class_names))
+                    class_names,
+                    np.bincount(data.labels[split_index[split]], minlength=len(class_names)),
                 )
             }
             for split in SPLITS
@@ -93,9 +116,9 @@ def prepare_data(
             "source": source,
             "n_rows": len(split_index["train"]),
             "features": {
-                str(name): {"mean": float(m), "std": float(sd), "min": float(lo), "max": float(hi)}
-                for name, m, sd, lo, hi in zip(feature_columns, mean, std, train_x.min(axis=0),
-                                               train_x.max(axis=0))
+                name: {"mean": float(m), "std": float(sd), "min": float(lo), "max": float(hi)}
+                for name, m, sd, lo, hi in zip(data.feature_names, mean, std,
+                                               train_x.min(axis=0), train_x.max(axis=0))
             },
         },
     }
@@ -139,22 +162,18 @@ def _check_google_credentials(source: str) -> None:
         ) from error
 
 
-def _load_table(source: str, label_column: str) -> tuple[pd.DataFrame, list[str], str]:
-    """Read the source into one DataFrame; returns it with its feature columns and label column."""
+def _load_source(source: str, label_column: str) -> LoadedSource:
+    """Find out what kind of source `source` is and load it with that kind's loader."""
     import fsspec
-    import pandas as pd
 
     if source == "digits":
         from sklearn.datasets import load_digits
 
         digits = load_digits(as_frame=True)
-        table = digits.frame  # 64 pixel columns plus "target"
-        return table, list(digits.feature_names), "target"
+        return _table_source(source, digits.frame, "target")  # 64 pixel columns plus "target"
 
     if not isinstance(source, str) or not source:
-        raise UserInputError(
-            f"data source {source!r} is empty; pass a path to a CSV or Parquet file, or 'digits'"
-        )
+        raise UserInputError(f"data source {source!r} is empty; pass {SOURCE_KINDS}")
     if source.startswith(("gs://", "gcs://")):
         _check_google_credentials(source)
     try:
@@ -165,17 +184,27 @@ def _load_table(source: str, label_column: str) -> tuple[pd.DataFrame, list[str]
             "path or a gs://, s3://, https:// URL"
         ) from error
     if not fs.exists(fs_path):
-        raise UserInputError(
-            f"data source '{source}' does not exist; pass a path to a CSV or Parquet file, "
-            "or 'digits'"
-        )
-    suffix = Path(fs_path).suffix.lower()
-    kind = TABLE_SUFFIXES.get(suffix)
-    if kind is None:
-        raise UserInputError(
-            f"data source '{source}' has unsupported suffix '{suffix}'; "
-            f"pass a {', '.join(TABLE_SUFFIXES)} file, or 'digits'"
-        )
+        raise UserInputError(f"data source '{source}' does not exist; pass {SOURCE_KINDS}")
+    # The suffix decides before the kind of path does: a directory named like a table is read as
+    # one and fails as one, which says more than "not an image folder".
+    suffix = Path(fs_path.rstrip("/")).suffix.lower()
+    if suffix in TABLE_SUFFIXES:
+        return _load_table(source, TABLE_SUFFIXES[suffix], label_column)
+    if suffix == ".npz":
+        return _load_npz(source)
+    if fs.isdir(fs_path):
+        return _load_image_folder(source, fs, fs_path)
+    raise UserInputError(
+        f"data source '{source}' has unsupported suffix '{suffix}'; "
+        f"pass a {', '.join(TABLE_SUFFIXES)} or .npz file, an image folder, or 'digits'"
+    )
+
+
+def _load_table(source: str, kind: str, label_column: str) -> LoadedSource:
+    """A CSV or Parquet table: every column but `label_column` is a numeric feature."""
+    import fsspec
+    import pandas as pd
+
     try:
         with fsspec.open(source, "rb") as handle:
             table = pd.read_csv(handle) if kind == "csv" else pd.read_parquet(handle)
@@ -188,11 +217,16 @@ def _load_table(source: str, label_column: str) -> tuple[pd.DataFrame, list[str]
             f"data source '{source}' could not be read as {kind}: {_one_line(error)}; "
             f"pass a valid {kind} file"
         ) from error
-
     if table.shape[0] == 0 or table.shape[1] == 0:
         raise UserInputError(
             f"data source '{source}' is empty (no rows); pass a table with a header and rows"
         )
+    return _table_source(source, table, label_column)
+
+
+def _table_source(source: str, table: pd.DataFrame, label_column: str) -> LoadedSource:
+    import pandas as pd
+
     columns = [str(c) for c in table.columns]
     table.columns = columns
     if label_column not in columns:
@@ -206,15 +240,6 @@ def _load_table(source: str, label_column: str) -> tuple[pd.DataFrame, list[str]
             f"data source '{source}' has only the label column '{label_column}'; "
             "pass a table with at least one feature column"
         )
-    return table, feature_columns, label_column
-
-
-def _features_and_labels(
-    source: str, table: pd.DataFrame, feature_columns: list[str], label_column: str
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Return float64 features, int64 class indices and the class names (index i ↔ name i)."""
-    import pandas as pd
-
     non_numeric = [
         c for c in feature_columns
         if not pd.api.types.is_numeric_dtype(table[c]) or pd.api.types.is_complex_dtype(table[c])
@@ -225,12 +250,7 @@ def _features_and_labels(
             "encode them as numbers or drop them"
         )
     features = table[feature_columns].to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = [c for c, ok in zip(feature_columns, np.isfinite(features).all(axis=0)) if not ok]
-    if bad:
-        raise UserInputError(
-            f"data source '{source}' has missing or infinite values in feature columns "
-            f"{_list(bad)}; fill or drop those rows"
-        )
+    _check_finite(source, features, feature_columns)
 
     label = table[label_column]
     if label.isna().any():
@@ -238,30 +258,225 @@ def _features_and_labels(
             f"data source '{source}' has {int(label.isna().sum())} rows with no value in label "
             f"column '{label_column}'; fill or drop those rows"
         )
+    origin = f"label column '{label_column}'"
+    labels, class_names = _class_indices(source, label, origin, "a label column")
+    return LoadedSource(features, labels, class_names, feature_columns,
+                        {col: str(dtype) for col, dtype in table.dtypes.items()},
+                        labels_from=origin)
+
+
+def _load_npz(source: str) -> LoadedSource:
+    """An `.npz` with `x` [rows, ...] features and `y` labels (text or integers), and optionally
+    `class_names` (then `y` holds indices into it) and `feature_names`."""
+    import io
+
+    import fsspec
+
+    try:
+        with fsspec.open(source, "rb") as handle:
+            payload = io.BytesIO(handle.read())
+        # allow_pickle=False: an object array would run the user's pickled code on loading.
+        with np.load(payload, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except Exception as error:  # a bad zip, a bad member, an object (pickled) array
+        raise UserInputError(
+            f"data source '{source}' could not be read as npz: {_one_line(error)}; pass a file "
+            "written by np.savez(path, x=..., y=...) with plain numeric or text arrays"
+        ) from error
+    missing = [key for key in ("x", "y") if key not in arrays]
+    if missing:
+        raise UserInputError(
+            f"data source '{source}' has no array {' or '.join(repr(k) for k in missing)} "
+            f"(arrays: {_list(sorted(arrays)) or 'none'}); save the features as x and the "
+            "labels as y: np.savez(path, x=features, y=labels)"
+        )
+    x, y = arrays["x"], arrays["y"]
+    if x.ndim < 2 or x.shape[0] == 0 or x[0].size == 0:
+        raise UserInputError(
+            f"data source '{source}' array 'x' has shape {x.shape}; store x as [rows, features] "
+            "(or [rows, ...], flattened per row) with at least one row and one feature"
+        )
+    if y.ndim != 1 or len(y) != len(x):
+        raise UserInputError(
+            f"data source '{source}' has {len(x)} rows in x but y has shape {y.shape}; "
+            "store one label per row of x in a 1-D y"
+        )
+    if x.dtype.kind not in "biuf":
+        raise UserInputError(
+            f"data source '{source}' array 'x' holds {x.dtype} values, not numbers; "
+            "encode the features as numbers"
+        )
+    feature_shape = x.shape[1:]
+    features = x.reshape(len(x), -1).astype(np.float64)
+    if "feature_names" in arrays:
+        feature_names = [str(n) for n in arrays["feature_names"].astype(str).ravel()]
+        if len(feature_names) != features.shape[1] or len(set(feature_names)) != len(feature_names):
+            raise UserInputError(
+                f"data source '{source}' array 'feature_names' has {len(feature_names)} names "
+                f"({len(set(feature_names))} distinct) for {features.shape[1]} features; store "
+                "one distinct name per feature, or leave feature_names out"
+            )
+    else:  # x3 for [rows, features]; x0_3 (row 0, column 3 of each sample) for [rows, h, w]
+        feature_names = ["x" + "_".join(map(str, index)) for index in np.ndindex(*feature_shape)]
+    _check_finite(source, features, feature_names)
+
+    labels, class_names = _npz_labels(source, y, arrays.get("class_names"))
+    schema = {"x": f"{x.dtype} {'x'.join(map(str, feature_shape))}",
+              "y": f"{y.dtype} index into class_names" if "class_names" in arrays
+              else str(y.dtype)}
+    return LoadedSource(features, labels, class_names, feature_names, schema,
+                        labels_from="array 'y'")
+
+
+def _npz_labels(
+    source: str, y: np.ndarray, given_names: np.ndarray | None
+) -> tuple[np.ndarray, list[str]]:
+    """Class indices and names: `y` indexes `given_names`, or its own values are the classes."""
+    import pandas as pd
+
+    if given_names is None:
+        if y.dtype.kind not in "biuUS":
+            raise UserInputError(
+                f"data source '{source}' array 'y' holds {y.dtype} values; store the labels as "
+                "integers or text"
+            )
+        text_or_numbers = y.astype(str) if y.dtype.kind == "S" else y  # bytes print as b'..'
+        return _class_indices(source, pd.Series(text_or_numbers), "array 'y'", "labels y")
+    class_names = [str(n) for n in given_names.astype(str).ravel()]
+    _check_class_names(source, class_names, "array 'class_names'", "class_names")
+    if y.dtype.kind not in "iu":
+        raise UserInputError(
+            f"data source '{source}' array 'y' holds {y.dtype} values but class_names is "
+            "given; store y as integer indices into class_names, or leave class_names out"
+        )
+    outside = np.unique(y[(y < 0) | (y >= len(class_names))]).tolist()
+    if outside:
+        raise UserInputError(
+            f"data source '{source}' array 'y' has values {_list([str(v) for v in outside])} "
+            f"outside class_names' indices 0..{len(class_names) - 1}; store y as indices "
+            "into class_names"
+        )
+    return y.astype(np.int64), class_names
+
+
+def _load_image_folder(source: str, fs: AbstractFileSystem, root: str) -> LoadedSource:
+    """A folder with one sub-folder per class (its name is the class) of same-sized images."""
+    class_folders = sorted(
+        _basename(entry["name"]) for entry in fs.ls(root, detail=True)
+        if entry["type"] == "directory" and _visible(entry["name"], root)
+    )
+    if not class_folders:
+        raise UserInputError(
+            f"data source '{source}' is a folder with no class sub-folders; put each class's "
+            "images in a sub-folder named after the class"
+        )
+    if len(class_folders) < 2:
+        raise UserInputError(
+            f"data source '{source}' has a single class folder '{class_folders[0]}'; add a "
+            "sub-folder of images for each class, at least two"
+        )
+    base = source.rstrip("/")
+    images, labels, names = [], [], []  # names as the user knows them, for errors
+    for index, class_name in enumerate(class_folders):
+        folder = f"{root.rstrip('/')}/{class_name}"
+        files = sorted(
+            _basename(entry["name"]) for entry in fs.ls(folder, detail=True)
+            if entry["type"] == "file" and _visible(entry["name"], folder)
+            and Path(entry["name"]).suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            raise UserInputError(
+                f"data source '{source}' class folder '{class_name}' has no images "
+                f"({', '.join(IMAGE_SUFFIXES)}); add images or remove the folder"
+            )
+        for file in files:
+            name = f"{base}/{class_name}/{file}"
+            image = _read_image(source, fs, f"{folder}/{file}", name)
+            if images and image.size != images[0].size:
+                width, height = images[0].size
+                raise UserInputError(
+                    f"data source '{source}' image '{name}' is {image.width}x{image.height} but "
+                    f"'{names[0]}' is {width}x{height}; resize them all to {width}x{height}"
+                )
+            images.append(image)
+            labels.append(index)
+            names.append(name)
+
+    # Grayscale only when every image is: one colour image makes every row RGB.
+    mode = "L" if all(image.mode in GRAYSCALE_MODES for image in images) else "RGB"
+    width, height = images[0].size
+    features = np.stack(
+        [np.asarray(image.convert(mode), dtype=np.float32).reshape(-1) for image in images]
+    )
+    channels = ("",) if mode == "L" else ("_r", "_g", "_b")
+    feature_names = [f"p{row}_{col}{channel}"  # row-major, channels last, as the pixels
+                     for row in range(height) for col in range(width) for channel in channels]
+    return LoadedSource(features, np.array(labels, dtype=np.int64), class_folders, feature_names,
+                        {"image": f"{mode} {width}x{height}", "label": "folder name"},
+                        row_noun="images")
+
+
+def _read_image(source: str, fs: AbstractFileSystem, path: str, name: str) -> PIL.Image.Image:
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(fs.cat_file(path)))
+        image.load()
+    except Exception as error:  # Pillow raises many kinds for a bad file
+        # Pillow's own text for an unknown format names only the in-memory buffer.
+        reason = ("not an image format Pillow knows"
+                  if isinstance(error, UnidentifiedImageError) else _one_line(error))
+        raise UserInputError(
+            f"data source '{source}' image '{name}' could not be read ({reason}); "
+            "replace or remove it"
+        ) from error
+    return image
+
+
+def _check_finite(source: str, features: np.ndarray, feature_names: list[str]) -> None:
+    bad = [name for name, ok in zip(feature_names, np.isfinite(features).all(axis=0)) if not ok]
+    if bad:
+        raise UserInputError(
+            f"data source '{source}' has missing or infinite values in feature columns "
+            f"{_list(bad)}; fill or drop those rows"
+        )
+
+
+def _class_indices(
+    source: str, label: pd.Series, origin: str, labels_noun: str
+) -> tuple[np.ndarray, list[str]]:
+    """Int64 class indices and the class names (index i is name i), from label values."""
+    import pandas as pd
+
     try:
         # sort=True keeps numeric labels in numeric order (2 before 10), so class index i is stable.
         codes, uniques = pd.factorize(label, sort=True)
     except TypeError:  # mixed types cannot be ordered; order them by their text instead
         codes, uniques = pd.factorize(label.astype(str), sort=True)
     class_names = [str(v) for v in uniques]
+    _check_class_names(source, class_names, origin, labels_noun)
+    return codes.astype(np.int64), class_names
+
+
+def _check_class_names(source: str, class_names: list[str], origin: str, labels_noun: str) -> None:
     if len(set(class_names)) != len(class_names):
         raise UserInputError(
-            f"data source '{source}' label column '{label_column}' has distinct values that print "
+            f"data source '{source}' {origin} has distinct values that print "
             f"the same ({_list(class_names)}); make the labels unambiguous"
         )
     if len(class_names) < 2:
         raise UserInputError(
-            f"data source '{source}' label column '{label_column}' has a single class "
-            f"'{class_names[0]}'; pass a label column with at least two classes"
+            f"data source '{source}' {origin} has a single class "
+            f"'{class_names[0] if class_names else ''}'; pass {labels_noun} with at least two "
+            "classes"
         )
-    return features, codes.astype(np.int64), class_names
 
 
 def _stratified_split(
     source: str,
-    label_column: str,
-    labels: np.ndarray,
-    class_names: list[str],
+    data: LoadedSource,
     seed: int,
     val_fraction: float,
     test_fraction: float,
@@ -269,6 +484,7 @@ def _stratified_split(
     """Row indices for each split, stratified by class; every class must land in every split."""
     from sklearn.model_selection import train_test_split
 
+    labels, class_names, unit = data.labels, data.class_names, data.row_noun
     # The smallest split must still get one row of each class: sklearn's stratified allocation
     # gives a class floor(count * fraction) rows of a split at least.
     smallest = min(val_fraction, test_fraction, 1 - val_fraction - test_fraction)
@@ -278,10 +494,11 @@ def _stratified_split(
 
     def too_few_error() -> UserInputError:
         listed = ", ".join(too_few) if too_few else "some classes"
+        where = f" {data.labels_from}" if data.labels_from else ""
         return UserInputError(
-            f"data source '{source}' label column '{label_column}' has too few rows for classes "
-            f"{listed}; each class needs at least {needed} rows to appear in train, val and test"
-            " - add rows, drop rare classes or raise --val-fraction/--test-fraction"
+            f"data source '{source}'{where} has too few {unit} for classes "
+            f"{listed}; each class needs at least {needed} {unit} to appear in train, val and "
+            f"test - add {unit}, drop rare classes or raise --val-fraction/--test-fraction"
         )
 
     if too_few:
@@ -337,6 +554,16 @@ def _list(names: list[str]) -> str:
     shown = ", ".join(names[:MAX_LISTED])
     more = len(names) - MAX_LISTED
     return f"{shown}, ... ({more} more)" if more > 0 else shown
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _visible(path: str, parent: str) -> bool:
+    """Not hidden (.DS_Store, .ipynb_checkpoints) and not the listed folder itself (object
+    stores may list a folder's placeholder object among its contents)."""
+    return path.rstrip("/") != parent.rstrip("/") and not _basename(path).startswith(".")
 
 
 def _one_line(error: BaseException) -> str:

@@ -80,7 +80,9 @@ def compile(output: str, image: str | None, target: str) -> None:
 @click.argument("pipeline_yaml", required=False)
 @click.option("--pipeline-root", default="runs", show_default=True,
               help="Folder for the run's artifacts.")
-@click.option("--data-source", help="'digits', or a CSV/Parquet file with a label column.")
+@click.option("--data-source", help="'digits', a CSV/Parquet file with a label column, an .npz "
+              "with arrays x and y, or a folder of images with one sub-folder per class; a local "
+              "path or a gs:// URL.")
 @click.option("--label-column", help="Name of the label column in a CSV/Parquet source.")
 @click.option("--model", help="Built-in model (mlp, cnn) or your own as module:factory.")
 @click.option("--epochs", type=int)

@@ -5,9 +5,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from processes import one_process_job
 
 from torchship.components.data import load_split, prepare_data
 from torchship.components.errors import UserInputError
+from torchship.components.train import train_model
 
 KEYS = {"x", "y", "mean", "std", "feature_names", "class_names"}
 
@@ -159,3 +161,176 @@ def test_bad_fractions(tmp_path):
     with pytest.raises(UserInputError, match="val_fraction 0.6 and test_fraction 0.5"):
         prepare_data("digits", "", *split_paths(tmp_path), val_fraction=0.6, test_fraction=0.5)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- .npz sources -------------------------------------------------------------------------------
+
+def unstandardised(split: dict) -> np.ndarray:
+    """A split's rows as they were in the source: standardisation undone."""
+    return split["x"].astype(np.float64) * split["std"] + split["mean"]
+
+
+def assert_standardised_on_train_only(splits: dict, raw_rows: np.ndarray) -> None:
+    """Every split carries train's mean and std, which are exactly those of the raw train rows."""
+    train = splits["train"]
+    raw_train = unstandardised(train)
+    np.testing.assert_allclose(train["mean"], raw_train.mean(axis=0), atol=1e-4)
+    np.testing.assert_allclose(train["x"].mean(axis=0), 0, atol=1e-5)
+    for split in splits.values():
+        np.testing.assert_array_equal(split["mean"], train["mean"])
+        np.testing.assert_array_equal(split["std"], train["std"])
+    # Every row still is a row of the source, and no row is in two splits.
+    restored = np.concatenate([unstandardised(s) for s in splits.values()])
+    np.testing.assert_allclose(np.sort(restored, axis=0), np.sort(raw_rows, axis=0), atol=1e-3)
+
+
+def prepared(source: str, directory: Path, label: str = "ignored") -> tuple[dict, dict]:
+    meta = prepare_data(source, label, *split_paths(directory), seed=0)
+    return meta, {name: load_split(path) for name, path in zip(SPLITS, split_paths(directory))}
+
+
+SPLITS = ("train", "val", "test")
+
+
+def test_npz_with_text_labels_and_image_shaped_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.repeat(["dog", "cat", "emu"], 20)
+    x = rng.integers(0, 9, size=(60, 2, 3)).astype(np.int16)  # N-D: flattened per row
+    x[y == "emu", 0, 0] += 50
+    np.savez(tmp_path / "animals.npz", x=x, y=y)
+    meta, splits = prepared(str(tmp_path / "animals.npz"), tmp_path / "out")
+    assert meta["class_names"] == ["cat", "dog", "emu"]
+    assert meta["feature_names"] == ["x0_0", "x0_1", "x0_2", "x1_0", "x1_1", "x1_2"]
+    assert meta["schema"] == {"x": "int16 2x3", "y": "<U3"}
+    assert meta["n_rows"] == {"train": 42, "val": 9, "test": 9}
+    assert meta["class_counts"]["val"] == {"cat": 3, "dog": 3, "emu": 3}
+    assert set(meta["statistics"]["features"]) == set(meta["feature_names"])
+    for split in splits.values():
+        assert set(split) == KEYS and split["x"].shape[1] == 6 and split["x"].dtype == np.float32
+    assert_standardised_on_train_only(splits, x.reshape(60, -1).astype(np.float64))
+    train = splits["train"]
+    emu = np.rint(unstandardised(train))[train["y"] == 2, 0]
+    assert emu.min() >= 50  # class index 2 is emu, whose first feature was shifted
+
+
+def test_npz_with_class_names_and_feature_names_from_an_fsspec_url(tmp_path):
+    import fsspec
+
+    rng = np.random.default_rng(1)
+    y = np.arange(40) % 2
+    x = rng.normal(size=(40, 3)) + y[:, None]
+    url = "memory://torchship-test-data/pairs.npz"
+    with fsspec.open(url, "wb") as handle:
+        np.savez(handle, x=x, y=y, class_names=np.array(["zebra", "ant"]),
+                 feature_names=np.array(["width", "height", "depth"]))
+    try:
+        meta, splits = prepared(url, tmp_path / "out")
+    finally:
+        fsspec.filesystem("memory").rm("/torchship-test-data", recursive=True)
+    assert meta["source"] == url
+    assert meta["class_names"] == ["zebra", "ant"]  # y indexes the given names, in their order
+    assert meta["feature_names"] == ["width", "height", "depth"]
+    assert meta["schema"] == {"x": "float64 3", "y": "int64 index into class_names"}
+    assert sum(meta["class_counts"]["train"].values()) == meta["n_rows"]["train"] == 28
+    assert list(splits["train"]["feature_names"]) == ["width", "height", "depth"]
+    assert list(splits["test"]["class_names"]) == ["zebra", "ant"]
+    assert_standardised_on_train_only(splits, x)
+
+
+# -- image folders ------------------------------------------------------------------------------
+
+def image_bytes(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def class_pixels(rng: np.random.Generator, index: int, colour: bool) -> np.ndarray:
+    """An 8x8 image whose class shows: class k has a bright band on rows 3k and 3k+1."""
+    pixels = rng.integers(0, 60, size=(8, 8, 3) if colour else (8, 8), dtype=np.uint8)
+    pixels[3 * index: 3 * index + 2] += 180
+    return pixels
+
+
+def write_image_folder(url: str, per_class: int = 10, colour_every: int = 0) -> None:
+    """Classes 'circle', 'line', 'square' of 8x8 PNGs under `url` (any fsspec URL); with
+    `colour_every`, every n-th image is RGB and the rest grayscale. Files and folders that are
+    not class images are there to be ignored."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(("circle", "line", "square")):
+        fs.makedirs(f"{root}/{name}", exist_ok=True)
+        for i in range(per_class):
+            colour = bool(colour_every) and i % colour_every == 0
+            fmt, suffix = ("BMP", "bmp") if i == 1 else ("PNG", "png")
+            fs.pipe_file(f"{root}/{name}/{i:02d}.{suffix}",
+                         image_bytes(class_pixels(rng, index, colour), fmt))
+        fs.pipe_file(f"{root}/{name}/notes.txt", b"not an image")
+        fs.pipe_file(f"{root}/{name}/.hidden.png", b"not even an image")
+    fs.makedirs(f"{root}/.ipynb_checkpoints", exist_ok=True)
+    fs.pipe_file(f"{root}/.ipynb_checkpoints/x.png", b"ignored too")
+    fs.pipe_file(f"{root}/README.md", b"classes are folders")
+
+
+def test_grayscale_image_folder(tmp_path):
+    write_image_folder(str(tmp_path / "shapes"))
+    meta, splits = prepared(str(tmp_path / "shapes"), tmp_path / "out")
+    assert meta["schema"] == {"image": "L 8x8", "label": "folder name"}
+    assert meta["class_names"] == ["circle", "line", "square"]
+    assert meta["n_features"] == 64
+    assert meta["feature_names"][:3] == ["p0_0", "p0_1", "p0_2"] and meta["feature_names"][-1] == "p7_7"
+    assert meta["n_rows"] == {"train": 20, "val": 5, "test": 5}
+    assert sorted(meta["class_counts"]["test"].values()) == [1, 2, 2]
+    assert {sum(meta["class_counts"][s][c] for s in SPLITS) for c in meta["class_names"]} == {10}
+    for split in splits.values():
+        assert set(split) == KEYS and split["x"].shape[1] == 64 and split["y"].dtype == np.int64
+    train = splits["train"]
+    assert_standardised_on_train_only(
+        splits, np.concatenate([unstandardised(s) for s in splits.values()]))
+    # Row-major pixels: class k's band is rows 3k and 3k+1, i.e. features p{3k}_* and p{3k+1}_*.
+    raw = np.rint(unstandardised(train)).reshape(-1, 8, 8)
+    for index in range(3):
+        band = raw[train["y"] == index][:, 3 * index: 3 * index + 2]
+        assert band.min() >= 180, index
+    assert raw.max() <= 255 and raw.min() >= 0
+
+
+def test_one_colour_image_makes_the_folder_rgb(tmp_path):
+    write_image_folder(str(tmp_path / "shapes"), colour_every=4)
+    meta, splits = prepared(str(tmp_path / "shapes"), tmp_path / "out")
+    assert meta["schema"] == {"image": "RGB 8x8", "label": "folder name"}
+    assert meta["n_features"] == 192 == splits["val"]["x"].shape[1]
+    assert meta["feature_names"][:4] == ["p0_0_r", "p0_0_g", "p0_0_b", "p0_1_r"]
+    assert meta["feature_names"][-1] == "p7_7_b"
+    raw = np.rint(unstandardised(splits["train"])).reshape(-1, 8, 8, 3)
+    grey = ((raw[..., 0] == raw[..., 1]) & (raw[..., 1] == raw[..., 2])).all(axis=(1, 2))
+    assert 0 < grey.sum() < len(raw)  # grayscale images became RGB with r = g = b
+
+
+def test_image_folder_from_an_fsspec_url(tmp_path):
+    import fsspec
+
+    url = "memory://torchship-test-images/shapes"
+    write_image_folder(url)
+    try:
+        meta, _ = prepared(url, tmp_path / "out")
+    finally:
+        fsspec.filesystem("memory").rm("/torchship-test-images", recursive=True)
+    assert meta["class_names"] == ["circle", "line", "square"]
+    assert meta["schema"]["image"] == "L 8x8" and sum(meta["n_rows"].values()) == 30
+
+
+def test_an_image_folder_trains(tmp_path):
+    write_image_folder(str(tmp_path / "shapes"), per_class=40)
+    train, val, _ = split_paths(tmp_path / "out")
+    prepare_data(str(tmp_path / "shapes"), "", *split_paths(tmp_path / "out"), seed=0)
+    with one_process_job():
+        metrics = train_model(train, val, str(tmp_path / "model.pt"), epochs=3, num_workers=1,
+                              progress=lambda _: None)
+    assert metrics["val_accuracy"] > 0.8, metrics  # chance is 1/3

@@ -80,6 +80,108 @@ def test_bad_data_source_is_one_line_and_writes_nothing(tmp_path, source, label,
     assert not out.exists() or not any(out.iterdir())
 
 
+def _refused_source(source: Path) -> str:
+    """prepare_data's error for `source`: one line naming it, with nothing written."""
+    out = source.parent / "out"
+    with pytest.raises(UserInputError) as excinfo:
+        prepare_data(str(source), "label", str(out / "train.npz"), str(out / "val.npz"),
+                     str(out / "test.npz"))
+    message = _one_line(excinfo)
+    assert message.startswith(f"data source '{source}' "), message
+    assert not out.exists()
+    return message
+
+
+class _MakesADirectory:
+    """Unpickling this runs os.mkdir: a stand-in for code hidden in a pickled array."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def _write_npz_sources(root: Path) -> None:
+    x, y = np.random.default_rng(0).normal(size=(30, 3)), np.arange(30) % 3
+    np.savez(root / "no_y.npz", x=x)
+    np.savez(root / "rows.npz", x=x, y=y[:29])
+    np.savez(root / "text_x.npz", x=np.full((30, 3), "a"), y=y)
+    holes = x.copy()
+    holes[4, 1], holes[7, 2] = np.nan, np.inf
+    np.savez(root / "holes.npz", x=holes, y=y)
+    outside = y.copy()
+    outside[[3, 5]] = [3, -1]
+    np.savez(root / "outside.npz", x=x, y=outside, class_names=np.array(["a", "b", "c"]))
+    np.savez(root / "pickled.npz", y=y,
+             x=np.array([_MakesADirectory(str(root / "unpickled"))], dtype=object))
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("no_y.npz", ["has no array 'y' (arrays: x)", "np.savez(path, x=features, y=labels)"]),
+        ("rows.npz", ["30 rows in x but y has shape (29,)", "one label per row"]),
+        ("text_x.npz", ["array 'x' holds <U1 values, not numbers", "encode the features"]),
+        ("holes.npz", ["missing or infinite values in feature columns x1, x2", "fill or drop"]),
+        ("outside.npz", ["values -1, 3 outside class_names' indices 0..2",
+                         "store y as indices into class_names"]),
+        ("pickled.npz", ["could not be read as npz", "allow_pickle=False", "plain numeric"]),
+    ],
+)
+def test_bad_npz_source_is_one_line_and_writes_nothing(tmp_path, source, expected):
+    _write_npz_sources(tmp_path)
+    message = _refused_source(tmp_path / source)
+    for text in expected:
+        assert text in message, message
+    assert not (tmp_path / "unpickled").exists()  # nothing in the file was unpickled
+
+
+def _png(path: Path, size: tuple[int, int] = (8, 8)) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", size, color=len(path.parent.name) * 40).save(path)
+
+
+def _write_image_folders(root: Path) -> None:
+    for i in range(3):
+        _png(root / "no_classes" / f"{i}.png")
+        _png(root / "one_class" / "a" / f"{i}.png")
+        _png(root / "few" / "a" / f"{i}.png")
+        _png(root / "few" / "bb" / f"{i}.png")
+    for folder in ("empty_class", "unreadable", "odd_size"):
+        for label in ("a", "bb"):
+            for i in range(8):
+                _png(root / folder / label / f"{i:02d}.png")
+    for path in (root / "empty_class" / "bb").iterdir():
+        path.rename(path.with_suffix(".txt"))
+    (root / "unreadable" / "bb" / "03.png").write_bytes(b"\x89PNG but then nothing")
+    _png(root / "odd_size" / "bb" / "02.png", size=(6, 4))
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("no_classes", ["a folder with no class sub-folders", "a sub-folder named after the"]),
+        ("one_class", ["single class folder 'a'", "at least two"]),
+        ("empty_class", ["class folder 'bb' has no images (.png, .jpg, .jpeg, .bmp, .gif)",
+                         "add images or remove the folder"]),
+        ("unreadable", ["image '{root}/unreadable/bb/03.png' could not be read",
+                        "replace or remove it"]),
+        ("odd_size", ["image '{root}/odd_size/bb/02.png' is 6x4",
+                      "but '{root}/odd_size/a/00.png' is 8x8", "resize them all to 8x8"]),
+        ("few", ["has too few images for classes 'a' (3), 'bb' (3)",
+                 "each class needs at least 7 images"]),
+    ],
+)
+def test_bad_image_folder_is_one_line_and_writes_nothing(tmp_path, source, expected):
+    _write_image_folders(tmp_path / "images")
+    message = _refused_source(tmp_path / "images" / source)
+    for text in expected:
+        assert text.format(root=tmp_path / "images") in message, message
+
+
 GCS_PROBE = textwrap.dedent("""
     import sys
     from torchship.components.data import prepare_data
