@@ -1,13 +1,17 @@
-"""Processes the tests start or look for: the ``torchship`` command, and tritonserver processes
-that should be gone (read from /proc)."""
+"""Processes the tests start, join or look for: the ``torchship`` command, this process as a
+one-worker training job, and tritonserver processes that should be gone (read from /proc)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 TORCHSHIP = [sys.executable, "-m", "torchship.pipelines.cli"]
 
@@ -55,3 +59,24 @@ def wait_gone(marker: str, timeout: float = 10.0) -> list[tuple[int, str]]:
     while (left := triton_processes(marker)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
+
+
+@contextmanager
+def one_process_job():
+    """As under torchrun with one worker: this process is rank 0 of 1 and trains in place."""
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(sock.getsockname()[1])
+    saved = {key: os.environ.get(key) for key in env}
+    threads = torch.get_num_threads()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)  # a CPU worker pins itself to one thread
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

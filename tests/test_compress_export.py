@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
+from processes import one_process_job
 
 from torchship.components.compress import (
     DEFAULT_VARIANTS,
@@ -21,7 +22,6 @@ from torchship.components.errors import ParityError, UserInputError
 from torchship.components.export import export_onnx, export_variants
 from torchship.components.models import build_model, load_checkpoint, save_checkpoint
 from torchship.components.train import train_model
-from torchship.components.triton import free_port
 
 VARIANT_KEYS = {"name", "format", "source", "kind", "precision", "test_accuracy", "size_bytes",
                 "sparsity", "n_parameters", "nonzero_parameters", "settings"}
@@ -37,14 +37,9 @@ FAST = {"target_sparsity": 0.8, "prune_steps": 2, "finetune_epochs": 1, "distill
 def trained(tmp_path_factory, digits):
     """Digits splits and an mlp trained in this process as a one-worker job (no launcher)."""
     paths = {**digits, "model": str(tmp_path_factory.mktemp("trained") / "model.pt")}
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(free_port())}.items():
-            patch.setenv(key, value)
+    with one_process_job():
         train_model(paths["train"], paths["val"], paths["model"], epochs=4,
                     progress=lambda _: None)
-    torch.set_num_threads(threads)
     return paths
 
 

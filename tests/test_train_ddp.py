@@ -10,13 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from artifacts import synthetic_splits
+from processes import one_process_job
 
 from torchship.components.errors import UserInputError
 from torchship.components.models import MLP, load_checkpoint
@@ -34,27 +34,6 @@ from torchship.components.models import MLP
 def make(n_features, n_classes):
     return MLP(n_features, n_classes, dropout=0.0)
 """
-
-
-@contextmanager
-def one_process_job():
-    """As under torchrun with one worker: this process is rank 0 of 1 and trains in place."""
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        env["MASTER_PORT"] = str(sock.getsockname()[1])
-    saved = {key: os.environ.get(key) for key in env}
-    threads = torch.get_num_threads()
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)  # a CPU worker pins itself to one thread
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def max_abs_difference(a: dict, b: dict) -> float:
