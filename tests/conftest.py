@@ -1,6 +1,6 @@
-"""Fixtures shared across the tests: the digits splits, the tiny ONNX export, its held-out split and local Triton
-repository, and the compiled pipeline. Expensive ones are built once a session; tests copy them
-before changing anything."""
+"""Fixtures shared across the tests: the digits splits, the tiny ONNX export, its held-out split
+and local Triton repository, and the compiled pipeline. Expensive ones are built once a session;
+tests copy them before changing anything."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from artifacts import VARIANT_RECORDS, write_onnx_dir, write_test_split
 from processes import TORCHSHIP
 
 from torchship.components.data import prepare_data
-from torchship.components.model_repository import build_model_repository
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +45,9 @@ def test_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def local_repo(tmp_path_factory, onnx_dir) -> Path:
     """``onnx_dir`` as a model repository for the tritonserver bundled in nvidia-pytriton."""
+    # Imported here: tests/test_gpu.py runs where only torch and the data stack are installed.
+    from torchship.components.model_repository import build_model_repository
+
     repo = tmp_path_factory.mktemp("served") / "repo_local"
     build_model_repository(onnx_dir, repo, target="local")
     return repo

@@ -1,7 +1,11 @@
 """The GPU recipe of the train stage: NCCL workers with bf16, and fp16 with loss scaling.
 
 Skipped where no GPU is visible (CI, the development machine). `make gpu-check` runs this file
-on a machine with one or more GPUs: one worker per GPU, as the pipeline's train stage does.
+on a machine with one or more GPUs: one worker per GPU, as the pipeline's train stage does. It
+needs only torch, numpy, scikit-learn and pillow, so on a GPU machine whose python3 already has a
+CUDA build of torch (and no network), this is enough:
+
+    python3 -m pip install --no-deps --no-build-isolation -e . && python3 -m pytest -v tests/test_gpu.py
 """
 
 from __future__ import annotations
