@@ -278,7 +278,8 @@ def format_candidate_table(record: dict[str, Any], markdown: bool = False) -> st
     header.append("qualifies")
     body = []
     for candidate in record["candidates"]:
-        line = [candidate["model"] + (" *" if candidate["model"] == record["chosen"] else ""),
+        mark = " (chosen)" if candidate["model"] == record["chosen"] else ""
+        line = [candidate["model"] + mark,
                 str(candidate["settings"]["instance_count"]),
                 str(candidate["settings"]["max_queue_delay_us"])]
         for level in levels:

@@ -153,7 +153,30 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
     if not gate["passed"]:
         click.echo("not deployed: the serving version is unchanged", err=True)
         sys.exit(1)
-    click.echo(f"deployed: {gate['variant']}")
+    click.echo(_deployed_line(gate["variant"], arguments, compiled_defaults(pipeline_yaml)))
+
+
+def _deployed_line(variant: str, arguments: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """What was deployed; for the local target, which version of which repository, with which
+    serving settings, and how to serve it."""
+    from torchship.components.model_repository import (
+        read_model_config,
+        served_versions,
+        version_dirs,
+    )
+
+    target = arguments.get("deploy_target", defaults.get("deploy_target", "local"))
+    if target != "local":
+        return f"deployed: {variant} ({target})"
+    repository = Path(arguments["local_repository"])
+    model_dir = repository / variant
+    config = read_model_config(model_dir / "config.pbtxt")
+    version = served_versions(config, version_dirs(model_dir))[-1]
+    instances = sum(group.count for group in config.instance_group)
+    delay = config.dynamic_batching.max_queue_delay_microseconds
+    return (f"deployed: {variant} as version {version} of {repository} ({instances} "
+            f"instance{'s' if instances != 1 else ''}, dynamic batching delay {delay} us); "
+            f"serve it with: torchship serve {repository}")
 
 
 def _key_values(pairs: tuple[str, ...], option: str, parse_json: bool) -> dict[str, Any]:

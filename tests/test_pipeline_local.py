@@ -49,7 +49,10 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
     # One record decided, and the variant it chose is what was deployed, as version 1.
     gate = json.loads(paths["gate"].read_text())
     assert gate["passed"] and gate["variant"] in rows
-    assert f"deployed: {gate['variant']}" in done.stdout
+    [deployed] = [line for line in done.stdout.splitlines() if line.startswith("deployed: ")]
+    persistent_repo = tmp_path / "runs" / "model_repository"
+    assert deployed.startswith(f"deployed: {gate['variant']} as version 1 of {persistent_repo} (")
+    assert deployed.endswith(f"serve it with: torchship serve {persistent_repo}")
     [repository] = list((tmp_path / "runs").rglob("deploy/model_repository"))
     assert [p.name for p in repository.iterdir() if p.is_dir()] == [gate["variant"]]
     assert (repository / gate["variant"] / "config.pbtxt").is_file()
@@ -75,6 +78,8 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
         assert config.instance_group[0].count == serving["settings"]["instance_count"]
         assert config.dynamic_batching.max_queue_delay_microseconds == (
             serving["settings"]["max_queue_delay_us"])
+    assert (f"({serving['settings']['instance_count']} instance" in deployed
+            and f"delay {serving['settings']['max_queue_delay_us']} us)" in deployed)
 
     # The HTML report is self-contained, with its plots embedded.
     html = paths["report"].read_text()
