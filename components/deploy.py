@@ -1,8 +1,9 @@
 """Deploy stage, local target: ONNX files -> a new version in a Triton model repository, served on
 the bundled ``tritonserver``, checked, and only then promoted.
 
-The repository layout, configs and validation live in ``model_repository``; the checks in
-``deploy_smoke``; the other targets in ``deploy_vertex`` and ``deploy_kserve``.
+The repository layout and validation live in ``model_repository``, configs in ``triton_config``,
+versions and the lock in ``repository_versions``; the checks in ``deploy_smoke``; the other
+targets in ``deploy_vertex`` and ``deploy_kserve``.
 
 ``deploy_local`` adds the next version of every model to a repository (a persistent one, when
 given, else the stage's artifact directory), never overwriting one:
@@ -35,21 +36,25 @@ from pathlib import Path
 from torchship.components.deploy_smoke import load_samples, smoke_test_server
 from torchship.components.errors import ServingError, UserInputError
 from torchship.components.model_repository import (
-    ONNX_TO_TRITON,
-    TARGETS,
     WARMUP_DIR,
-    InvalidRepositoryError,
-    _swap_into_place,
-    _variants,
     build_model_repository,
-    describe_config,
-    read_model_config,
+    onnx_variants,
+    validate_model_repository,
+    write_model,
+)
+from torchship.components.repository_versions import (
     repository_lock,
     served_versions,
-    validate_model_repository,
+    swap_into_place,
     version_dirs,
+)
+from torchship.components.triton_config import (
+    ONNX_TO_TRITON,
+    TARGETS,
+    InvalidRepositoryError,
+    describe_config,
+    read_model_config,
     write_config,
-    write_model,
 )
 
 __all__ = ["ONNX_TO_TRITON", "TARGETS", "build_model_repository", "deploy_local"]
@@ -98,7 +103,7 @@ def deploy_local(
     artifact = Path(repository_dir)
     served = Path(persistent_repository) if persistent_repository else artifact
     x_all = load_samples(test_path, n_samples)
-    variants = _variants(Path(onnx_dir))
+    variants = onnx_variants(Path(onnx_dir))
     options = {
         "max_batch_size": int(max_batch_size),
         "max_queue_delay_us": max_queue_delay_us,
@@ -272,7 +277,7 @@ def _export_versions(repository: Path, versions: dict[str, int], destination: Pa
             config.version_policy.specific.versions.append(version)
             write_config(config, target / "config.pbtxt")
         validate_model_repository(staging, target="local", load_onnx=False)
-        _swap_into_place(staging, destination)
+        swap_into_place(staging, destination)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -24,10 +24,10 @@ from urllib.parse import urlparse
 from torchship.components.deploy_smoke import load_samples, smoke_test_server
 from torchship.components.errors import ServingError, UserInputError
 from torchship.components.model_repository import (
-    _atomic_write,
     build_model_repository,
     validate_model_repository,
 )
+from torchship.components.repository_versions import atomic_write
 
 __all__ = [
     "apply_inference_service",
@@ -404,7 +404,7 @@ def deploy_kserve(
         max_replicas=max_replicas, service_account=service_account,
     )
     if manifest_path is not None:
-        _atomic_write(Path(manifest_path), inference_service_yaml(manifest).encode())
+        atomic_write(Path(manifest_path), inference_service_yaml(manifest).encode())
     apply_inference_service(manifest, **kube)
     say(f"applied InferenceService {namespace}/{name} "
         f"({f'{canary}% canary' if canary is not None else 'new service'})")

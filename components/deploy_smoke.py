@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from torchship.components.errors import ServingError, UserInputError
-from torchship.components.model_repository import TRITON_TO_V2, load_sample
+from torchship.components.model_repository import load_sample
+from torchship.components.triton_config import TRITON_TO_V2
 
 __all__ = [
     "check_metadata",

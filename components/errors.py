@@ -11,3 +11,9 @@ class ParityError(RuntimeError):
 
 class ServingError(RuntimeError):
     """The Triton server could not be started, did not become ready, or answered wrongly."""
+
+
+def one_line(exc: BaseException, width: int = 300) -> str:
+    """An exception's text on one line (its type name when it has none), cut at ``width``."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= width else text[:width] + " ..."

@@ -44,13 +44,13 @@ from torchship.components.benchmark import benchmark_repository
 from torchship.components.benchmark_results import find_level, write_json, write_text_atomic
 from torchship.components.errors import UserInputError
 from torchship.components.model_repository import (
-    _variants,
     load_sample,
-    model_config,
+    onnx_variants,
     validate_model_repository,
     write_model,
 )
 from torchship.components.report import _fmt, _markdown_table
+from torchship.components.triton_config import model_config
 
 SCHEMA = "torchship.serving-search/v1"
 # The settings searched, with today's defaults taken from the ModelConfig builder itself.
@@ -169,7 +169,7 @@ def search_serving_config(
 
 
 def _one_variant(onnx_dir: Path) -> Path:
-    variants = _variants(onnx_dir)
+    variants = onnx_variants(onnx_dir)
     if len(variants) != 1:
         raise UserInputError(
             f"onnx_dir: {onnx_dir} holds {len(variants)} models "

@@ -386,7 +386,7 @@ class TritonServer:
 
     def _check_configs(self) -> None:
         """Parse every ``config.pbtxt`` first: Triton's own complaint is buried in its log."""
-        from torchship.components.model_repository import read_model_config
+        from torchship.components.triton_config import read_model_config
 
         for config_path in sorted(self.repository.glob("*/config.pbtxt")):
             read_model_config(config_path)

@@ -159,11 +159,8 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
 def _deployed_line(variant: str, arguments: dict[str, Any], defaults: dict[str, Any]) -> str:
     """What was deployed; for the local target, which version of which repository, with which
     serving settings, and how to serve it."""
-    from torchship.components.model_repository import (
-        read_model_config,
-        served_versions,
-        version_dirs,
-    )
+    from torchship.components.repository_versions import served_versions, version_dirs
+    from torchship.components.triton_config import read_model_config
 
     target = arguments.get("deploy_target", defaults.get("deploy_target", "local"))
     if target != "local":

@@ -134,7 +134,7 @@ def test_deploy_kserve_builds_and_fails_clearly_without_a_cluster(tmp_path, test
 def test_deploy_to_kserve_builds_the_repository_with_the_serving_search_settings(
         tmp_path, test_path):
     from torchship.components.deploy import deploy_to
-    from torchship.components.model_repository import read_model_config
+    from torchship.components.triton_config import read_model_config
 
     write_onnx_dir(tmp_path / "onnx")
     kubeconfig, _ = _dead_kubeconfig(tmp_path)

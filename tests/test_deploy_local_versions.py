@@ -15,8 +15,9 @@ from tritonclient.utils import InferenceServerException
 from torchship.components import model_repository
 from torchship.components.deploy import build_model_repository, deploy_local
 from torchship.components.errors import ServingError, UserInputError
-from torchship.components.model_repository import LOCK_NAME, read_model_config
+from torchship.components.repository_versions import LOCK_NAME
 from torchship.components.triton import TritonServer
+from torchship.components.triton_config import read_model_config
 
 
 def _ort(onnx_dir: Path, x: np.ndarray) -> np.ndarray:

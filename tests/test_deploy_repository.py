@@ -16,12 +16,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from torchship.components.errors import ServingError, UserInputError
 from torchship.components.model_repository import (
-    InvalidRepositoryError,
     build_model_repository,
-    read_model_config,
-    repository_lock,
     validate_model_repository,
 )
+from torchship.components.repository_versions import repository_lock
+from torchship.components.triton_config import InvalidRepositoryError, read_model_config
 
 
 @pytest.fixture(scope="module")

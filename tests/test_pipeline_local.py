@@ -10,7 +10,7 @@ import pytest
 from artifacts import labelled_table
 from processes import torchship
 
-from torchship.components.model_repository import read_model_config
+from torchship.components.triton_config import read_model_config
 
 SMALL = ["--epochs", "3", "--finetune-epochs", "1", "--bench-duration", "1",
          "--concurrency", "1,2", "--variants", "fp32,pruned,int8", "--target-concurrency", "2"]

@@ -10,7 +10,6 @@ import pytest
 
 from torchship.components.compress_choice import publish_chosen_variant
 from torchship.components.deploy import deploy_to
-from torchship.components.model_repository import read_model_config
 from torchship.components.serving_search import (
     DEFAULT_SETTINGS,
     SCHEMA,
@@ -22,6 +21,7 @@ from torchship.components.serving_search import (
     serving_objective,
     write_candidate_table,
 )
+from torchship.components.triton_config import read_model_config
 
 # Short levels: the tiny model answers in well under a millisecond.
 QUICK = {"duration_s": 0.6, "warmup_s": 0.2, "min_windows": 2, "max_windows": 3}

@@ -21,8 +21,8 @@ from processes import triton_processes, wait_gone
 from torchship.components.benchmark import benchmark_repository
 from torchship.components.errors import ServingError
 from torchship.components.export import export_variants
-from torchship.components.model_repository import read_model_config
 from torchship.components.models import build_model, save_checkpoint
+from torchship.components.triton_config import read_model_config
 
 
 def test_tritonserver_killed_during_benchmark_is_a_serving_error_and_leaves_nothing(
