@@ -50,7 +50,6 @@ from torchship.components.benchmark_server import (
     Endpoint,
     Model,
     check_reachable,
-    one_line,
     remote_endpoint,
     remote_models,
     repository_models,
@@ -65,7 +64,7 @@ from torchship.components.benchmark_stats import (
     server_delta,
     window_row,
 )
-from torchship.components.errors import ServingError, UserInputError
+from torchship.components.errors import ServingError, UserInputError, one_line
 from torchship.components.model_repository import load_sample
 
 if TYPE_CHECKING:

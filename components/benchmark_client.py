@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from torchship.components.errors import ServingError
+from torchship.components.errors import ServingError, one_line
 
 if TYPE_CHECKING:  # annotations only; no runtime dependency on typing_extensions
     from typing_extensions import Self
@@ -309,7 +309,7 @@ class _LoadThread(threading.Thread):
                     end = clock()
                     events.append((end, -1.0))
                     if self.first_error is None:
-                        self.first_error = _one_line(exc)
+                        self.first_error = one_line(exc, 400, with_type=True)
                     if isinstance(exc, TimeoutError):
                         self.timed_out = True
                         return  # a stuck server: stop rather than pile up timeouts
@@ -322,11 +322,6 @@ class _LoadThread(threading.Thread):
                 k += 1
         finally:
             close()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}"[:400] if text else type(exc).__name__
 
 
 # -- the client process ----------------------------------------------------------------------------
@@ -349,7 +344,7 @@ def _client_main(conn) -> None:
         except (EOFError, OSError, BrokenPipeError):
             return
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises
-            conn.send(("failed", _one_line(exc)))
+            conn.send(("failed", one_line(exc, 400, with_type=True)))
 
 
 def _run_level(conn, spec: dict) -> None:

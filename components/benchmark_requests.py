@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from torchship.components.benchmark_client import HttpConnection, http_error
-from torchship.components.benchmark_server import Endpoint, Model, call, one_line
-from torchship.components.errors import ServingError, UserInputError
+from torchship.components.benchmark_server import Endpoint, Model, call
+from torchship.components.errors import ServingError, UserInputError, one_line
 
 __all__ = ["payloads", "preflight", "rows_for"]
 

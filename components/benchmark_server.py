@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from torchship.components.benchmark_client import Target
-from torchship.components.errors import ServingError, UserInputError
+from torchship.components.errors import ServingError, UserInputError, one_line
 
 __all__ = [
     "Endpoint",
@@ -145,12 +145,6 @@ def call(client: Any, protocol: str, method: str, *args: Any, headers: dict | No
         if method not in ("is_server_live", "is_server_ready", "infer"):
             kwargs.update(as_json=True)
     return getattr(client, method)(*args, headers=headers, **kwargs)
-
-
-def one_line(exc: BaseException | str, width: int = 300) -> str:
-    """An error's text on one line, cut at ``width`` characters."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= width else text[:width] + " ..."
 
 
 # -- the models measured -------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from torchship.components.errors import UserInputError
+from torchship.components.errors import UserInputError, one_line
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -157,7 +157,7 @@ def _check_google_credentials(source: str) -> None:
     except DefaultCredentialsError as error:
         raise UserInputError(
             f"data source '{source}' needs Google credentials and none were found "
-            f"({_one_line(error)[:160]}); run 'gcloud auth application-default login' or set "
+            f"({one_line(error, 160, with_type=True)}); run 'gcloud auth application-default login' or set "
             "GOOGLE_APPLICATION_CREDENTIALS"
         ) from error
 
@@ -180,7 +180,7 @@ def _load_source(source: str, label_column: str) -> LoadedSource:
         fs, fs_path = fsspec.core.url_to_fs(source)
     except ValueError as error:  # an unknown protocol; a missing gcsfs/s3fs is an ImportError
         raise UserInputError(
-            f"data source '{source}' has an unknown protocol ({_one_line(error)}); pass a local "
+            f"data source '{source}' has an unknown protocol ({one_line(error, 200, with_type=True)}); pass a local "
             "path or a gs://, s3://, https:// URL"
         ) from error
     if not fs.exists(fs_path):
@@ -214,7 +214,7 @@ def _load_table(source: str, kind: str, label_column: str) -> LoadedSource:
         raise
     except Exception as error:  # any parser failure means a bad file from the user
         raise UserInputError(
-            f"data source '{source}' could not be read as {kind}: {_one_line(error)}; "
+            f"data source '{source}' could not be read as {kind}: {one_line(error, 200, with_type=True)}; "
             f"pass a valid {kind} file"
         ) from error
     if table.shape[0] == 0 or table.shape[1] == 0:
@@ -280,7 +280,7 @@ def _load_npz(source: str) -> LoadedSource:
             arrays = {key: npz[key] for key in npz.files}
     except Exception as error:  # a bad zip, a bad member, an object (pickled) array
         raise UserInputError(
-            f"data source '{source}' could not be read as npz: {_one_line(error)}; pass a file "
+            f"data source '{source}' could not be read as npz: {one_line(error, 200, with_type=True)}; pass a file "
             "written by np.savez(path, x=..., y=...) with plain numeric or text arrays"
         ) from error
     missing = [key for key in ("x", "y") if key not in arrays]
@@ -427,7 +427,7 @@ def _read_image(source: str, fs: AbstractFileSystem, path: str, name: str) -> PI
     except Exception as error:  # Pillow raises many kinds for a bad file
         # Pillow's own text for an unknown format names only the in-memory buffer.
         reason = ("not an image format Pillow knows"
-                  if isinstance(error, UnidentifiedImageError) else _one_line(error))
+                  if isinstance(error, UnidentifiedImageError) else one_line(error, 200, with_type=True))
         raise UserInputError(
             f"data source '{source}' image '{name}' could not be read ({reason}); "
             "replace or remove it"
@@ -564,8 +564,3 @@ def _visible(path: str, parent: str) -> bool:
     """Not hidden (.DS_Store, .ipynb_checkpoints) and not the listed folder itself (object
     stores may list a folder's placeholder object among its contents)."""
     return path.rstrip("/") != parent.rstrip("/") and not _basename(path).startswith(".")
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:200]}"

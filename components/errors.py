@@ -13,7 +13,13 @@ class ServingError(RuntimeError):
     """The Triton server could not be started, did not become ready, or answered wrongly."""
 
 
-def one_line(exc: BaseException, width: int = 300) -> str:
-    """An exception's text on one line (its type name when it has none), cut at ``width``."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+def one_line(error: BaseException | str, width: int = 300, with_type: bool = False) -> str:
+    """An error's text on one line, cut at ``width``: an exception without text reads as its
+    type's name, and ``with_type`` puts the type first (``ValueError: ...``)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, BaseException):
+        name = type(error).__name__
+        if with_type:
+            text = f"{name}: {text}" if text else name
+        text = text or name
     return text if len(text) <= width else text[:width] + " ..."

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchship.components.errors import UserInputError
+from torchship.components.errors import UserInputError, one_line
 
 BUILTIN_MODELS = ("mlp", "cnn")
 CHECKPOINT_KEYS = ("model_name", "n_features", "n_classes", "state_dict")
@@ -117,7 +117,7 @@ def _build_from_factory(
     except Exception as error:  # a user module can fail to import in any way
         raise UserInputError(
             f"model {spec!r}: module '{module_name}' could not be imported "
-            f"({_one_line(error)}); make it importable (on PYTHONPATH) or pass "
+            f"({one_line(error, 200, with_type=True)}); make it importable (on PYTHONPATH) or pass "
             f"{' or '.join(BUILTIN_MODELS)}"
         ) from error
     factory = getattr(module, attribute, None)
@@ -163,7 +163,7 @@ def check_model_output(
     except Exception as error:  # the user's forward can fail in any way
         raise UserInputError(
             f"model '{name}' failed on a float32 batch of shape [{batch_size}, {n_features}] "
-            f"({_one_line(error)}); its forward must take [batch, n_features]"
+            f"({one_line(error, 200, with_type=True)}); its forward must take [batch, n_features]"
         ) from error
     finally:
         model.train(was_training)
@@ -277,8 +277,3 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             if reference is not None:
                 module.num_features = reference.shape[0]
     return model
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:200]}"
