@@ -108,17 +108,23 @@ def compile(output: str, image: str | None, target: str) -> None:
                    "[default: PIPELINE_ROOT/model_repository].")
 @click.option("--param", "-p", "params", multiple=True,
               help="Any pipeline parameter NAME=VALUE (JSON values typed), repeatable.")
+@click.option("--keep-runs", type=int,
+              help="After the run, keep only the newest N run folders under PIPELINE_ROOT "
+                   "[default: keep all].")
 @click.option("--verbose", is_flag=True, help="Show kfp.local's full logs.")
 def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tuple[str, ...],
-        **options: Any) -> None:
+        keep_runs: int | None, **options: Any) -> None:
     """Execute the compiled pipeline locally (kfp.local) and print the variant table.
 
     Without PIPELINE_YAML the pipeline is compiled first to out/torchship-pipeline.yaml.
     """
     from torchship.components.report import format_table
-    from torchship.pipelines.local import PipelineFailed, run_pipeline
+    from torchship.pipelines.local import PipelineFailed, prune_runs, run_pipeline
     from torchship.pipelines.pipeline import check_parameters, compile_pipeline, compiled_defaults
 
+    if keep_runs is not None and keep_runs < 1:
+        _fail(f"--keep-runs {keep_runs} would remove the run being made; pass 1 or more, or "
+              "leave it out to keep every run")
     if pipeline_yaml is None:
         pipeline_yaml = str(compile_pipeline(DEFAULT_PIPELINE))
     elif not Path(pipeline_yaml).is_file():
@@ -150,6 +156,10 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
     gate = summary["gate"]
     for name, path in summary["paths"].items():
         click.echo(f"{name}: {path}")
+    if keep_runs is not None:
+        removed = prune_runs(pipeline_root, keep_runs)
+        click.echo(f"removed {len(removed)} older run folder{'s' if len(removed) != 1 else ''} "
+                   f"under {pipeline_root}/ (--keep-runs {keep_runs})")
     if not gate["passed"]:
         click.echo("not deployed: the serving version is unchanged", err=True)
         sys.exit(1)

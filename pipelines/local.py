@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,6 +20,8 @@ _STAGE_ERROR = re.compile(
 # kfp.local's own lines worth showing: a task starting and a task ending.
 _TASK_LINE = re.compile(r" - \w+ - ((?:Executing task|Task) '[\w-]+'(?: finished with status \w+)?)\s*$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The folder kfp.local gives each run under the pipeline root: <pipeline name>-<timestamp>.
+_RUN_DIR = re.compile(r"^[a-z0-9][a-z0-9-]*-(\d{4}-\d{2}-\d{2}-\d{2}-\d{2}-\d{2}-\d{6})$")
 
 
 class PipelineFailed(RuntimeError):
@@ -84,3 +87,16 @@ def run_pipeline(
                         "gate": task.outputs["gate_record"].path,
                         "report": task.outputs["report"].path}
     return summary
+
+
+def prune_runs(pipeline_root: str | Path, keep: int) -> list[Path]:
+    """Remove all but the newest `keep` run folders kfp.local left under `pipeline_root`; return
+    those removed. Nothing else there is touched (the persistent model repository, say)."""
+    root = Path(pipeline_root)
+    runs = [(match.group(1), entry) for entry in (root.iterdir() if root.is_dir() else ())
+            if entry.is_dir() and not entry.is_symlink()
+            and (match := _RUN_DIR.match(entry.name))]
+    old = [entry for _, entry in sorted(runs, reverse=True)[keep:]]
+    for entry in old:
+        shutil.rmtree(entry)
+    return old

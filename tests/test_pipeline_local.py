@@ -11,6 +11,7 @@ from artifacts import labelled_table
 from processes import torchship
 
 from torchship.components.triton_config import read_model_config
+from torchship.pipelines.local import prune_runs
 
 SMALL = ["--epochs", "3", "--finetune-epochs", "1", "--bench-duration", "1",
          "--concurrency", "1,2", "--variants", "fp32,pruned,int8", "--target-concurrency", "2"]
@@ -26,8 +27,11 @@ def printed_paths(stdout: str) -> dict[str, Path]:
 
 
 def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_yaml, tmp_path):
-    done = torchship_run(pipeline_yaml, tmp_path / "runs", *SMALL)
+    earlier = tmp_path / "runs" / "torchship-2026-01-01-00-00-00-000000"  # an earlier run's
+    (earlier / "train").mkdir(parents=True)
+    done = torchship_run(pipeline_yaml, tmp_path / "runs", *SMALL, "--keep-runs", "1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not earlier.exists() and "removed 1 older run folder under" in done.stdout
 
     # Progress from inside the stages reaches the user: epochs and benchmark levels.
     assert "epoch 3/3" in done.stdout
@@ -136,3 +140,23 @@ def test_bad_input_fails_with_one_clear_line_before_training(
     assert expected in error_lines[0], error_lines[0]
     # Nothing was trained: no model artifact was written.
     assert not [p for p in root.rglob("model") if p.is_file()]
+
+
+def test_keep_runs_removes_only_the_oldest_run_folders(tmp_path):
+    runs = [tmp_path / f"torchship-2026-11-2{day}-10-00-00-00000{day}" for day in (5, 6, 7)]
+    others = [tmp_path / "model_repository", tmp_path / "torchship-latest", tmp_path / "notes.txt"]
+    for folder in [*runs, *others[:2]]:
+        (folder / "inside").mkdir(parents=True)
+    others[2].write_text("kept")
+    assert prune_runs(tmp_path, keep=2) == [runs[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in [*runs[1:], *others])
+    assert prune_runs(tmp_path, keep=2) == []
+
+
+def test_keep_runs_below_one_is_refused_before_anything_runs(tmp_path):
+    done = torchship("run", "--keep-runs", "0", "--pipeline-root", str(tmp_path / "runs"))
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: --keep-runs 0 would remove the run being made; pass 1 "
+                                   "or more, or leave it out to keep every run")
+    assert not (tmp_path / "runs").exists()
