@@ -141,8 +141,9 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
     arguments.update(_key_values(params, "--param", parse_json=True))
     # Each local run adds a version to one repository that `torchship serve` can serve.
     arguments.setdefault("local_repository", str(Path(pipeline_root, "model_repository").resolve()))
+    defaults = compiled_defaults(pipeline_yaml)
     try:
-        check_parameters(arguments, compiled_defaults(pipeline_yaml))
+        check_parameters(arguments, defaults)
     except UserInputError as exc:
         _fail(str(exc))
     click.echo(f"running {pipeline_yaml} locally (artifacts under {pipeline_root}/)")
@@ -163,7 +164,7 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
     if not gate["passed"]:
         click.echo("not deployed: the serving version is unchanged", err=True)
         sys.exit(1)
-    click.echo(_deployed_line(gate["variant"], arguments, compiled_defaults(pipeline_yaml)))
+    click.echo(_deployed_line(gate["variant"], arguments, defaults))
 
 
 def _deployed_line(variant: str, arguments: dict[str, Any], defaults: dict[str, Any]) -> str:

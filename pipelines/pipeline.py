@@ -47,11 +47,7 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
     exported = ops.export(variants=variants.outputs["variants"], test=data.outputs["test"])
     measured = ops.benchmark(
         onnx_models=exported.outputs["onnx_models"], test=data.outputs["test"],
-        concurrency=params["benchmark_concurrency"], batch_size=params["benchmark_batch_size"],
-        duration_s=params["benchmark_duration_s"], warmup_s=params["benchmark_warmup_s"],
-        window_s=params["benchmark_window_s"], min_windows=params["benchmark_min_windows"],
-        max_windows=params["benchmark_max_windows"],
-        stability_pct=params["benchmark_stability_pct"],
+        concurrency=params["benchmark_concurrency"], **_measurement(params),
     )
     decided = ops.gate(
         onnx_models=exported.outputs["onnx_models"], results=measured.outputs["results"],
@@ -70,12 +66,7 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
             instance_counts=params["serving_instance_counts"],
             queue_delays_us=params["serving_queue_delays_us"], optimise=params["optimise"],
             latency_budget_p99_ms=params["latency_budget_p99_ms"],
-            target_concurrency=params["target_concurrency"],
-            batch_size=params["benchmark_batch_size"],
-            duration_s=params["benchmark_duration_s"], warmup_s=params["benchmark_warmup_s"],
-            window_s=params["benchmark_window_s"], min_windows=params["benchmark_min_windows"],
-            max_windows=params["benchmark_max_windows"],
-            stability_pct=params["benchmark_stability_pct"],
+            target_concurrency=params["target_concurrency"], **_measurement(params),
         )
         ops.deploy(
             chosen_model=decided.outputs["chosen_model"], test=data.outputs["test"],
@@ -143,8 +134,17 @@ VERTEX_PARAMETERS: Parameters = (
     ("train_accelerator_count", int, 0),
     ("vertex_location", str, "us-central1"),
 )
+# How the benchmark and tune-serving stages measure a level: pipeline parameter
+# `benchmark_<name>` is their argument `<name>`.
+MEASUREMENT_PARAMETERS = ("batch_size", "duration_s", "warmup_s", "window_s", "min_windows",
+                          "max_windows", "stability_pct")
 # Pipeline parameters the train component takes under the same names, on every target.
 TRAINING_PARAMETERS = ("model_name", "epochs", "batch_size", "learning_rate", "num_workers", "seed")
+
+
+def _measurement(params: dict[str, Any]) -> dict[str, Any]:
+    """The measurement method's arguments, as benchmark and tune-serving both take them."""
+    return {name: params[f"benchmark_{name}"] for name in MEASUREMENT_PARAMETERS}
 
 
 def build_pipeline(image: str, target: str = "local") -> Callable:
