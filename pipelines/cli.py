@@ -118,7 +118,7 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
 
     Without PIPELINE_YAML the pipeline is compiled first to out/torchship-pipeline.yaml.
     """
-    from torchship.components.report import format_table
+    from torchship.components.report.summary import format_table
     from torchship.pipelines.local import PipelineFailed, prune_runs, run_pipeline
     from torchship.pipelines.pipeline import check_parameters, compile_pipeline, compiled_defaults
 
@@ -170,8 +170,8 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
 def _deployed_line(variant: str, arguments: dict[str, Any], defaults: dict[str, Any]) -> str:
     """What was deployed; for the local target, which version of which repository, with which
     serving settings, and how to serve it."""
-    from torchship.components.repository_versions import served_versions, version_dirs
-    from torchship.components.triton_config import read_model_config
+    from torchship.components.triton.versions import served_versions, version_dirs
+    from torchship.components.triton.config import read_model_config
 
     target = arguments.get("deploy_target", defaults.get("deploy_target", "local"))
     if target != "local":
@@ -395,9 +395,9 @@ def bench(target: str, test_data: str, concurrency: str, batch_size: int, durati
           csv_path: str | None, html_path: str | None) -> None:
     """Measure TARGET: a model repository (a local Triton is launched over it, as Model
     Analyzer's local mode does) or the URL of a running endpoint."""
-    from torchship.components.benchmark import ProgressBar, benchmark_endpoint, benchmark_repository
-    from torchship.components.benchmark_results import write_csv, write_json
-    from torchship.components.report_html import write_html_report
+    from torchship.components.benchmark.stage import ProgressBar, benchmark_endpoint, benchmark_repository
+    from torchship.components.benchmark.results import write_csv, write_json
+    from torchship.components.report.html_report import write_html_report
 
     levels = _concurrency_levels(concurrency)
     common: dict[str, Any] = {
@@ -438,7 +438,7 @@ def bench(target: str, test_data: str, concurrency: str, batch_size: int, durati
 @click.option("--grpc-port", type=int, help="gRPC port (default: a free one).")
 def serve(repository: str, host: str, http_port: int | None, grpc_port: int | None) -> None:
     """Serve REPOSITORY on the bundled tritonserver until Ctrl-C or SIGTERM."""
-    from torchship.components.serve import serve as run_server
+    from torchship.components.triton.serve import serve as run_server
 
     try:
         run_server(repository, host, http_port, grpc_port, progress=click.echo)

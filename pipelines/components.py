@@ -36,8 +36,8 @@ def prepare_data(
     The training statistics are kept as an artifact and, when `statistics_uri` is set, also
     written there for the drift trigger to compare new data with.
     """
-    from torchship.components.data import prepare_data as run
-    from torchship.components.data import write_statistics
+    from torchship.components.data.stage import prepare_data as run
+    from torchship.components.data.stage import write_statistics
 
     meta = run(data_source, label_column, train.path, val.path, test.path, seed=seed)
     write_statistics(meta["statistics"], statistics.path)
@@ -70,7 +70,7 @@ def train(
 ):
     """DDP training over `num_workers` processes; validation accuracy and samples/s as Metrics."""
     from torchship.components.progress import report
-    from torchship.components.train import train_model
+    from torchship.components.train.loop import train_model
 
     result = train_model(
         train.path, val.path, model.path, model_name=model_name, epochs=epochs,
@@ -98,7 +98,7 @@ def compress(
     metrics: Output[Metrics],
 ):
     """The variants a serving team weighs (pruned, structured, distilled, int8, fp16, ...)."""
-    from torchship.components.compress import compress_model
+    from torchship.components.compress.stage import compress_model
     from torchship.components.progress import report
 
     rows = compress_model(
@@ -122,8 +122,8 @@ def export(
 ):
     """ONNX files that passed onnx.checker and parity with PyTorch, each measured (accuracy,
     size, ONNX Runtime latency at batch 1 and 64, agreement with fp32)."""
-    from torchship.components.compress_choice import format_variant_table, variant_metrics
-    from torchship.components.export import export_variants
+    from torchship.components.gate.choice import format_variant_table, variant_metrics
+    from torchship.components.export.stage import export_variants
     from torchship.components.progress import report
 
     rows = export_variants(variants.path, test.path, onnx_models.path, progress=report)
@@ -156,11 +156,11 @@ def benchmark(
     after `warmup_s`, until they agree within `stability_pct`."""
     import tempfile
 
-    from torchship.components.benchmark import benchmark_repository
-    from torchship.components.benchmark_results import metrics_for_kfp, write_csv
-    from torchship.components.deploy import build_model_repository
+    from torchship.components.benchmark.stage import benchmark_repository
+    from torchship.components.benchmark.results import metrics_for_kfp, write_csv
+    from torchship.components.deploy.targets.local import build_model_repository
     from torchship.components.progress import report
-    from torchship.components.report import build_summary, write_summary
+    from torchship.components.report.summary import build_summary, write_summary
 
     with tempfile.TemporaryDirectory(prefix="torchship-candidates-") as scratch:
         repository = f"{scratch}/repository"
@@ -201,8 +201,8 @@ def gate(
     The chosen variant's confusion matrix on the test split goes to the UI's classification view."""
     import json
 
-    from torchship.components.benchmark_gate import gate_metrics
-    from torchship.components.gate import decide, write_reports
+    from torchship.components.gate.checks import gate_metrics
+    from torchship.components.gate.stage import decide, write_reports
     from torchship.components.progress import report
 
     with open(results.path) as handle:
@@ -252,7 +252,7 @@ def tune_serving(
     local tritonserver, measured like the benchmark stage; the record names the settings to
     deploy with, chosen by the gate's objective."""
     from torchship.components.progress import report
-    from torchship.components.serving_search import (
+    from torchship.components.tune_serving.stage import (
         search_serving_config,
         serving_metrics,
         write_candidate_table,
@@ -288,7 +288,7 @@ def deploy(
     serving version stays as it was."""
     import json
 
-    from torchship.components.deploy import deploy_to
+    from torchship.components.deploy.targets.local import deploy_to
     from torchship.components.progress import report
 
     with open(serving_record.path) as handle:

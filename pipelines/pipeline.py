@@ -221,8 +221,8 @@ def compile_pipeline(output: str | Path, image: str | None = None, target: str =
 def check_parameters(arguments: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
     """Refuse, before anything runs, parameter values that would fail only hours later at the
     compress stage or the gate. `defaults` fill in what `arguments` leave out."""
-    from torchship.components.compress import ONNX_VARIANTS, TORCH_VARIANTS
-    from torchship.components.compress_quantize import CALIBRATION_METHODS
+    from torchship.components.compress.stage import ONNX_VARIANTS, TORCH_VARIANTS
+    from torchship.components.compress.variants.int8 import CALIBRATION_METHODS
 
     values = {**(defaults or {}), **arguments}
 
@@ -246,7 +246,7 @@ def check_parameters(arguments: dict[str, Any], defaults: dict[str, Any] | None 
         refuse("calibration_method", "is unknown", f"pass one of {', '.join(CALIBRATION_METHODS)}")
     _check_benchmark_sweep(values, refuse)
     if "deploy_target" in values or "deploy_settings" in values:
-        from torchship.components.deploy import check_deploy_settings
+        from torchship.components.deploy.targets.local import check_deploy_settings
 
         settings = values.get("deploy_settings") or {}
         if not isinstance(settings, dict):

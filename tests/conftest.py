@@ -11,7 +11,7 @@ import pytest
 from artifacts import VARIANT_RECORDS, write_onnx_dir, write_test_split
 from processes import TORCHSHIP
 
-from torchship.components.data import prepare_data
+from torchship.components.data.stage import prepare_data
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_path(tmp_path_factory) -> Path:
 def local_repo(tmp_path_factory, onnx_dir) -> Path:
     """``onnx_dir`` as a model repository for the tritonserver bundled in nvidia-pytriton."""
     # Imported here: tests/test_gpu.py runs where only torch and the data stack are installed.
-    from torchship.components.model_repository import build_model_repository
+    from torchship.components.triton.repository import build_model_repository
 
     repo = tmp_path_factory.mktemp("served") / "repo_local"
     build_model_repository(onnx_dir, repo, target="local")

@@ -11,17 +11,17 @@ import pytest
 from artifacts import N_CLASSES
 from onnx import numpy_helper
 
-from torchship.components.benchmark_gate import (
+from torchship.components.gate.checks import (
     GATE_SCHEMA,
     evaluate_gate,
     gate_metrics,
     read_gate_record,
     write_gate_record,
 )
-from torchship.components.benchmark_regression import compare_with_previous
-from torchship.components.benchmark_results import SCHEMA
+from torchship.components.gate.regression import compare_with_previous
+from torchship.components.benchmark.results import SCHEMA
 from torchship.components.errors import UserInputError
-from torchship.components.gate import confusion_matrix
+from torchship.components.gate.stage import confusion_matrix
 
 
 def level(model: str, concurrency: int, window_p99s: list[float], batch_size: int = 1,

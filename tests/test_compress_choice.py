@@ -6,7 +6,7 @@ import onnx
 import pytest
 from torch import nn
 
-from torchship.components.compress_choice import (
+from torchship.components.gate.choice import (
     NoVariantMeetsConstraints,
     choose_variant,
     format_variant_table,
@@ -15,7 +15,7 @@ from torchship.components.compress_choice import (
     variant_metrics,
 )
 from torchship.components.errors import UserInputError
-from torchship.components.export import export_onnx
+from torchship.components.export.stage import export_onnx
 
 KIB = 1024
 

@@ -10,18 +10,18 @@ import torch
 from onnx import numpy_helper
 from processes import one_process_job
 
-from torchship.components.compress import (
+from torchship.components.compress.stage import (
     DEFAULT_VARIANTS,
     compress_model,
     sparsity_schedule,
     structured_pruning,
 )
-from torchship.components.compress_measure import measure_variants
-from torchship.components.data import load_split
+from torchship.components.export.measure import measure_variants
+from torchship.components.data.stage import load_split
 from torchship.components.errors import ParityError, UserInputError
-from torchship.components.export import export_onnx, export_variants
+from torchship.components.export.stage import export_onnx, export_variants
 from torchship.components.models import build_model, load_checkpoint, save_checkpoint
-from torchship.components.train import train_model
+from torchship.components.train.loop import train_model
 
 VARIANT_KEYS = {"name", "format", "source", "kind", "precision", "test_accuracy", "size_bytes",
                 "sparsity", "n_parameters", "nonzero_parameters", "settings"}

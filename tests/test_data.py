@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from processes import one_process_job
 
-from torchship.components.data import load_split, prepare_data
+from torchship.components.data.stage import load_split, prepare_data
 from torchship.components.errors import UserInputError
-from torchship.components.train import train_model
+from torchship.components.train.loop import train_model
 
 KEYS = {"x", "y", "mean", "std", "feature_names", "class_names"}
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from artifacts import write_onnx_dir
 
-from torchship.components.deploy_kserve import (
+from torchship.components.deploy.targets.kserve import (
     apply_inference_service,
     deploy_kserve,
     example_inference_service,
@@ -133,8 +133,8 @@ def test_deploy_kserve_builds_and_fails_clearly_without_a_cluster(tmp_path, test
 
 def test_deploy_to_kserve_builds_the_repository_with_the_serving_search_settings(
         tmp_path, test_path):
-    from torchship.components.deploy import deploy_to
-    from torchship.components.triton_config import read_model_config
+    from torchship.components.deploy.targets.local import deploy_to
+    from torchship.components.triton.config import read_model_config
 
     write_onnx_dir(tmp_path / "onnx")
     kubeconfig, _ = _dead_kubeconfig(tmp_path)

@@ -13,11 +13,11 @@ from artifacts import export_linear, write_onnx_dir
 from tritonclient.utils import InferenceServerException
 
 from torchship.components import model_repository
-from torchship.components.deploy import build_model_repository, deploy_local
+from torchship.components.deploy.targets.local import build_model_repository, deploy_local
 from torchship.components.errors import ServingError, UserInputError
-from torchship.components.repository_versions import LOCK_NAME
-from torchship.components.triton import TritonServer
-from torchship.components.triton_config import read_model_config
+from torchship.components.triton.versions import LOCK_NAME
+from torchship.components.triton.server import TritonServer
+from torchship.components.triton.config import read_model_config
 
 
 def _ort(onnx_dir: Path, x: np.ndarray) -> np.ndarray:

@@ -15,12 +15,12 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from torchship.components.errors import ServingError, UserInputError
-from torchship.components.model_repository import (
+from torchship.components.triton.repository import (
     build_model_repository,
     validate_model_repository,
 )
-from torchship.components.repository_versions import repository_lock
-from torchship.components.triton_config import InvalidRepositoryError, read_model_config
+from torchship.components.triton.versions import repository_lock
+from torchship.components.triton.config import InvalidRepositoryError, read_model_config
 
 
 @pytest.fixture(scope="module")

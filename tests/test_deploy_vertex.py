@@ -16,10 +16,10 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform
 from google.cloud.aiplatform_v1.types import AcceleratorType
 
-from torchship.components.deploy_vertex import deploy_vertex, gcs_uri
+from torchship.components.deploy.targets.vertex import deploy_vertex, gcs_uri
 from torchship.components.errors import ServingError, UserInputError
-from torchship.components.model_repository import build_model_repository
-from torchship.components.triton_config import read_model_config
+from torchship.components.triton.repository import build_model_repository
+from torchship.components.triton.config import read_model_config
 
 PROJECT, REGION = "torchship-test", "us-central1"
 IMAGE = f"{REGION}-docker.pkg.dev/{PROJECT}/serving/tritonserver:24.10-py3"

@@ -10,7 +10,7 @@ import pytest
 from artifacts import labelled_table
 from processes import torchship
 
-from torchship.components.triton_config import read_model_config
+from torchship.components.triton.config import read_model_config
 from torchship.pipelines.local import prune_runs
 
 SMALL = ["--epochs", "3", "--finetune-epochs", "1", "--bench-duration", "1",

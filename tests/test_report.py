@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 from artifacts import export_linear
 
-from torchship.components.benchmark_gate import evaluate_gate
-from torchship.components.benchmark_regression import compare_with_previous
-from torchship.components.gate import confusion_matrix, decide
-from torchship.components.report import (
+from torchship.components.gate.checks import evaluate_gate
+from torchship.components.gate.regression import compare_with_previous
+from torchship.components.gate.stage import confusion_matrix, decide
+from torchship.components.report.summary import (
     build_summary,
     format_markdown,
     format_table,
     write_summary,
 )
-from torchship.components.report_html import (
+from torchship.components.report.html_report import (
     histogram_concurrency,
     render_html_report,
     write_html_report,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from torchship.components.compress_choice import publish_chosen_variant
-from torchship.components.deploy import deploy_to
-from torchship.components.serving_search import (
+from torchship.components.gate.choice import publish_chosen_variant
+from torchship.components.deploy.targets.local import deploy_to
+from torchship.components.tune_serving.stage import (
     DEFAULT_SETTINGS,
     SCHEMA,
     candidate_settings,
@@ -21,7 +21,7 @@ from torchship.components.serving_search import (
     serving_objective,
     write_candidate_table,
 )
-from torchship.components.triton_config import read_model_config
+from torchship.components.triton.config import read_model_config
 
 # Short levels: the tiny model answers in well under a millisecond.
 QUICK = {"duration_s": 0.6, "warmup_s": 0.2, "min_windows": 2, "max_windows": 3}

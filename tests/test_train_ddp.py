@@ -20,7 +20,7 @@ from processes import one_process_job
 
 from torchship.components.errors import UserInputError
 from torchship.components.models import MLP, load_checkpoint
-from torchship.components.train import (
+from torchship.components.train.loop import (
     MIN_LEARNING_RATE_RATIO,
     checkpoint_dir_for,
     learning_rate_at,

@@ -14,9 +14,9 @@ import yaml
 from artifacts import synthetic_splits
 
 from torchship.components.errors import UserInputError
-from torchship.components.launch import Launch, resolve_launch
-from torchship.components.train import build_parser, checkpoint_dir_for, train_model
-from torchship.components.triton import free_port
+from torchship.components.train.launch import Launch, resolve_launch
+from torchship.components.train.loop import build_parser, checkpoint_dir_for, train_model
+from torchship.components.triton.server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

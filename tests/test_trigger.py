@@ -108,7 +108,7 @@ def gcs(monkeypatch):
 def test_drift_trigger_submits_only_when_features_moved(fake, gcs, monkeypatch, tmp_path):
     import fsspec
 
-    from torchship.components.data import prepare_data, write_statistics
+    from torchship.components.data.stage import prepare_data, write_statistics
 
     rng = np.random.default_rng(0)
     frame = pd.DataFrame(rng.normal(size=(300, 3)), columns=["a", "b", "c"])

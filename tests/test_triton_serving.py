@@ -24,11 +24,11 @@ from processes import process_table, triton_processes, wait_gone
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from torchship.components.benchmark import benchmark_repository
-from torchship.components.benchmark_results import write_json
-from torchship.components.deploy import build_model_repository, deploy_local
+from torchship.components.benchmark.stage import benchmark_repository
+from torchship.components.benchmark.results import write_json
+from torchship.components.deploy.targets.local import build_model_repository, deploy_local
 from torchship.components.errors import ServingError, UserInputError
-from torchship.components.triton import TritonServer, find_tritonserver
+from torchship.components.triton.server import TritonServer, find_tritonserver
 
 VARIANTS = tuple(record["name"] for record in VARIANT_RECORDS)
 
@@ -288,7 +288,7 @@ def test_benchmark_request_timeout_is_an_error_not_a_hang(workdir, onnx_dir, tes
 
 SERVE_SCRIPT = """
 import sys
-from torchship.components.serve import serve
+from torchship.components.triton.serve import serve
 
 def ready(server):
     print("READY", server.pid, server.http_url, flush=True)
@@ -368,7 +368,7 @@ def test_serve_stops_cleanly_on_a_signal(local_repo, sig, when):
 
 
 def test_serve_port_in_use_is_one_clear_line(local_repo):
-    from torchship.components.serve import serve
+    from torchship.components.triton.serve import serve
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
-from torchship.components.compress import compress_model
-from torchship.components.compress_choice import format_variant_table
-from torchship.components.data import prepare_data
-from torchship.components.export import export_variants
-from torchship.components.train import train_model
+from torchship.components.compress.stage import compress_model
+from torchship.components.gate.choice import format_variant_table
+from torchship.components.data.stage import prepare_data
+from torchship.components.export.stage import export_variants
+from torchship.components.train.loop import train_model
 
 EPOCHS = 20
 SEED = 0

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_serve import MAX_QUEUE_DELAY_US, build_repository
 
-from torchship.components.benchmark import benchmark_endpoint
-from torchship.components.triton import TritonServer
+from torchship.components.benchmark.stage import benchmark_endpoint
+from torchship.components.triton.server import TritonServer
 
 
 def group_memory_kib(pgid: int) -> dict[str, int]:

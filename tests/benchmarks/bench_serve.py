@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from torchship.components.benchmark import benchmark_repository
-from torchship.components.data import prepare_data
-from torchship.components.deploy import build_model_repository
-from torchship.components.export import export_onnx
+from torchship.components.benchmark.stage import benchmark_repository
+from torchship.components.data.stage import prepare_data
+from torchship.components.deploy.targets.local import build_model_repository
+from torchship.components.export.stage import export_onnx
 from torchship.components.models import build_model
 
 # Dynamic batching settings measured to scale best on a small CPU machine (see README).

@@ -19,15 +19,15 @@ import pytest
 from artifacts import N_CLASSES, N_FEATURES, labelled_table, write_onnx_dir
 from processes import error_lines, torchship, wait_gone
 
-from torchship.components.benchmark import benchmark_endpoint
-from torchship.components.benchmark_gate import evaluate_gate
-from torchship.components.data import prepare_data
-from torchship.components.deploy import deploy_local
+from torchship.components.benchmark.stage import benchmark_endpoint
+from torchship.components.gate.checks import evaluate_gate
+from torchship.components.data.stage import prepare_data
+from torchship.components.deploy.targets.local import deploy_local
 from torchship.components.errors import ServingError, UserInputError
-from torchship.components.export import export_variants
-from torchship.components.model_repository import build_model_repository
+from torchship.components.export.stage import export_variants
+from torchship.components.triton.repository import build_model_repository
 from torchship.components.models import build_model, check_model_output, save_checkpoint
-from torchship.components.triton import TritonServer, free_port
+from torchship.components.triton.server import TritonServer, free_port
 
 
 def _one_line(excinfo) -> str:
@@ -184,7 +184,7 @@ def test_bad_image_folder_is_one_line_and_writes_nothing(tmp_path, source, expec
 
 GCS_PROBE = textwrap.dedent("""
     import sys
-    from torchship.components.data import prepare_data
+    from torchship.components.data.stage import prepare_data
     from torchship.components.errors import UserInputError
     try:
         prepare_data("gs://torchship-reliability-no-such-bucket/data.csv", "label",

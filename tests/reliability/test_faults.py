@@ -18,11 +18,11 @@ import pytest
 from artifacts import N_CLASSES, N_FEATURES, write_onnx_dir
 from processes import triton_processes, wait_gone
 
-from torchship.components.benchmark import benchmark_repository
+from torchship.components.benchmark.stage import benchmark_repository
 from torchship.components.errors import ServingError
-from torchship.components.export import export_variants
+from torchship.components.export.stage import export_variants
 from torchship.components.models import build_model, save_checkpoint
-from torchship.components.triton_config import read_model_config
+from torchship.components.triton.config import read_model_config
 
 
 def test_tritonserver_killed_during_benchmark_is_a_serving_error_and_leaves_nothing(
@@ -60,7 +60,7 @@ def test_tritonserver_killed_during_benchmark_is_a_serving_error_and_leaves_noth
 
 EXPORT = textwrap.dedent("""
     import sys
-    from torchship.components.export import export_variants
+    from torchship.components.export.stage import export_variants
     export_variants(sys.argv[1], sys.argv[2], sys.argv[3], measure=False, progress=print)
 """)
 
@@ -119,7 +119,7 @@ def test_export_killed_mid_write_leaves_the_previous_export_whole(tmp_path, test
 
 DEPLOY = textwrap.dedent("""
     import json, sys
-    from torchship.components.deploy import deploy_local
+    from torchship.components.deploy.targets.local import deploy_local
     result = deploy_local(sys.argv[1], sys.argv[2], sys.argv[3], persistent_repository=sys.argv[4],
                           keep_versions=5, progress=None)
     print("RESULT", json.dumps(result["versions"]))
@@ -158,7 +158,7 @@ def test_two_deploys_to_one_persistent_repository_get_distinct_versions(tmp_path
 
 
 def test_threads_deploying_at_once_also_get_distinct_versions(tmp_path, test_path):
-    from torchship.components.deploy import deploy_local
+    from torchship.components.deploy.targets.local import deploy_local
 
     served = tmp_path / "served"
     onnx_dirs = [write_onnx_dir(tmp_path / f"onnx{i}", seed=10 + i) for i in range(2)]
@@ -182,7 +182,7 @@ def test_threads_deploying_at_once_also_get_distinct_versions(tmp_path, test_pat
 
 
 def test_export_removes_the_staging_a_killed_export_left_and_only_that(tmp_path, test_path):
-    from torchship.components.export import STALE_STAGING_S, make_staging_dir
+    from torchship.components.export.stage import STALE_STAGING_S, make_staging_dir
 
     variants = _variants(tmp_path / "variants")
     onnx_dir = tmp_path / "onnx"

@@ -17,7 +17,7 @@ from processes import error_lines, torchship, wait_gone
 from tritonclient.utils import InferenceServerException
 
 from torchship.components.models import build_model, load_checkpoint
-from torchship.components.triton import TritonServer
+from torchship.components.triton.server import TritonServer
 
 
 class _WritesMarker:

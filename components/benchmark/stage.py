@@ -1,0 +1,453 @@
+"""Benchmark stage: latency percentiles and throughput on a real Triton server, local or remote.
+
+Two modes share one measurement core:
+
+* ``benchmark_repository`` launches the bundled ``tritonserver`` over a model repository for the
+  duration of the run, as Triton Model Analyzer's ``local`` mode does;
+* ``benchmark_endpoint`` measures a running endpoint by URL: Triton over ``grpc`` or ``http``, or a
+  Vertex AI endpoint through ``rawPredict`` with a KServe v2 JSON body (``vertex``).
+
+Method, for every model, batch size and concurrency level:
+
+1. one preflight request per model, checked against the model's metadata: a server that is down,
+   refuses, times out or answers with an error fails the run at once with ``ServingError``;
+2. ``concurrency`` closed-loop clients (threads in separate client processes, see
+   ``benchmark_client``) send real held-out rows of ``test_path``: ``warmup_s`` not recorded, then
+   windows of ``window_s``;
+3. from ``min_windows`` windows on, the level is *stable* when the last ``min_windows`` windows
+   agree within ±``stability_pct`` % of their mean on each of ``stability_metrics``; otherwise
+   windows go on, up to ``max_windows``, and the level is reported with ``stable: false``;
+4. latency and throughput are pooled over those last ``min_windows`` windows (the judged ones);
+   Triton's statistics API over the same period gives the server's own queue and compute time per
+   request beside the client's view; the client processes' CPU time is recorded.
+
+A request that takes longer than ``request_timeout_s`` stops the run with ``ServingError``, and
+no wait in the run is longer than a window plus that timeout: never a hang.
+
+The pieces live beside this module: ``benchmark_server`` (the endpoint and the models it serves),
+``benchmark_requests`` (request bodies and the preflight), ``benchmark_client`` (the client
+processes), ``benchmark_stats`` (windows, stability, a level's row) and ``benchmark_results`` (the
+result's JSON schema, CSV and KFP metrics).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from torchship.components.benchmark.client import ClientPool, WindowReport
+from torchship.components.benchmark.requests import payloads, preflight, rows_for
+from torchship.components.benchmark.results import SCHEMA
+from torchship.components.benchmark.server import (
+    Endpoint,
+    Model,
+    check_reachable,
+    remote_endpoint,
+    remote_models,
+    repository_models,
+    triton_client,
+    vertex_models,
+)
+from torchship.components.benchmark.stats import (
+    Method,
+    judge,
+    level_row,
+    measurement_method,
+    server_delta,
+    window_row,
+)
+from torchship.components.errors import ServingError, UserInputError, one_line
+from torchship.components.triton.repository import load_sample
+
+if TYPE_CHECKING:
+    from torchship.components.triton.server import TritonServer
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "PROTOCOLS",
+    "REMOTE_PROTOCOLS",
+    "ProgressBar",
+    "benchmark_endpoint",
+    "benchmark_repository",
+]
+
+PROTOCOLS = ("grpc", "http")  # against a local server
+REMOTE_PROTOCOLS = ("grpc", "http", "vertex")
+DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
+STABILITY_METRICS = ("throughput_rps", "p50_ms")
+
+
+# -- the measurement core -----------------------------------------------------------------------
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal stream, fed the per-window events of a run::
+
+        benchmark_repository(..., on_window=ProgressBar())
+    """
+
+    def __init__(self, stream=None, width: int = 24):
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        done = (event["level"] - 1 + event["window"] / event["max_windows"]) / event["levels"]
+        if event.get("stable") is not None:  # the level is over
+            done = event["level"] / event["levels"]
+        filled = round(done * self.width)
+        bar = "#" * filled + "-" * (self.width - filled)
+        p99 = event.get("p99_ms")
+        text = (f"\r[{bar}] level {event['level']}/{event['levels']} {event['model']} "
+                f"b={event['batch_size']} c={event['concurrency']} window {event['window']}: "
+                f"{event['throughput_rps']:.0f} req/s p99 "
+                f"{'-' if p99 is None else f'{p99:.2f}'} ms ")
+        self.stream.write(text)
+        if event["level"] == event["levels"] and event.get("stable") is not None:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _plan(models: list[Model], x: np.ndarray, method: Method) -> list[tuple]:
+    """(model, its rows, its batch sizes) for each model; bad sizes or shapes fail here, before
+    any server work."""
+    plan = []
+    for model in models:
+        rows = rows_for(model, x)
+        sizes = [1] if model.max_batch_size == 0 else method.batch_sizes
+        for size in sizes:
+            if model.max_batch_size and size > model.max_batch_size:
+                raise UserInputError(
+                    f"batch_size: {size} exceeds max_batch_size {model.max_batch_size} of model "
+                    f"'{model.name}'"
+                )
+        plan.append((model, rows, sizes))
+    return plan
+
+
+def _sweep(endpoint: Endpoint, plan: list[tuple], method: Method,
+           progress: Callable[[str], None], on_window: Callable[[dict], None] | None,
+           client=None) -> list[dict]:
+    for model, rows, sizes in plan:  # every model answers once before the clock starts
+        for size in sizes:
+            preflight(endpoint, client, model, rows, size, method.request_timeout_s)
+
+    levels_total = sum(len(sizes) * len(method.concurrency) for _, _, sizes in plan)
+    results = []
+    with ClientPool(method.client_processes) as pool:
+        level_no = 0
+        for model, rows, sizes in plan:
+            for size in sizes:
+                for concurrency in method.concurrency:
+                    level_no += 1
+                    row = _measure_level(
+                        pool, endpoint, model, rows, size, concurrency, method, on_window,
+                        level_no, levels_total,
+                    )
+                    results.append(row)
+                    progress(_level_line(row))
+    return results
+
+
+def _level_line(row: dict) -> str:
+    server = row.get("server") or {}
+    queue, infer = server.get("queue_us"), server.get("compute_infer_us")
+    spreads = [row["stability"]["spread_pct"].get(m) for m in row["stability"]["metrics"]]
+    spread = max((v for v in spreads if v is not None), default=float("nan"))
+    stable = (f"stable ±{spread:.0f}%" if row["stable"]
+              else f"UNSTABLE ±{spread:.0f}% after {len(row['windows'])} windows")
+    text = (
+        f"{row['model']:>10} b={row['batch_size']:<3} c={row['concurrency']:<3} "
+        f"p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  "
+        f"{row['throughput_rps']:8.1f} req/s  {stable}"
+    )
+    if queue is not None and infer is not None:
+        text += f"  server queue {queue:.0f} us compute {infer:.0f} us"
+    text += (f"  client {row['client']['cpu_cores']:.2f} cores"
+             f"{' (SATURATED: add client_processes)' if row['client']['saturated'] else ''}"
+             f"  ({row['requests']} requests, {row['errors']} errors)")
+    return text
+
+
+def _measure_level(pool: ClientPool, endpoint: Endpoint, model: Model, rows: np.ndarray,
+                   batch_size: int, concurrency: int, method: Method,
+                   on_window: Callable[[dict], None] | None, level_no: int,
+                   levels_total: int) -> dict:
+    client_bodies, extra = [], {}
+    for client in range(concurrency):
+        bodies, extra = payloads(endpoint, model, rows, batch_size,
+                                 offset=client * 997 * batch_size)
+        client_bodies.append(bodies)
+    target = endpoint.target(model, extra)
+    where = f"model '{model.name}' at concurrency {concurrency}, batch size {batch_size}"
+    windows: list[dict] = []
+    snapshots: dict[str, Any] = {"before": None, "after": None, "error": None}
+
+    def snapshot(key: str) -> None:
+        if snapshots["error"] is not None:
+            return
+        try:
+            snapshots[key] = endpoint.statistics(model.name)
+        except Exception as exc:  # noqa: BLE001 - statistics are extra; the run goes on
+            snapshots["error"] = one_line(exc, 200)
+
+    def decide(report: WindowReport) -> bool:
+        window = window_row(report, method.window_s)
+        windows.append(window)
+        endpoint.check_alive(where)  # a server that is gone explains timeouts and errors
+        if report.timed_out:
+            raise ServingError(
+                f"{where}: a request timed out after {method.request_timeout_s:g} s "
+                f"({report.first_error}); the server is stuck or far too slow"
+            )
+        if window["requests"] == 0 and report.errors:
+            raise ServingError(
+                f"{where}: all {report.errors} requests of window {report.index} failed; "
+                f"first: {report.first_error}"
+            )
+        stable = None
+        if len(windows) >= method.min_windows:
+            ok, _ = judge(windows, method)
+            if ok or report.index == method.max_windows:
+                stable = ok
+        if stable is not None:
+            snapshot("after")
+        if on_window is not None:
+            on_window({
+                "model": model.name, "batch_size": batch_size, "concurrency": concurrency,
+                "level": level_no, "levels": levels_total, "window": report.index,
+                "min_windows": method.min_windows, "max_windows": method.max_windows,
+                "throughput_rps": window["throughput_rps"], "p99_ms": window["p99_ms"],
+                "errors": window["errors"], "stable": stable,
+            })
+        return stable is not None
+
+    reports = pool.run_level(
+        target, client_bodies, warmup_s=method.warmup_s, window_s=method.window_s,
+        max_windows=method.max_windows, timeout_s=method.request_timeout_s,
+        on_measure_start=lambda: snapshot("before"), on_window=decide,
+    )
+    if not any(w["requests"] for w in windows[-method.min_windows :]):
+        first = next((r.first_error for r in reports if r.first_error), None)
+        raise ServingError(
+            f"{where} answered no request in {len(windows)} windows of {method.window_s:g} s "
+            f"({sum(w['errors'] for w in windows)} errors; first: {first})"
+        )
+    server = None
+    if snapshots["error"] is None:
+        server = server_delta(snapshots["before"], snapshots["after"], model.name)
+        if server is None:
+            snapshots["error"] = f"no statistics for model '{model.name}'"
+    return level_row(model.name, batch_size, concurrency, min(pool.size, concurrency), windows,
+                     reports, method, server, snapshots["error"])
+
+
+def _result(mode: str, endpoint: Endpoint, method: Method, models: list[Model],
+            results: list[dict], started: float, started_at: str, **extra) -> dict:
+    return {
+        "schema": SCHEMA,
+        "mode": mode,
+        "endpoint": endpoint.describe(),
+        "protocol": endpoint.protocol,
+        "repository": extra.get("repository"),
+        "server_startup_s": extra.get("server_startup_s"),
+        "models": [m.name for m in models],
+        "batch_size": method.batch_sizes[0],
+        "batch_sizes": method.batch_sizes,
+        "concurrency": method.concurrency,
+        "warmup_s": method.warmup_s,
+        "duration_s": method.duration_s,
+        "window_s": method.window_s,
+        "min_windows": method.min_windows,
+        "max_windows": method.max_windows,
+        "stability_pct": method.stability_pct,
+        "stability_metrics": list(method.stability_metrics),
+        "request_timeout_s": method.request_timeout_s,
+        "client_processes": method.client_processes,
+        "host": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                 "python": platform.python_version()},
+        "started_at": started_at,
+        "wall_s": time.monotonic() - started,
+        "results": results,
+    }
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class _ServerExited(ServingError):
+    """The local ``tritonserver`` exited mid-run; the message says how and what to do."""
+
+
+def _server_exited(server: TritonServer, when: str) -> _ServerExited:
+    return _ServerExited(
+        f"tritonserver exited during the benchmark ({server.exit_reason()}) {when}; find out "
+        "what stopped it (out of memory? killed? a crash in the model?) and run the benchmark again"
+    )
+
+
+# -- the two modes ------------------------------------------------------------------------------
+
+
+def benchmark_repository(
+    repository_dir: str | os.PathLike,
+    test_path: str | os.PathLike,
+    concurrency: int | Sequence[int] = DEFAULT_CONCURRENCY,
+    batch_size: int = 1,
+    warmup_s: float = 1.0,
+    duration_s: float = 3.0,
+    protocol: str = "grpc",
+    models: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = print,
+    *,
+    request_timeout_s: float = 10.0,
+    startup_timeout_s: float = 120.0,
+    batch_sizes: Sequence[int] | None = None,
+    window_s: float | None = None,
+    min_windows: int = 3,
+    max_windows: int = 10,
+    stability_pct: float = 15.0,
+    stability_metrics: Sequence[str] = STABILITY_METRICS,
+    client_processes: int | None = None,
+    on_window: Callable[[dict], None] | None = None,
+    server_args: Sequence[str] = (),
+) -> dict:
+    """Launch ``tritonserver`` over ``repository_dir`` and measure every model at every level.
+
+    ``duration_s`` is the measured time a stable level takes: ``min_windows`` windows of
+    ``window_s`` (default ``duration_s / min_windows``); an unstable one runs up to
+    ``max_windows`` windows. ``batch_sizes`` (default ``[batch_size]``) sweeps rows per request.
+    Returns the result described in ``benchmark_results``. Raises ``ServingError`` when the
+    server fails to start, exits, times out or answers no request; ``UserInputError`` for bad
+    arguments.
+    """
+    from torchship.components.triton.server import TritonServer
+
+    if protocol not in PROTOCOLS:
+        raise UserInputError(f"protocol: '{protocol}' is not one of {', '.join(PROTOCOLS)}")
+    method = measurement_method(concurrency, batch_size, batch_sizes, warmup_s, duration_s,
+                                window_s, min_windows, max_windows, stability_pct,
+                                stability_metrics, request_timeout_s, client_processes)
+    repository_dir = Path(repository_dir)
+    specs = repository_models(repository_dir, models)
+    plan = _plan(specs, load_sample(test_path, what="test_path"), method)
+    progress = progress or (lambda *_: None)
+    started, started_at = time.monotonic(), _now()
+
+    with TritonServer(repository_dir, startup_timeout_s=startup_timeout_s,
+                      extra_args=list(server_args)) as server:
+        url = server.grpc_url if protocol == "grpc" else server.http_url
+
+        def check_alive(level: str) -> None:
+            if not server.is_running():
+                raise _server_exited(server, f"while measuring {level}")
+
+        endpoint = Endpoint(protocol, url, stats_url=server.http_url, stats_protocol="http",
+                            check_alive=check_alive)
+        progress(f"tritonserver ready in {server.startup_s:.1f} s ({endpoint.describe()})")
+        client = triton_client(protocol, url, False, request_timeout_s)
+        try:
+            results = _sweep(endpoint, plan, method, progress, on_window, client)
+        except _ServerExited:
+            raise
+        except ServingError as exc:
+            if not server.is_running():  # the failure is a symptom; the exit is the news
+                stopped = f"and the run stopped on: {one_line(exc, 120)}"
+                raise _server_exited(server, stopped) from exc
+            raise
+        finally:
+            client.close()
+            endpoint.close()
+        startup_s = server.startup_s
+    return _result("local", endpoint, method, specs, results, started, started_at,
+                   repository=str(repository_dir), server_startup_s=startup_s)
+
+
+def benchmark_endpoint(
+    url: str,
+    protocol: str,
+    models: Sequence[str] | None,
+    test_path: str | os.PathLike,
+    concurrency: int | Sequence[int] = DEFAULT_CONCURRENCY,
+    batch_size: int = 1,
+    warmup_s: float = 1.0,
+    duration_s: float = 3.0,
+    progress: Callable[[str], None] | None = print,
+    *,
+    request_timeout_s: float = 10.0,
+    batch_sizes: Sequence[int] | None = None,
+    window_s: float | None = None,
+    min_windows: int = 3,
+    max_windows: int = 10,
+    stability_pct: float = 15.0,
+    stability_metrics: Sequence[str] = STABILITY_METRICS,
+    client_processes: int | None = None,
+    on_window: Callable[[dict], None] | None = None,
+    headers: dict[str, str] | None = None,
+    auth: str = "auto",
+    input_name: str = "input",
+    output_names: Sequence[str] = ("logits",),
+) -> dict:
+    """Measure a running endpoint by URL with the same method as ``benchmark_repository``.
+
+    ``protocol``:
+
+    * ``grpc``: ``url`` is ``host:port`` (or ``grpc://``, ``grpcs://`` for TLS);
+    * ``http``: ``host:port`` or ``http(s)://host:port[/prefix]``;
+    * ``vertex``: the full ``rawPredict`` URL of a Vertex AI endpoint serving Triton
+      (``https://REGION-aiplatform.googleapis.com/v1/projects/P/locations/L/endpoints/E:rawPredict``);
+      each request is a KServe v2 JSON body with ``X-Vertex-Ai-Triton-Redirect:
+      v2/models/<model>/infer``. ``{model}`` in the URL is replaced by the model name. The model's
+      input is ``input_name`` with the test rows' shape and type; there is no statistics API.
+
+    ``models``: the names to measure (``None``: every ready model, where the server lists them).
+    ``auth="auto"`` adds a Google bearer token (application default credentials) to ``vertex``
+    requests over https; ``"google"`` always, ``"none"`` never. ``headers`` are sent with every
+    request (never printed). Raises ``ServingError`` when the endpoint is down, answers with an
+    error or times out: one line, within ``request_timeout_s`` of the failure.
+    """
+    if protocol not in REMOTE_PROTOCOLS:
+        raise UserInputError(
+            f"protocol: '{protocol}' is not one of {', '.join(REMOTE_PROTOCOLS)}"
+        )
+    if auth not in ("auto", "google", "none"):
+        raise UserInputError(f"auth: '{auth}' is not one of auto, google, none")
+    method = measurement_method(concurrency, batch_size, batch_sizes, warmup_s, duration_s,
+                                window_s, min_windows, max_windows, stability_pct,
+                                stability_metrics, request_timeout_s, client_processes)
+    x = load_sample(test_path, what="test_path")
+    progress = progress or (lambda *_: None)
+    if isinstance(models, str):
+        models = [models]
+    endpoint = remote_endpoint(url, protocol, dict(headers or {}), auth)
+    started, started_at = time.monotonic(), _now()
+
+    if protocol == "vertex":
+        specs = vertex_models(models, x, input_name, output_names)
+        try:
+            results = _sweep(endpoint, _plan(specs, x, method), method, progress, on_window)
+        finally:
+            endpoint.close()
+        return _result("remote", endpoint, method, specs, results, started, started_at)
+
+    client = triton_client(protocol, endpoint.url, endpoint.tls, request_timeout_s,
+                           endpoint.path_prefix)
+    try:
+        check_reachable(endpoint, client, request_timeout_s)
+        specs = remote_models(endpoint, client, models, request_timeout_s)
+        progress(f"{endpoint.describe()} is live; measuring {', '.join(m.name for m in specs)}")
+        results = _sweep(endpoint, _plan(specs, x, method), method, progress, on_window, client)
+    finally:
+        client.close()
+        endpoint.close()
+    return _result("remote", endpoint, method, specs, results, started, started_at)
+
+

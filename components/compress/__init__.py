@@ -1,0 +1,1 @@
+"""compress: the registered model variants (pruned, structured, distilled, int8, ...) of the trained model (see README.md)."""

@@ -1,0 +1,1 @@
+"""prepare-data: a data source into standardised, stratified train/val/test splits (see README.md)."""

@@ -1,0 +1,366 @@
+"""Deploy stage, local target: ONNX files -> a new version in a Triton model repository, served on
+the bundled ``tritonserver``, checked, and only then promoted.
+
+The repository layout and validation live in ``model_repository``, configs in ``triton_config``,
+versions and the lock in ``repository_versions``; the checks in ``deploy_smoke``; the other
+targets in ``deploy_vertex`` and ``deploy_kserve``.
+
+``deploy_local`` adds the next version of every model to a repository (a persistent one, when
+given, else the stage's artifact directory), never overwriting one:
+
+1. under the repository lock, each new version is written to a staging directory beside the
+   repository (config listing only that version, ``model.onnx``, ``model.py``, a warmup sample)
+   and validated;
+2. the bundled ``tritonserver`` serves the staging directory and the new version is checked at its
+   version URL over gRPC and HTTP: ready, metadata as in the repository, answers equal to ONNX
+   Runtime on held-out rows;
+3. only then is each version directory renamed into the repository and the model's
+   ``config.pbtxt`` rewritten (temporary name, rename) with a ``version_policy`` listing the last
+   ``keep_versions`` versions, the new one included.
+
+Any failure before step 3 changes nothing in the repository: the versions served before stay the
+ones served, and the stage raises with the reason. A deploy killed half-way leaves at most a staging
+directory (removed by the next deploy under the lock) or a version directory the config does not
+list (never loaded).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from torchship.components.deploy.smoke import load_samples, smoke_test_server
+from torchship.components.errors import ServingError, UserInputError
+from torchship.components.triton.repository import (
+    WARMUP_DIR,
+    build_model_repository,
+    onnx_variants,
+    validate_model_repository,
+    write_model,
+)
+from torchship.components.triton.versions import (
+    repository_lock,
+    served_versions,
+    swap_into_place,
+    version_dirs,
+)
+from torchship.components.triton.config import (
+    ONNX_TO_TRITON,
+    TARGETS,
+    InvalidRepositoryError,
+    describe_config,
+    read_model_config,
+    write_config,
+)
+
+__all__ = ["ONNX_TO_TRITON", "TARGETS", "build_model_repository", "deploy_local"]
+
+
+def deploy_local(
+    onnx_dir: str | os.PathLike,
+    repository_dir: str | os.PathLike,
+    test_path: str | os.PathLike,
+    n_samples: int = 32,
+    atol: float = 1e-4,
+    *,
+    persistent_repository: str | os.PathLike | None = None,
+    keep_versions: int = 2,
+    max_batch_size: int = 64,
+    max_queue_delay_us: int = 100,
+    instance_count: int = 1,
+    startup_timeout_s: float = 120.0,
+    request_timeout_s: float = 30.0,
+    lock_timeout_s: float = 900.0,
+    progress: Callable[[str], None] | None = print,
+) -> dict:
+    """Add a version of every ``onnx_dir/<variant>/model.onnx`` to a local repository, serve it on
+    the bundled ``tritonserver``, smoke-test it and promote it (see the module docstring).
+
+    The repository that gains the version is ``persistent_repository`` when given (it outlives the
+    run; ``torchship serve`` serves it), else ``repository_dir``. With ``persistent_repository``,
+    ``repository_dir`` (the stage's artifact) receives a copy of what was deployed: each model's
+    config listing only its new version, that version and the warmup sample, so the benchmark
+    stage measures exactly the new version. The smoke test sends ``n_samples`` held-out rows of
+    ``test_path`` over gRPC and HTTP to ``/v2/models/<model>/versions/<new>``; answers must match
+    ONNX Runtime within ``atol``.
+
+    Raises ``ServingError`` (or ``UserInputError`` for bad inputs) with the reason; the repository
+    is then as before. Returns ``{"models": {name: {"version", "served_versions",
+    "previous_versions", "max_abs_diff_grpc", "max_abs_diff_http", "ready", "n_samples", ...}},
+    "versions": {name: version}, "repository", "artifact_repository", "target", "n_samples",
+    "atol", "server_startup_s", "passed"}``.
+    """
+    from torchship.components.triton.server import TritonServer
+
+    if int(keep_versions) < 1:
+        raise UserInputError(f"keep_versions: {keep_versions} must be 1 or more")
+    if int(max_batch_size) < 0:
+        raise UserInputError(f"max_batch_size: {max_batch_size} is negative; use 0 or more")
+    artifact = Path(repository_dir)
+    served = Path(persistent_repository) if persistent_repository else artifact
+    x_all = load_samples(test_path, n_samples)
+    variants = onnx_variants(Path(onnx_dir))
+    options = {
+        "max_batch_size": int(max_batch_size),
+        "max_queue_delay_us": max_queue_delay_us,
+        "instance_count": instance_count,
+    }
+    say = progress or (lambda _message: None)
+
+    with repository_lock(served, lock_timeout_s):
+        _remove_stale_staging(served)
+        staging = Path(tempfile.mkdtemp(prefix=f".{served.name}.deploy-", dir=served.parent))
+        plans: list[dict] = []
+        try:
+            try:
+                for variant in variants:
+                    plans.append(_stage_version(variant, served, staging, x_all, options))
+                validate_model_repository(staging, target="local")
+                with TritonServer(staging, startup_timeout_s=startup_timeout_s) as server:
+                    smoke = smoke_test_server(
+                        [plan["model"] for plan in plans],
+                        x_all,
+                        http_url=server.http_url,
+                        grpc_url=server.grpc_url,
+                        atol=atol,
+                        request_timeout_s=request_timeout_s,
+                        log_tail=server.log_tail,
+                        progress=say,
+                    )
+                    startup_s = server.startup_s
+            except (ServingError, UserInputError) as exc:
+                raise _not_promoted(exc, served, [v.name for v in variants]) from exc
+            for plan in plans:
+                _promote(plan, served, staging, int(keep_versions))
+                say(
+                    f"{plan['name']}: version {plan['version']} promoted in {served} "
+                    f"(serving versions {plan['served_versions']})"
+                )
+            validate_model_repository(
+                served, target="local", models=[p["name"] for p in plans], load_onnx=False
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if artifact.resolve() != served.resolve():
+            _export_versions(served, {p["name"]: p["version"] for p in plans}, artifact)
+
+    results = {
+        plan["name"]: {
+            **smoke[plan["name"]],
+            "version": plan["version"],
+            "served_versions": plan["served_versions"],
+            "previous_versions": plan["previous_versions"],
+        }
+        for plan in plans
+    }
+    return {
+        "models": results,
+        "versions": {plan["name"]: plan["version"] for plan in plans},
+        "repository": str(served),
+        "artifact_repository": str(artifact),
+        "target": "local",
+        "n_samples": len(x_all),
+        "atol": float(atol),
+        "server_startup_s": startup_s,
+        "passed": True,
+    }
+
+
+def _remove_stale_staging(repository: Path) -> None:
+    """Staging left by a deploy that died (we hold the lock, so none is in progress)."""
+    for stale in repository.parent.glob(f".{repository.name}.deploy-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _stage_version(
+    variant: Path, repository: Path, staging: Path, x_all, options: dict
+) -> dict:
+    """Write the next version of ``variant`` into ``staging/<name>/``; plan its promotion."""
+    name = variant.name
+    model_dir = repository / name
+    existing = None
+    if (model_dir / "config.pbtxt").is_file():
+        existing = read_model_config(model_dir / "config.pbtxt")
+    elif model_dir.is_dir() and any(model_dir.iterdir()):
+        raise InvalidRepositoryError(
+            f"repository: {model_dir} has files but no config.pbtxt, so it is not a Triton model; "
+            "move it away or deploy to another repository"
+        )
+    available = version_dirs(model_dir)
+    version = max(available, default=0) + 1
+    previous = served_versions(existing, available) if existing is not None else []
+    model, config = write_model(
+        variant / "model.onnx", staging / name, version, target="local", versions=[version],
+        sample=x_all, **options,
+    )
+    if existing is not None:
+        _check_compatible(existing, config, model_dir)
+    model["onnx_path"] = str(staging / name / str(version) / "model.onnx")
+    return {
+        "name": name,
+        "version": version,
+        "previous_versions": previous,
+        "config": config,
+        "model": model,
+    }
+
+
+def _check_compatible(existing, new, model_dir: Path) -> None:
+    """All served versions share one config: a new version must keep the tensors and batching."""
+    old, fresh = describe_config(existing), describe_config(new)
+    for key in ("target", "inputs", "outputs", "max_batch_size"):
+        if old[key] != fresh[key]:
+            raise UserInputError(
+                f"onnx_dir: model '{new.name}' has {key} {fresh[key]}, but {model_dir} serves "
+                f"{old[key]}; versions of one model must agree, so deploy to a new repository or "
+                "under a new variant name"
+            )
+
+
+def _promote(plan: dict, repository: Path, staging: Path, keep_versions: int) -> None:
+    """Move the checked version into the repository, then list it in the config (the switch)."""
+    name, version = plan["name"], plan["version"]
+    staged, model_dir = staging / name, repository / name
+    keep = (plan["previous_versions"] + [version])[-keep_versions:]
+    plan["served_versions"] = keep
+    if not (model_dir / "config.pbtxt").is_file():
+        # A new model appears whole: one rename of its directory (an empty one may be in the way).
+        if model_dir.is_dir():
+            model_dir.rmdir()
+        staged.rename(model_dir)
+        return
+    (staged / str(version)).rename(model_dir / str(version))  # not served: the config omits it
+    warmup = staged / WARMUP_DIR
+    if warmup.is_dir():
+        (model_dir / WARMUP_DIR).mkdir(exist_ok=True)
+        for sample in warmup.iterdir():
+            os.replace(sample, model_dir / WARMUP_DIR / sample.name)
+    config = plan["config"]
+    del config.version_policy.specific.versions[:]
+    config.version_policy.specific.versions.extend(keep)
+    write_config(config, model_dir / "config.pbtxt")
+
+
+def _not_promoted(exc: BaseException, repository: Path, names: list[str]) -> BaseException:
+    """``exc`` with the state of the repository (unchanged) in front of its message."""
+    kept = []
+    for name in names:
+        config_path = repository / name / "config.pbtxt"
+        if config_path.is_file():
+            try:
+                versions = served_versions(read_model_config(config_path),
+                                           version_dirs(repository / name))
+            except UserInputError:
+                continue
+            kept.append(f"'{name}' versions {versions}")
+    state = f"{', '.join(kept)} stay served" if kept else "nothing was served before"
+    return type(exc)(f"deploy to {repository} failed and was not promoted ({state}): {exc}")
+
+
+def _export_versions(repository: Path, versions: dict[str, int], destination: Path) -> None:
+    """Copy each model's given version (config listing only it, and its warmup sample) into a
+    fresh ``destination``, renamed into place whole."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    try:
+        for name, version in versions.items():
+            source, target = repository / name, staging / name
+            shutil.copytree(source / str(version), target / str(version))
+            if (source / WARMUP_DIR).is_dir():
+                shutil.copytree(source / WARMUP_DIR, target / WARMUP_DIR)
+            config = read_model_config(source / "config.pbtxt")
+            del config.version_policy.specific.versions[:]
+            config.version_policy.specific.versions.append(version)
+            write_config(config, target / "config.pbtxt")
+        validate_model_repository(staging, target="local", load_onnx=False)
+        swap_into_place(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+DEPLOY_TARGETS = ("local", "vertex", "kserve")
+# Settings each remote target cannot do without (pipeline parameter `deploy_settings`).
+_REQUIRED_SETTINGS = {
+    "vertex": ("project", "location", "model_display_name", "serving_image_uri"),
+    "kserve": ("name", "namespace"),
+}
+
+
+def deploy_to(
+    target: str,
+    onnx_dir: str | os.PathLike,
+    repository_dir: str | os.PathLike,
+    repository_uri: str,
+    test_path: str | os.PathLike,
+    *,
+    local_repository: str = "",
+    settings: dict | None = None,
+    serving: dict | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """Deploy `onnx_dir` to `target`, building its repository at `repository_dir` (the stage's
+    artifact, at `repository_uri`). `settings` are the target's keyword arguments
+    (`deploy_vertex`, `deploy_kserve`); `local_repository` is the persistent repository a local
+    deploy adds a version to. `serving` holds the Triton settings the serving search chose
+    (`instance_count`, `max_queue_delay_us`) for every target's model config; a setting also
+    given in `settings` wins. Returns the target's result with a one-line `summary`."""
+    settings = dict(settings or {})
+    check_deploy_settings(target, settings)
+    if target == "local":
+        result = deploy_local(onnx_dir, repository_dir, test_path,
+                              persistent_repository=local_repository or None, progress=progress,
+                              **(serving or {}))
+        result["summary"] = {"versions": result.get("versions", {})}
+        return result
+    if target == "vertex":
+        from torchship.components.deploy.targets.vertex import deploy_vertex
+
+        result = deploy_vertex(repository_dir, test_path, onnx_dir=onnx_dir,
+                               repository_uri=settings.pop("repository_uri", repository_uri),
+                               progress=progress, **{**(serving or {}), **settings})
+    else:
+        from torchship.components.deploy.targets.kserve import deploy_kserve
+
+        result = deploy_kserve(repository_dir, test_path, onnx_dir=onnx_dir,
+                               storage_uri=settings.pop("storage_uri", repository_uri),
+                               progress=progress, **{**(serving or {}), **settings})
+    result["summary"] = {key: result[key] for key in ("endpoint", "deployed_model_id", "name",
+                                                       "url", "promoted") if key in result}
+    return result
+
+
+def check_deploy_settings(target: str, settings: dict | None) -> None:
+    """Refuse a deploy target or settings the deploy stage would refuse, hours into a run:
+    `torchship run`, `submit` and `schedule create` call this before anything starts."""
+    settings = settings or {}
+    if target not in DEPLOY_TARGETS:
+        raise UserInputError(
+            f"deploy target '{target}' is unknown; pass one of {', '.join(DEPLOY_TARGETS)}")
+    missing = [key for key in _REQUIRED_SETTINGS.get(target, ()) if not settings.get(key)]
+    if missing:
+        raise UserInputError(
+            f"deploy target '{target}' needs deploy_settings {', '.join(missing)}; pass them as "
+            f"-p deploy_settings='{{\"{missing[0]}\": ...}}'")
+    if target == "local":
+        if settings:
+            raise UserInputError(
+                f"deploy_settings {sorted(settings)} are for remote targets; the local target "
+                "takes local_repository only")
+        return
+    if target == "vertex":
+        from torchship.components.deploy.targets.vertex import deploy_vertex as deploy
+    else:
+        from torchship.components.deploy.targets.kserve import deploy_kserve as deploy
+    # The stage's own arguments, and the artifact URIs it fills in, are not settings.
+    accepted = set(inspect.signature(deploy).parameters) - {
+        "repository_dir", "test_path", "onnx_dir", "progress"}
+    unknown = sorted(set(settings) - accepted)
+    if unknown:
+        raise UserInputError(
+            f"deploy_settings {', '.join(unknown)} are not settings of the '{target}' target; "
+            f"use any of {', '.join(sorted(accepted))}")

@@ -1,0 +1,288 @@
+"""choose_variant: the best measured variant that meets every stated constraint, and its table.
+
+The user states satisficing constraints (maximum accuracy drop from fp32, a latency budget at a
+stated batch size, a maximum file size) and one metric to optimise; among the variants that
+meet every constraint the best on that metric is chosen. When none does, the choice is None
+with the reason, and require_chosen raises it for the pipeline's gate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torchship.components.errors import UserInputError
+from torchship.components.export.stage import make_staging_dir, publish_dir
+
+# Short names a user may give for the metric to optimise; "latency" means at `latency_batch`.
+OPTIMISE_ALIASES = {
+    "size": "onnx_size_bytes",
+    "compressed_size": "compressed_size_bytes",
+    "accuracy": "onnx_test_accuracy",
+    "parameters": "n_parameters",
+}
+# Metrics where more is better; every other one is minimised.
+MAXIMISED = {"onnx_test_accuracy", "test_accuracy", "fp32_top1_agreement", "size_ratio",
+             "param_ratio", "speedup_b1", "speedup_b64"}
+OPTIMISABLE = {"latency_b1_ms", "latency_b64_ms", "onnx_size_bytes", "compressed_size_bytes",
+               "n_parameters", "nonzero_parameters", "acc_drop_pt", *MAXIMISED}
+# Latency and speed-up at any measured batch size.
+PER_BATCH = re.compile(r"(latency_b\d+_ms|speedup_b\d+)")
+SIZE_METRICS = ("onnx_size_bytes", "compressed_size_bytes")
+
+
+class NoVariantMeetsConstraints(RuntimeError):
+    """No variant met every constraint; `.choice` holds the table and the reason."""
+
+    def __init__(self, choice: dict[str, Any]) -> None:
+        super().__init__(choice["reason"])
+        self.choice = choice
+        self.table = format_variant_table(choice)
+
+
+def choose_variant(
+    rows: list[dict[str, Any]],
+    max_acc_drop_pt: float | None = None,
+    max_latency_ms: float | None = None,
+    latency_batch: int = 1,
+    max_size_bytes: int | None = None,
+    optimise: str = "latency",
+    size_metric: str = "onnx_size_bytes",
+) -> dict[str, Any]:
+    """Pick the best of the measured `rows` (onnx_dir/variants.json) that meets every constraint.
+
+    Returns {"chosen": name or None, "reason": one line, "optimise": metric, "direction",
+    "constraints": the limits, "table": the rows with `checks` (per constraint: metric, value,
+    limit, passed) and `meets_constraints`}. A constraint left None is not checked; export
+    parity must have passed for every variant. Ties go to the higher accuracy, then the
+    smaller file, then the order of the rows.
+    """
+    if not rows:
+        raise UserInputError("the variant table is empty; pass the rows that export measured")
+    latency_metric = f"latency_b{latency_batch}_ms"
+    metric = latency_metric if optimise == "latency" else OPTIMISE_ALIASES.get(optimise, optimise)
+    if metric not in OPTIMISABLE and not PER_BATCH.fullmatch(metric):
+        raise UserInputError(
+            f"--optimise {optimise!r} is not a metric of the variant table; pass latency, size, "
+            f"compressed_size, accuracy, parameters or one of {', '.join(sorted(OPTIMISABLE))}"
+        )
+    if size_metric not in SIZE_METRICS:
+        raise UserInputError(
+            f"size metric {size_metric!r} is unknown; pass one of {', '.join(SIZE_METRICS)}"
+        )
+    for value, flag in ((max_acc_drop_pt, "--max-acc-drop-pt"),
+                        (max_latency_ms, "--max-latency-ms"),
+                        (max_size_bytes, "--max-size-bytes")):
+        if value is not None and not value >= 0:
+            raise UserInputError(f"{flag} must be >= 0 or unset, got {value!r}")
+    limits = {
+        "accuracy": ("acc_drop_pt", max_acc_drop_pt),
+        "latency": (latency_metric, max_latency_ms),
+        "size": (size_metric, max_size_bytes),
+    }
+    limits = {key: spec for key, spec in limits.items() if spec[1] is not None}
+    constraints_text = "; ".join(_describe(key, m, limit) for key, (m, limit) in limits.items())
+    constraints_text = constraints_text or "no constraints"
+
+    table = []
+    for row in rows:
+        checks: dict[str, dict[str, Any]] = {}
+        parity = row.get("parity")
+        if parity is not None:
+            checks["parity"] = {"metric": "parity", "value": parity.get("passed"),
+                                "limit": True, "passed": bool(parity.get("passed"))}
+        for key, (name, limit) in limits.items():
+            value = row.get(name)
+            checks[key] = {"metric": name, "value": value, "limit": limit,
+                           "passed": value is not None and value <= limit}
+        if row.get(metric) is None:  # cannot be ranked on the metric to optimise
+            checks["optimise"] = {"metric": metric, "value": None, "limit": None,
+                                  "passed": False}
+        meets = all(check["passed"] for check in checks.values())
+        table.append({**row, "checks": checks, "meets_constraints": meets, "chosen": False})
+
+    direction = "max" if metric in MAXIMISED or metric.startswith("speedup_") else "min"
+    candidates = [row for row in table if row["meets_constraints"]]
+    choice: dict[str, Any] = {
+        "chosen": None,
+        "optimise": metric,
+        "direction": direction,
+        "constraints": {key: {"metric": m, "limit": limit} for key, (m, limit) in limits.items()},
+        "table": table,
+    }
+    if not candidates:
+        failures = [f"{row['name']} fails {_failed(row)}" for row in table]
+        choice["reason"] = (
+            f"no variant meets every constraint ({constraints_text}): {'; '.join(failures)}; "
+            "relax a constraint or add variants"
+        )
+        return choice
+
+    sign = -1 if direction == "max" else 1
+    position = {row["name"]: index for index, row in enumerate(table)}
+    best = min(candidates, key=lambda row: (
+        sign * row[metric], -row.get("onnx_test_accuracy", row.get("test_accuracy", 0)),
+        row.get("onnx_size_bytes", 0), position[row["name"]]))
+    best["chosen"] = True
+    others = [row["name"] for row in candidates if row is not best]
+    word = "highest" if direction == "max" else "lowest"
+    choice["chosen"] = best["name"]
+    choice["reason"] = (
+        f"'{best['name']}' has the {word} {metric} ({_value(metric, best[metric])}) of the "
+        f"{len(candidates)} of {len(table)} variants that meet every constraint "
+        f"({constraints_text})" + (f"; also meeting them: {', '.join(others)}" if others else "")
+    )
+    return choice
+
+
+def require_chosen(choice: dict[str, Any]) -> str:
+    """The chosen variant's name; raises NoVariantMeetsConstraints (reason, table) if none."""
+    if choice["chosen"] is None:
+        raise NoVariantMeetsConstraints(choice)
+    return choice["chosen"]
+
+
+def publish_chosen_variant(
+    onnx_dir: str | os.PathLike, choice: dict[str, Any] | str, chosen_dir: str | os.PathLike,
+) -> dict[str, Any]:
+    """Copy the chosen variant to `chosen_dir` in onnx_dir's layout: `<name>/model.onnx`,
+    `variants.json` with its one row, and `choice.json` (the reason and the whole table).
+
+    Deploy and benchmark take every `<name>/model.onnx` of their input, so giving them this
+    directory serves only the chosen model, still named after its variant.
+    """
+    name = choice if isinstance(choice, str) else require_chosen(choice)
+    onnx_dir = Path(onnx_dir)
+    rows = json.loads((onnx_dir / "variants.json").read_text())
+    row = next((r for r in rows if r["name"] == name), None)
+    if row is None:
+        raise UserInputError(
+            f"variant '{name}' is not in '{onnx_dir}/variants.json' (variants: "
+            f"{', '.join(r['name'] for r in rows)}); pass one of those"
+        )
+    staging = make_staging_dir(chosen_dir)
+    try:
+        (staging / name).mkdir()
+        shutil.copyfile(onnx_dir / name / "model.onnx", staging / name / "model.onnx")
+        (staging / name / "model.onnx").chmod(0o644)
+        chosen_row = {**row, "chosen": True}
+        (staging / "variants.json").write_text(json.dumps([chosen_row], indent=2))
+        if not isinstance(choice, str):
+            (staging / "choice.json").write_text(json.dumps(choice, indent=2))
+        publish_dir(staging, chosen_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return chosen_row
+
+
+def variant_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The variant table as flat `<variant>_<metric>` numbers, for a KFP Metrics artifact."""
+    metrics: dict[str, float] = {}
+    for row in rows:
+        for _, key, _ in TABLE_COLUMNS[1:]:
+            value = row.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[f"{row['name']}_{key}"] = float(value)
+    return metrics
+
+
+# (header, row key, format) of each column of the variant table.
+TABLE_COLUMNS = [
+    ("variant", "name", "{}"),
+    ("test acc", "onnx_test_accuracy", "{:.4f}"),
+    ("drop pt", "acc_drop_pt", "{:+.2f}"),
+    ("params", "n_parameters", "{:,}"),
+    ("non-zero", "nonzero_parameters", "{:,}"),
+    ("sparsity", "sparsity", "{:.2f}"),
+    ("ONNX KiB", "onnx_size_bytes", "kib"),
+    ("zlib KiB", "compressed_size_bytes", "kib"),
+    ("size x", "size_ratio", "{:.2f}"),
+    ("b1 ms", "latency_b1_ms", "{:.3f}"),
+    ("b64 ms", "latency_b64_ms", "{:.3f}"),
+    ("b64 x", "speedup_b64", "{:.2f}"),
+    ("top-1 agree", "fp32_top1_agreement", "{:.4f}"),
+    ("max abs diff", "fp32_max_abs_diff", "{:.3g}"),
+]
+
+
+def format_variant_table(rows_or_choice: list[dict[str, Any]] | dict[str, Any],
+                         markdown: bool = False) -> str:
+    """The variant table as aligned plain text (or Markdown); given a choice, with a column of
+    the constraints each variant fails, the chosen one marked, and the reason below."""
+    choice = rows_or_choice if isinstance(rows_or_choice, dict) else None
+    rows = choice["table"] if choice else rows_or_choice
+    columns = [column for column in TABLE_COLUMNS
+               if any(row.get(column[1]) is not None for row in rows)]
+    header = [title for title, _, _ in columns]
+    cells = []
+    for row in rows:
+        line = [_cell(row.get(key), fmt) for _, key, fmt in columns]
+        if choice:
+            line[0] += " *" if row.get("chosen") else ""
+            line.append("yes" if row["meets_constraints"] else f"no: {_failed(row)}")
+        cells.append(line)
+    if choice:
+        header.append("meets constraints")
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |",
+                 "|" + "|".join(":---" if i == 0 or (choice and i == len(header) - 1)
+                                else "---:" for i in range(len(header))) + "|"]
+        lines += ["| " + " | ".join(line) + " |" for line in cells]
+    else:
+        widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) if i == 0 or (choice and i == len(header) - 1)
+                           else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+                 for line in [header, *cells]]
+    if choice:
+        lines += ["", f"{'chosen' if choice['chosen'] else 'no choice'}: {choice['reason']}"]
+    return "\n".join(lines)
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if fmt == "kib":
+        return f"{value / 1024:.1f}"
+    return fmt.format(value)
+
+
+def _value(metric: str, value: float) -> str:
+    if metric.endswith("_ms"):
+        return f"{value:.3f} ms"
+    if metric.endswith("_bytes"):
+        return f"{value / 1024:.1f} KiB"
+    return f"{value:.4g}"
+
+
+def _label(key: str, metric: str) -> str:
+    return "accuracy drop" if key == "accuracy" else metric
+
+
+def _shown(key: str, metric: str, value: float) -> str:
+    return f"{value:.2f} pt" if key == "accuracy" else _value(metric, value)
+
+
+def _describe(key: str, metric: str, limit: float) -> str:
+    return f"{_label(key, metric)} <= {_shown(key, metric, limit)}"
+
+
+def _failed(row: dict[str, Any]) -> str:
+    """What a table row fails, e.g. `accuracy drop 1.48 pt > 1.00 pt, parity`."""
+    failed = []
+    for key, check in row["checks"].items():
+        metric, value, limit = check["metric"], check["value"], check["limit"]
+        if check["passed"]:
+            continue
+        if key == "parity":
+            failed.append("parity")
+        elif value is None:
+            failed.append(f"{metric} (not measured)")
+        else:
+            failed.append(f"{_label(key, metric)} {_shown(key, metric, value)} > "
+                          f"{_shown(key, metric, limit)}")
+    return ", ".join(failed) or "nothing"

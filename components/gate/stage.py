@@ -1,0 +1,102 @@
+"""The promotion gate: one record that says whether the candidate may be deployed, and why.
+
+The record joins three decisions: the variant chosen by the user's constraints (accuracy drop,
+size, the metric to optimise), the gate checks on that variant (accuracy against the serving
+baseline or a floor, parity with PyTorch, p99 on Triton at the target concurrency), and the
+regression check against the previous run's numbers.
+"""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from torchship.components.gate.checks import GATE_SCHEMA, evaluate_gate, write_gate_record
+from torchship.components.gate.regression import compare_with_previous
+from torchship.components.gate.choice import (
+    choose_variant,
+    format_variant_table,
+    publish_chosen_variant,
+)
+from torchship.components.data.stage import load_split
+from torchship.components.report.html_report import write_html_report
+
+
+def decide(
+    onnx_dir: str,
+    summary: dict[str, Any],
+    chosen_dir: str,
+    *,
+    max_accuracy_drop_pt: float = 1.0,
+    max_size_bytes: int = 0,
+    optimise: str = "latency",
+    accuracy_floor: float = 0.0,
+    baseline_uri: str = "",
+    latency_budget_p99_ms: float = 0.0,
+    target_concurrency: int = 1,
+    previous_results_uri: str = "",
+    max_p99_regression_pct: float = 10.0,
+    test_path: str | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Choose the variant, gate it and return the record; the chosen model goes to `chosen_dir`.
+    With `test_path`, the record also holds the chosen variant's confusion matrix on it.
+
+    Zero means "no limit" for `max_size_bytes` and `latency_budget_p99_ms`; an empty
+    `baseline_uri` means the first run (the accuracy floor applies), an empty
+    `previous_results_uri` means no regression check.
+    """
+    rows = json.loads((Path(onnx_dir) / "variants.json").read_text())
+    choice = choose_variant(rows, max_acc_drop_pt=max_accuracy_drop_pt,
+                            max_size_bytes=max_size_bytes or None, optimise=optimise)
+    regression = compare_with_previous(summary, previous_results_uri or None,
+                                       max_p99_regression_pct)
+    variant = choice["chosen"]
+    if variant is None:
+        record = {"schema": GATE_SCHEMA, "passed": False, "checks": [], "regression": regression,
+                  "reason": f"no variant meets the constraints: {choice['reason']}"}
+        progress(record["reason"])
+        progress(format_variant_table(choice))
+        return {**record, "choice": choice, "variant": None}
+    # The gate record itself (a later run reads a passing one as its serving baseline), with
+    # the choice that named its variant.
+    record = evaluate_gate(
+        summary, accuracy_floor=accuracy_floor, baseline_accuracy=baseline_uri or None,
+        max_accuracy_drop_pt=max_accuracy_drop_pt,
+        latency_budget_p99_ms=latency_budget_p99_ms or None,
+        target_concurrency=target_concurrency, variant=variant, regression=regression,
+    )
+    record = {**record, "choice": choice, "variant": variant}
+    if test_path:
+        record["confusion_matrix"] = confusion_matrix(onnx_dir, variant, test_path)
+    if record["passed"]:
+        publish_chosen_variant(onnx_dir, choice, chosen_dir)
+    progress(f"chose '{variant}': {choice['reason']}")
+    progress(f"gate {'passed' if record['passed'] else 'FAILED'}: {record['reason']}")
+    return record
+
+
+def write_reports(record: dict[str, Any], summary: dict[str, Any], record_path: str,
+                  html_path: str) -> None:
+    """The record as JSON, and the HTML report with the variant table, plots and the gate."""
+    write_gate_record(record, record_path)
+    write_html_report(summary, html_path, gate=record, regression=record.get("regression"))
+
+
+def confusion_matrix(onnx_dir: str, variant: str, test_path: str) -> dict[str, Any]:
+    """The chosen variant's ONNX model on the test split, as KFP's ClassificationMetrics takes
+    it: class names, and counts with rows the true class and columns the predicted one."""
+    import onnxruntime as ort
+
+    split = load_split(test_path)
+    session = ort.InferenceSession(str(Path(onnx_dir) / variant / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: split["x"]})
+    n = logits.shape[1]
+    categories = [str(name) for name in split.get("class_names", range(n))]
+    counts = np.bincount(split["y"] * n + logits.argmax(axis=1), minlength=n * n)
+    matrix = counts.reshape(n, n)
+    return {"categories": categories, "matrix": matrix.tolist(),
+            "accuracy": float(np.trace(matrix) / matrix.sum())}

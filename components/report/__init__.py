@@ -1,0 +1,1 @@
+"""Reports shared by the stages: the run summary, text and Markdown tables, the self-contained HTML report (see README.md)."""

@@ -1,0 +1,556 @@
+"""Run the real ``tritonserver`` binary bundled in the ``nvidia-pytriton`` wheel on a model repository.
+
+The wheel ships Triton with the Python backend only. PyTriton normally drives it through its own
+``Triton().bind`` API; here we start the binary directly on a plain model repository, the way the
+production Triton container would, so the same repository layout is exercised locally.
+
+What the binary needs to run from a virtual environment (see DESIGN.md, "Notes on the local Triton
+server"):
+
+* the Python backend directory must hold ``triton_python_backend_stub`` built for the running
+  interpreter's version; the wheel keeps one per version under ``python_backend_stubs/``, so we copy
+  the backend plus the matching stub into a private workspace (as PyTriton does);
+* the interpreter's own ``libpython`` directory first on ``LD_LIBRARY_PATH`` (otherwise the stub links
+  the system's libpython and fails with an undefined ``_recursion_count``), and the wheel's
+  ``nvidia_pytriton.libs`` on it too (the copied stub and backend lose their ``$ORIGIN`` rpath);
+* the virtual environment's ``bin`` first on ``PATH``, so the embedded interpreter of the stub finds
+  the venv (``pyvenv.cfg``) and imports its packages (numpy, onnxruntime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torchship.components.errors import ServingError, UserInputError
+
+__all__ = ["TritonPaths", "TritonServer", "check_port_free", "find_tritonserver", "free_port"]
+
+if TYPE_CHECKING:  # annotations only; no runtime dependency on typing_extensions
+    from typing_extensions import Self
+
+
+class TritonPaths:
+    """Locations inside the installed ``nvidia-pytriton`` distribution."""
+
+    def __init__(self, root: Path, libs: Path):
+        self.root = root  # .../site-packages/pytriton/tritonserver
+        self.libs = libs  # .../site-packages/nvidia_pytriton.libs
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def python_backend(self) -> Path:
+        return self.root / "backends" / "python"
+
+    def stub(self, version: str) -> Path:
+        return self.root / "python_backend_stubs" / version / "triton_python_backend_stub"
+
+
+def find_tritonserver() -> TritonPaths:
+    """Locate the ``tritonserver`` binary shipped inside the ``nvidia-pytriton`` wheel.
+
+    Raises ``UserInputError`` with the fix when the wheel is missing or incomplete.
+    """
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise UserInputError(
+            "tritonserver: the nvidia-pytriton package is not installed; install it with "
+            "`pip install nvidia-pytriton` (Linux x86_64/aarch64, glibc >= 2.35) to serve locally"
+        ) from exc
+    package_dir = Path(pytriton.__file__).resolve().parent
+    paths = TritonPaths(package_dir / "tritonserver", package_dir.parent / "nvidia_pytriton.libs")
+    if not os.access(paths.binary, os.X_OK):
+        raise UserInputError(
+            f"tritonserver: no executable at {paths.binary}; the nvidia-pytriton install looks "
+            "incomplete, reinstall it with `pip install --force-reinstall nvidia-pytriton`"
+        )
+    if not (paths.python_backend / "libtriton_python.so").is_file():
+        raise UserInputError(
+            f"tritonserver: the Python backend is missing under {paths.python_backend}; reinstall "
+            "nvidia-pytriton"
+        )
+    return paths
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _libpython_dir() -> str | None:
+    """The directory holding the running interpreter's shared libpython, if it has one."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    soname = sysconfig.get_config_var("INSTSONAME") or sysconfig.get_config_var("LDLIBRARY")
+    if libdir and soname and (Path(libdir) / soname).exists():
+        return str(libdir)
+    return None
+
+
+def _prepend(value: str | None, *entries: str | None) -> str:
+    parts = [e for e in entries if e]
+    if value:
+        parts.append(value)
+    return os.pathsep.join(parts)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no server log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# Error lines Triton always prints on a machine without a GPU; not worth reporting.
+_BENIGN = ("CudaDriverHelper has not been initialized",)
+# Log lines that mean startup has failed (with --exit-on-error the server exits a bit later).
+_FATAL = ("failed to load '", "error: creating server", "Poll failed for model directory",
+          "failed to start ")
+_LOG_PREFIX = re.compile(r"^[EWI]\d{4} [\d:.]+\s+\d+\s+[\w.]+:\d+\]\s*")
+
+
+def _log_errors(text: str, limit: int = 8, width: int = 500) -> list[str]:
+    errors = [
+        line
+        for line in text.splitlines()
+        if line[:1] == "E" and line[1:5].isdigit() and not any(b in line for b in _BENIGN)
+    ]
+    return [e if len(e) <= width else e[:width] + " ..." for e in errors[:limit]]
+
+
+def _error_summary(text: str, width: int = 300) -> str | None:
+    """The most telling error of a server log as one line, without Triton's prefix."""
+    errors = _log_errors(text, limit=100, width=10_000)
+    errors += [line for line in text.splitlines() if line.startswith("error: creating server")]
+    if not errors:
+        return None
+    markers = ("failed to start ", "Poll failed", "failed to load '")
+    chosen = next((e for m in markers for e in errors if m in e), errors[0])
+    message = " ".join(_LOG_PREFIX.sub("", chosen).strip().strip('"').split())
+    return message if len(message) <= width else message[:width] + " ..."
+
+
+def _last_line(text: str, width: int = 120) -> str | None:
+    """The log's last line that says something (not the option table, not the command line)."""
+    for line in reversed(text.splitlines()):
+        line = " ".join(_LOG_PREFIX.sub("", line).strip().strip('"').split())
+        if line and line[0] not in "|+$":
+            return line if len(line) <= width else line[:width] + " ..."
+    return None
+
+
+def _port_conflict(text: str) -> str | None:
+    """Which listener ("http" or "grpc") could not bind its port, from the server log."""
+    for line in text.splitlines():
+        lowered = line.lower()
+        if "already in use" in lowered or "address in use" in lowered:
+            if "grpc" in lowered or "chttp2" in lowered:
+                return "grpc"
+            if "http" in lowered:
+                return "http"
+    return None
+
+
+def _connect_host(host: str) -> str:
+    """The address a client on this machine uses to reach a server bound to ``host``."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """Raise ``UserInputError`` (one line, naming the port and the fix) if ``port`` is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR: a port in TIME_WAIT is free for tritonserver too; only a listener is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, int(port)))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UserInputError(_port_in_use(what, host, port)) from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise UserInputError(
+                    f"host: {host} is not an address of this machine; use 127.0.0.1 (the "
+                    "default) or 0.0.0.0 to listen on every interface"
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise UserInputError(
+                    f"{what}: port {port} needs privileges to bind; use a port above 1023"
+                ) from None
+            raise
+
+
+def _port_in_use(what: str, host: str, port: int) -> str:
+    return (
+        f"{what}: port {port} on {host} is already in use; stop the process listening there "
+        f"(another tritonserver?) or pass a different --{what.replace('_', '-')}"
+    )
+
+
+class TritonServer:
+    """The bundled ``tritonserver`` running on ``repository``, bound to ``host`` (127.0.0.1).
+
+    Use as a context manager::
+
+        with TritonServer(repo) as server:
+            client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
+
+    Ports are free ones picked at start unless ``http_port`` / ``grpc_port`` are given; a given
+    port that is taken raises ``UserInputError`` naming it. Every ``config.pbtxt`` is parsed before
+    the server starts, so a malformed one is one clear error line. Startup waits until the server
+    (with strict readiness, i.e. every model) is ready, or raises ``ServingError`` whose first line
+    is the server's own reason. Model control is closed: mode ``none`` (the repository is read
+    once, at start) and the model-repository API (index, load, unload) needs a key that only this
+    object knows. Metrics are off. The server and every Python-backend stub it spawns run in their
+    own process group, which is sent SIGTERM and, after ``stop_grace_s``, SIGKILL on exit.
+    """
+
+    def __init__(
+        self,
+        repository: str | os.PathLike,
+        *,
+        host: str = "127.0.0.1",
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        startup_timeout_s: float = 60.0,
+        stop_grace_s: float = 10.0,
+        log_path: str | os.PathLike | None = None,
+        log_verbose: int = 0,
+        extra_args: tuple[str, ...] | list[str] = (),
+    ):
+        self.repository = Path(repository).resolve()
+        self.host = str(host)
+        self._fixed_ports = {"http_port": http_port, "grpc_port": grpc_port}
+        for what, port in self._fixed_ports.items():
+            if port is not None and not 0 < int(port) < 65536:
+                raise UserInputError(f"{what}: {port} is not a TCP port (1-65535)")
+        if http_port is not None and http_port == grpc_port:
+            raise UserInputError(
+                f"grpc_port: {grpc_port} is also the http_port; give the two listeners "
+                "different ports"
+            )
+        self.startup_timeout_s = float(startup_timeout_s)
+        self.stop_grace_s = float(stop_grace_s)
+        self.log_verbose = int(log_verbose)
+        self.extra_args = list(extra_args)
+        self._user_log_path = Path(log_path) if log_path is not None else None
+        self.log_path: Path | None = self._user_log_path
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
+        self.startup_s: float | None = None
+        # Header that unlocks the model-repository API (nobody outside this process knows it).
+        self.admin_header = {"torchship-admin": secrets.token_hex(16)}
+        self._workspace: Path | None = None
+        self._proc: subprocess.Popen | None = None
+        self._log_file = None
+
+    # -- public API -----------------------------------------------------------------------------
+
+    @property
+    def grpc_url(self) -> str:
+        self._require_started()
+        return f"{_connect_host(self.host)}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        self._require_started()
+        return f"{_connect_host(self.host)}:{self.http_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc is not None else None
+
+    def exit_reason(self) -> str:
+        """How the server exited, on one line: its status and its log's error or last line."""
+        code = self.returncode()
+        if code is None:
+            how = "still running" if self._proc is not None else "never started"
+        elif code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exit status {code}"
+        text = self._log_text()
+        error = _error_summary(text, width=120)
+        if error:
+            return f"{how}; its log says: {error}"
+        last = _last_line(text)
+        return f"{how}; last log line: {last}" if last else how
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The error lines of the server log or, when it has none, its last ``lines`` lines."""
+        if not self.log_path:
+            return "(no server log)"
+        try:
+            errors = _log_errors(self.log_path.read_text(errors="replace"))
+        except OSError:
+            errors = []
+        return "\n".join(errors) if errors else _tail(self.log_path, lines)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> TritonServer:
+        """Start the server and block until it is ready (or raise ``ServingError``)."""
+        if self._proc is not None:
+            raise RuntimeError("TritonServer already started")
+        if not self.repository.is_dir():
+            raise UserInputError(
+                f"repository: {self.repository} is not a directory; build a model repository first"
+            )
+        self._check_configs()
+        for what, port in self._fixed_ports.items():
+            if port is not None:
+                check_port_free(self.host, int(port), what)
+        paths = find_tritonserver()
+        self._workspace = Path(tempfile.mkdtemp(prefix="torchship-triton-"))
+        try:
+            backends = self._prepare_backends(paths)
+            env = self._environment(paths)
+            # Picking a free port and binding it later is racy; retry when another process won.
+            for attempt in range(3):
+                started = time.monotonic()
+                self._launch(paths, backends, env, attempt)
+                try:
+                    self._wait_ready()
+                except ServingError:
+                    self._terminate()
+                    conflict = _port_conflict(self._log_text())
+                    if conflict is not None:
+                        what = f"{conflict}_port"
+                        if self._fixed_ports[what] is not None:
+                            port = self.http_port if conflict == "http" else self.grpc_port
+                            raise UserInputError(_port_in_use(what, self.host, port)) from None
+                        if attempt < 2:
+                            continue
+                    raise
+                self.startup_s = time.monotonic() - started
+                return self
+        except BaseException:
+            self.stop(_failed=True)
+            raise
+        raise AssertionError("unreachable")
+
+    def stop(self, _failed: bool = False) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and remove the workspace; idempotent."""
+        self._terminate()
+        if self._workspace is not None:
+            if _failed and self._user_log_path is None:
+                # Keep the log the error message points at; drop the copied binaries.
+                shutil.rmtree(self._workspace / "backends", ignore_errors=True)
+            else:
+                shutil.rmtree(self._workspace, ignore_errors=True)
+            self._workspace = None
+        self._proc = None
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _require_started(self) -> None:
+        if self.grpc_port is None:
+            raise RuntimeError("TritonServer is not started; use it as a context manager")
+
+    def _check_configs(self) -> None:
+        """Parse every ``config.pbtxt`` first: Triton's own complaint is buried in its log."""
+        from torchship.components.triton.config import read_model_config
+
+        for config_path in sorted(self.repository.glob("*/config.pbtxt")):
+            read_model_config(config_path)
+
+    def _log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace") if self.log_path else ""
+        except OSError:
+            return ""
+
+    def _prepare_backends(self, paths: TritonPaths) -> Path:
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = paths.stub(version)
+        if not stub.is_file():
+            raise UserInputError(
+                f"tritonserver: nvidia-pytriton has no Python-backend stub for Python {version} "
+                f"(looked for {stub}); use a Python version it supports"
+            )
+        backends = self._workspace / "backends"
+        python_dir = backends / "python"
+        python_dir.mkdir(parents=True)
+        for item in paths.python_backend.iterdir():
+            if item.is_file():
+                shutil.copy2(item, python_dir / item.name)
+        shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+        return backends
+
+    def _environment(self, paths: TritonPaths) -> dict[str, str]:
+        env = os.environ.copy()
+        env["LD_LIBRARY_PATH"] = _prepend(
+            env.get("LD_LIBRARY_PATH"), _libpython_dir(), str(paths.libs)
+        )
+        env["PATH"] = _prepend(env.get("PATH"), str(Path(sys.prefix) / "bin"))
+        # ONNX Runtime / OpenMP inside the stubs: one thread each unless the caller says otherwise.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.pop("PYTHONHOME", None)
+        # Vertex AI mode switches on from the environment; this server is never that.
+        env.pop("AIP_MODE", None)
+        return env
+
+    def _pick_ports(self) -> None:
+        self.http_port = self._fixed_ports["http_port"] or free_port()
+        self.grpc_port = self._fixed_ports["grpc_port"] or free_port()
+        while self.grpc_port == self.http_port:
+            self.grpc_port = free_port()
+
+    def _launch(self, paths: TritonPaths, backends: Path, env: dict[str, str], attempt: int):
+        self._pick_ports()
+        if self._user_log_path is not None:
+            self.log_path = self._user_log_path
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            self.log_path = self._workspace / "tritonserver.log"
+        shm_prefix = f"torchship{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        (key, value), = self.admin_header.items()
+        cmd = [
+            str(paths.binary),
+            f"--model-repository={self.repository}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--exit-timeout-secs=5",
+            "--allow-http=true",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--http-restricted-api=model-repository:{key}={value}",
+            "--allow-grpc=true",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--grpc-restricted-protocol=model-repository:{key}={value}",
+            "--allow-metrics=false",
+            "--allow-gpu-metrics=false",
+            "--allow-cpu-metrics=false",
+            "--allow-sagemaker=false",
+            "--allow-vertex-ai=false",
+            f"--backend-directory={backends}",
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+        self._log_file = open(self.log_path, "ab" if attempt else "wb")  # noqa: SIM115
+        shown = [c.replace(value, "***") for c in cmd]
+        self._log_file.write(("$ " + " ".join(shown) + "\n").encode())
+        self._log_file.flush()
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self._workspace,
+            start_new_session=True,  # own process group: the stubs are stopped with it
+        )
+
+    def _failure(self, what: str) -> ServingError:
+        """A ``ServingError`` whose first line says what failed and why (the server's reason)."""
+        reason = _error_summary(self._log_text())
+        if reason:  # one line: the reason is the server's own, the rest is in the log
+            return ServingError(f"{what}: {reason} (log: {self.log_path})")
+        return ServingError(f"{what} (log: {self.log_path})\n{self.log_tail()}")
+
+    def _wait_ready(self) -> None:
+        import tritonclient.http as httpclient
+
+        deadline = time.monotonic() + self.startup_timeout_s
+        client = httpclient.InferenceServerClient(
+            self.http_url, connection_timeout=2.0, network_timeout=2.0
+        )
+        try:
+            while True:
+                code = self._proc.poll()
+                if code is not None:
+                    raise self._failure(
+                        f"tritonserver exited with status {code} while starting on "
+                        f"{self.repository}"
+                    )
+                with contextlib.suppress(Exception):  # not listening yet
+                    if client.is_server_ready():
+                        return
+                text = self._log_text()
+                if any(marker in text for marker in _FATAL):
+                    # exit-on-error: the server will exit after unloading; no need to wait.
+                    raise self._failure(f"tritonserver failed to serve {self.repository}")
+                if time.monotonic() > deadline:
+                    raise ServingError(
+                        f"tritonserver on {self.repository} not ready after "
+                        f"{self.startup_timeout_s:.0f} s (log: {self.log_path})\n{self.log_tail()}"
+                    )
+                time.sleep(0.1)
+        finally:
+            client.close()
+
+    def _terminate(self) -> None:
+        proc = self._proc
+        if proc is not None:
+            pgid = proc.pid  # start_new_session: the server leads its own group
+            if proc.poll() is None:
+                _killpg(pgid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=self.stop_grace_s)
+                except subprocess.TimeoutExpired:
+                    _killpg(pgid, signal.SIGKILL)
+                    proc.wait(timeout=10)
+            # Stray stubs (their server is gone) would otherwise linger: kill what is left and
+            # wait (briefly) until init has reaped them, so the group is really gone.
+            _killpg(pgid, signal.SIGKILL)
+            deadline = time.monotonic() + 5.0
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
