@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 from processes import one_process_job
 
-from torchship.components.data.stage import load_split, prepare_data
+from torchship.components.data.splits import load_split
+from torchship.components.data.stage import prepare_data
 from torchship.components.errors import UserInputError
-from torchship.components.train.loop import train_model
+from torchship.components.train.stage import train_model
 
 KEYS = {"x", "y", "mean", "std", "feature_names", "class_names"}
 
