@@ -1,4 +1,5 @@
-"""Model specs (built-in `mlp`/`cnn` or a user's `module:factory`) and plain-dict checkpoints."""
+"""Model specs (built-in `mlp`/`cnn` or a user's `module:factory`), plain-dict checkpoints, and a
+model's ONNX graph: what train makes, compress changes and export serves."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ import importlib
 import inspect
 import math
 import os
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from torchship.components.contracts import INPUT_NAME, OUTPUT_NAME
 from torchship.components.errors import UserInputError, one_line
+from torchship.components.files import atomic_file, atomic_path
 
 BUILTIN_MODELS = ("mlp", "cnn")
 CHECKPOINT_KEYS = ("model_name", "n_features", "n_classes", "state_dict")
@@ -211,17 +214,8 @@ def save_checkpoint(
         checkpoint["model_options"] = dict(model_options)
     if resized:
         checkpoint["resized"] = True
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(checkpoint, handle)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; later stages and users read it
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        torch.save(checkpoint, handle)
     return checkpoint
 
 
@@ -277,3 +271,41 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             if reference is not None:
                 module.num_features = reference.shape[0]
     return model
+
+
+def export_onnx(
+    model: nn.Module, n_features: int, path: str | os.PathLike, opset: int = 17,
+    dynamo: bool = False,
+) -> Path:
+    """Export `model` to ONNX at `path` (input `input` [batch, n_features], output `logits`),
+    checked by `onnx.checker`, written atomically.
+
+    The TorchScript exporter is the default: for these models it gives the same graph as the
+    torch.export-based one (Gemm/Conv, dynamic batch) at native opset 17, in a tenth of a second
+    instead of several. `dynamo=True` uses torch.export (which implements opset 18 and up).
+    """
+    import onnx
+
+    model = model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # Batch 2, not 1: a tracer may treat a dimension of size 1 as a constant.
+    example = torch.zeros(2, n_features, device=device)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # The TorchScript exporter announces its own deprecation on every call.
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", message="The feature will be removed")
+        if dynamo:
+            torch.onnx.export(
+                model, (example,), str(tmp), input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                opset_version=opset, dynamo=True, verbose=False,
+            )
+        else:
+            torch.onnx.export(
+                model, (example,), str(tmp), input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=opset, dynamo=False, do_constant_folding=True,
+            )
+        onnx.checker.check_model(str(tmp), full_check=True)
+    return Path(path)

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from torchship.components.train.loop import train_model
+from torchship.components.train.stage import train_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -8,16 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from torchship.components.data.stage import load_split
+from torchship.components.data.splits import load_split
 from torchship.components.errors import UserInputError
 from torchship.components.models import load_checkpoint
-from torchship.components.train.loop import (
-    GPU_HOURS_KEY,
-    checkpoint_dir_for,
-    metrics_path_for,
-    train_model,
-)
-from torchship.components.triton.server import free_port
+from torchship.components.train.checkpoints import checkpoint_dir_for, metrics_path_for
+from torchship.components.train.loop import GPU_HOURS_KEY
+from torchship.components.train.stage import train_model
+from torchship.components.triton.binary import free_port
 
 METRIC_KEYS = {"val_accuracy", "samples_per_second", "epochs", "world_size", "final_train_loss",
                "model_name", "n_parameters", "val_loss", "epochs_trained", "resumed_from_epoch",

@@ -14,9 +14,11 @@ import yaml
 from artifacts import synthetic_splits
 
 from torchship.components.errors import UserInputError
+from torchship.components.train.checkpoints import checkpoint_dir_for
+from torchship.components.train.config import build_parser
 from torchship.components.train.launch import Launch, resolve_launch
-from torchship.components.train.loop import build_parser, checkpoint_dir_for, train_model
-from torchship.components.triton.server import free_port
+from torchship.components.train.stage import train_model
+from torchship.components.triton.binary import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from torchship.components.models import MLP, count_parameters
-from torchship.components.train.loop import train_model
+from torchship.components.train.stage import train_model
 
 ROWS = 16_384
 FEATURES, CLASSES = 64, 10

@@ -1,0 +1,101 @@
+"""What a training run does: one dataclass, the only home of the training defaults. The train
+stage, its worker command line and the pipeline's parameters all read them from here."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from torchship.components.errors import UserInputError
+
+__all__ = ["PRECISIONS", "TrainConfig", "build_parser", "default"]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run; every worker gets the same, and every checkpoint records it."""
+
+    train_path: str
+    val_path: str
+    model_path: str
+    # Per-epoch checkpoints (None: $AIP_CHECKPOINT_DIR, else MODEL_PATH.checkpoints).
+    checkpoint_dir: str | None = None
+    model_name: str = "mlp"
+    epochs: int = 10
+    batch_size: int = 64  # per worker and micro-step
+    learning_rate: float = 1e-3
+    # Workers per node where the launcher does not say (CPU); one per GPU otherwise.
+    num_workers: int = 2
+    seed: int = 0
+    gradient_accumulation_steps: int = 1
+    warmup_fraction: float = 0.05
+    early_stopping_patience: int = 0  # epochs without a better val loss; 0: never stop early
+    precision: str = "auto"
+    timeout_s: float = 600.0  # how long to wait for the master and for any peer
+
+    def check(self) -> None:
+        """Every setting checked before any work; ``UserInputError`` names the flag."""
+        for name in ("epochs", "batch_size", "num_workers", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserInputError(f"{flag(name)} must be a positive integer, got {value!r}; "
+                                     "pass e.g. 2")
+        if not self.learning_rate > 0:
+            raise UserInputError(f"--learning-rate must be positive, got {self.learning_rate!r}; "
+                                 "pass e.g. 1e-3")
+        if not 0 <= self.warmup_fraction < 1:
+            raise UserInputError(f"--warmup-fraction must be in [0, 1), got "
+                                 f"{self.warmup_fraction!r}; pass e.g. 0.05")
+        patience = self.early_stopping_patience
+        if not isinstance(patience, int) or patience < 0:
+            raise UserInputError(f"--early-stopping-patience must be an integer >= 0 (0: off), "
+                                 f"got {patience!r}")
+        if not self.timeout_s > 0:
+            raise UserInputError(f"--timeout-s must be positive, got {self.timeout_s!r}; "
+                                 "pass e.g. 600")
+        if self.precision not in PRECISIONS:
+            raise UserInputError(f"--precision {self.precision!r} is unknown; pass one of "
+                                 f"{', '.join(PRECISIONS)}")
+
+    @classmethod
+    def of(cls, train_path: str, val_path: str, model_path: str,
+           options: dict[str, Any]) -> TrainConfig:
+        """A config from keyword options; an unknown one is a ``UserInputError`` naming it."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UserInputError(f"training options {', '.join(unknown)} are unknown; use any of "
+                                 f"{', '.join(sorted(known - {'train_path', 'val_path', 'model_path'}))}")
+        config = cls(str(train_path), str(val_path), str(model_path), **options)
+        config.check()
+        return config
+
+
+def default(name: str) -> Any:
+    """The default of one training setting (what the pipeline's parameter defaults to)."""
+    return next(field.default for field in dataclasses.fields(TrainConfig) if field.name == name)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m torchship.components.train`` (workers and job pods): one
+    flag per ``TrainConfig`` field, with its default."""
+    parser = argparse.ArgumentParser(
+        description="One DDP training worker, or one node of a training job.")
+    for field in dataclasses.fields(TrainConfig):
+        if field.default is dataclasses.MISSING:
+            parser.add_argument(flag(field.name), required=True)
+        elif field.name == "precision":
+            parser.add_argument(flag(field.name), choices=PRECISIONS, default=field.default)
+        elif field.default is None:
+            parser.add_argument(flag(field.name), default=None)
+        else:
+            parser.add_argument(flag(field.name), type=type(field.default), default=field.default)
+    return parser
