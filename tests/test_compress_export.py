@@ -10,21 +10,22 @@ import torch
 from onnx import numpy_helper
 from processes import one_process_job
 
-from torchship.components.compress.stage import (
-    DEFAULT_VARIANTS,
-    compress_model,
-    sparsity_schedule,
-    structured_pruning,
-)
-from torchship.components.export.measure import measure_variants
-from torchship.components.data.stage import load_split
+from torchship.components.compress.stage import compress_model
+from torchship.components.compress.variants import default_names, names
+from torchship.components.compress.variants.pruned import sparsity_schedule
+from torchship.components.compress.variants.structured import structured_pruning
+from torchship.components.data.splits import load_split
 from torchship.components.errors import ParityError, UserInputError
-from torchship.components.export.stage import export_onnx, export_variants
-from torchship.components.models import build_model, load_checkpoint, save_checkpoint
-from torchship.components.train.loop import train_model
+from torchship.components.export.measure import measure_variants
+from torchship.components.export.stage import export_variants
+from torchship.components.models import build_model, export_onnx, load_checkpoint, save_checkpoint
+from torchship.components.train.stage import train_model
 
-VARIANT_KEYS = {"name", "format", "source", "kind", "precision", "test_accuracy", "size_bytes",
-                "sparsity", "n_parameters", "nonzero_parameters", "settings"}
+VARIANT_KEYS = {"name", "order", "format", "source", "kind", "precision", "parity_criterion",
+                "test_accuracy", "size_bytes", "sparsity", "n_parameters", "nonzero_parameters",
+                "settings"}
+# Every registered variant, in table order.
+ALL_VARIANTS = names()
 MEASURED_KEYS = {"onnx_test_accuracy", "acc_drop_pt", "n_parameters", "nonzero_parameters",
                  "onnx_size_bytes", "compressed_size_bytes", "latency_b1_ms", "latency_b64_ms",
                  "speedup_b1", "speedup_b64", "size_ratio", "param_ratio",
@@ -47,7 +48,8 @@ def trained(tmp_path_factory, digits):
 def variants(trained, tmp_path_factory):
     variants_dir = tmp_path_factory.mktemp("compress") / "variants"
     rows = compress_model(trained["model"], trained["train"], trained["val"], trained["test"],
-                          str(variants_dir), progress=lambda _: None, **FAST)
+                          str(variants_dir), variants=ALL_VARIANTS, progress=lambda _: None,
+                          **FAST)
     return variants_dir, {row["name"]: row for row in rows}, rows
 
 
@@ -64,9 +66,11 @@ def initializers(path) -> dict[str, np.ndarray]:
 
 def test_every_variant_is_written_with_its_record(variants):
     variants_dir, _, rows = variants
-    assert [row["name"] for row in rows] == list(DEFAULT_VARIANTS)
-    assert DEFAULT_VARIANTS == ("fp32", "pruned", "structured", "distilled", "int8",
-                                "int8_dynamic", "fp16")
+    assert [row["name"] for row in rows] == list(ALL_VARIANTS)
+    assert ALL_VARIANTS == ("fp32", "pruned", "structured", "distilled", "int8",
+                            "int8_dynamic", "fp16")
+    # Made when none are named: fp16 and dynamic int8 are for GPU serving and for comparison.
+    assert default_names() == ["fp32", "pruned", "structured", "distilled", "int8"]
     assert sorted(p.name for p in variants_dir.parent.iterdir()) == ["variants"]  # no staging
     for row in rows:
         assert VARIANT_KEYS <= set(row)
@@ -77,6 +81,8 @@ def test_every_variant_is_written_with_its_record(variants):
         assert row["test_accuracy"] > 0.85, row
     assert [row["source"] for row in rows] == [None] + ["fp32"] * 6
     assert [row["format"] for row in rows] == ["torch"] * 4 + ["onnx"] * 3
+    assert [row["parity_criterion"] for row in rows] == (
+        ["max_abs_diff"] * 4 + ["top1_agreement"] * 3)
 
 
 def test_pruning_follows_an_iterative_schedule_to_the_target_sparsity(variants):
@@ -214,10 +220,12 @@ def test_without_quantisation_there_is_no_int8_or_fp16(trained, tmp_path):
 
 @pytest.mark.parametrize(("options", "expected"), [
     ({"variants": ["int4"]}, "unknown variants 'int4'"),
-    ({"calibration_method": "mse"}, "--calibration-method 'mse' is unknown"),
-    ({"structured_ratio": 1.0}, "--structured-ratio"),
-    ({"prune_steps": 0}, "--prune-steps must be a whole number >= 1"),
-    ({"distill_temperature": 0}, "--distill-temperature must be positive"),
+    ({"calibration_method": "mse"}, "--calibration-method 'mse' is unknown; pass one of minmax"),
+    ({"structured_ratio": 1.0}, r"--structured-ratio 1.0 is not in \(0, 1\)"),
+    ({"prune_steps": 0}, "--prune-steps 0 is not a whole number >= 1; pass e.g. 3"),
+    ({"distill_temperature": 0}, "--distill-temperature 0 is not positive"),
+    ({"target_sparsity": 1.5}, r"--target-sparsity 1.5 is not in \[0, 1\)"),
+    ({"sparsity": 0.5}, "compression options sparsity are unknown"),
 ])
 def test_bad_options_fail_before_any_work(trained, tmp_path, options, expected):
     with pytest.raises(UserInputError, match=expected):
@@ -228,7 +236,7 @@ def test_bad_options_fail_before_any_work(trained, tmp_path, options, expected):
 
 def test_every_export_passed_checker_and_parity(exported, variants):
     onnx_dir, _, rows = exported
-    assert [row["name"] for row in rows] == list(DEFAULT_VARIANTS)
+    assert [row["name"] for row in rows] == list(ALL_VARIANTS)
     assert json.loads((onnx_dir / "variants.json").read_text()) == rows
     for row, variant in zip(rows, variants[2]):
         assert {k: row[k] for k in variant} == variant
@@ -315,5 +323,5 @@ def test_export_replaces_an_earlier_export(trained, variants, tmp_path):
     export_variants(variants[0], trained["test"], str(onnx_dir), measure=False,
                     progress=lambda _: None)
     assert sorted(p.name for p in onnx_dir.iterdir()) == sorted(
-        [*DEFAULT_VARIANTS, "variants.json"])
+        [*ALL_VARIANTS, "variants.json"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]

@@ -1,4 +1,5 @@
-"""The ONNX-side variants of compress: int8 static (QDQ) and dynamic quantisation, and fp16."""
+"""int8 post-training static quantisation (QDQ, per-channel int8 weights, uint8 activations) with
+ONNX Runtime, calibrated on a seeded sample of training rows."""
 
 from __future__ import annotations
 
@@ -8,19 +9,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
     QuantFormat,
     QuantType,
-    quantize_dynamic,
     quantize_static,
 )
 from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from torchship.components.export.stage import INPUT_NAME
+from torchship.components.compress.context import Context
+from torchship.components.compress.registry import (
+    Made,
+    Variant,
+    one_of,
+    option,
+    register,
+    whole_at_least,
+    within,
+)
+from torchship.components.contracts import INPUT_NAME
 
 CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -47,13 +55,6 @@ class TrainingSampleReader(CalibrationDataReader):
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.batches, None)
-
-
-def prepare_for_quantisation(fp32_onnx: Path, prepared: Path) -> Path:
-    """Shape inference and graph fusion first, as ONNX Runtime recommends for quantisation: the
-    quantiser then sees fused Gemm/Conv nodes and known shapes."""
-    quant_pre_process(str(fp32_onnx), str(prepared))
-    return prepared
 
 
 def quantize_int8_static(
@@ -114,27 +115,30 @@ def _entropy_ranges(
     save_tensors_data(calibrator.compute_data(), cache)
 
 
-def quantize_int8_dynamic(prepared: Path, target: Path) -> dict[str, Any]:
-    """int8 dynamic quantisation: int8 weights stored, activation ranges computed per batch at
-    run time (no calibration data; costs a little per call)."""
-    quantize_dynamic(str(prepared), str(target), per_channel=True, weight_type=QuantType.QInt8)
-    os.chmod(target, 0o644)
-    return {"quant_format": "QOperator (dynamic)", "per_channel": True, "weight_type": "int8",
-            "activation_type": "uint8, range per batch at run time"}
+OPTIONS = (
+    option("calibration_method", "minmax", one_of(tuple(CALIBRATION_METHODS)),
+           f"pass one of {', '.join(CALIBRATION_METHODS)}",
+           "how activation ranges are calibrated"),
+    option("calibration_rows", 512, whole_at_least(1), "pass e.g. 512",
+           "training rows the calibration sees"),
+    option("calibration_percentile", 99.999, within(50, 100, "(]"), "pass e.g. 99.999",
+           "the percentile calibration's cut-off"),
+    option("reduce_range", False,
+           lambda value: None if isinstance(value, bool) else "is not true or false",
+           "pass true or false", "7-bit weights (avoids the pre-VNNI AVX2 kernel's saturation)"),
+)
 
 
-def convert_fp16(fp32_onnx: Path, target: Path) -> dict[str, Any]:
-    """fp16 weights and arithmetic, for GPU serving (tensor cores); the graph keeps FP32 input
-    and output (Cast nodes inside), so Triton's config and clients stay as they are. On CPU
-    ONNX Runtime computes fp16 slowly or casts back: its CPU latency is measured, not a goal."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
+def make(ctx: Context) -> Made:
+    settings = quantize_int8_static(
+        ctx.prepared_onnx(), ctx.onnx_target("int8"), ctx.splits["train"]["x"],
+        ctx.options["calibration_method"], ctx.options["calibration_rows"], ctx.seed,
+        ctx.options["calibration_percentile"], ctx.options["reduce_range"])
+    return Made(settings=settings)
 
-    model = OnnxModel(convert_float_to_float16(onnx.load(str(fp32_onnx)), keep_io_types=True))
-    # The converter appends the input Casts at the end of the node list; ONNX wants nodes in
-    # topological order.
-    model.topological_sort()
-    onnx.save(model.model, str(target))
-    os.chmod(target, 0o644)
-    return {"precision": "fp16", "keep_io_types": True, "io_type": "float32",
-            "intended_for": "GPU serving"}
+
+VARIANT = register(Variant(
+    name="int8", order=40, kind="static_quantisation", format="onnx", make=make,
+    precision="int8", parity="top1_agreement", options=tuple(opt.name for opt in OPTIONS),
+    description="ONNX Runtime static quantisation (QDQ, per-channel), calibrated on training rows",
+))

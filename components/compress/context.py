@@ -1,0 +1,57 @@
+"""What every variant is made from: the trained fp32 model and its spec, the splits, the training
+settings to fine-tune with, the options, and the fp32 ONNX graph (exported once, on first use)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from torchship.components.contracts import MODEL_ONNX
+from torchship.components.models import export_onnx
+
+__all__ = ["Context"]
+
+
+@dataclass
+class Context:
+    fp32: nn.Module
+    spec: dict[str, Any]  # model_name, n_features, n_classes
+    model_options: dict[str, Any] | None  # the trained model's build options (its width)
+    splits: dict[str, dict[str, np.ndarray]]  # train, val, test
+    # Fine-tuning and distillation reuse the training run's batch size and learning rate.
+    training: dict[str, Any]  # batch_size, learning_rate, seed
+    options: dict[str, Any]  # every registered option's value
+    seed: int
+    staging: Path  # the variants directory being built
+    work: Path  # scratch space, removed after the stage
+    progress: Callable[[str], None]
+    _graphs: dict[str, Path] = field(default_factory=dict)
+
+    def onnx_target(self, name: str) -> Path:
+        """Where an ONNX variant writes its model."""
+        target = self.staging / name / MODEL_ONNX
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def fp32_onnx(self) -> Path:
+        """The fp32 model as an ONNX graph, which the ONNX variants start from."""
+        if "fp32" not in self._graphs:
+            self._graphs["fp32"] = export_onnx(self.fp32, self.spec["n_features"],
+                                               self.work / "fp32.onnx")
+        return self._graphs["fp32"]
+
+    def prepared_onnx(self) -> Path:
+        """The fp32 graph after shape inference and fusion, as ONNX Runtime recommends before
+        quantising: the quantiser then sees fused Gemm/Conv nodes and known shapes."""
+        if "prepared" not in self._graphs:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            prepared = self.work / "prepared.onnx"
+            quant_pre_process(str(self.fp32_onnx()), str(prepared))
+            self._graphs["prepared"] = prepared
+        return self._graphs["prepared"]

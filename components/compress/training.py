@@ -1,0 +1,73 @@
+"""What the PyTorch variants share: the layers pruning works on, weight sparsity, fine-tuning with
+Adam, and the fine-tuning options pruned and structured both read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from torchship.components.compress.registry import option, whole_at_least
+
+__all__ = ["FINETUNE_EPOCHS", "PRUNABLE", "PRUNE_STEPS", "fit", "prunable_weights",
+           "torch_accuracy", "weight_sparsity"]
+
+# Layers whose weights magnitude pruning removes and sparsity is measured over.
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+FINETUNE_EPOCHS = option(
+    "finetune_epochs", 2, whole_at_least(0), "pass e.g. 2",
+    "epochs of fine-tuning after each pruning step")
+PRUNE_STEPS = option(
+    "prune_steps", 3, whole_at_least(1), "pass e.g. 3",
+    "pruning steps towards the target, each followed by fine-tuning")
+
+
+def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE)]
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Fraction of zeros among the Linear/Conv weights (all parameters if there are none)."""
+    tensors = [m.weight for m, _ in prunable_weights(model)] or list(model.parameters())
+    total = sum(t.numel() for t in tensors)
+    zeros = sum(int((t == 0).sum()) for t in tensors)
+    return zeros / total if total else 0.0
+
+
+
+def fit(
+    model: nn.Module, train: dict[str, np.ndarray], epochs: int,
+    loss_fn: Callable[..., torch.Tensor], batch_size: int, learning_rate: float, seed: int,
+    extra: torch.Tensor | None = None,
+) -> None:
+    """Train `model` in place with Adam; `extra` (per-row tensors) is passed on to `loss_fn`."""
+    if not epochs:
+        return
+    torch.manual_seed(seed)
+    tensors = [torch.from_numpy(train["x"]), torch.from_numpy(train["y"])]
+    if extra is not None:
+        tensors.append(extra)
+    loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                 lr=learning_rate)
+    model.train()
+    for _ in range(epochs):
+        for x, y, *rest in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x), y, *rest).backward()
+            optimizer.step()
+    model.eval()
+
+
+
+def torch_accuracy(model: nn.Module, split: dict[str, np.ndarray]) -> float:
+    model.eval()
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(split["x"])).argmax(dim=1).numpy()
+    return float(np.mean(predicted == split["y"]))
+
