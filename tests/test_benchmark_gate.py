@@ -11,6 +11,8 @@ import pytest
 from artifacts import N_CLASSES
 from onnx import numpy_helper
 
+from torchship.components.benchmark.results import SCHEMA
+from torchship.components.errors import UserInputError
 from torchship.components.gate.checks import (
     GATE_SCHEMA,
     evaluate_gate,
@@ -19,8 +21,6 @@ from torchship.components.gate.checks import (
     write_gate_record,
 )
 from torchship.components.gate.regression import compare_with_previous
-from torchship.components.benchmark.results import SCHEMA
-from torchship.components.errors import UserInputError
 from torchship.components.gate.stage import confusion_matrix
 
 

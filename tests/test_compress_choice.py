@@ -6,16 +6,16 @@ import onnx
 import pytest
 from torch import nn
 
+from torchship.components.errors import UserInputError
+from torchship.components.export.table import format_variant_table, variant_metrics
 from torchship.components.gate.choice import (
     NoVariantMeetsConstraints,
     choose_variant,
-    format_variant_table,
+    format_choice_table,
     publish_chosen_variant,
     require_chosen,
-    variant_metrics,
 )
-from torchship.components.errors import UserInputError
-from torchship.components.export.stage import export_onnx
+from torchship.components.models import export_onnx
 
 KIB = 1024
 
@@ -112,7 +112,7 @@ def test_bad_requests_name_the_input():
 
 def test_table_as_text_and_markdown():
     choice = choose_variant(TABLE, max_acc_drop_pt=1.0)
-    text = format_variant_table(choice).splitlines()
+    text = format_choice_table(choice).splitlines()
     assert text[0].split()[:3] == ["variant", "test", "acc"] and "meets constraints" in text[0]
     assert text[5].startswith("int8 *")
     assert text[-1].startswith("chosen: 'int8'")

@@ -13,16 +13,16 @@ from artifacts import export_linear
 from torchship.components.gate.checks import evaluate_gate
 from torchship.components.gate.regression import compare_with_previous
 from torchship.components.gate.stage import confusion_matrix, decide
+from torchship.components.report.html_report import (
+    histogram_concurrency,
+    render_html_report,
+    write_html_report,
+)
 from torchship.components.report.summary import (
     build_summary,
     format_markdown,
     format_table,
     write_summary,
-)
-from torchship.components.report.html_report import (
-    histogram_concurrency,
-    render_html_report,
-    write_html_report,
 )
 
 

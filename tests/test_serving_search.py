@@ -8,20 +8,22 @@ from pathlib import Path
 
 import pytest
 
+from torchship.components.deploy.stage import deploy_to
 from torchship.components.gate.choice import publish_chosen_variant
-from torchship.components.deploy.targets.local import deploy_to
-from torchship.components.tune_serving.stage import (
+from torchship.components.triton.config import read_model_config
+from torchship.components.tune_serving.choice import (
     DEFAULT_SETTINGS,
-    SCHEMA,
-    candidate_settings,
     choose_settings,
     format_candidate_table,
-    search_serving_config,
     serving_metrics,
     serving_objective,
     write_candidate_table,
 )
-from torchship.components.triton.config import read_model_config
+from torchship.components.tune_serving.stage import (
+    SCHEMA,
+    candidate_settings,
+    search_serving_config,
+)
 
 # Short levels: the tiny model answers in well under a millisecond.
 QUICK = {"duration_s": 0.6, "warmup_s": 0.2, "min_windows": 2, "max_windows": 3}
@@ -154,10 +156,10 @@ def test_choice_rules_on_given_measurements():
     # Latency: the lowest p99, 25% better than the simplest.
     assert choose_settings(candidates, _objective("latency"))["chosen"] == "m__i1_q2000"
     # The objective follows the gate's parameters.
-    assert serving_objective("latency", 0.0) == "latency"
-    assert serving_objective("latency_b64_ms", 0.0) == "latency"
+    assert serving_objective("latency", None) == "latency"
+    assert serving_objective("latency_b64_ms", None) == "latency"
     assert serving_objective("latency", 5.0) == "throughput"
-    assert serving_objective("size", 0.0) == "throughput"
+    assert serving_objective("size", None) == "throughput"
 
 
 def test_deploy_serves_the_chosen_settings(searched, chosen, test_path, tmp_path):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import zlib
 from collections import defaultdict
@@ -28,12 +27,18 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from torchship.components.data.stage import load_split
+from torchship.components.contracts import (
+    BASELINE,
+    INPUT_NAME,
+    MODEL_ONNX,
+    OUTPUT_NAME,
+    VARIANTS_JSON,
+)
+from torchship.components.data.splits import load_split
 from torchship.components.errors import UserInputError
-from torchship.components.export.stage import INPUT_NAME, OUTPUT_NAME
+from torchship.components.files import write_json
 
 LATENCY_BATCH_SIZES = (1, 64)
-BASELINE = "fp32"
 # zlib at its highest level: about what `gzip -9` gives, the usual "compressed size" figure.
 COMPRESSION_LEVEL = 9
 WARMUP_CALLS = 3
@@ -52,7 +57,7 @@ def measure_variants(
     """Measure every row of `onnx_dir/variants.json`; rewrite it with the measures (atomically)
     unless `write` is false; return the rows."""
     onnx_dir = Path(onnx_dir)
-    listing = onnx_dir / "variants.json"
+    listing = onnx_dir / VARIANTS_JSON
     if not listing.exists():
         raise UserInputError(
             f"'{onnx_dir}' has no variants.json; pass the directory that export wrote"
@@ -60,11 +65,7 @@ def measure_variants(
     rows = measure_records(json.loads(listing.read_text()), onnx_dir, load_split(test_path),
                            threads, rounds, block_s, batch_sizes, progress)
     if write:
-        fd, tmp = tempfile.mkstemp(dir=onnx_dir, prefix=".variants.json.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(rows, handle, indent=2)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, listing)
+        write_json(rows, listing)
     return rows
 
 
@@ -83,7 +84,7 @@ def measure_records(
         raise UserInputError(f"latency threads must be a whole number >= 1, got {threads!r}")
     if not isinstance(rounds, int) or rounds < 1:
         raise UserInputError(f"latency rounds must be a whole number >= 1, got {rounds!r}")
-    paths = {row["name"]: onnx_root / row["name"] / "model.onnx" for row in records}
+    paths = {row["name"]: onnx_root / row["name"] / MODEL_ONNX for row in records}
     missing = [str(path) for path in paths.values() if not path.exists()]
     if missing:
         raise UserInputError(

@@ -28,13 +28,19 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from torchship.components.benchmark.results import find_level, read_json, write_json
+from torchship.components.benchmark.results import find_level
+from torchship.components.contracts import TARGET_CONCURRENCY
 from torchship.components.errors import UserInputError
+from torchship.components.files import read_json, write_json
 
 __all__ = ["GATE_SCHEMA", "baseline_accuracy_of", "evaluate_gate", "gate_metrics",
            "read_gate_record", "write_gate_record"]
 
 GATE_SCHEMA = "torchship.gate/v1"
+# Points of test accuracy a candidate may lose against the serving baseline (or fp32).
+MAX_ACCURACY_DROP_PT = 1.0
+# The accuracy a first model (no serving baseline) must reach.
+ACCURACY_FLOOR = 0.0
 
 
 def _parts(summary_or_parts: dict | str | os.PathLike) -> tuple[dict[str, dict], dict]:
@@ -89,12 +95,12 @@ def _check(name: str, variant: str, passed: bool, value, threshold, detail: str)
 
 def evaluate_gate(
     summary_or_parts: dict | str | os.PathLike,
-    accuracy_floor: float = 0.0,
+    accuracy_floor: float = ACCURACY_FLOOR,
     baseline_accuracy: float | str | os.PathLike | None = None,
-    max_accuracy_drop_pt: float = 1.0,
+    max_accuracy_drop_pt: float = MAX_ACCURACY_DROP_PT,
     require_parity: bool = True,
     latency_budget_p99_ms: float | None = None,
-    target_concurrency: int = 8,
+    target_concurrency: int = TARGET_CONCURRENCY,
     variant: str | Sequence[str] | None = None,
     *,
     batch_size: int | None = None,

@@ -15,9 +15,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from torchship.components.contracts import CHOICE_JSON, MODEL_ONNX, VARIANTS_JSON
 from torchship.components.errors import UserInputError
-from torchship.components.export.stage import make_staging_dir, publish_dir
+from torchship.components.export.table import format_variant_table
+from torchship.components.files import staged_dir, write_json
 
+# The metric chosen for by default: the lowest ONNX Runtime latency at batch 1.
+OPTIMISE = "latency"
 # Short names a user may give for the metric to optimise; "latency" means at `latency_batch`.
 OPTIMISE_ALIASES = {
     "size": "onnx_size_bytes",
@@ -41,7 +45,7 @@ class NoVariantMeetsConstraints(RuntimeError):
     def __init__(self, choice: dict[str, Any]) -> None:
         super().__init__(choice["reason"])
         self.choice = choice
-        self.table = format_variant_table(choice)
+        self.table = format_choice_table(choice)
 
 
 def choose_variant(
@@ -50,7 +54,7 @@ def choose_variant(
     max_latency_ms: float | None = None,
     latency_batch: int = 1,
     max_size_bytes: int | None = None,
-    optimise: str = "latency",
+    optimise: str = OPTIMISE,
     size_metric: str = "onnx_size_bytes",
 ) -> dict[str, Any]:
     """Pick the best of the measured `rows` (onnx_dir/variants.json) that meets every constraint.
@@ -157,98 +161,34 @@ def publish_chosen_variant(
     """
     name = choice if isinstance(choice, str) else require_chosen(choice)
     onnx_dir = Path(onnx_dir)
-    rows = json.loads((onnx_dir / "variants.json").read_text())
+    rows = json.loads((onnx_dir / VARIANTS_JSON).read_text())
     row = next((r for r in rows if r["name"] == name), None)
     if row is None:
         raise UserInputError(
             f"variant '{name}' is not in '{onnx_dir}/variants.json' (variants: "
             f"{', '.join(r['name'] for r in rows)}); pass one of those"
         )
-    staging = make_staging_dir(chosen_dir)
-    try:
+    with staged_dir(chosen_dir) as staging:
         (staging / name).mkdir()
-        shutil.copyfile(onnx_dir / name / "model.onnx", staging / name / "model.onnx")
-        (staging / name / "model.onnx").chmod(0o644)
+        shutil.copyfile(onnx_dir / name / MODEL_ONNX, staging / name / MODEL_ONNX)
+        (staging / name / MODEL_ONNX).chmod(0o644)
         chosen_row = {**row, "chosen": True}
-        (staging / "variants.json").write_text(json.dumps([chosen_row], indent=2))
+        write_json([chosen_row], staging / VARIANTS_JSON)
         if not isinstance(choice, str):
-            (staging / "choice.json").write_text(json.dumps(choice, indent=2))
-        publish_dir(staging, chosen_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            write_json(choice, staging / CHOICE_JSON)
     return chosen_row
 
 
-def variant_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The variant table as flat `<variant>_<metric>` numbers, for a KFP Metrics artifact."""
-    metrics: dict[str, float] = {}
-    for row in rows:
-        for _, key, _ in TABLE_COLUMNS[1:]:
-            value = row.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                metrics[f"{row['name']}_{key}"] = float(value)
-    return metrics
-
-
-# (header, row key, format) of each column of the variant table.
-TABLE_COLUMNS = [
-    ("variant", "name", "{}"),
-    ("test acc", "onnx_test_accuracy", "{:.4f}"),
-    ("drop pt", "acc_drop_pt", "{:+.2f}"),
-    ("params", "n_parameters", "{:,}"),
-    ("non-zero", "nonzero_parameters", "{:,}"),
-    ("sparsity", "sparsity", "{:.2f}"),
-    ("ONNX KiB", "onnx_size_bytes", "kib"),
-    ("zlib KiB", "compressed_size_bytes", "kib"),
-    ("size x", "size_ratio", "{:.2f}"),
-    ("b1 ms", "latency_b1_ms", "{:.3f}"),
-    ("b64 ms", "latency_b64_ms", "{:.3f}"),
-    ("b64 x", "speedup_b64", "{:.2f}"),
-    ("top-1 agree", "fp32_top1_agreement", "{:.4f}"),
-    ("max abs diff", "fp32_max_abs_diff", "{:.3g}"),
-]
-
-
-def format_variant_table(rows_or_choice: list[dict[str, Any]] | dict[str, Any],
-                         markdown: bool = False) -> str:
-    """The variant table as aligned plain text (or Markdown); given a choice, with a column of
-    the constraints each variant fails, the chosen one marked, and the reason below."""
-    choice = rows_or_choice if isinstance(rows_or_choice, dict) else None
-    rows = choice["table"] if choice else rows_or_choice
-    columns = [column for column in TABLE_COLUMNS
-               if any(row.get(column[1]) is not None for row in rows)]
-    header = [title for title, _, _ in columns]
-    cells = []
-    for row in rows:
-        line = [_cell(row.get(key), fmt) for _, key, fmt in columns]
-        if choice:
-            line[0] += " *" if row.get("chosen") else ""
-            line.append("yes" if row["meets_constraints"] else f"no: {_failed(row)}")
-        cells.append(line)
-    if choice:
-        header.append("meets constraints")
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |",
-                 "|" + "|".join(":---" if i == 0 or (choice and i == len(header) - 1)
-                                else "---:" for i in range(len(header))) + "|"]
-        lines += ["| " + " | ".join(line) + " |" for line in cells]
-    else:
-        widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) if i == 0 or (choice and i == len(header) - 1)
-                           else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
-                 for line in [header, *cells]]
-    if choice:
-        lines += ["", f"{'chosen' if choice['chosen'] else 'no choice'}: {choice['reason']}"]
-    return "\n".join(lines)
-
-
-def _cell(value: Any, fmt: str) -> str:
-    if value is None:
-        return "-"
-    if fmt == "kib":
-        return f"{value / 1024:.1f}"
-    return fmt.format(value)
+def format_choice_table(choice: dict[str, Any], markdown: bool = False) -> str:
+    """The variant table with a column of the constraints each variant fails, the chosen one
+    marked, and the reason below."""
+    table = format_variant_table(
+        choice["table"], markdown=markdown,
+        extra=("meets constraints",
+               lambda row: "yes" if row["meets_constraints"] else f"no: {_failed(row)}"),
+        marked=lambda row: bool(row.get("chosen")))
+    verdict = "chosen" if choice["chosen"] else "no choice"
+    return f"{table}\n\n{verdict}: {choice['reason']}"
 
 
 def _value(metric: str, value: float) -> str:

@@ -25,13 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from torchship.components.benchmark.results import read_json
 from torchship.components.benchmark.stats import t_quantile_975
 from torchship.components.errors import UserInputError
+from torchship.components.files import read_json
 
 __all__ = ["REGRESSION_SCHEMA", "compare_with_previous", "window_p99s"]
 
 REGRESSION_SCHEMA = "torchship.regression/v1"
+# A p99 this much worse than the previous run's (beyond the windows' noise) is flagged.
+MAX_P99_REGRESSION_PCT = 10.0
 
 
 def window_p99s(row: dict[str, Any]) -> list[float]:
@@ -67,7 +69,7 @@ def _key(row: dict[str, Any]) -> tuple[str, int, int]:
 def compare_with_previous(
     result: dict[str, Any],
     previous_uri: str | os.PathLike | None,
-    max_p99_regression_pct: float = 10.0,
+    max_p99_regression_pct: float = MAX_P99_REGRESSION_PCT,
 ) -> dict[str, Any]:
     """Compare ``result`` (a benchmark result or a run summary) with the previous run's."""
     if not max_p99_regression_pct >= 0:

@@ -13,14 +13,22 @@ from typing import Any
 
 import numpy as np
 
-from torchship.components.gate.checks import GATE_SCHEMA, evaluate_gate, write_gate_record
-from torchship.components.gate.regression import compare_with_previous
+from torchship.components.contracts import MODEL_ONNX, TARGET_CONCURRENCY, VARIANTS_JSON
+from torchship.components.data.splits import load_split
+from torchship.components.gate.checks import (
+    ACCURACY_FLOOR,
+    GATE_SCHEMA,
+    MAX_ACCURACY_DROP_PT,
+    evaluate_gate,
+    write_gate_record,
+)
 from torchship.components.gate.choice import (
+    OPTIMISE,
     choose_variant,
-    format_variant_table,
+    format_choice_table,
     publish_chosen_variant,
 )
-from torchship.components.data.stage import load_split
+from torchship.components.gate.regression import MAX_P99_REGRESSION_PCT, compare_with_previous
 from torchship.components.report.html_report import write_html_report
 
 
@@ -29,28 +37,28 @@ def decide(
     summary: dict[str, Any],
     chosen_dir: str,
     *,
-    max_accuracy_drop_pt: float = 1.0,
-    max_size_bytes: int = 0,
-    optimise: str = "latency",
-    accuracy_floor: float = 0.0,
+    max_accuracy_drop_pt: float = MAX_ACCURACY_DROP_PT,
+    max_size_bytes: int | None = None,
+    optimise: str = OPTIMISE,
+    accuracy_floor: float = ACCURACY_FLOOR,
     baseline_uri: str = "",
-    latency_budget_p99_ms: float = 0.0,
-    target_concurrency: int = 1,
+    latency_budget_p99_ms: float | None = None,
+    target_concurrency: int = TARGET_CONCURRENCY,
     previous_results_uri: str = "",
-    max_p99_regression_pct: float = 10.0,
+    max_p99_regression_pct: float = MAX_P99_REGRESSION_PCT,
     test_path: str | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Choose the variant, gate it and return the record; the chosen model goes to `chosen_dir`.
     With `test_path`, the record also holds the chosen variant's confusion matrix on it.
 
-    Zero means "no limit" for `max_size_bytes` and `latency_budget_p99_ms`; an empty
+    None means "no limit" for `max_size_bytes` and `latency_budget_p99_ms`; an empty
     `baseline_uri` means the first run (the accuracy floor applies), an empty
     `previous_results_uri` means no regression check.
     """
-    rows = json.loads((Path(onnx_dir) / "variants.json").read_text())
+    rows = json.loads((Path(onnx_dir) / VARIANTS_JSON).read_text())
     choice = choose_variant(rows, max_acc_drop_pt=max_accuracy_drop_pt,
-                            max_size_bytes=max_size_bytes or None, optimise=optimise)
+                            max_size_bytes=max_size_bytes, optimise=optimise)
     regression = compare_with_previous(summary, previous_results_uri or None,
                                        max_p99_regression_pct)
     variant = choice["chosen"]
@@ -58,14 +66,14 @@ def decide(
         record = {"schema": GATE_SCHEMA, "passed": False, "checks": [], "regression": regression,
                   "reason": f"no variant meets the constraints: {choice['reason']}"}
         progress(record["reason"])
-        progress(format_variant_table(choice))
+        progress(format_choice_table(choice))
         return {**record, "choice": choice, "variant": None}
     # The gate record itself (a later run reads a passing one as its serving baseline), with
     # the choice that named its variant.
     record = evaluate_gate(
         summary, accuracy_floor=accuracy_floor, baseline_accuracy=baseline_uri or None,
         max_accuracy_drop_pt=max_accuracy_drop_pt,
-        latency_budget_p99_ms=latency_budget_p99_ms or None,
+        latency_budget_p99_ms=latency_budget_p99_ms,
         target_concurrency=target_concurrency, variant=variant, regression=regression,
     )
     record = {**record, "choice": choice, "variant": variant}
@@ -91,7 +99,7 @@ def confusion_matrix(onnx_dir: str, variant: str, test_path: str) -> dict[str, A
     import onnxruntime as ort
 
     split = load_split(test_path)
-    session = ort.InferenceSession(str(Path(onnx_dir) / variant / "model.onnx"),
+    session = ort.InferenceSession(str(Path(onnx_dir) / variant / MODEL_ONNX),
                                    providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {session.get_inputs()[0].name: split["x"]})
     n = logits.shape[1]

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from torchship.components.benchmark.results import write_text_atomic
+from torchship.components.files import write_text
 from torchship.components.report.summary import (
     gate_line,
     method_line,
@@ -304,4 +304,4 @@ def write_html_report(summary: dict[str, Any], path: str | os.PathLike,
                       gate: dict[str, Any] | None = None,
                       regression: dict[str, Any] | None = None) -> Path:
     """Write the self-contained HTML report to ``path`` (the file a KFP ``HTML`` artifact is)."""
-    return write_text_atomic(Path(path), render_html_report(summary, gate, regression))
+    return write_text(path, render_html_report(summary, gate, regression))

@@ -17,10 +17,12 @@ batch size (``<metric>_c<c>_b<b>`` for others), metric in ``LEVEL_KEYS``.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
+
+from torchship.components.files import write_json, write_text
+from torchship.components.report.tables import cell, markdown_table, text_table
 
 SUMMARY_SCHEMA = "torchship.summary/v1"
 LEVEL_KEYS = ("p50_ms", "p95_ms", "p99_ms", "throughput_rps", "errors", "stable")
@@ -128,11 +130,9 @@ def unstable_levels(summary: dict[str, Any]) -> list[str]:
 def format_table(summary: dict[str, Any]) -> str:
     """The summary as an aligned plain-text table, as `torchship run` prints it."""
     columns = table_columns(summary)
-    cells = [[header for header, _, _ in columns]]
-    cells += [[table_cell(row, key, fmt) for _, key, fmt in columns] for row in summary["rows"]]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
-             for line in cells]
+    lines = text_table([header for header, _, _ in columns],
+                       [[table_cell(row, key, fmt) for _, key, fmt in columns]
+                        for row in summary["rows"]])
     unstable = unstable_levels(summary)
     if unstable:
         lines.append(f"* unstable (windows disagree beyond the band): {', '.join(unstable)}")
@@ -159,19 +159,6 @@ def method_line(summary: dict[str, Any]) -> str:
     return text
 
 
-def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(line) + " |" for line in body)]
-
-
-def _fmt(value: Any, spec: str = "{:.1f}") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    return spec.format(value)
-
-
 def server_client_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Client view beside Triton's own statistics, per model and level."""
     header = ["model", "b", "c", "client mean ms", "server request us", "server queue us",
@@ -183,10 +170,10 @@ def server_client_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[st
                                             "compute_output_us")]
         body.append([
             row["model"], str(row.get("batch_size", 1)), str(row["concurrency"]),
-            _fmt(row.get("mean_ms"), "{:.2f}"), _fmt(server.get("request_us"), "{:.0f}"),
-            _fmt(server.get("queue_us"), "{:.0f}"),
+            cell(row.get("mean_ms"), "{:.2f}"), cell(server.get("request_us"), "{:.0f}"),
+            cell(server.get("queue_us"), "{:.0f}"),
             "-" if None in compute else f"{sum(compute):.0f}",
-            _fmt(server.get("avg_batch_size"), "{:.2f}"), _fmt(client.get("cpu_cores"), "{:.2f}"),
+            cell(server.get("avg_batch_size"), "{:.2f}"), cell(client.get("cpu_cores"), "{:.2f}"),
             {True: "yes", False: "NO"}.get(row.get("stable"), "-"),
         ])
     return header, body
@@ -199,14 +186,14 @@ def format_markdown(summary: dict[str, Any]) -> str:
     if summary.get("gate"):
         gate = summary["gate"]
         lines += [f"**{gate_line(gate)}**", ""]
-        lines += _markdown_table(
+        lines += markdown_table(
             ["check", "passed", "value", "threshold", "detail"],
-            [[c["name"], "yes" if c["passed"] else "NO", _fmt(c.get("value"), "{:.4g}"),
-              _fmt(c.get("threshold"), "{:.4g}"), c.get("detail", "")]
+            [[c["name"], "yes" if c["passed"] else "NO", cell(c.get("value"), "{:.4g}"),
+              cell(c.get("threshold"), "{:.4g}"), c.get("detail", "")]
              for c in gate.get("checks", [])],
         )
         lines.append("")
-    lines += _markdown_table(
+    lines += markdown_table(
         [header for header, _, _ in columns],
         [[table_cell(row, key, fmt) for _, key, fmt in columns] for row in summary["rows"]],
     )
@@ -215,22 +202,14 @@ def format_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"\\* unstable (windows disagree beyond the band): {', '.join(unstable)}"]
     header, body = server_client_rows(summary)
     if body:
-        lines += ["", "## Client and server time", ""] + _markdown_table(header, body)
+        lines += ["", "## Client and server time", ""] + markdown_table(header, body)
     regression = summary.get("regression")
     if regression:
         lines += ["", "## Against the previous run", "", regression.get("summary", "")]
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def write_summary(summary: dict[str, Any], json_path: str, markdown_path: str) -> None:
     """Write the summary as JSON (for machines) and Markdown (for the pipeline UIs)."""
-    _write_atomic(json_path, json.dumps(summary, indent=2))
-    _write_atomic(markdown_path, format_markdown(summary))
+    write_json(summary, json_path)
+    write_text(markdown_path, format_markdown(summary))

@@ -31,34 +31,42 @@ The record (schema ``torchship.serving-search/v1``, written atomically)::
 from __future__ import annotations
 
 import datetime as _dt
-import inspect
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from torchship.components.benchmark.results import find_level
 from torchship.components.benchmark.stage import benchmark_repository
-from torchship.components.benchmark.results import find_level, write_json, write_text_atomic
+from torchship.components.contracts import MODEL_ONNX, TARGET_CONCURRENCY, ServingSettings
+from torchship.components.data.splits import load_sample
 from torchship.components.errors import UserInputError
+from torchship.components.files import write_json
+from torchship.components.gate.choice import OPTIMISE
 from torchship.components.triton.repository import (
-    load_sample,
     onnx_variants,
     validate_model_repository,
     write_model,
 )
-from torchship.components.report.summary import _fmt, _markdown_table
-from torchship.components.triton.config import model_config
+from torchship.components.tune_serving.choice import (
+    DEFAULT_SETTINGS,
+    MARGIN_PCT,
+    choose_settings,
+    describe,
+    format_candidate_table,
+    objective_text,
+    serving_objective,
+)
+
+__all__ = ["INSTANCE_COUNTS", "QUEUE_DELAYS_US", "SCHEMA", "candidate_name",
+           "candidate_settings", "search_serving_config"]
 
 SCHEMA = "torchship.serving-search/v1"
-# The settings searched, with today's defaults taken from the ModelConfig builder itself.
-AXES = ("instance_count", "max_queue_delay_us")
-DEFAULT_SETTINGS = {name: inspect.signature(model_config).parameters[name].default
-                    for name in AXES}
-MARGIN_PCT = 5.0
-_LATENCY_OBJECTIVE = re.compile(r"latency|latency_b\d+_ms")
+# The grid searched by default: 2 instance counts x 2 dynamic-batching delays.
+INSTANCE_COUNTS = (1, 2)
+QUEUE_DELAYS_US = (100, 2000)
 
 
 def candidate_settings(instance_counts: Sequence[int],
@@ -81,37 +89,25 @@ def candidate_name(variant: str, settings: dict[str, int]) -> str:
     return f"{variant}__i{settings['instance_count']}_q{settings['max_queue_delay_us']}"
 
 
-def serving_objective(optimise: str, latency_budget_p99_ms: float) -> str:
-    """``throughput`` (highest req/s, within the budget when there is one) or ``latency``
-    (lowest p99), from the gate's parameters."""
-    if latency_budget_p99_ms and latency_budget_p99_ms > 0:
-        return "throughput"
-    return "latency" if _LATENCY_OBJECTIVE.fullmatch(optimise) else "throughput"
-
-
 def search_serving_config(
     onnx_dir: str | os.PathLike,
     test_path: str | os.PathLike,
     record_path: str | os.PathLike,
     *,
-    instance_counts: Sequence[int] = (1, 2),
-    queue_delays_us: Sequence[int] = (100, 2000),
-    target_concurrency: int = 4,
-    latency_budget_p99_ms: float = 0.0,
-    optimise: str = "latency",
+    instance_counts: Sequence[int] = INSTANCE_COUNTS,
+    queue_delays_us: Sequence[int] = QUEUE_DELAYS_US,
+    target_concurrency: int = TARGET_CONCURRENCY,
+    latency_budget_p99_ms: float | None = None,
+    optimise: str = OPTIMISE,
     margin_pct: float = MARGIN_PCT,
-    batch_size: int = 1,
-    duration_s: float = 3.0,
-    warmup_s: float = 1.0,
-    window_s: float | None = None,
-    min_windows: int = 3,
-    max_windows: int = 10,
-    stability_pct: float = 15.0,
     progress: Callable[[str], None] | None = print,
+    **measurement: Any,
 ) -> dict[str, Any]:
     """Measure the one model of ``onnx_dir`` (the gate's chosen model) under each candidate
     setting on one local ``tritonserver``, choose (see the module docstring), write the record to
-    ``record_path`` and return it. ``latency_budget_p99_ms=0`` means no budget."""
+    ``record_path`` and return it. ``latency_budget_p99_ms=None`` means no budget;
+    ``measurement`` is how each level is measured (``benchmark.method.Measurement``, as the
+    benchmark stage measured; its concurrency is set here: 1 and the target)."""
     say = progress or (lambda _message: None)
     variant = _one_variant(Path(onnx_dir))
     grid = candidate_settings(instance_counts, queue_delays_us)
@@ -121,7 +117,7 @@ def search_serving_config(
         "schema": SCHEMA,
         "variant": variant.name,
         "objective": {"metric": metric, "optimise": optimise,
-                      "latency_budget_p99_ms": latency_budget_p99_ms or None,
+                      "latency_budget_p99_ms": latency_budget_p99_ms,
                       "target_concurrency": int(target_concurrency), "margin_pct": margin_pct},
         "searched": {"instance_count": [int(c) for c in instance_counts],
                      "max_queue_delay_us": [int(d) for d in queue_delays_us]},
@@ -134,21 +130,17 @@ def search_serving_config(
     if not grid:
         record.update(chosen=None, settings=dict(DEFAULT_SETTINGS), reason=(
             "no search (serving_instance_counts and serving_queue_delays_us are both empty); "
-            f"deploying with the default settings ({_describe(DEFAULT_SETTINGS)})"))
+            f"deploying with the default settings ({describe(DEFAULT_SETTINGS)})"))
     else:
         say(f"serving search: {len(grid)} candidates of '{variant.name}' (instance_count "
             f"{_axis(grid, 'instance_count')} x max_queue_delay_us "
             f"{_axis(grid, 'max_queue_delay_us')}) at concurrency {', '.join(map(str, levels))}, "
-            f"choosing by {_objective_text(record['objective'])}")
+            f"choosing by {objective_text(record['objective'])}")
         with tempfile.TemporaryDirectory(prefix="torchship-serving-search-") as scratch:
             repository = Path(scratch) / "repository"
-            names = _write_candidates(variant / "model.onnx", repository, grid, test_path)
-            measured = benchmark_repository(
-                repository, test_path, concurrency=levels, batch_size=batch_size,
-                duration_s=duration_s, warmup_s=warmup_s, window_s=window_s or None,
-                min_windows=min_windows, max_windows=max_windows, stability_pct=stability_pct,
-                models=names, progress=say,
-            )
+            names = _write_candidates(variant / MODEL_ONNX, repository, grid, test_path)
+            measured = benchmark_repository(repository, test_path, models=names, progress=say,
+                                            **{**measurement, "concurrency": levels})
         record["method"] = {key: measured[key] for key in (
             "protocol", "batch_size", "warmup_s", "window_s", "min_windows", "max_windows",
             "stability_pct", "stability_metrics")}
@@ -163,7 +155,7 @@ def search_serving_config(
             say(line)
     record["wall_s"] = time.monotonic() - started
     record["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    say(f"serving: {_describe(record['settings'])}: {record['reason']}")
+    say(f"serving: {describe(record['settings'])}: {record['reason']}")
     write_json(record, record_path)
     return record
 
@@ -185,25 +177,26 @@ def _write_candidates(model_path: Path, repository: Path, grid: list[dict[str, i
     sample = load_sample(test_path, what="test_path")
     names = [candidate_name(model_path.parent.name, settings) for settings in grid]
     for name, settings in zip(names, grid):
-        write_model(model_path, repository / name, 1, target="local", versions=[1],
-                    sample=sample, **settings)
-    validate_model_repository(repository, target="local", load_onnx=False)
+        write_model(model_path, repository / name, 1, backend="python", versions=[1],
+                    sample=sample, serving=ServingSettings().with_values(settings))
+    validate_model_repository(repository, backend="python", load_onnx=False)
     return names
 
 
 def _candidate(name: str, settings: dict[str, int], rank: int, measured: dict,
-               levels: list[int], target: int, budget: float) -> dict[str, Any]:
+               levels: list[int], target: int, budget: float | None) -> dict[str, Any]:
     rows = {c: find_level(measured, name, c) for c in levels}
     summary = {f"c{c}": _level_summary(row) for c, row in rows.items()}
     at_target = rows[target]
     why_not = None
     if at_target["errors"]:
         why_not = f"{at_target['errors']} failed requests at concurrency {target}"
-    elif budget and budget > 0 and at_target["p99_ms"] > budget:
+    elif budget is not None and at_target["p99_ms"] > budget:
         why_not = (f"p99 {at_target['p99_ms']:.2f} ms at concurrency {target} is over the budget "
                    f"of {budget:g} ms")
     return {"model": name, "settings": dict(settings), "simplicity": rank, "levels": summary,
             "qualifies": why_not is None, "why_not": why_not}
+
 
 
 def _level_summary(row: dict[str, Any]) -> dict[str, Any]:
@@ -215,120 +208,5 @@ def _level_summary(row: dict[str, Any]) -> dict[str, Any]:
             "server_compute_infer_us": server.get("compute_infer_us")}
 
 
-def choose_settings(candidates: list[dict[str, Any]], objective: dict[str, Any]) -> dict[str, Any]:
-    """``{"chosen", "settings", "reason", "band_pct"}`` for measured ``candidates`` (simplest
-    first) under ``objective`` (as in the record): the simplest qualifying candidate that the
-    best one does not beat by more than the band; the default settings when none qualifies."""
-    level = f"c{objective['target_concurrency']}"
-    key = "throughput_rps" if objective["metric"] == "throughput" else "p99_ms"
-    qualifying = sorted((c for c in candidates if c["qualifies"]), key=lambda c: c["simplicity"])
-    if not qualifying:
-        reasons = "; ".join(f"{c['model']}: {c['why_not']}" for c in candidates)
-        return {"chosen": None, "settings": dict(DEFAULT_SETTINGS), "band_pct": None, "reason": (
-            f"no candidate qualifies ({reasons}); keeping the default settings "
-            f"({_describe(DEFAULT_SETTINGS)}) under which the gate passed the model")}
-
-    def value(candidate: dict[str, Any]) -> float:
-        return float(candidate["levels"][level][key])
-
-    def spread(candidate: dict[str, Any]) -> float:
-        return float(candidate["levels"][level]["spread_pct"].get(key) or 0.0)
-
-    def gain_pct(better: dict[str, Any], than: dict[str, Any]) -> float:
-        """How much ``better`` beats ``than`` on the metric, in % of ``than``'s value."""
-        change = value(better) - value(than) if key == "throughput_rps" else (
-            value(than) - value(better))
-        return change / value(than) * 100.0 if value(than) > 0 else float("inf")
-
-    def band(candidate: dict[str, Any]) -> float:
-        return max(float(objective["margin_pct"]), spread(best), spread(candidate))
-
-    pick = max if key == "throughput_rps" else min
-    best = pick(qualifying, key=value)  # ties go to the simpler, the first in the list
-    candidate = next(c for c in qualifying if gain_pct(best, c) <= band(c))  # best ends it
-    unit = "req/s" if key == "throughput_rps" else "ms p99"
-    shown = f"{value(best):.1f} {unit}" if key == "throughput_rps" else f"{value(best):.2f} {unit}"
-    at = f"at concurrency {objective['target_concurrency']}"
-    word = "highest throughput" if key == "throughput_rps" else "lowest p99"
-    within = (f" within the p99 budget of {objective['latency_budget_p99_ms']:g} ms"
-              if objective.get("latency_budget_p99_ms") else "")
-    of = f"of the {len(qualifying)} of {len(candidates)} candidates that qualify{within}"
-    if candidate is best:
-        simplest = qualifying[0]
-        reason = f"{best['model']} has the {word} ({shown} {at}) {of}"
-        if simplest is not best:
-            reason += (f", {gain_pct(best, simplest):.1f}% better than the simplest "
-                       f"({simplest['model']}), beyond the {band(simplest):.1f}% band")
-    else:
-        reason = (f"{candidate['model']} kept as the simpler setting: the best, {best['model']} "
-                  f"({shown} {at}), is only {gain_pct(best, candidate):.1f}% better, within the "
-                  f"{band(candidate):.1f}% band (margin {objective['margin_pct']:g}% or the "
-                  "windows' spread)")
-    return {"chosen": candidate["model"], "settings": dict(candidate["settings"]),
-            "band_pct": band(candidate), "reason": reason}
-
-
-def format_candidate_table(record: dict[str, Any], markdown: bool = False) -> str:
-    """One row per candidate: settings, p99 and throughput per level, whether it qualifies; the
-    chosen one marked, the reason below."""
-    levels = [f"c{c}" for c in record["concurrency"]]
-    header = ["candidate", "instances", "delay us"]
-    for level in levels:
-        header += [f"p50 ms {level}", f"p99 ms {level}", f"req/s {level}"]
-    header.append("qualifies")
-    body = []
-    for candidate in record["candidates"]:
-        mark = " (chosen)" if candidate["model"] == record["chosen"] else ""
-        line = [candidate["model"] + mark,
-                str(candidate["settings"]["instance_count"]),
-                str(candidate["settings"]["max_queue_delay_us"])]
-        for level in levels:
-            measured = candidate["levels"][level]
-            unstable = "" if measured["stable"] else "*"
-            line += [_fmt(measured["p50_ms"], "{:.2f}"),
-                     _fmt(measured["p99_ms"], "{:.2f}") + unstable,
-                     _fmt(measured["throughput_rps"], "{:.0f}")]
-        line.append("yes" if candidate["qualifies"] else f"no: {candidate['why_not']}")
-        body.append(line)
-    chosen = f"chosen: {_describe(record['settings'])}: {record['reason']}"
-    if markdown:
-        return "\n".join(["# Serving search", "", _objective_text(record["objective"]), "",
-                          *_markdown_table(header, body), "", chosen]) + "\n"
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) if i in (0, len(header) - 1) else cell.rjust(w)
-                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
-                     for row in [header, *body])
-
-
-def write_candidate_table(record: dict[str, Any], path: str | os.PathLike) -> Path:
-    """The candidate table as Markdown, for the KFP artifact the pipeline UIs render."""
-    return write_text_atomic(Path(path), format_candidate_table(record, markdown=True))
-
-
-def serving_metrics(record: dict[str, Any]) -> dict[str, float]:
-    """The chosen settings and, when measured, their p99 and throughput per level, for KFP."""
-    metrics = {f"serving_{name}": float(value) for name, value in record["settings"].items()}
-    metrics["serving_candidates"] = float(len(record["candidates"]))
-    chosen = next((c for c in record["candidates"] if c["model"] == record["chosen"]), None)
-    for level, measured in (chosen["levels"] if chosen else {}).items():
-        metrics[f"serving_p99_ms_{level}"] = float(measured["p99_ms"])
-        metrics[f"serving_throughput_rps_{level}"] = float(measured["throughput_rps"])
-    return metrics
-
-
-def _describe(settings: dict[str, int]) -> str:
-    return ", ".join(f"{name} {value}" for name, value in settings.items())
-
-
 def _axis(grid: list[dict[str, int]], name: str) -> str:
     return ",".join(str(v) for v in sorted({settings[name] for settings in grid}))
-
-
-def _objective_text(objective: dict[str, Any]) -> str:
-    at = f"at concurrency {objective['target_concurrency']}"
-    if objective.get("latency_budget_p99_ms"):
-        return f"highest throughput {at} with p99 within {objective['latency_budget_p99_ms']:g} ms"
-    if objective["metric"] == "latency":
-        return f"lowest p99 {at} (optimise '{objective['optimise']}')"
-    return (f"highest throughput {at} (optimise '{objective['optimise']}' is the same for every "
-            "setting)")

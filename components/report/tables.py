@@ -1,0 +1,36 @@
+"""Tables as people read them: aligned plain text for the terminal, Markdown for the pipeline UIs.
+The variant table, the run summary and the serving search's candidates all render through here."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+__all__ = ["cell", "markdown_table", "text_table"]
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]],
+               left: Collection[int] = (0,)) -> list[str]:
+    """Aligned lines: the columns in ``left`` flush left (names, reasons), the others flush
+    right (numbers), two spaces between; no trailing blanks."""
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(text.ljust(width) if i in left else text.rjust(width)
+                      for i, (text, width) in enumerate(zip(line, widths))).rstrip()
+            for line in [header, *rows]]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
+                   left: Collection[int] = (0,)) -> list[str]:
+    """A Markdown table, aligned as ``text_table`` aligns its columns."""
+    rule = "|" + "|".join(":---" if i in left else "---:" for i in range(len(header))) + "|"
+    return ["| " + " | ".join(header) + " |", rule,
+            *("| " + " | ".join(line) + " |" for line in rows)]
+
+
+def cell(value: Any, spec: str = "{:.1f}") -> str:
+    """A number formatted with ``spec``; ``-`` for a value that is missing; other values as text."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return spec.format(value)
