@@ -14,20 +14,16 @@ from artifacts import N_CLASSES, N_FEATURES
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from torchship.components.benchmark.stage import ProgressBar, benchmark_endpoint, benchmark_repository
-from torchship.components.gate.checks import evaluate_gate
-from torchship.components.benchmark.results import (
-    SCHEMA,
-    find_level,
-    metrics_for_kfp,
-    read_json,
-    write_csv,
-    write_json,
-)
+from torchship.components.benchmark.display import ProgressBar
+from torchship.components.benchmark.results import SCHEMA, find_level, metrics_for_kfp, write_csv
+from torchship.components.benchmark.stage import benchmark_endpoint, benchmark_repository
 from torchship.components.errors import ServingError, UserInputError
-from torchship.components.report.summary import build_summary, format_markdown, format_table
+from torchship.components.files import read_json, write_json
+from torchship.components.gate.checks import evaluate_gate
 from torchship.components.report.html_report import write_html_report
-from torchship.components.triton.server import TritonServer, free_port
+from torchship.components.report.summary import build_summary, format_markdown, format_table
+from torchship.components.triton.binary import free_port
+from torchship.components.triton.server import TritonServer
 
 SHORT = {"warmup_s": 0.2, "window_s": 0.25, "min_windows": 3, "max_windows": 5}
 

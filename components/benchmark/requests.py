@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from torchship.components.benchmark.client import HttpConnection, http_error
 from torchship.components.benchmark.server import Endpoint, Model, call
+from torchship.components.benchmark.transport import HttpConnection, http_error
 from torchship.components.errors import ServingError, UserInputError, one_line
 
 __all__ = ["payloads", "preflight", "rows_for"]

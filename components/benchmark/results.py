@@ -40,34 +40,23 @@ Result JSON (``write_json``), schema ``torchship.benchmark/v2``; times in ms unl
                           busy, % of the machine; saturated: a process above 0.9 cores, so the
                           client may limit the load) and the mean latency not spent in the server
 
-``write_csv`` writes the rows flat, ``metrics_for_kfp`` gives the numbers a KFP ``Metrics``
-artifact takes.
+``files.write_json`` writes it, ``write_csv`` writes the rows flat, ``metrics_for_kfp`` gives the
+numbers a KFP ``Metrics`` artifact takes.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from torchship.components.files import write_text
 
-__all__ = [
-    "CSV_COLUMNS",
-    "SCHEMA",
-    "find_level",
-    "metrics_for_kfp",
-    "read_json",
-    "write_csv",
-    "write_json",
-    "write_text_atomic",
-]
+__all__ = ["CSV_COLUMNS", "SCHEMA", "find_level", "metrics_for_kfp", "write_csv"]
 
 SCHEMA = "torchship.benchmark/v2"
 CSV_COLUMNS = (
@@ -146,59 +135,4 @@ def write_csv(result: dict, path: str | os.PathLike) -> Path:
     writer.writeheader()
     for row in result.get("results", []):
         writer.writerow(_csv_row(row))
-    return write_text_atomic(Path(path), buffer.getvalue())
-
-
-def write_json(result: dict, path: str | os.PathLike) -> Path | str:
-    """Write ``result`` as JSON to a path (atomically: temporary file, then rename) or to an fsspec
-    URI such as ``gs://bucket/torchship/benchmark.json`` (object stores write whole objects)."""
-    text = json.dumps(result, indent=2, default=_json_default) + "\n"
-    if "://" in str(path):
-        import fsspec
-
-        with fsspec.open(str(path), "w") as handle:
-            handle.write(text)
-        return str(path)
-    return write_text_atomic(Path(path), text)
-
-
-def read_json(uri: str | os.PathLike) -> dict | None:
-    """A JSON document from a path or an fsspec URI (``gs://`` included); ``None`` when absent."""
-    uri = str(uri)
-    if "://" not in uri:
-        path = Path(uri)
-        return json.loads(path.read_text()) if path.is_file() else None
-    import fsspec
-
-    try:
-        with fsspec.open(uri, "r") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        return None
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    return write_text(path, buffer.getvalue())

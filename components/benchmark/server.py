@@ -10,8 +10,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from torchship.components.benchmark.client import Target
+from torchship.components.benchmark.transport import Target
 from torchship.components.errors import ServingError, UserInputError, one_line
+from torchship.components.triton.config import TRITON_TO_V2, read_model_config
 
 __all__ = [
     "Endpoint",
@@ -26,12 +27,6 @@ __all__ = [
     "vertex_models",
 ]
 
-_V2_TYPES = {  # ModelConfig DataType -> KServe v2 datatype
-    "TYPE_BOOL": "BOOL", "TYPE_UINT8": "UINT8", "TYPE_UINT16": "UINT16", "TYPE_UINT32": "UINT32",
-    "TYPE_UINT64": "UINT64", "TYPE_INT8": "INT8", "TYPE_INT16": "INT16", "TYPE_INT32": "INT32",
-    "TYPE_INT64": "INT64", "TYPE_FP16": "FP16", "TYPE_FP32": "FP32", "TYPE_FP64": "FP64",
-    "TYPE_STRING": "BYTES", "TYPE_BF16": "BF16",
-}
 
 
 @dataclass
@@ -152,7 +147,6 @@ def call(client: Any, protocol: str, method: str, *args: Any, headers: dict | No
 
 def repository_models(repository_dir: Path, models: Sequence[str] | None) -> list[Model]:
     """The models of a local repository (``models``, or all), from their ``config.pbtxt``."""
-    from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
     if not repository_dir.is_dir():
@@ -173,13 +167,7 @@ def repository_models(repository_dir: Path, models: Sequence[str] | None) -> lis
         )
     out = []
     for name in names:
-        try:
-            config = text_format.Parse(available[name].read_text(), mc.ModelConfig())
-        except Exception as exc:
-            raise UserInputError(
-                f"repository_dir: {available[name]} is not a valid Triton ModelConfig "
-                f"({one_line(exc)}); rebuild the repository with the deploy stage"
-            ) from exc
+        config = read_model_config(available[name])
         if len(config.input) != 1:
             raise UserInputError(
                 f"repository_dir: model '{name}' has {len(config.input)} inputs; the benchmark "
@@ -189,7 +177,7 @@ def repository_models(repository_dir: Path, models: Sequence[str] | None) -> lis
         out.append(Model(
             name=config.name or name,
             input_name=tensor.name,
-            datatype=_V2_TYPES[mc.DataType.Name(tensor.data_type)],
+            datatype=TRITON_TO_V2[mc.DataType.Name(tensor.data_type)],
             dims=[int(d) for d in tensor.dims],
             max_batch_size=int(config.max_batch_size),
             outputs=[o.name for o in config.output],

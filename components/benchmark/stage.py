@@ -12,7 +12,7 @@ Method, for every model, batch size and concurrency level:
 1. one preflight request per model, checked against the model's metadata: a server that is down,
    refuses, times out or answers with an error fails the run at once with ``ServingError``;
 2. ``concurrency`` closed-loop clients (threads in separate client processes, see
-   ``benchmark_client``) send real held-out rows of ``test_path``: ``warmup_s`` not recorded, then
+   ``client``) send real held-out rows of ``test_path``: ``warmup_s`` not recorded, then
    windows of ``window_s``;
 3. from ``min_windows`` windows on, the level is *stable* when the last ``min_windows`` windows
    agree within ±``stability_pct`` % of their mean on each of ``stability_metrics``; otherwise
@@ -24,10 +24,10 @@ Method, for every model, batch size and concurrency level:
 A request that takes longer than ``request_timeout_s`` stops the run with ``ServingError``, and
 no wait in the run is longer than a window plus that timeout: never a hang.
 
-The pieces live beside this module: ``benchmark_server`` (the endpoint and the models it serves),
-``benchmark_requests`` (request bodies and the preflight), ``benchmark_client`` (the client
-processes), ``benchmark_stats`` (windows, stability, a level's row) and ``benchmark_results`` (the
-result's JSON schema, CSV and KFP metrics).
+The pieces live beside this module: ``method`` (the settings and their defaults), ``server`` (the
+endpoint and the models it serves), ``requests`` (request bodies and the preflight), ``client``
+and ``http_client`` (the client processes), ``stats`` (windows, stability, a level's row),
+``display`` (progress) and ``results`` (the result's JSON schema, CSV and KFP metrics).
 """
 
 from __future__ import annotations
@@ -35,15 +35,16 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from torchship.components.benchmark.client import ClientPool, WindowReport
+from torchship.components.benchmark.display import level_line
+from torchship.components.benchmark.method import Method, measurement_method
 from torchship.components.benchmark.requests import payloads, preflight, rows_for
 from torchship.components.benchmark.results import SCHEMA
 from torchship.components.benchmark.server import (
@@ -56,63 +57,19 @@ from torchship.components.benchmark.server import (
     triton_client,
     vertex_models,
 )
-from torchship.components.benchmark.stats import (
-    Method,
-    judge,
-    level_row,
-    measurement_method,
-    server_delta,
-    window_row,
-)
+from torchship.components.benchmark.stats import judge, level_row, server_delta, window_row
+from torchship.components.contracts import INPUT_NAME, OUTPUT_NAME
+from torchship.components.data.splits import load_sample
 from torchship.components.errors import ServingError, UserInputError, one_line
-from torchship.components.triton.repository import load_sample
+from torchship.components.triton.server import TritonServer
 
-if TYPE_CHECKING:
-    from torchship.components.triton.server import TritonServer
-
-__all__ = [
-    "DEFAULT_CONCURRENCY",
-    "PROTOCOLS",
-    "REMOTE_PROTOCOLS",
-    "ProgressBar",
-    "benchmark_endpoint",
-    "benchmark_repository",
-]
+__all__ = ["PROTOCOLS", "REMOTE_PROTOCOLS", "benchmark_endpoint", "benchmark_repository"]
 
 PROTOCOLS = ("grpc", "http")  # against a local server
 REMOTE_PROTOCOLS = ("grpc", "http", "vertex")
-DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
-STABILITY_METRICS = ("throughput_rps", "p50_ms")
 
 
 # -- the measurement core -----------------------------------------------------------------------
-
-
-class ProgressBar:
-    """A one-line progress bar on a terminal stream, fed the per-window events of a run::
-
-        benchmark_repository(..., on_window=ProgressBar())
-    """
-
-    def __init__(self, stream=None, width: int = 24):
-        self.stream = stream if stream is not None else sys.stderr
-        self.width = width
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        done = (event["level"] - 1 + event["window"] / event["max_windows"]) / event["levels"]
-        if event.get("stable") is not None:  # the level is over
-            done = event["level"] / event["levels"]
-        filled = round(done * self.width)
-        bar = "#" * filled + "-" * (self.width - filled)
-        p99 = event.get("p99_ms")
-        text = (f"\r[{bar}] level {event['level']}/{event['levels']} {event['model']} "
-                f"b={event['batch_size']} c={event['concurrency']} window {event['window']}: "
-                f"{event['throughput_rps']:.0f} req/s p99 "
-                f"{'-' if p99 is None else f'{p99:.2f}'} ms ")
-        self.stream.write(text)
-        if event["level"] == event["levels"] and event.get("stable") is not None:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 def _plan(models: list[Model], x: np.ndarray, method: Method) -> list[tuple]:
@@ -152,28 +109,8 @@ def _sweep(endpoint: Endpoint, plan: list[tuple], method: Method,
                         level_no, levels_total,
                     )
                     results.append(row)
-                    progress(_level_line(row))
+                    progress(level_line(row))
     return results
-
-
-def _level_line(row: dict) -> str:
-    server = row.get("server") or {}
-    queue, infer = server.get("queue_us"), server.get("compute_infer_us")
-    spreads = [row["stability"]["spread_pct"].get(m) for m in row["stability"]["metrics"]]
-    spread = max((v for v in spreads if v is not None), default=float("nan"))
-    stable = (f"stable ±{spread:.0f}%" if row["stable"]
-              else f"UNSTABLE ±{spread:.0f}% after {len(row['windows'])} windows")
-    text = (
-        f"{row['model']:>10} b={row['batch_size']:<3} c={row['concurrency']:<3} "
-        f"p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  "
-        f"{row['throughput_rps']:8.1f} req/s  {stable}"
-    )
-    if queue is not None and infer is not None:
-        text += f"  server queue {queue:.0f} us compute {infer:.0f} us"
-    text += (f"  client {row['client']['cpu_cores']:.2f} cores"
-             f"{' (SATURATED: add client_processes)' if row['client']['saturated'] else ''}"
-             f"  ({row['requests']} requests, {row['errors']} errors)")
-    return text
 
 
 def _measure_level(pool: ClientPool, endpoint: Endpoint, model: Model, rows: np.ndarray,
@@ -300,42 +237,27 @@ def _server_exited(server: TritonServer, when: str) -> _ServerExited:
 def benchmark_repository(
     repository_dir: str | os.PathLike,
     test_path: str | os.PathLike,
-    concurrency: int | Sequence[int] = DEFAULT_CONCURRENCY,
-    batch_size: int = 1,
-    warmup_s: float = 1.0,
-    duration_s: float = 3.0,
+    *,
     protocol: str = "grpc",
     models: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = print,
-    *,
-    request_timeout_s: float = 10.0,
     startup_timeout_s: float = 120.0,
-    batch_sizes: Sequence[int] | None = None,
-    window_s: float | None = None,
-    min_windows: int = 3,
-    max_windows: int = 10,
-    stability_pct: float = 15.0,
-    stability_metrics: Sequence[str] = STABILITY_METRICS,
-    client_processes: int | None = None,
     on_window: Callable[[dict], None] | None = None,
     server_args: Sequence[str] = (),
+    **measurement: Any,
 ) -> dict:
     """Launch ``tritonserver`` over ``repository_dir`` and measure every model at every level.
 
-    ``duration_s`` is the measured time a stable level takes: ``min_windows`` windows of
-    ``window_s`` (default ``duration_s / min_windows``); an unstable one runs up to
-    ``max_windows`` windows. ``batch_sizes`` (default ``[batch_size]``) sweeps rows per request.
-    Returns the result described in ``benchmark_results``. Raises ``ServingError`` when the
-    server fails to start, exits, times out or answers no request; ``UserInputError`` for bad
-    arguments.
+    ``measurement``: how each level is measured (``method.Measurement``: concurrency,
+    batch_size or batch_sizes, warmup_s, duration_s, window_s, min/max_windows, stability_pct,
+    ...); a stable level takes ``duration_s`` of measured time, an unstable one up to
+    ``max_windows`` windows. Returns the result described in ``results``. Raises
+    ``ServingError`` when the server fails to start, exits, times out or answers no request;
+    ``UserInputError`` for bad arguments.
     """
-    from torchship.components.triton.server import TritonServer
-
     if protocol not in PROTOCOLS:
         raise UserInputError(f"protocol: '{protocol}' is not one of {', '.join(PROTOCOLS)}")
-    method = measurement_method(concurrency, batch_size, batch_sizes, warmup_s, duration_s,
-                                window_s, min_windows, max_windows, stability_pct,
-                                stability_metrics, request_timeout_s, client_processes)
+    method = measurement_method(**measurement)
     repository_dir = Path(repository_dir)
     specs = repository_models(repository_dir, models)
     plan = _plan(specs, load_sample(test_path, what="test_path"), method)
@@ -353,7 +275,7 @@ def benchmark_repository(
         endpoint = Endpoint(protocol, url, stats_url=server.http_url, stats_protocol="http",
                             check_alive=check_alive)
         progress(f"tritonserver ready in {server.startup_s:.1f} s ({endpoint.describe()})")
-        client = triton_client(protocol, url, False, request_timeout_s)
+        client = triton_client(protocol, url, False, method.request_timeout_s)
         try:
             results = _sweep(endpoint, plan, method, progress, on_window, client)
         except _ServerExited:
@@ -376,25 +298,14 @@ def benchmark_endpoint(
     protocol: str,
     models: Sequence[str] | None,
     test_path: str | os.PathLike,
-    concurrency: int | Sequence[int] = DEFAULT_CONCURRENCY,
-    batch_size: int = 1,
-    warmup_s: float = 1.0,
-    duration_s: float = 3.0,
-    progress: Callable[[str], None] | None = print,
     *,
-    request_timeout_s: float = 10.0,
-    batch_sizes: Sequence[int] | None = None,
-    window_s: float | None = None,
-    min_windows: int = 3,
-    max_windows: int = 10,
-    stability_pct: float = 15.0,
-    stability_metrics: Sequence[str] = STABILITY_METRICS,
-    client_processes: int | None = None,
+    progress: Callable[[str], None] | None = print,
     on_window: Callable[[dict], None] | None = None,
     headers: dict[str, str] | None = None,
     auth: str = "auto",
-    input_name: str = "input",
-    output_names: Sequence[str] = ("logits",),
+    input_name: str = INPUT_NAME,
+    output_names: Sequence[str] = (OUTPUT_NAME,),
+    **measurement: Any,
 ) -> dict:
     """Measure a running endpoint by URL with the same method as ``benchmark_repository``.
 
@@ -420,9 +331,7 @@ def benchmark_endpoint(
         )
     if auth not in ("auto", "google", "none"):
         raise UserInputError(f"auth: '{auth}' is not one of auto, google, none")
-    method = measurement_method(concurrency, batch_size, batch_sizes, warmup_s, duration_s,
-                                window_s, min_windows, max_windows, stability_pct,
-                                stability_metrics, request_timeout_s, client_processes)
+    method = measurement_method(**measurement)
     x = load_sample(test_path, what="test_path")
     progress = progress or (lambda *_: None)
     if isinstance(models, str):
@@ -438,11 +347,11 @@ def benchmark_endpoint(
             endpoint.close()
         return _result("remote", endpoint, method, specs, results, started, started_at)
 
-    client = triton_client(protocol, endpoint.url, endpoint.tls, request_timeout_s,
+    client = triton_client(protocol, endpoint.url, endpoint.tls, method.request_timeout_s,
                            endpoint.path_prefix)
     try:
-        check_reachable(endpoint, client, request_timeout_s)
-        specs = remote_models(endpoint, client, models, request_timeout_s)
+        check_reachable(endpoint, client, method.request_timeout_s)
+        specs = remote_models(endpoint, client, models, method.request_timeout_s)
         progress(f"{endpoint.describe()} is live; measuring {', '.join(m.name for m in specs)}")
         results = _sweep(endpoint, _plan(specs, x, method), method, progress, on_window, client)
     finally:

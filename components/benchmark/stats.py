@@ -4,93 +4,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from torchship.components.benchmark.client import WindowReport
-from torchship.components.errors import UserInputError
+from torchship.components.benchmark.method import Method
 
-__all__ = ["Method", "judge", "level_row", "measurement_method", "server_delta",
-           "t_quantile_975", "window_row"]
+__all__ = ["judge", "level_row", "server_delta", "t_quantile_975", "window_row"]
 
 HISTOGRAM_BINS_PER_DECADE = 20
 CLIENT_SATURATED = 0.9  # cores per client process beyond which the client limits the load
-
-
-@dataclass
-class Method:
-    """How every level is measured and judged, as validated by ``measurement_method``."""
-
-    concurrency: list[int]
-    batch_sizes: list[int]
-    warmup_s: float
-    duration_s: float
-    window_s: float
-    min_windows: int
-    max_windows: int
-    stability_pct: float
-    stability_metrics: tuple[str, ...]
-    request_timeout_s: float
-    client_processes: int
-
-
-def _clients_for(concurrency: int, requested: int | None) -> int:
-    if requested is not None:
-        return max(1, int(requested))
-    # One process keeps ~10k requests/s in flight; more only split big levels across cores.
-    return max(1, min(os.cpu_count() or 1, math.ceil(concurrency / 16)))
-
-
-def measurement_method(
-    concurrency: int | Sequence[int], batch_size: int, batch_sizes: Sequence[int] | None,
-    warmup_s: float, duration_s: float, window_s: float | None, min_windows: int,
-    max_windows: int, stability_pct: float, stability_metrics: Sequence[str],
-    request_timeout_s: float, client_processes: int | None,
-) -> Method:
-    """The method of the benchmark's arguments; ``UserInputError`` names a bad one."""
-    levels = [concurrency] if isinstance(concurrency, int) else list(concurrency)
-    if not levels or any(int(c) < 1 for c in levels):
-        raise UserInputError(f"concurrency: {concurrency} must be positive integers, e.g. (1, 4)")
-    sizes = [batch_size] if batch_sizes is None else list(batch_sizes)
-    if not sizes or any(int(b) < 1 for b in sizes):
-        raise UserInputError(f"batch_sizes: {sizes} must be positive integers, e.g. (1, 8)")
-    if duration_s <= 0 or warmup_s < 0:
-        raise UserInputError("duration_s must be > 0 and warmup_s >= 0")
-    if int(min_windows) < 1 or int(max_windows) < int(min_windows):
-        raise UserInputError(
-            f"min_windows {min_windows} / max_windows {max_windows}: need 1 <= min <= max"
-        )
-    window = float(window_s) if window_s else float(duration_s) / int(min_windows)
-    if window <= 0:
-        raise UserInputError(f"window_s: {window_s} must be > 0")
-    unknown = [m for m in stability_metrics if m not in ("throughput_rps", "p50_ms", "p99_ms",
-                                                          "mean_ms")]
-    if unknown or not stability_metrics:
-        raise UserInputError(
-            f"stability_metrics: {list(stability_metrics)}; choose from throughput_rps, p50_ms, "
-            "p99_ms, mean_ms"
-        )
-    if not stability_pct > 0:
-        raise UserInputError(f"stability_pct: {stability_pct} must be > 0, e.g. 15")
-    if not request_timeout_s > 0:
-        raise UserInputError(f"request_timeout_s: {request_timeout_s} must be > 0")
-    levels = [int(c) for c in levels]
-    return Method(
-        concurrency=levels,
-        batch_sizes=[int(b) for b in sizes],
-        warmup_s=float(warmup_s),
-        duration_s=window * int(min_windows),
-        window_s=window,
-        min_windows=int(min_windows),
-        max_windows=int(max_windows),
-        stability_pct=float(stability_pct),
-        stability_metrics=tuple(stability_metrics),
-        request_timeout_s=float(request_timeout_s),
-        client_processes=_clients_for(max(levels), client_processes),
-    )
 
 
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
