@@ -49,7 +49,7 @@ def local_repo(tmp_path_factory, onnx_dir) -> Path:
     from torchship.components.triton.repository import build_model_repository
 
     repo = tmp_path_factory.mktemp("served") / "repo_local"
-    build_model_repository(onnx_dir, repo, target="local")
+    build_model_repository(onnx_dir, repo, backend="python")
     return repo
 
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from artifacts import write_onnx_dir
 
-from torchship.components.deploy.targets.kserve import (
+from torchship.components.deploy.targets.kserve import deploy_kserve
+from torchship.components.deploy.targets.kserve_api import (
     apply_inference_service,
-    deploy_kserve,
     example_inference_service,
     inference_service_yaml,
     render_inference_service,
@@ -133,7 +133,7 @@ def test_deploy_kserve_builds_and_fails_clearly_without_a_cluster(tmp_path, test
 
 def test_deploy_to_kserve_builds_the_repository_with_the_serving_search_settings(
         tmp_path, test_path):
-    from torchship.components.deploy.targets.local import deploy_to
+    from torchship.components.deploy.stage import deploy_to
     from torchship.components.triton.config import read_model_config
 
     write_onnx_dir(tmp_path / "onnx")

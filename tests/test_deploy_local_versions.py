@@ -12,12 +12,13 @@ import tritonclient.http as httpclient
 from artifacts import export_linear, write_onnx_dir
 from tritonclient.utils import InferenceServerException
 
-from torchship.components import model_repository
-from torchship.components.deploy.targets.local import build_model_repository, deploy_local
+from torchship.components.deploy.targets.local import deploy_local
 from torchship.components.errors import ServingError, UserInputError
-from torchship.components.triton.versions import LOCK_NAME
-from torchship.components.triton.server import TritonServer
+from torchship.components.triton import repository as model_repository
 from torchship.components.triton.config import read_model_config
+from torchship.components.triton.repository import build_model_repository
+from torchship.components.triton.server import TritonServer
+from torchship.components.triton.versions import LOCK_NAME
 
 
 def _ort(onnx_dir: Path, x: np.ndarray) -> np.ndarray:
@@ -149,7 +150,7 @@ def test_concurrent_deploys_get_distinct_versions(workdir, test_path, x):
     onnx_a, onnx_b = write_onnx_dir(workdir / "onnx_a", 11), write_onnx_dir(workdir / "onnx_b", 12)
     repo = workdir / "shared"
     # Staging left by a deploy that was killed: removed by the next deploy, never served.
-    stale = workdir / ".shared.deploy-killed" / "fp32" / "1"
+    stale = workdir / ".shared.deploy-killed00" / "fp32" / "1"
     stale.mkdir(parents=True)
     (stale / "model.onnx").write_bytes(b"half-written")
 
@@ -193,7 +194,7 @@ def test_concurrent_deploys_get_distinct_versions(workdir, test_path, x):
 def test_incompatible_new_version_is_refused(workdir, test_path):
     """All versions share one config: a model with other tensors cannot join an existing one."""
     repo = workdir / "narrow"
-    build_model_repository(write_onnx_dir(workdir / "onnx_narrow", 1), repo, "local")
+    build_model_repository(write_onnx_dir(workdir / "onnx_narrow", 1), repo, "python")
     wide = workdir / "onnx_wide"
     export_linear(wide / "fp32" / "model.onnx", n_classes=5)
     before = _snapshot(repo)

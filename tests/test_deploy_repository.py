@@ -14,13 +14,14 @@ from artifacts import N_FEATURES, write_onnx_dir
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from torchship.components.contracts import ServingSettings
 from torchship.components.errors import ServingError, UserInputError
+from torchship.components.triton.config import InvalidRepositoryError, read_model_config
 from torchship.components.triton.repository import (
     build_model_repository,
     validate_model_repository,
 )
 from torchship.components.triton.versions import repository_lock
-from torchship.components.triton.config import InvalidRepositoryError, read_model_config
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +32,8 @@ def onnx_dir(tmp_path_factory) -> Path:
 
 def test_config_has_policy_warmup_and_instances(tmp_path, onnx_dir, test_path):
     repo = tmp_path / "repo"
-    (model,) = build_model_repository(onnx_dir, repo, "local", max_batch_size=32,
-                                      max_queue_delay_us=250, instance_count=2,
-                                      warmup_path=test_path)
+    serving = ServingSettings(max_batch_size=32, max_queue_delay_us=250, instance_count=2)
+    (model,) = build_model_repository(onnx_dir, repo, "python", serving, warmup_path=test_path)
     assert (model["version"], model["versions"]) == (1, [1])
     config = read_model_config(repo / "fp32" / "config.pbtxt")
     assert list(config.version_policy.specific.versions) == [1]
@@ -50,15 +50,15 @@ def test_config_has_policy_warmup_and_instances(tmp_path, onnx_dir, test_path):
 
     # Without sample data the model is warmed up with zeros.
     bare = tmp_path / "bare"
-    build_model_repository(onnx_dir, bare, "local")
+    build_model_repository(onnx_dir, bare, "python")
     assert read_model_config(bare / "fp32" / "config.pbtxt").model_warmup[0].inputs[
         "input"].zero_data
 
 
-def test_gpu_target_with_tensorrt_fp16(tmp_path, onnx_dir):
+def test_gpu_backend_with_tensorrt_fp16(tmp_path, onnx_dir):
     repo = tmp_path / "gpu"
-    build_model_repository(onnx_dir, repo, "triton", instance_kind="KIND_GPU",
-                           tensorrt_fp16=True)
+    build_model_repository(onnx_dir, repo, "onnxruntime",
+                           ServingSettings(instance_kind="KIND_GPU", tensorrt_fp16=True))
     config = read_model_config(repo / "fp32" / "config.pbtxt")
     assert config.platform == "onnxruntime_onnx"
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
@@ -71,18 +71,20 @@ def test_gpu_target_with_tensorrt_fp16(tmp_path, onnx_dir):
 
 
 @pytest.mark.parametrize(
-    ("target", "kwargs", "field"),
+    ("backend", "settings", "version", "field"),
     [
-        ("local", {"instance_kind": "KIND_GPU"}, "instance_kind"),
-        ("triton", {"instance_kind": "KIND_TPU"}, "instance_kind"),
-        ("triton", {"tensorrt_fp16": True}, "tensorrt_fp16"),
-        ("local", {"instance_count": 0}, "instance_count"),
-        ("local", {"version": 0}, "versions"),
+        ("python", {"instance_kind": "KIND_GPU"}, 1, "instance_kind"),
+        ("onnxruntime", {"instance_kind": "KIND_TPU"}, 1, "instance_kind"),
+        ("onnxruntime", {"tensorrt_fp16": True}, 1, "tensorrt_fp16"),
+        ("python", {"instance_count": 0}, 1, "instance_count"),
+        ("python", {}, 0, "versions"),
+        ("tensorrt", {}, 1, "backend"),
     ],
 )
-def test_bad_config_options(tmp_path, onnx_dir, target, kwargs, field):
+def test_bad_config_options(tmp_path, onnx_dir, backend, settings, version, field):
     with pytest.raises(UserInputError, match=f"^{field}"):
-        build_model_repository(onnx_dir, tmp_path / "x", target, **kwargs)
+        build_model_repository(onnx_dir, tmp_path / "x", backend,
+                               ServingSettings().with_values(settings), version=version)
     assert not (tmp_path / "x").exists()
 
 
@@ -117,19 +119,19 @@ def test_warmup_rows_must_fit(tmp_path, onnx_dir):
 def test_validation_names_what_triton_would_refuse(tmp_path, onnx_dir, test_path, break_it,
                                                    expected):
     repo = tmp_path / "repo"
-    build_model_repository(onnx_dir, repo, "local", warmup_path=test_path)
-    validate_model_repository(repo, target="local")
+    build_model_repository(onnx_dir, repo, "python", warmup_path=test_path)
+    validate_model_repository(repo, backend="python")
     break_it(repo)
     with pytest.raises(InvalidRepositoryError, match=expected) as excinfo:
         validate_model_repository(repo)
     assert "\n" not in str(excinfo.value)
 
 
-def test_validation_checks_the_target(tmp_path, onnx_dir):
+def test_validation_checks_the_backend(tmp_path, onnx_dir):
     repo = tmp_path / "repo"
-    build_model_repository(onnx_dir, repo, "local")
-    with pytest.raises(InvalidRepositoryError, match="not the 'triton' target"):
-        validate_model_repository(repo, target="triton")
+    build_model_repository(onnx_dir, repo, "python")
+    with pytest.raises(InvalidRepositoryError, match="not the 'onnxruntime' backend"):
+        validate_model_repository(repo, backend="onnxruntime")
 
 
 def test_lock_gives_turns_and_times_out_clearly(tmp_path):

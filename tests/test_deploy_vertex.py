@@ -18,8 +18,8 @@ from google.cloud.aiplatform_v1.types import AcceleratorType
 
 from torchship.components.deploy.targets.vertex import deploy_vertex, gcs_uri
 from torchship.components.errors import ServingError, UserInputError
-from torchship.components.triton.repository import build_model_repository
 from torchship.components.triton.config import read_model_config
+from torchship.components.triton.repository import build_model_repository
 
 PROJECT, REGION = "torchship-test", "us-central1"
 IMAGE = f"{REGION}-docker.pkg.dev/{PROJECT}/serving/tritonserver:24.10-py3"
@@ -173,7 +173,7 @@ def test_promote_moves_traffic_and_default(fake, tmp_path, test_path):
 
 def test_bad_inputs_fail_before_any_call(fake, tmp_path, test_path):
     repository = tmp_path / "repo"
-    build_model_repository(write_onnx_dir(tmp_path / "onnx", 1), repository, "triton")
+    build_model_repository(write_onnx_dir(tmp_path / "onnx", 1), repository, "onnxruntime")
     common = {"project": PROJECT, "location": REGION, "model_display_name": "torchship",
               "serving_image_uri": IMAGE, "progress": None}
     with pytest.raises(UserInputError, match="repository_uri"):
@@ -184,8 +184,8 @@ def test_bad_inputs_fail_before_any_call(fake, tmp_path, test_path):
         deploy_vertex(repository, test_path, accelerator_type="NVIDIA_TESLA_T4",
                       repository_uri=BUCKET, **common)
     local = tmp_path / "local_repo"
-    build_model_repository(tmp_path / "onnx", local, "local")
-    with pytest.raises(UserInputError, match="target"):
+    build_model_repository(tmp_path / "onnx", local, "python")
+    with pytest.raises(UserInputError, match="not the 'onnxruntime' backend"):
         deploy_vertex(local, test_path, repository_uri=BUCKET, **common)
     assert fake.requests == []
     assert gcs_uri("/gcs/bucket/run/model_repository") == "gs://bucket/run/model_repository"

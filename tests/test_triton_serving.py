@@ -25,10 +25,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from torchship.components.benchmark.stage import benchmark_repository
-from torchship.components.benchmark.results import write_json
-from torchship.components.deploy.targets.local import build_model_repository, deploy_local
+from torchship.components.contracts import ServingSettings
+from torchship.components.deploy.targets.local import deploy_local
 from torchship.components.errors import ServingError, UserInputError
-from torchship.components.triton.server import TritonServer, find_tritonserver
+from torchship.components.files import write_json
+from torchship.components.triton.binary import find_tritonserver
+from torchship.components.triton.repository import build_model_repository
+from torchship.components.triton.server import TritonServer
 
 VARIANTS = tuple(record["name"] for record in VARIANT_RECORDS)
 
@@ -53,12 +56,12 @@ def test_find_tritonserver():
     assert paths.libs.is_dir()
 
 
-@pytest.mark.parametrize("target", ["local", "triton"])
-def test_config_pbtxt_is_a_model_config(workdir, onnx_dir, target):
-    repo = workdir / f"cfg_{target}"
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+def test_config_pbtxt_is_a_model_config(workdir, onnx_dir, backend):
+    repo = workdir / f"cfg_{backend}"
     repo.mkdir()
     (repo / "stale").mkdir()  # an existing repository is replaced as a whole
-    models = build_model_repository(onnx_dir, repo, target=target, max_batch_size=16)
+    models = build_model_repository(onnx_dir, repo, backend, ServingSettings(max_batch_size=16))
 
     assert sorted(m["name"] for m in models) == sorted(VARIANTS)
     assert sorted(p.name for p in repo.iterdir()) == sorted(VARIANTS)
@@ -85,7 +88,7 @@ def test_config_pbtxt_is_a_model_config(workdir, onnx_dir, target):
         assert (model_dir / "1" / "model.onnx").read_bytes() == (
             onnx_dir / model["name"] / "model.onnx"
         ).read_bytes()
-        if target == "triton":
+        if backend == "onnxruntime":
             assert (config.platform, config.backend) == ("onnxruntime_onnx", "")
             assert not (model_dir / "1" / "model.py").exists()
         else:
@@ -95,8 +98,8 @@ def test_config_pbtxt_is_a_model_config(workdir, onnx_dir, target):
 
 
 def test_build_rejects_bad_input(workdir, onnx_dir):
-    with pytest.raises(UserInputError, match="target"):
-        build_model_repository(onnx_dir, workdir / "x", target="tensorrt")
+    with pytest.raises(UserInputError, match="backend"):
+        build_model_repository(onnx_dir, workdir / "x", backend="tensorrt")
     empty = workdir / "empty_onnx"
     empty.mkdir()
     with pytest.raises(UserInputError, match="onnx_dir"):
@@ -122,7 +125,7 @@ def test_dynamic_batches_are_split_back(workdir, onnx_dir, test_path):
     import tritonclient.http as httpclient
 
     repo = workdir / "repo_batching"
-    build_model_repository(onnx_dir, repo, target="local", max_queue_delay_us=50_000)
+    build_model_repository(onnx_dir, repo, "python", ServingSettings(max_queue_delay_us=50_000))
     x = np.load(test_path)["x"]
     sizes = [1, 2, 3, 4, 5, 6, 7, 8]
     with TritonServer(repo) as server:
@@ -266,7 +269,7 @@ class TritonPythonModel:
 
 def test_benchmark_request_timeout_is_an_error_not_a_hang(workdir, onnx_dir, test_path):
     repo = workdir / "repo_slow"
-    build_model_repository(onnx_dir, repo, target="local")
+    build_model_repository(onnx_dir, repo, backend="python")
     shutil.rmtree(repo / "pruned")
     (repo / "fp32" / "1" / "model.py").write_text(SLOW_MODEL)
     started = time.monotonic()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from torchship.components.data.splits import load_sample
 from torchship.components.errors import ServingError, UserInputError
-from torchship.components.triton.repository import load_sample
 from torchship.components.triton.config import TRITON_TO_V2
 
 __all__ = [

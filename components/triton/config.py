@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torchship.components.contracts import BACKENDS, ServingSettings
 from torchship.components.errors import ServingError, UserInputError, one_line
-from torchship.components.triton.versions import atomic_write
+from torchship.components.files import write_bytes
 
 __all__ = [
-    "INSTANCE_KINDS",
     "ONNX_TO_TRITON",
-    "TARGETS",
     "TRITON_TO_V2",
     "InvalidRepositoryError",
+    "backend_of",
+    "check_backend",
     "describe_config",
     "model_config",
     "onnx_io",
@@ -20,8 +21,8 @@ __all__ = [
     "write_config",
 ]
 
-TARGETS = ("local", "triton")
-INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
+# How the production Triton container runs model.onnx (backend "onnxruntime").
+PRODUCTION_PLATFORM = "onnxruntime_onnx"
 
 # onnx.TensorProto element type name -> Triton ModelConfig DataType name.
 ONNX_TO_TRITON = {
@@ -121,53 +122,44 @@ def model_config(
     inputs: list[dict],
     outputs: list[dict],
     *,
-    target: str = "local",
-    max_batch_size: int = 64,
-    max_queue_delay_us: int = 100,
-    preferred_batch_sizes: tuple[int, ...] | None = None,
-    instance_count: int = 1,
-    instance_kind: str = "KIND_CPU",
+    backend: str = "python",
+    serving: ServingSettings | None = None,
     versions: list[int] | tuple[int, ...] = (1,),
     warmup_files: dict[str, str] | None = None,
-    tensorrt_fp16: bool = False,
 ):
     """A ``ModelConfig`` proto for one model.
 
-    ``inputs``/``outputs`` come from ``onnx_io`` (shapes with the batch dimension). ``versions``
-    become ``version_policy { specific { versions: [...] } }``: exactly those are served, so a
-    version that is on disk but not listed (not yet checked, or retired) is never loaded.
-    ``warmup_files`` maps an input name to a file under ``<model>/warmup/`` holding one real sample
-    (raw, row-major); inputs without one are warmed up with zeros. ``tensorrt_fp16`` asks the
-    ONNX Runtime backend for its TensorRT execution accelerator in FP16 (GPU targets only).
+    ``inputs``/``outputs`` come from ``onnx_io`` (shapes with the batch dimension). ``backend``
+    is one of ``contracts.BACKENDS``; ``serving`` the batching, instances and accelerator
+    settings (default: ``ServingSettings()``). ``versions`` become ``version_policy { specific
+    { versions: [...] } }``: exactly those are served, so a version that is on disk but not
+    listed (not yet checked, or retired) is never loaded. ``warmup_files`` maps an input name to
+    a file under ``<model>/warmup/`` holding one real sample (raw, row-major); inputs without one
+    are warmed up with zeros. ``serving.tensorrt_fp16`` asks the ONNX Runtime backend for its
+    TensorRT execution accelerator in FP16 (GPU only).
     """
     from tritonclient.grpc import model_config_pb2 as mc
 
-    if target not in TARGETS:
-        raise UserInputError(f"target: '{target}' is not one of {', '.join(TARGETS)}")
-    if instance_kind not in INSTANCE_KINDS:
+    serving = serving or ServingSettings()
+    check_backend(backend)
+    if backend == "python" and serving.instance_kind != "KIND_CPU":
         raise UserInputError(
-            f"instance_kind: '{instance_kind}' is not one of {', '.join(INSTANCE_KINDS)}"
+            f"instance_kind: the python backend runs ONNX Runtime on CPU; "
+            f"'{serving.instance_kind}' needs backend='onnxruntime' (the Triton container with "
+            "a GPU)"
         )
-    if target == "local" and instance_kind != "KIND_CPU":
-        raise UserInputError(
-            f"instance_kind: the local target runs ONNX Runtime on CPU inside the Python backend; "
-            f"'{instance_kind}' needs target='triton' (the Triton container with a GPU)"
-        )
-    if tensorrt_fp16 and (target != "triton" or instance_kind != "KIND_GPU"):
+    if serving.tensorrt_fp16 and (backend != "onnxruntime" or serving.instance_kind != "KIND_GPU"):
         raise UserInputError(
             "tensorrt_fp16: the TensorRT accelerator runs on GPUs only; use it with "
-            "target='triton' and instance_kind='KIND_GPU'"
+            "backend='onnxruntime' and instance_kind='KIND_GPU'"
         )
-    if int(instance_count) < 1:
-        raise UserInputError(f"instance_count: {instance_count} must be 1 or more")
-    if int(max_queue_delay_us) < 0:
-        raise UserInputError(f"max_queue_delay_us: {max_queue_delay_us} is negative")
     if not versions or any(int(v) < 1 for v in versions):
         raise UserInputError(f"versions: {list(versions)} must be positive version numbers")
+    max_batch_size = int(serving.max_batch_size)
 
-    config = mc.ModelConfig(name=name, max_batch_size=int(max_batch_size))
-    if target == "triton":
-        config.platform = "onnxruntime_onnx"
+    config = mc.ModelConfig(name=name, max_batch_size=max_batch_size)
+    if backend == "onnxruntime":
+        config.platform = PRODUCTION_PLATFORM
     else:
         config.backend = "python"
     config.version_policy.specific.versions.extend(sorted({int(v) for v in versions}))
@@ -193,12 +185,12 @@ def model_config(
             name=tensor["name"], data_type=mc.DataType.Value(tensor["data_type"]), dims=dims(tensor)
         )
     if max_batch_size > 0:
-        config.dynamic_batching.max_queue_delay_microseconds = int(max_queue_delay_us)
-        for size in preferred_batch_sizes or ():
+        config.dynamic_batching.max_queue_delay_microseconds = int(serving.max_queue_delay_us)
+        for size in serving.preferred_batch_sizes:
             if 0 < size <= max_batch_size:
                 config.dynamic_batching.preferred_batch_size.append(int(size))
-    kind = getattr(mc.ModelInstanceGroup, instance_kind)
-    config.instance_group.add(count=int(instance_count), kind=kind)
+    kind = getattr(mc.ModelInstanceGroup, serving.instance_kind)
+    config.instance_group.add(count=int(serving.instance_count), kind=kind)
 
     # Warm up with a real sample when the shapes are fixed (Triton needs full dims for warmup).
     if all(d > 0 for t in config.input for d in t.dims):
@@ -212,7 +204,7 @@ def model_config(
             else:
                 entry.zero_data = True
 
-    if tensorrt_fp16:
+    if serving.tensorrt_fp16:
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(
             name="tensorrt"
         )
@@ -244,11 +236,23 @@ def write_config(config, path: Path) -> str:
     text = text_format.MessageToString(config)
     if text_format.Parse(text, mc.ModelConfig()) != config:  # pragma: no cover - protobuf bug
         raise ServingError(f"config.pbtxt for '{config.name}' does not parse back to itself")
-    atomic_write(path, text.encode())
+    write_bytes(path, text.encode())
     return text
 
 
-def describe_config(config, target: str | None = None) -> dict:
+def backend_of(config) -> str | None:
+    """The ``contracts.BACKENDS`` name of a ``ModelConfig`` (None: neither)."""
+    if config.platform == PRODUCTION_PLATFORM:
+        return "onnxruntime"
+    return "python" if config.backend == "python" else None
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise UserInputError(f"backend: '{backend}' is not one of {', '.join(BACKENDS)}")
+
+
+def describe_config(config, backend: str | None = None) -> dict:
     """The plain-dict view of a ``ModelConfig`` that the stages pass around and return."""
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -258,12 +262,10 @@ def describe_config(config, target: str | None = None) -> dict:
             for t in items
         ]
 
-    if target is None:
-        target = "triton" if config.platform == "onnxruntime_onnx" else "local"
     return {
         "name": config.name,
         "inputs": tensors(config.input),
         "outputs": tensors(config.output),
         "max_batch_size": config.max_batch_size,
-        "target": target,
+        "backend": backend or backend_of(config),
     }

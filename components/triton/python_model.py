@@ -1,6 +1,6 @@
 """Triton Python-backend model that serves the ``model.onnx`` next to it with ONNX Runtime (CPU).
 
-``deploy.build_model_repository(target="local")`` copies this file to ``<repo>/<model>/1/model.py``.
+``repository.write_model(backend="python")`` copies this file to ``<repo>/<model>/<v>/model.py``.
 It runs only inside Triton's Python-backend stub, where ``triton_python_backend_utils`` exists; it
 is not meant to be imported from the ``torchship`` package.
 
@@ -72,12 +72,7 @@ class TritonPythonModel:
                 responses[i] = self._error(exc)
 
         if len(feeds_per_request) == 1 or (feeds_per_request and not self.batched):
-            for i, feeds in feeds_per_request:
-                try:
-                    responses[i] = self._response(self._run_one(feeds))
-                except Exception as exc:  # noqa: BLE001
-                    responses[i] = self._error(exc)
-            return responses
+            return self._run_each(feeds_per_request, responses)
 
         if feeds_per_request:
             sizes = [next(iter(feeds.values())).shape[0] for _, feeds in feeds_per_request]
@@ -88,16 +83,20 @@ class TritonPythonModel:
                 }
                 outputs = self._run_one(merged)
             except Exception:  # noqa: BLE001 - shapes differ or one bad request: run one by one
-                for i, feeds in feeds_per_request:
-                    try:
-                        responses[i] = self._response(self._run_one(feeds))
-                    except Exception as exc:  # noqa: BLE001
-                        responses[i] = self._error(exc)
-                return responses
+                return self._run_each(feeds_per_request, responses)
             bounds = np.cumsum(sizes)[:-1]
             pieces = [np.split(out, bounds, axis=0) for out in outputs]
             for k, (i, _) in enumerate(feeds_per_request):
                 responses[i] = self._response([piece[k] for piece in pieces])
+        return responses
+
+    def _run_each(self, feeds_per_request, responses):
+        """Each request on its own: one failing request fails alone."""
+        for i, feeds in feeds_per_request:
+            try:
+                responses[i] = self._response(self._run_one(feeds))
+            except Exception as exc:  # noqa: BLE001 - reported to the client
+                responses[i] = self._error(exc)
         return responses
 
     def finalize(self):

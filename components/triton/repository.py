@@ -8,18 +8,18 @@ Layout (what ``tritonserver`` loads)::
     <repository>/<model>/warmup/<file>       # a real sample row, fed to the model when it loads
     <repository>/.torchship-deploy.lock      # flock'ed by whoever adds a version
 
-``target="triton"`` is the production form (``platform: "onnxruntime_onnx"``, served by the Triton
-container on Vertex AI or KServe); ``target="local"`` serves the same ``model.onnx`` through the
-Python backend (``model.py`` running ONNX Runtime), since the ``tritonserver`` inside the
-nvidia-pytriton wheel has no ONNX Runtime backend.
+``backend="onnxruntime"`` is the production form (``platform: "onnxruntime_onnx"``, served by the
+Triton container on Vertex AI or KServe); ``backend="python"`` serves the same ``model.onnx``
+through the Python backend (``model.py`` running ONNX Runtime), since the ``tritonserver`` inside
+the nvidia-pytriton wheel has no ONNX Runtime backend.
 
 A version is never overwritten: a new one is written under a staging directory beside the
 repository and renamed into place; the config that lists it (the promotion) is written last, to a
 temporary name and renamed. Whoever adds versions holds the repository lock, so two deploys into
 the same repository get distinct versions.
 
-The ``config.pbtxt`` itself comes from ``triton_config``; versions, the lock and the atomic writes
-and swaps from ``repository_versions``.
+The ``config.pbtxt`` itself comes from ``config``; versions and the lock from ``versions``; the
+atomic writes and directory swaps from ``components.files``.
 """
 
 from __future__ import annotations
@@ -27,33 +27,30 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from torchship.components.contracts import MODEL_ONNX, ServingSettings
+from torchship.components.data.splits import load_sample
 from torchship.components.errors import ServingError, UserInputError, one_line
-from torchship.components.triton.versions import (
-    atomic_write,
-    served_versions,
-    swap_into_place,
-    version_dirs,
-)
+from torchship.components.files import staged_dir, write_bytes
 from torchship.components.triton.config import (
-    TARGETS,
     TRITON_TO_V2,
     InvalidRepositoryError,
+    backend_of,
+    check_backend,
     describe_config,
     model_config,
     onnx_io,
     read_model_config,
     write_config,
 )
+from torchship.components.triton.versions import served_versions, version_dirs
 
 __all__ = [
     "WARMUP_DIR",
     "build_model_repository",
-    "load_sample",
     "onnx_variants",
     "validate_model_repository",
     "write_model",
@@ -105,15 +102,17 @@ def write_model(
     model_dir: Path,
     version: int,
     *,
-    target: str,
+    backend: str,
     versions: list[int],
     sample: np.ndarray | None = None,
-    **config_options,
+    serving: ServingSettings | None = None,
 ) -> tuple[dict, object]:
     """Write ``<model_dir>/config.pbtxt``, ``warmup/`` and ``<version>/`` for ``source`` (an ONNX
-    file). ``model_dir`` is expected to be a staging directory nobody serves yet. Returns the
-    plain description (with ``version`` and ``versions``) and the ``ModelConfig``."""
-    if target == "local" and not PYTHON_MODEL_SOURCE.is_file():
+    file), served with ``serving`` (default: ``ServingSettings()``). ``model_dir`` is expected to
+    be a staging directory nobody serves yet. Returns the plain description (with ``version``
+    and ``versions``) and the ``ModelConfig``."""
+    serving = serving or ServingSettings()
+    if backend == "python" and not PYTHON_MODEL_SOURCE.is_file():
         raise ServingError(f"the Python-backend model source {PYTHON_MODEL_SOURCE} is missing")
     name = model_dir.name
     if not _MODEL_NAME.fullmatch(name):
@@ -122,26 +121,23 @@ def write_model(
             "with letters, digits, '_', '-' or '.' (not starting with '.')"
         )
     inputs, outputs, external = onnx_io(source)
-    max_batch_size = int(config_options.get("max_batch_size", 64))
-    warmup = _warmup_sample(inputs, sample, max_batch_size, name)
+    warmup = _warmup_sample(inputs, sample, serving.max_batch_size, name)
     warmup_files = {k: _warmup_filename(k) for k in warmup}
-    config = model_config(
-        name, inputs, outputs, target=target, versions=versions, warmup_files=warmup_files,
-        **config_options,
-    )
+    config = model_config(name, inputs, outputs, backend=backend, serving=serving,
+                          versions=versions, warmup_files=warmup_files)
     version_dir = model_dir / str(version)
     version_dir.mkdir(parents=True)
-    shutil.copy2(source, version_dir / "model.onnx")
+    shutil.copy2(source, version_dir / MODEL_ONNX)
     for location in external:
         target_file = version_dir / location
         target_file.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source.parent / location, target_file)
-    if target == "local":
+    if backend == "python":
         shutil.copy2(PYTHON_MODEL_SOURCE, version_dir / "model.py")
     for input_name, data in warmup.items():
-        atomic_write(model_dir / WARMUP_DIR / warmup_files[input_name], data)
+        write_bytes(model_dir / WARMUP_DIR / warmup_files[input_name], data)
     write_config(config, model_dir / "config.pbtxt")
-    description = describe_config(config, target)
+    description = describe_config(config, backend)
     description.update({"version": int(version), "versions": sorted(versions)})
     return description, config
 
@@ -150,7 +146,7 @@ def onnx_variants(onnx_dir: Path) -> list[Path]:
     """The ``<variant>`` directories of the export stage's ``onnx_dir`` that hold a ``model.onnx``."""
     if not onnx_dir.is_dir():
         raise UserInputError(f"onnx_dir: {onnx_dir} is not a directory; run the export stage first")
-    variants = sorted(p.parent for p in onnx_dir.glob("*/model.onnx") if p.is_file())
+    variants = sorted(p.parent for p in onnx_dir.glob(f"*/{MODEL_ONNX}") if p.is_file())
     if not variants:
         raise UserInputError(
             f"onnx_dir: no <variant>/model.onnx under {onnx_dir}; run the export stage first"
@@ -158,78 +154,35 @@ def onnx_variants(onnx_dir: Path) -> list[Path]:
     return variants
 
 
-def load_sample(path: str | os.PathLike | None, what: str = "warmup_path") -> np.ndarray | None:
-    """The ``x`` rows of an ``.npz`` split (``None`` when no path is given)."""
-    if path is None:
-        return None
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"{what}: {path} does not exist; run prepare_data first")
-    with np.load(path, allow_pickle=False) as data:
-        if "x" not in data:
-            raise UserInputError(f"{what}: {path} has no 'x' array; run prepare_data")
-        x = np.asarray(data["x"])
-    if x.ndim < 2 or len(x) == 0:
-        raise UserInputError(f"{what}: 'x' in {path} has shape {x.shape}; expected [N, F]")
-    return x
-
-
 def build_model_repository(
     onnx_dir: str | os.PathLike,
     repository_dir: str | os.PathLike,
-    target: str = "local",
-    max_batch_size: int = 64,
+    backend: str = "python",
+    serving: ServingSettings | None = None,
     *,
-    max_queue_delay_us: int = 100,
-    preferred_batch_sizes: tuple[int, ...] | None = None,
-    instance_count: int = 1,
-    instance_kind: str = "KIND_CPU",
-    tensorrt_fp16: bool = False,
     warmup_path: str | os.PathLike | None = None,
     version: int = 1,
 ) -> list[dict]:
     """Write a fresh Triton model repository for every ``onnx_dir/<variant>/model.onnx``.
 
-    Each model gets ``config.pbtxt`` (a ``ModelConfig`` proto in text format), ``<version>/model.onnx``
-    (plus ``model.py`` for ``target="local"``) and, when ``warmup_path`` (an ``.npz`` split) is
-    given, a real sample under ``warmup/``. The repository is built in a staging directory beside
-    ``repository_dir``, validated, and renamed into place, replacing a previous one. Returns one
-    dict per model: ``name``, ``inputs``, ``outputs`` (each ``name``, ``data_type``, ``dims``),
-    ``max_batch_size``, ``target``, ``version``, ``versions``.
+    Each model gets ``config.pbtxt`` (a ``ModelConfig`` proto in text format, with ``serving``'s
+    batching and instances), ``<version>/model.onnx`` (plus ``model.py`` for the python
+    backend) and, when ``warmup_path`` (an ``.npz`` split) is given, a real sample under
+    ``warmup/``. The repository is built in a staging directory beside ``repository_dir``,
+    validated, and renamed into place, replacing a previous one. Returns one dict per model:
+    ``name``, ``inputs``, ``outputs`` (each ``name``, ``data_type``, ``dims``),
+    ``max_batch_size``, ``backend``, ``version``, ``versions``.
     """
-    if target not in TARGETS:
-        raise UserInputError(f"target: '{target}' is not one of {', '.join(TARGETS)}")
-    if int(max_batch_size) < 0:
-        raise UserInputError(f"max_batch_size: {max_batch_size} is negative; use 0 or more")
-    onnx_dir = Path(onnx_dir)
-    repository_dir = Path(repository_dir)
-    variants = onnx_variants(onnx_dir)
-    sample = load_sample(warmup_path)
-    options = {
-        "max_batch_size": int(max_batch_size),
-        "max_queue_delay_us": max_queue_delay_us,
-        "preferred_batch_sizes": preferred_batch_sizes,
-        "instance_count": instance_count,
-        "instance_kind": instance_kind,
-        "tensorrt_fp16": tensorrt_fp16,
-    }
-    repository_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(
-        tempfile.mkdtemp(prefix=f".{repository_dir.name}.tmp-", dir=repository_dir.parent)
-    )
-    try:
+    check_backend(backend)
+    variants = onnx_variants(Path(onnx_dir))
+    sample = load_sample(warmup_path, what="warmup_path") if warmup_path is not None else None
+    with staged_dir(repository_dir) as staging:
         models = [
-            write_model(
-                variant / "model.onnx", staging / variant.name, version, target=target,
-                versions=[version], sample=sample, **options,
-            )[0]
+            write_model(variant / MODEL_ONNX, staging / variant.name, version, backend=backend,
+                        versions=[version], sample=sample, serving=serving)[0]
             for variant in variants
         ]
-        validate_model_repository(staging, target=target)
-        swap_into_place(staging, repository_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        validate_model_repository(staging, backend=backend)
     return models
 
 
@@ -239,16 +192,17 @@ def build_model_repository(
 def validate_model_repository(
     repository_dir: str | os.PathLike,
     *,
-    target: str | None = None,
+    backend: str | None = None,
     models: list[str] | None = None,
     load_onnx: bool = True,
 ) -> list[dict]:
     """Check a repository the way Triton will read it, before it leaves the stage.
 
     For every model (or those named): ``config.pbtxt`` parses as a ``ModelConfig`` and names its
-    directory; the backend matches ``target``; every served version has a ``model.onnx`` that
-    loads (with ONNX Runtime when ``load_onnx``) and whose inputs and outputs match the config by
-    name, type and shape; the local target has its ``model.py``; warmup files exist and hold a full
+    directory; its backend is ``backend`` (any of ``contracts.BACKENDS`` when None); every served
+    version has a ``model.onnx`` that loads (with ONNX Runtime when ``load_onnx``) and whose inputs
+    and outputs match the config by name, type and shape; the python backend has its
+    ``model.py``; warmup files exist and hold a full
     sample. Raises ``InvalidRepositoryError`` naming the file; returns the model descriptions (with
     ``versions``, the served ones, and ``version``, the newest).
     """
@@ -285,13 +239,11 @@ def validate_model_repository(
             raise InvalidRepositoryError(
                 f"{where}: config.pbtxt names it '{config.name}'; the names must match"
             )
-        config_target = "triton" if config.platform == "onnxruntime_onnx" else (
-            "local" if config.backend == "python" else None
-        )
-        if config_target is None or (target is not None and config_target != target):
+        config_backend = backend_of(config)
+        if config_backend is None or (backend is not None and config_backend != backend):
             raise InvalidRepositoryError(
                 f"{where}: platform '{config.platform}' / backend '{config.backend}' is not the "
-                f"'{target or 'local or triton'}' target; rebuild it with the deploy stage"
+                f"'{backend or 'python or onnxruntime'}' backend; rebuild it with the deploy stage"
             )
         available = version_dirs(model_dir)
         if config.version_policy.WhichOneof("policy_choice") == "specific":
@@ -303,9 +255,10 @@ def validate_model_repository(
         versions = served_versions(config, available)
         if not versions:
             raise InvalidRepositoryError(f"{where}: no version to serve under {model_dir}")
-        expected = describe_config(config, config_target)
+        expected = describe_config(config, config_backend)
         for version in versions:
-            _validate_version(model_dir / str(version), config, expected, config_target, load_onnx)
+            _validate_version(model_dir / str(version), config, expected, config_backend,
+                              load_onnx)
         for warmup in config.model_warmup:
             for input_name, entry in warmup.inputs.items():
                 if not entry.input_data_file:
@@ -323,13 +276,13 @@ def validate_model_repository(
 
 
 def _validate_version(
-    version_dir: Path, config, expected: dict, target: str, load_onnx: bool
+    version_dir: Path, config, expected: dict, backend: str, load_onnx: bool
 ) -> None:
     where = f"repository: {version_dir}"
-    onnx_path = version_dir / "model.onnx"
+    onnx_path = version_dir / MODEL_ONNX
     if not onnx_path.is_file():
         raise InvalidRepositoryError(f"{where} has no model.onnx")
-    if target == "local" and not (version_dir / "model.py").is_file():
+    if backend == "python" and not (version_dir / "model.py").is_file():
         raise InvalidRepositoryError(f"{where} has no model.py for the Python backend")
     try:
         inputs, outputs, _ = onnx_io(onnx_path, what="repository")

@@ -52,12 +52,12 @@ def serve(
         raise RuntimeError("serve() installs signal handlers; call it from the main thread")
     say = progress or (lambda _message: None)
     models = validate_model_repository(Path(repository), load_onnx=False)
-    production = [m["name"] for m in models if m["target"] != "local"]
+    production = [m["name"] for m in models if m["backend"] != "python"]
     if production:
         raise UserInputError(
             f"repository: {', '.join(production)} use platform onnxruntime_onnx, which the bundled "
             "tritonserver lacks (it has the Python backend only); serve a repository built with "
-            "target='local' (the pipeline's local deploy) or run the Triton container"
+            "backend='python' (the pipeline's local deploy) or run the Triton container"
         )
     server = TritonServer(
         repository, host=host, http_port=http_port, grpc_port=grpc_port,

@@ -4,32 +4,18 @@ The wheel ships Triton with the Python backend only. PyTriton normally drives it
 ``Triton().bind`` API; here we start the binary directly on a plain model repository, the way the
 production Triton container would, so the same repository layout is exercised locally.
 
-What the binary needs to run from a virtual environment (see DESIGN.md, "Notes on the local Triton
-server"):
-
-* the Python backend directory must hold ``triton_python_backend_stub`` built for the running
-  interpreter's version; the wheel keeps one per version under ``python_backend_stubs/``, so we copy
-  the backend plus the matching stub into a private workspace (as PyTriton does);
-* the interpreter's own ``libpython`` directory first on ``LD_LIBRARY_PATH`` (otherwise the stub links
-  the system's libpython and fails with an undefined ``_recursion_count``), and the wheel's
-  ``nvidia_pytriton.libs`` on it too (the copied stub and backend lose their ``$ORIGIN`` rpath);
-* the virtual environment's ``bin`` first on ``PATH``, so the embedded interpreter of the stub finds
-  the venv (``pyvenv.cfg``) and imports its packages (numpy, onnxruntime).
+What the binary needs to run from a virtual environment is in ``binary``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import uuid
@@ -37,177 +23,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torchship.components.errors import ServingError, UserInputError
+from torchship.components.triton.binary import (
+    FATAL,
+    TritonPaths,
+    check_port_free,
+    connect_host,
+    error_summary,
+    find_tritonserver,
+    free_port,
+    last_line,
+    libpython_dir,
+    log_errors,
+    port_conflict,
+    port_in_use,
+    prepend,
+    tail,
+)
+from torchship.components.triton.config import read_model_config
 
-__all__ = ["TritonPaths", "TritonServer", "check_port_free", "find_tritonserver", "free_port"]
+__all__ = ["TritonServer"]
 
 if TYPE_CHECKING:  # annotations only; no runtime dependency on typing_extensions
     from typing_extensions import Self
-
-
-class TritonPaths:
-    """Locations inside the installed ``nvidia-pytriton`` distribution."""
-
-    def __init__(self, root: Path, libs: Path):
-        self.root = root  # .../site-packages/pytriton/tritonserver
-        self.libs = libs  # .../site-packages/nvidia_pytriton.libs
-
-    @property
-    def binary(self) -> Path:
-        return self.root / "bin" / "tritonserver"
-
-    @property
-    def python_backend(self) -> Path:
-        return self.root / "backends" / "python"
-
-    def stub(self, version: str) -> Path:
-        return self.root / "python_backend_stubs" / version / "triton_python_backend_stub"
-
-
-def find_tritonserver() -> TritonPaths:
-    """Locate the ``tritonserver`` binary shipped inside the ``nvidia-pytriton`` wheel.
-
-    Raises ``UserInputError`` with the fix when the wheel is missing or incomplete.
-    """
-    try:
-        import pytriton
-    except ImportError as exc:
-        raise UserInputError(
-            "tritonserver: the nvidia-pytriton package is not installed; install it with "
-            "`pip install nvidia-pytriton` (Linux x86_64/aarch64, glibc >= 2.35) to serve locally"
-        ) from exc
-    package_dir = Path(pytriton.__file__).resolve().parent
-    paths = TritonPaths(package_dir / "tritonserver", package_dir.parent / "nvidia_pytriton.libs")
-    if not os.access(paths.binary, os.X_OK):
-        raise UserInputError(
-            f"tritonserver: no executable at {paths.binary}; the nvidia-pytriton install looks "
-            "incomplete, reinstall it with `pip install --force-reinstall nvidia-pytriton`"
-        )
-    if not (paths.python_backend / "libtriton_python.so").is_file():
-        raise UserInputError(
-            f"tritonserver: the Python backend is missing under {paths.python_backend}; reinstall "
-            "nvidia-pytriton"
-        )
-    return paths
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _libpython_dir() -> str | None:
-    """The directory holding the running interpreter's shared libpython, if it has one."""
-    libdir = sysconfig.get_config_var("LIBDIR")
-    soname = sysconfig.get_config_var("INSTSONAME") or sysconfig.get_config_var("LDLIBRARY")
-    if libdir and soname and (Path(libdir) / soname).exists():
-        return str(libdir)
-    return None
-
-
-def _prepend(value: str | None, *entries: str | None) -> str:
-    parts = [e for e in entries if e]
-    if value:
-        parts.append(value)
-    return os.pathsep.join(parts)
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no server log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-# Error lines Triton always prints on a machine without a GPU; not worth reporting.
-_BENIGN = ("CudaDriverHelper has not been initialized",)
-# Log lines that mean startup has failed (with --exit-on-error the server exits a bit later).
-_FATAL = ("failed to load '", "error: creating server", "Poll failed for model directory",
-          "failed to start ")
-_LOG_PREFIX = re.compile(r"^[EWI]\d{4} [\d:.]+\s+\d+\s+[\w.]+:\d+\]\s*")
-
-
-def _log_errors(text: str, limit: int = 8, width: int = 500) -> list[str]:
-    errors = [
-        line
-        for line in text.splitlines()
-        if line[:1] == "E" and line[1:5].isdigit() and not any(b in line for b in _BENIGN)
-    ]
-    return [e if len(e) <= width else e[:width] + " ..." for e in errors[:limit]]
-
-
-def _error_summary(text: str, width: int = 300) -> str | None:
-    """The most telling error of a server log as one line, without Triton's prefix."""
-    errors = _log_errors(text, limit=100, width=10_000)
-    errors += [line for line in text.splitlines() if line.startswith("error: creating server")]
-    if not errors:
-        return None
-    markers = ("failed to start ", "Poll failed", "failed to load '")
-    chosen = next((e for m in markers for e in errors if m in e), errors[0])
-    message = " ".join(_LOG_PREFIX.sub("", chosen).strip().strip('"').split())
-    return message if len(message) <= width else message[:width] + " ..."
-
-
-def _last_line(text: str, width: int = 120) -> str | None:
-    """The log's last line that says something (not the option table, not the command line)."""
-    for line in reversed(text.splitlines()):
-        line = " ".join(_LOG_PREFIX.sub("", line).strip().strip('"').split())
-        if line and line[0] not in "|+$":
-            return line if len(line) <= width else line[:width] + " ..."
-    return None
-
-
-def _port_conflict(text: str) -> str | None:
-    """Which listener ("http" or "grpc") could not bind its port, from the server log."""
-    for line in text.splitlines():
-        lowered = line.lower()
-        if "already in use" in lowered or "address in use" in lowered:
-            if "grpc" in lowered or "chttp2" in lowered:
-                return "grpc"
-            if "http" in lowered:
-                return "http"
-    return None
-
-
-def _connect_host(host: str) -> str:
-    """The address a client on this machine uses to reach a server bound to ``host``."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
-def check_port_free(host: str, port: int, what: str) -> None:
-    """Raise ``UserInputError`` (one line, naming the port and the fix) if ``port`` is taken."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        # SO_REUSEADDR: a port in TIME_WAIT is free for tritonserver too; only a listener is not.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, int(port)))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise UserInputError(_port_in_use(what, host, port)) from None
-            if exc.errno == errno.EADDRNOTAVAIL:
-                raise UserInputError(
-                    f"host: {host} is not an address of this machine; use 127.0.0.1 (the "
-                    "default) or 0.0.0.0 to listen on every interface"
-                ) from None
-            if exc.errno == errno.EACCES:
-                raise UserInputError(
-                    f"{what}: port {port} needs privileges to bind; use a port above 1023"
-                ) from None
-            raise
-
-
-def _port_in_use(what: str, host: str, port: int) -> str:
-    return (
-        f"{what}: port {port} on {host} is already in use; stop the process listening there "
-        f"(another tritonserver?) or pass a different --{what.replace('_', '-')}"
-    )
 
 
 class TritonServer:
@@ -272,12 +109,12 @@ class TritonServer:
     @property
     def grpc_url(self) -> str:
         self._require_started()
-        return f"{_connect_host(self.host)}:{self.grpc_port}"
+        return f"{connect_host(self.host)}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
         self._require_started()
-        return f"{_connect_host(self.host)}:{self.http_port}"
+        return f"{connect_host(self.host)}:{self.http_port}"
 
     @property
     def pid(self) -> int | None:
@@ -302,10 +139,10 @@ class TritonServer:
         else:
             how = f"exit status {code}"
         text = self._log_text()
-        error = _error_summary(text, width=120)
+        error = error_summary(text, width=120)
         if error:
             return f"{how}; its log says: {error}"
-        last = _last_line(text)
+        last = last_line(text)
         return f"{how}; last log line: {last}" if last else how
 
     def log_tail(self, lines: int = 40) -> str:
@@ -313,10 +150,10 @@ class TritonServer:
         if not self.log_path:
             return "(no server log)"
         try:
-            errors = _log_errors(self.log_path.read_text(errors="replace"))
+            errors = log_errors(self.log_path.read_text(errors="replace"))
         except OSError:
             errors = []
-        return "\n".join(errors) if errors else _tail(self.log_path, lines)
+        return "\n".join(errors) if errors else tail(self.log_path, lines)
 
     def __enter__(self) -> Self:
         self.start()
@@ -350,12 +187,12 @@ class TritonServer:
                     self._wait_ready()
                 except ServingError:
                     self._terminate()
-                    conflict = _port_conflict(self._log_text())
+                    conflict = port_conflict(self._log_text())
                     if conflict is not None:
                         what = f"{conflict}_port"
                         if self._fixed_ports[what] is not None:
                             port = self.http_port if conflict == "http" else self.grpc_port
-                            raise UserInputError(_port_in_use(what, self.host, port)) from None
+                            raise UserInputError(port_in_use(what, self.host, port)) from None
                         if attempt < 2:
                             continue
                     raise
@@ -386,8 +223,6 @@ class TritonServer:
 
     def _check_configs(self) -> None:
         """Parse every ``config.pbtxt`` first: Triton's own complaint is buried in its log."""
-        from torchship.components.triton.config import read_model_config
-
         for config_path in sorted(self.repository.glob("*/config.pbtxt")):
             read_model_config(config_path)
 
@@ -416,10 +251,10 @@ class TritonServer:
 
     def _environment(self, paths: TritonPaths) -> dict[str, str]:
         env = os.environ.copy()
-        env["LD_LIBRARY_PATH"] = _prepend(
-            env.get("LD_LIBRARY_PATH"), _libpython_dir(), str(paths.libs)
+        env["LD_LIBRARY_PATH"] = prepend(
+            env.get("LD_LIBRARY_PATH"), libpython_dir(), str(paths.libs)
         )
-        env["PATH"] = _prepend(env.get("PATH"), str(Path(sys.prefix) / "bin"))
+        env["PATH"] = prepend(env.get("PATH"), str(Path(sys.prefix) / "bin"))
         # ONNX Runtime / OpenMP inside the stubs: one thread each unless the caller says otherwise.
         env.setdefault("OMP_NUM_THREADS", "1")
         env.pop("PYTHONHOME", None)
@@ -483,7 +318,7 @@ class TritonServer:
 
     def _failure(self, what: str) -> ServingError:
         """A ``ServingError`` whose first line says what failed and why (the server's reason)."""
-        reason = _error_summary(self._log_text())
+        reason = error_summary(self._log_text())
         if reason:  # one line: the reason is the server's own, the rest is in the log
             return ServingError(f"{what}: {reason} (log: {self.log_path})")
         return ServingError(f"{what} (log: {self.log_path})\n{self.log_tail()}")
@@ -507,7 +342,7 @@ class TritonServer:
                     if client.is_server_ready():
                         return
                 text = self._log_text()
-                if any(marker in text for marker in _FATAL):
+                if any(marker in text for marker in FATAL):
                     # exit-on-error: the server will exit after unloading; no need to wait.
                     raise self._failure(f"tritonserver failed to serve {self.repository}")
                 if time.monotonic() > deadline:

@@ -1,5 +1,5 @@
-"""Changing a model repository safely: version directories, the versions served, the deploy lock,
-and atomic writes and swaps."""
+"""Changing a model repository safely: version directories, the versions served, and the deploy
+lock. (Atomic writes and directory swaps are `components.files`.)"""
 
 from __future__ import annotations
 
@@ -7,22 +7,13 @@ import contextlib
 import errno
 import fcntl
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from torchship.components.errors import ServingError
 
-__all__ = [
-    "LOCK_NAME",
-    "atomic_write",
-    "repository_lock",
-    "served_versions",
-    "swap_into_place",
-    "version_dirs",
-]
+__all__ = ["LOCK_NAME", "repository_lock", "served_versions", "version_dirs"]
 
 LOCK_NAME = ".torchship-deploy.lock"
 
@@ -78,34 +69,3 @@ def repository_lock(repository_dir: Path, timeout_s: float = 900.0) -> Iterator[
         yield path
     finally:
         os.close(fd)  # releases the flock
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def swap_into_place(built: Path, destination: Path) -> None:
-    """Rename ``built`` to ``destination``, replacing a previous directory there."""
-    if destination.exists():
-        old = destination.with_name(f".{destination.name}.old-{os.getpid()}-{time.time_ns()}")
-        destination.rename(old)
-        try:
-            built.rename(destination)
-        except BaseException:
-            old.rename(destination)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        built.rename(destination)

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from torchship.components.benchmark.stage import benchmark_repository
+from torchship.components.contracts import ServingSettings
 from torchship.components.data.stage import prepare_data
-from torchship.components.deploy.targets.local import build_model_repository
-from torchship.components.export.stage import export_onnx
-from torchship.components.models import build_model
+from torchship.components.models import build_model, export_onnx
+from torchship.components.triton.repository import build_model_repository
 
 # Dynamic batching settings measured to scale best on a small CPU machine (see README).
 MAX_QUEUE_DELAY_US = 100
@@ -43,12 +43,11 @@ def build_repository(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     export_onnx(model, meta["n_features"], onnx_dir / "fp32" / "model.onnx")
     (onnx_dir / "variants.json").write_text(json.dumps([{"name": "fp32"}]))
     repository = work / "repository"
-    build_model_repository(
-        onnx_dir, repository, target="local",
+    build_model_repository(onnx_dir, repository, "python", ServingSettings(
         max_queue_delay_us=args.max_queue_delay_us,
-        preferred_batch_sizes=tuple(args.preferred_batch_sizes or ()) or None,
+        preferred_batch_sizes=tuple(args.preferred_batch_sizes or ()),
         instance_count=args.instance_count,
-    )
+    ))
     return repository, test_path
 
 

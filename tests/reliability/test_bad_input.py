@@ -20,13 +20,13 @@ from artifacts import N_CLASSES, N_FEATURES, labelled_table, write_onnx_dir
 from processes import error_lines, torchship, wait_gone
 
 from torchship.components.benchmark.stage import benchmark_endpoint
-from torchship.components.gate.checks import evaluate_gate
 from torchship.components.data.stage import prepare_data
 from torchship.components.deploy.targets.local import deploy_local
 from torchship.components.errors import ServingError, UserInputError
 from torchship.components.export.stage import export_variants
-from torchship.components.triton.repository import build_model_repository
+from torchship.components.gate.checks import evaluate_gate
 from torchship.components.models import build_model, check_model_output, save_checkpoint
+from torchship.components.triton.repository import build_model_repository
 from torchship.components.triton.server import TritonServer, free_port
 
 
@@ -271,7 +271,7 @@ def test_truncated_onnx_is_refused_by_build_and_deploy(tmp_path, test_path):
     onnx_dir = write_onnx_dir(tmp_path / "onnx")
     _truncate(onnx_dir / "fp32" / "model.onnx")
     with pytest.raises(UserInputError) as built:
-        build_model_repository(onnx_dir, tmp_path / "repo", target="local")
+        build_model_repository(onnx_dir, tmp_path / "repo", backend="python")
     assert "fp32/model.onnx is not a readable ONNX model" in _one_line(built)
     assert "re-run the export stage" in str(built.value)
     assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
@@ -403,7 +403,7 @@ def test_cli_bad_inputs_print_one_error_line_and_exit_2(pipeline_yaml, tmp_path)
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--latency-budget-ms", "-5"], "latency_budget_p99_ms=-5.0 is negative"),
-    (["--latency-budget-ms", "0"], "latency_budget_p99_ms=0.0 is a p99 budget no server can meet"),
+    (["--target-sparsity", "1.5"], "target_sparsity=1.5 is not in [0, 1); pass e.g. 0.8"),
     (["--concurrency", "1,2", "--target-concurrency", "8"], "is not a measured level ([1, 2])"),
     (["--variants", "fp32,int4"], "unknown ones (int4)"),
     (["-p", "calibration_method=magic"], "calibration_method='magic' is unknown"),

@@ -87,8 +87,8 @@ def test_export_killed_mid_write_leaves_the_previous_export_whole(tmp_path, test
     deadline = time.monotonic() + 60
     caught = None
     while time.monotonic() < deadline and proc.poll() is None:
-        # The exporter writes `.model.onnx.*.tmp` inside a `.onnx.tmp-*` staging directory.
-        partial = list(tmp_path.glob(".onnx.tmp-*/*/.model.onnx.*.tmp"))
+        # The exporter writes `.model.onnx.*.tmp.onnx` inside a `.onnx.tmp-*` staging directory.
+        partial = list(tmp_path.glob(".onnx.tmp-*/*/.model.onnx.*.tmp*"))
         if partial:
             proc.send_signal(signal.SIGKILL)
             caught = partial[0]
@@ -104,7 +104,7 @@ def test_export_killed_mid_write_leaves_the_previous_export_whole(tmp_path, test
     assert after == before
     for name in after:
         onnx.checker.check_model(str(onnx_dir / name / "model.onnx"), full_check=True)
-    assert not list(onnx_dir.rglob("*.tmp"))
+    assert not list(onnx_dir.rglob("*.tmp*"))
     # What the kill leaves is the hidden staging directory beside it, never inside it.
     assert caught.parent.parent.name.startswith(".onnx.tmp-")
 
@@ -182,7 +182,7 @@ def test_threads_deploying_at_once_also_get_distinct_versions(tmp_path, test_pat
 
 
 def test_export_removes_the_staging_a_killed_export_left_and_only_that(tmp_path, test_path):
-    from torchship.components.export.stage import STALE_STAGING_S, make_staging_dir
+    from torchship.components.files import STALE_STAGING_S, make_staging_dir
 
     variants = _variants(tmp_path / "variants")
     onnx_dir = tmp_path / "onnx"

@@ -1,9 +1,8 @@
 """Deploy stage, local target: ONNX files -> a new version in a Triton model repository, served on
 the bundled ``tritonserver``, checked, and only then promoted.
 
-The repository layout and validation live in ``model_repository``, configs in ``triton_config``,
-versions and the lock in ``repository_versions``; the checks in ``deploy_smoke``; the other
-targets in ``deploy_vertex`` and ``deploy_kserve``.
+The repository layout and validation live in ``triton.repository``, configs in ``triton.config``,
+versions and the lock in ``triton.versions``; the checks in ``deploy.smoke``.
 
 ``deploy_local`` adds the next version of every model to a repository (a persistent one, when
 given, else the stage's artifact directory), never overwriting one:
@@ -26,38 +25,32 @@ list (never loaded).
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from torchship.components.contracts import MODEL_ONNX, ServingSettings
+from torchship.components.deploy.registry import DeployRequest, DeployTarget, register
 from torchship.components.deploy.smoke import load_samples, smoke_test_server
 from torchship.components.errors import ServingError, UserInputError
-from torchship.components.triton.repository import (
-    WARMUP_DIR,
-    build_model_repository,
-    onnx_variants,
-    validate_model_repository,
-    write_model,
-)
-from torchship.components.triton.versions import (
-    repository_lock,
-    served_versions,
-    swap_into_place,
-    version_dirs,
-)
+from torchship.components.files import make_staging_dir, remove_stale_staging, staged_dir
 from torchship.components.triton.config import (
-    ONNX_TO_TRITON,
-    TARGETS,
     InvalidRepositoryError,
     describe_config,
     read_model_config,
     write_config,
 )
+from torchship.components.triton.repository import (
+    WARMUP_DIR,
+    onnx_variants,
+    validate_model_repository,
+    write_model,
+)
+from torchship.components.triton.server import TritonServer
+from torchship.components.triton.versions import repository_lock, served_versions, version_dirs
 
-__all__ = ["ONNX_TO_TRITON", "TARGETS", "build_model_repository", "deploy_local"]
+__all__ = ["deploy_local"]
 
 
 def deploy_local(
@@ -69,9 +62,7 @@ def deploy_local(
     *,
     persistent_repository: str | os.PathLike | None = None,
     keep_versions: int = 2,
-    max_batch_size: int = 64,
-    max_queue_delay_us: int = 100,
-    instance_count: int = 1,
+    serving: ServingSettings | None = None,
     startup_timeout_s: float = 120.0,
     request_timeout_s: float = 30.0,
     lock_timeout_s: float = 900.0,
@@ -94,32 +85,25 @@ def deploy_local(
     "versions": {name: version}, "repository", "artifact_repository", "target", "n_samples",
     "atol", "server_startup_s", "passed"}``.
     """
-    from torchship.components.triton.server import TritonServer
-
     if int(keep_versions) < 1:
         raise UserInputError(f"keep_versions: {keep_versions} must be 1 or more")
-    if int(max_batch_size) < 0:
-        raise UserInputError(f"max_batch_size: {max_batch_size} is negative; use 0 or more")
     artifact = Path(repository_dir)
     served = Path(persistent_repository) if persistent_repository else artifact
     x_all = load_samples(test_path, n_samples)
     variants = onnx_variants(Path(onnx_dir))
-    options = {
-        "max_batch_size": int(max_batch_size),
-        "max_queue_delay_us": max_queue_delay_us,
-        "instance_count": instance_count,
-    }
+    serving = serving or ServingSettings()
     say = progress or (lambda _message: None)
 
     with repository_lock(served, lock_timeout_s):
-        _remove_stale_staging(served)
-        staging = Path(tempfile.mkdtemp(prefix=f".{served.name}.deploy-", dir=served.parent))
+        # Under the lock no other deploy is staging: whatever staging is left, a dead one left.
+        remove_stale_staging(served, max_idle_s=0, kind="deploy")
+        staging = make_staging_dir(served, kind="deploy")
         plans: list[dict] = []
         try:
             try:
                 for variant in variants:
-                    plans.append(_stage_version(variant, served, staging, x_all, options))
-                validate_model_repository(staging, target="local")
+                    plans.append(_stage_version(variant, served, staging, x_all, serving))
+                validate_model_repository(staging, backend="python")
                 with TritonServer(staging, startup_timeout_s=startup_timeout_s) as server:
                     smoke = smoke_test_server(
                         [plan["model"] for plan in plans],
@@ -141,7 +125,7 @@ def deploy_local(
                     f"(serving versions {plan['served_versions']})"
                 )
             validate_model_repository(
-                served, target="local", models=[p["name"] for p in plans], load_onnx=False
+                served, backend="python", models=[p["name"] for p in plans], load_onnx=False
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -170,14 +154,8 @@ def deploy_local(
     }
 
 
-def _remove_stale_staging(repository: Path) -> None:
-    """Staging left by a deploy that died (we hold the lock, so none is in progress)."""
-    for stale in repository.parent.glob(f".{repository.name}.deploy-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 def _stage_version(
-    variant: Path, repository: Path, staging: Path, x_all, options: dict
+    variant: Path, repository: Path, staging: Path, x_all, serving: ServingSettings
 ) -> dict:
     """Write the next version of ``variant`` into ``staging/<name>/``; plan its promotion."""
     name = variant.name
@@ -194,12 +172,12 @@ def _stage_version(
     version = max(available, default=0) + 1
     previous = served_versions(existing, available) if existing is not None else []
     model, config = write_model(
-        variant / "model.onnx", staging / name, version, target="local", versions=[version],
-        sample=x_all, **options,
+        variant / MODEL_ONNX, staging / name, version, backend="python", versions=[version],
+        sample=x_all, serving=serving,
     )
     if existing is not None:
         _check_compatible(existing, config, model_dir)
-    model["onnx_path"] = str(staging / name / str(version) / "model.onnx")
+    model["onnx_path"] = str(staging / name / str(version) / MODEL_ONNX)
     return {
         "name": name,
         "version": version,
@@ -212,7 +190,7 @@ def _stage_version(
 def _check_compatible(existing, new, model_dir: Path) -> None:
     """All served versions share one config: a new version must keep the tensors and batching."""
     old, fresh = describe_config(existing), describe_config(new)
-    for key in ("target", "inputs", "outputs", "max_batch_size"):
+    for key in ("backend", "inputs", "outputs", "max_batch_size"):
         if old[key] != fresh[key]:
             raise UserInputError(
                 f"onnx_dir: model '{new.name}' has {key} {fresh[key]}, but {model_dir} serves "
@@ -263,10 +241,8 @@ def _not_promoted(exc: BaseException, repository: Path, names: list[str]) -> Bas
 
 def _export_versions(repository: Path, versions: dict[str, int], destination: Path) -> None:
     """Copy each model's given version (config listing only it, and its warmup sample) into a
-    fresh ``destination``, renamed into place whole."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
-    try:
+    fresh ``destination``, published whole."""
+    with staged_dir(destination) as staging:
         for name, version in versions.items():
             source, target = repository / name, staging / name
             shutil.copytree(source / str(version), target / str(version))
@@ -276,91 +252,19 @@ def _export_versions(repository: Path, versions: dict[str, int], destination: Pa
             del config.version_policy.specific.versions[:]
             config.version_policy.specific.versions.append(version)
             write_config(config, target / "config.pbtxt")
-        validate_model_repository(staging, target="local", load_onnx=False)
-        swap_into_place(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        validate_model_repository(staging, backend="python", load_onnx=False)
 
 
-DEPLOY_TARGETS = ("local", "vertex", "kserve")
-# Settings each remote target cannot do without (pipeline parameter `deploy_settings`).
-_REQUIRED_SETTINGS = {
-    "vertex": ("project", "location", "model_display_name", "serving_image_uri"),
-    "kserve": ("name", "namespace"),
-}
-
-
-def deploy_to(
-    target: str,
-    onnx_dir: str | os.PathLike,
-    repository_dir: str | os.PathLike,
-    repository_uri: str,
-    test_path: str | os.PathLike,
-    *,
-    local_repository: str = "",
-    settings: dict | None = None,
-    serving: dict | None = None,
-    progress: Callable[[str], None] = print,
-) -> dict:
-    """Deploy `onnx_dir` to `target`, building its repository at `repository_dir` (the stage's
-    artifact, at `repository_uri`). `settings` are the target's keyword arguments
-    (`deploy_vertex`, `deploy_kserve`); `local_repository` is the persistent repository a local
-    deploy adds a version to. `serving` holds the Triton settings the serving search chose
-    (`instance_count`, `max_queue_delay_us`) for every target's model config; a setting also
-    given in `settings` wins. Returns the target's result with a one-line `summary`."""
-    settings = dict(settings or {})
-    check_deploy_settings(target, settings)
-    if target == "local":
-        result = deploy_local(onnx_dir, repository_dir, test_path,
-                              persistent_repository=local_repository or None, progress=progress,
-                              **(serving or {}))
-        result["summary"] = {"versions": result.get("versions", {})}
-        return result
-    if target == "vertex":
-        from torchship.components.deploy.targets.vertex import deploy_vertex
-
-        result = deploy_vertex(repository_dir, test_path, onnx_dir=onnx_dir,
-                               repository_uri=settings.pop("repository_uri", repository_uri),
-                               progress=progress, **{**(serving or {}), **settings})
-    else:
-        from torchship.components.deploy.targets.kserve import deploy_kserve
-
-        result = deploy_kserve(repository_dir, test_path, onnx_dir=onnx_dir,
-                               storage_uri=settings.pop("storage_uri", repository_uri),
-                               progress=progress, **{**(serving or {}), **settings})
-    result["summary"] = {key: result[key] for key in ("endpoint", "deployed_model_id", "name",
-                                                       "url", "promoted") if key in result}
+def _deploy(request: DeployRequest) -> dict:
+    result = deploy_local(request.onnx_dir, request.repository_dir, request.test_path,
+                          persistent_repository=request.local_repository or None,
+                          serving=request.serving, progress=request.progress)
+    result["summary"] = {"versions": result.get("versions", {})}
     return result
 
 
-def check_deploy_settings(target: str, settings: dict | None) -> None:
-    """Refuse a deploy target or settings the deploy stage would refuse, hours into a run:
-    `torchship run`, `submit` and `schedule create` call this before anything starts."""
-    settings = settings or {}
-    if target not in DEPLOY_TARGETS:
-        raise UserInputError(
-            f"deploy target '{target}' is unknown; pass one of {', '.join(DEPLOY_TARGETS)}")
-    missing = [key for key in _REQUIRED_SETTINGS.get(target, ()) if not settings.get(key)]
-    if missing:
-        raise UserInputError(
-            f"deploy target '{target}' needs deploy_settings {', '.join(missing)}; pass them as "
-            f"-p deploy_settings='{{\"{missing[0]}\": ...}}'")
-    if target == "local":
-        if settings:
-            raise UserInputError(
-                f"deploy_settings {sorted(settings)} are for remote targets; the local target "
-                "takes local_repository only")
-        return
-    if target == "vertex":
-        from torchship.components.deploy.targets.vertex import deploy_vertex as deploy
-    else:
-        from torchship.components.deploy.targets.kserve import deploy_kserve as deploy
-    # The stage's own arguments, and the artifact URIs it fills in, are not settings.
-    accepted = set(inspect.signature(deploy).parameters) - {
-        "repository_dir", "test_path", "onnx_dir", "progress"}
-    unknown = sorted(set(settings) - accepted)
-    if unknown:
-        raise UserInputError(
-            f"deploy_settings {', '.join(unknown)} are not settings of the '{target}' target; "
-            f"use any of {', '.join(sorted(accepted))}")
+TARGET = register(DeployTarget(
+    name="local", deploy=_deploy,
+    description="a new version in a local Triton repository (the bundled tritonserver), "
+                "smoke-tested on a staging server before it is promoted",
+))

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from torchship.components.contracts import MODEL_ONNX, ServingSettings
+from torchship.components.deploy.registry import DeployRequest, DeployTarget, register
 from torchship.components.deploy.smoke import (
     check_metadata,
     compare_outputs,
@@ -86,10 +88,7 @@ def deploy_vertex(
     promote: bool = False,
     repository_uri: str | None = None,
     onnx_dir: str | os.PathLike | None = None,
-    max_batch_size: int = 64,
-    instance_count: int = 1,
-    max_queue_delay_us: int = 100,
-    tensorrt_fp16: bool = False,
+    serving: ServingSettings | None = None,
     parent_model: str | None = None,
     labels: dict[str, str] | None = None,
     n_samples: int = 32,
@@ -98,13 +97,13 @@ def deploy_vertex(
     request_timeout_s: float = 60.0,
     progress: Callable[[str], None] | None = print,
 ) -> dict:
-    """Upload ``repository_dir`` (a ``target="triton"`` repository) as a new version of the model
+    """Upload ``repository_dir`` (a ``backend="onnxruntime"`` repository) as a new version of the model
     named ``model_display_name``, deploy it next to what the endpoint serves with
     ``canary_percent`` of the traffic, and check it; undeploy it again if the check fails.
 
-    ``onnx_dir``: build the repository there first (``target="triton"``, ``instance_count``
-    instances, ``KIND_GPU`` when an accelerator is given, dynamic batching with
-    ``max_queue_delay_us``, optional TensorRT FP16, a warmup sample from ``test_path``).
+    ``onnx_dir``: build the repository there first (backend ``onnxruntime`` with ``serving``'s
+    batching, instances and optional TensorRT FP16, ``KIND_GPU`` when an accelerator is given, a
+    warmup sample from ``test_path``).
     ``repository_uri``: the repository's ``gs://`` URI (default: derived from a ``/gcs/`` path).
     The first version of a model, and the first model on an endpoint, get all the traffic.
 
@@ -138,13 +137,11 @@ def deploy_vertex(
         )
     uri = gcs_uri(repository_dir, repository_uri)
     if onnx_dir is not None:
-        build_model_repository(
-            onnx_dir, repository_dir, "triton", max_batch_size,
-            instance_count=instance_count, max_queue_delay_us=max_queue_delay_us,
-            instance_kind="KIND_GPU" if accelerator_type else "KIND_CPU",
-            tensorrt_fp16=tensorrt_fp16, warmup_path=test_path,
-        )
-    models = validate_model_repository(repository_dir, target="triton")
+        serving = (serving or ServingSettings()).with_values(
+            {"instance_kind": "KIND_GPU" if accelerator_type else "KIND_CPU"})
+        build_model_repository(onnx_dir, repository_dir, "onnxruntime", serving,
+                               warmup_path=test_path)
+    models = validate_model_repository(repository_dir, backend="onnxruntime")
     x_all = load_samples(test_path, n_samples)
     where = {"project": project, "location": location}
 
@@ -339,7 +336,7 @@ def _smoke(endpoint, new_id, models, repository_dir, x_all, atol, max_requests, 
         name, version = model["name"], model["version"]
         check_metadata(model, ask({}, f"v2/models/{name}"), f"deployed model {new_id}")
         x = model_input(model, x_all)
-        expected = onnx_reference(repository_dir / name / str(version) / "model.onnx", model, x)
+        expected = onnx_reference(repository_dir / name / str(version) / MODEL_ONNX, model, x)
         chunk = model["max_batch_size"] or len(x)
         got: dict[str, list] = {o["name"]: [] for o in model["outputs"]}
         for start in range(0, len(x), chunk):
@@ -358,3 +355,21 @@ def _smoke(endpoint, new_id, models, repository_dir, x_all, atol, max_requests, 
                          "inputs": model["inputs"], "outputs": model["outputs"],
                          "max_batch_size": model["max_batch_size"]}
     return results
+
+
+def _deploy(request: DeployRequest) -> dict:
+    settings = dict(request.settings)
+    result = deploy_vertex(request.repository_dir, request.test_path, onnx_dir=request.onnx_dir,
+                           repository_uri=settings.pop("repository_uri", request.repository_uri),
+                           serving=request.serving, progress=request.progress, **settings)
+    result["summary"] = {key: result[key] for key in ("endpoint", "deployed_model_id",
+                                                       "promoted")}
+    return result
+
+
+TARGET = register(DeployTarget(
+    name="vertex", deploy=_deploy, settings_of=deploy_vertex,
+    required_settings=("project", "location", "model_display_name", "serving_image_uri"),
+    description="a new Model Registry version on a Vertex AI Endpoint (Triton serving image), "
+                "as a canary that is smoke-tested and rolled back on failure",
+))

@@ -1,0 +1,194 @@
+"""The ``tritonserver`` binary bundled in the ``nvidia-pytriton`` wheel: where it is and what it
+needs to run from a virtual environment, free and taken ports, and reading its log.
+
+What the binary needs to run from a virtual environment (see DESIGN.md, "Notes on the local Triton
+server"):
+
+* the Python backend directory must hold ``triton_python_backend_stub`` built for the running
+  interpreter's version; the wheel keeps one per version under ``python_backend_stubs/``, so we copy
+  the backend plus the matching stub into a private workspace (as PyTriton does);
+* the interpreter's own ``libpython`` directory first on ``LD_LIBRARY_PATH`` (otherwise the stub links
+  the system's libpython and fails with an undefined ``_recursion_count``), and the wheel's
+  ``nvidia_pytriton.libs`` on it too (the copied stub and backend lose their ``$ORIGIN`` rpath);
+* the virtual environment's ``bin`` first on ``PATH``, so the embedded interpreter of the stub finds
+  the venv (``pyvenv.cfg``) and imports its packages (numpy, onnxruntime).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import sysconfig
+from pathlib import Path
+
+from torchship.components.errors import UserInputError
+
+__all__ = ["TritonPaths", "check_port_free", "find_tritonserver", "free_port"]
+
+
+class TritonPaths:
+    """Locations inside the installed ``nvidia-pytriton`` distribution."""
+
+    def __init__(self, root: Path, libs: Path):
+        self.root = root  # .../site-packages/pytriton/tritonserver
+        self.libs = libs  # .../site-packages/nvidia_pytriton.libs
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def python_backend(self) -> Path:
+        return self.root / "backends" / "python"
+
+    def stub(self, version: str) -> Path:
+        return self.root / "python_backend_stubs" / version / "triton_python_backend_stub"
+
+
+def find_tritonserver() -> TritonPaths:
+    """Locate the ``tritonserver`` binary shipped inside the ``nvidia-pytriton`` wheel.
+
+    Raises ``UserInputError`` with the fix when the wheel is missing or incomplete.
+    """
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise UserInputError(
+            "tritonserver: the nvidia-pytriton package is not installed; install it with "
+            "`pip install nvidia-pytriton` (Linux x86_64/aarch64, glibc >= 2.35) to serve locally"
+        ) from exc
+    package_dir = Path(pytriton.__file__).resolve().parent
+    paths = TritonPaths(package_dir / "tritonserver", package_dir.parent / "nvidia_pytriton.libs")
+    if not os.access(paths.binary, os.X_OK):
+        raise UserInputError(
+            f"tritonserver: no executable at {paths.binary}; the nvidia-pytriton install looks "
+            "incomplete, reinstall it with `pip install --force-reinstall nvidia-pytriton`"
+        )
+    if not (paths.python_backend / "libtriton_python.so").is_file():
+        raise UserInputError(
+            f"tritonserver: the Python backend is missing under {paths.python_backend}; reinstall "
+            "nvidia-pytriton"
+        )
+    return paths
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def libpython_dir() -> str | None:
+    """The directory holding the running interpreter's shared libpython, if it has one."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    soname = sysconfig.get_config_var("INSTSONAME") or sysconfig.get_config_var("LDLIBRARY")
+    if libdir and soname and (Path(libdir) / soname).exists():
+        return str(libdir)
+    return None
+
+
+def prepend(value: str | None, *entries: str | None) -> str:
+    parts = [e for e in entries if e]
+    if value:
+        parts.append(value)
+    return os.pathsep.join(parts)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no server log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# Error lines Triton always prints on a machine without a GPU; not worth reporting.
+BENIGN = ("CudaDriverHelper has not been initialized",)
+# Log lines that mean startup has failed (with --exit-on-error the server exits a bit later).
+FATAL = ("failed to load '", "error: creating server", "Poll failed for model directory",
+          "failed to start ")
+LOG_PREFIX = re.compile(r"^[EWI]\d{4} [\d:.]+\s+\d+\s+[\w.]+:\d+\]\s*")
+
+
+def log_errors(text: str, limit: int = 8, width: int = 500) -> list[str]:
+    errors = [
+        line
+        for line in text.splitlines()
+        if line[:1] == "E" and line[1:5].isdigit() and not any(b in line for b in BENIGN)
+    ]
+    return [e if len(e) <= width else e[:width] + " ..." for e in errors[:limit]]
+
+
+def error_summary(text: str, width: int = 300) -> str | None:
+    """The most telling error of a server log as one line, without Triton's prefix."""
+    errors = log_errors(text, limit=100, width=10_000)
+    errors += [line for line in text.splitlines() if line.startswith("error: creating server")]
+    if not errors:
+        return None
+    markers = ("failed to start ", "Poll failed", "failed to load '")
+    chosen = next((e for m in markers for e in errors if m in e), errors[0])
+    message = " ".join(LOG_PREFIX.sub("", chosen).strip().strip('"').split())
+    return message if len(message) <= width else message[:width] + " ..."
+
+
+def last_line(text: str, width: int = 120) -> str | None:
+    """The log's last line that says something (not the option table, not the command line)."""
+    for line in reversed(text.splitlines()):
+        line = " ".join(LOG_PREFIX.sub("", line).strip().strip('"').split())
+        if line and line[0] not in "|+$":
+            return line if len(line) <= width else line[:width] + " ..."
+    return None
+
+
+def port_conflict(text: str) -> str | None:
+    """Which listener ("http" or "grpc") could not bind its port, from the server log."""
+    for line in text.splitlines():
+        lowered = line.lower()
+        if "already in use" in lowered or "address in use" in lowered:
+            if "grpc" in lowered or "chttp2" in lowered:
+                return "grpc"
+            if "http" in lowered:
+                return "http"
+    return None
+
+
+def connect_host(host: str) -> str:
+    """The address a client on this machine uses to reach a server bound to ``host``."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """Raise ``UserInputError`` (one line, naming the port and the fix) if ``port`` is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR: a port in TIME_WAIT is free for tritonserver too; only a listener is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, int(port)))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UserInputError(port_in_use(what, host, port)) from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise UserInputError(
+                    f"host: {host} is not an address of this machine; use 127.0.0.1 (the "
+                    "default) or 0.0.0.0 to listen on every interface"
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise UserInputError(
+                    f"{what}: port {port} needs privileges to bind; use a port above 1023"
+                ) from None
+            raise
+
+
+def port_in_use(what: str, host: str, port: int) -> str:
+    return (
+        f"{what}: port {port} on {host} is already in use; stop the process listening there "
+        f"(another tritonserver?) or pass a different --{what.replace('_', '-')}"
+    )
