@@ -1,14 +1,17 @@
-"""The `torchship` command: compile the pipeline, run it locally, serve and benchmark a repository."""
+"""The `torchship` command: compile the pipeline, run it locally, serve and benchmark a repository;
+`cli_cloud` adds submit, schedule and publish."""
 
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from torchship.components.benchmark.method import DEFAULT_CONCURRENCY
+from torchship.components.benchmark.method import default as measurement_default
 from torchship.components.errors import ParityError, ServingError, UserInputError
+from torchship.pipelines.arguments import concurrency_levels, fail, key_values
+from torchship.pipelines.cli_cloud import publish, schedule, submit
 
 DEFAULT_PIPELINE = "out/torchship-pipeline.yaml"
 
@@ -38,21 +41,6 @@ RUN_PARAMETERS = {
 }
 
 
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
-def _concurrency_levels(text: str) -> list[int]:
-    try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        levels = []
-    if not levels or min(levels) < 1:
-        _fail(f"--concurrency {text!r} is not a list of positive integers; pass e.g. 1,4,8")
-    return levels
-
-
 @click.group()
 @click.version_option(package_name="torchship")
 def main() -> None:
@@ -64,16 +52,22 @@ def main() -> None:
               help="Where to write the pipeline YAML.")
 @click.option("--image", default=None,
               help="Component image URI (default: $TORCHSHIP_IMAGE, else torchship-cpu:VERSION).")
-@click.option("--target", type=click.Choice(["local", "vertex"]), default="local",
-              show_default=True,
-              help="local: N training processes in one task (kfp.local, Kubeflow); vertex: "
-                   "training as a Vertex AI multi-replica custom job.")
-def compile(output: str, image: str | None, target: str) -> None:
+@click.option("--platform", type=click.Choice(["kfp", "vertex"]), default=None,
+              help="kfp [default]: kfp.local and Kubeflow Pipelines, training as N processes in "
+                   "one task; vertex: Vertex AI Pipelines, training as a multi-replica custom "
+                   "job.")
+@click.option("--target", "old_platform", type=click.Choice(["local", "vertex"]), default=None,
+              hidden=True)  # the earlier name of --platform (local: kfp)
+def compile(output: str, image: str | None, platform: str | None,
+            old_platform: str | None) -> None:
     """Compile the pipeline to a KFP v2 YAML: the file every runner executes."""
     from torchship.pipelines.pipeline import compile_pipeline, default_image
 
-    path = compile_pipeline(output, image=image, target=target)
-    click.echo(f"wrote {path} (target {target}, image {image or default_image()})")
+    if platform and old_platform:
+        fail("--target is the earlier name of --platform; pass only --platform")
+    platform = platform or {"local": "kfp", "vertex": "vertex", None: "kfp"}[old_platform]
+    path = compile_pipeline(output, image=image, platform=platform)
+    click.echo(f"wrote {path} (platform {platform}, image {image or default_image()})")
 
 
 @main.command()
@@ -99,7 +93,8 @@ def compile(output: str, image: str | None, target: str) -> None:
 @click.option("--variants", help="Variants to make, e.g. fp32,pruned,int8 (also structured, "
               "distilled, int8_dynamic, fp16).")
 @click.option("--max-accuracy-drop", type=float, help="Points of accuracy a variant may lose.")
-@click.option("--latency-budget-ms", type=float, help="Gate: p99 budget on Triton (0: none).")
+@click.option("--latency-budget-ms", type=float,
+              help="Gate: p99 budget on Triton in ms [default: none; 0 also means none].")
 @click.option("--target-concurrency", type=int, help="Gate: concurrency the budget applies at.")
 @click.option("--baseline", help="Gate record of the serving model (path or gs://).")
 @click.option("--previous-results", help="Previous run's results (path or gs://) for regressions.")
@@ -120,37 +115,38 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
     """
     from torchship.components.report.summary import format_table
     from torchship.pipelines.local import PipelineFailed, prune_runs, run_pipeline
-    from torchship.pipelines.pipeline import check_parameters, compile_pipeline, compiled_defaults
+    from torchship.pipelines.parameters import check_parameters, compiled_defaults
+    from torchship.pipelines.pipeline import compile_pipeline
 
     if keep_runs is not None and keep_runs < 1:
-        _fail(f"--keep-runs {keep_runs} would remove the run being made; pass 1 or more, or "
+        fail(f"--keep-runs {keep_runs} would remove the run being made; pass 1 or more, or "
               "leave it out to keep every run")
     if pipeline_yaml is None:
         pipeline_yaml = str(compile_pipeline(DEFAULT_PIPELINE))
     elif not Path(pipeline_yaml).is_file():
-        _fail(f"pipeline file {pipeline_yaml!r} does not exist; run 'torchship compile' first")
+        fail(f"pipeline file {pipeline_yaml!r} does not exist; run 'torchship compile' first")
     arguments: dict[str, Any] = {}
     for option, value in options.items():
         if value is None:
             continue
         if option == "concurrency":
-            value = _concurrency_levels(value)
+            value = concurrency_levels(value)
         elif option == "variants":
             value = [name.strip() for name in value.split(",") if name.strip()]
         arguments[RUN_PARAMETERS[option]] = value
-    arguments.update(_key_values(params, "--param", parse_json=True))
+    arguments.update(key_values(params, "--param", parse_json=True))
     # Each local run adds a version to one repository that `torchship serve` can serve.
     arguments.setdefault("local_repository", str(Path(pipeline_root, "model_repository").resolve()))
     defaults = compiled_defaults(pipeline_yaml)
     try:
         check_parameters(arguments, defaults)
     except UserInputError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     click.echo(f"running {pipeline_yaml} locally (artifacts under {pipeline_root}/)")
     try:
         summary = run_pipeline(pipeline_yaml, pipeline_root, arguments, verbose=verbose)
     except PipelineFailed as exc:
-        _fail(str(exc))
+        fail(str(exc))
     click.echo("")
     click.echo(format_table(summary))
     click.echo("")
@@ -170,8 +166,8 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
 def _deployed_line(variant: str, arguments: dict[str, Any], defaults: dict[str, Any]) -> str:
     """What was deployed; for the local target, which version of which repository, with which
     serving settings, and how to serve it."""
-    from torchship.components.triton.versions import served_versions, version_dirs
     from torchship.components.triton.config import read_model_config
+    from torchship.components.triton.versions import served_versions, version_dirs
 
     target = arguments.get("deploy_target", defaults.get("deploy_target", "local"))
     if target != "local":
@@ -187,202 +183,17 @@ def _deployed_line(variant: str, arguments: dict[str, Any], defaults: dict[str, 
             f"serve it with: torchship serve {repository}")
 
 
-def _key_values(pairs: tuple[str, ...], option: str, parse_json: bool) -> dict[str, Any]:
-    """NAME=VALUE pairs; with `parse_json`, values that read as JSON (3, 0.5, [1,4]) are typed."""
-    result: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name:
-            _fail(f"{option} {pair!r} is not NAME=VALUE; pass e.g. {option} epochs=20")
-        if parse_json:
-            try:
-                value = json.loads(value)
-            except ValueError:
-                pass  # a plain string
-        result[name] = value
-    return result
-
-
-def _vertex_target(project: str | None, region: str, pipeline_root: str | None,
-                   service_account: str | None, network: str | None) -> Any:
-    from torchship.pipelines.vertex import VertexTarget
-
-    if not project:
-        _fail("no Google Cloud project; pass --project or set GOOGLE_CLOUD_PROJECT")
-    # A private or local API endpoint; a plain-http one (a local test double) gets no credentials,
-    # since a token must never travel unencrypted.
-    api_endpoint = os.environ.get("TORCHSHIP_VERTEX_API_ENDPOINT")
-    credentials = None
-    if api_endpoint and api_endpoint.startswith("http://"):
-        from google.auth.credentials import AnonymousCredentials
-
-        credentials = AnonymousCredentials()
-    return VertexTarget(project=project, location=region, pipeline_root=pipeline_root or "",
-                        service_account=service_account, network=network,
-                        api_endpoint=api_endpoint, credentials=credentials)
-
-
-def vertex_options(func: Any) -> Any:
-    """Options saying where a Vertex AI run goes and as whom."""
-    for decorator in reversed([
-        click.option("--project", envvar="GOOGLE_CLOUD_PROJECT", help="Google Cloud project."),
-        click.option("--region", envvar="GOOGLE_CLOUD_REGION", default="us-central1",
-                     show_default=True),
-        click.option("--pipeline-root", help="gs://BUCKET/PATH for the run's artifacts."),
-        click.option("--service-account", help="Service account the pipeline runs as."),
-        click.option("--network", help="VPC network: projects/NUMBER/global/networks/NAME."),
-    ]):
-        func = decorator(func)
-    return func
-
-
-def run_options(func: Any) -> Any:
-    """Options giving a pipeline run its parameters, labels and caching."""
-    for decorator in reversed([
-        click.option("--param", "-p", "params", multiple=True,
-                     help="Pipeline parameter NAME=VALUE (JSON values typed), repeatable."),
-        click.option("--label", "labels", multiple=True, help="Run label KEY=VALUE, repeatable."),
-        click.option("--caching/--no-caching", default=None,
-                     help="Reuse earlier task results (default: the backend's)."),
-    ]):
-        func = decorator(func)
-    return func
-
 
 @main.command()
-@click.argument("template")
-@vertex_options
-@run_options
-@click.option("--kfp-host", help="Submit to this Kubeflow Pipelines endpoint instead of Vertex AI.")
-@click.option("--wait", is_flag=True, help="Follow the run to its end (Vertex AI).")
-def submit(template: str, project: str | None, region: str, pipeline_root: str | None,
-           service_account: str | None, network: str | None, params: tuple[str, ...],
-           labels: tuple[str, ...], caching: bool | None, kfp_host: str | None,
-           wait: bool) -> None:
-    """Submit TEMPLATE (a compiled YAML or an Artifact Registry URI) as a pipeline run."""
-    parameters = _key_values(params, "--param", parse_json=True)
-    try:
-        from torchship.pipelines.pipeline import check_parameters
-
-        check_parameters(parameters)
-        if kfp_host:
-            from torchship.pipelines import kubeflow
-
-            run_id = kubeflow.submit(kfp_host, template, parameters, enable_caching=caching,
-                                     service_account=service_account)
-            click.echo(f"submitted run {run_id} to {kfp_host}")
-            return
-        from torchship.pipelines import vertex
-
-        target = _vertex_target(project, region, pipeline_root, service_account, network)
-        vertex.submit(target, template, parameters, enable_caching=caching,
-                      labels=_key_values(labels, "--label", parse_json=False), wait=wait,
-                      progress=click.echo)
-    except (UserInputError, RuntimeError) as exc:
-        _fail(str(exc))
-
-
-@main.group()
-def schedule() -> None:
-    """Run the pipeline on a cron: Vertex AI schedules, or Kubeflow recurring runs."""
-
-
-@schedule.command("create")
-@click.argument("template")
-@click.option("--name", "display_name", default="torchship", show_default=True)
-@click.option("--cron", required=True, help="'0 3 * * *' (Vertex AI); Kubeflow also takes 6 fields.")
-@click.option("--time-zone", help="IANA zone for the cron, e.g. Europe/Paris (Vertex AI).")
-@click.option("--max-concurrent-runs", default=1, show_default=True)
-@click.option("--start-time", help="RFC 3339 time of the first run.")
-@click.option("--end-time", help="RFC 3339 time after which no run starts.")
-@vertex_options
-@run_options
-@click.option("--kfp-host", help="Create a Kubeflow recurring run on this endpoint instead.")
-def schedule_create(template: str, display_name: str, cron: str, time_zone: str | None,
-                    max_concurrent_runs: int, start_time: str | None, end_time: str | None,
-                    project: str | None, region: str, pipeline_root: str | None,
-                    service_account: str | None, network: str | None, params: tuple[str, ...],
-                    labels: tuple[str, ...], caching: bool | None, kfp_host: str | None) -> None:
-    """Create a schedule that runs TEMPLATE on CRON."""
-    parameters = _key_values(params, "--param", parse_json=True)
-    try:
-        from torchship.pipelines.pipeline import check_parameters
-
-        check_parameters(parameters)  # or every scheduled run fails the same way
-        if kfp_host:
-            from torchship.pipelines import kubeflow
-
-            recurring = kubeflow.schedule(kfp_host, template, parameters, display_name, cron,
-                                          max_concurrent_runs, start_time, end_time,
-                                          enable_caching=caching)
-            click.echo(f"created recurring run {recurring} on {kfp_host}")
-            return
-        from torchship.pipelines import vertex
-
-        target = _vertex_target(project, region, pipeline_root, service_account, network)
-        name = vertex.create_schedule(
-            target, template, parameters, display_name, cron, time_zone=time_zone,
-            max_concurrent_runs=max_concurrent_runs, start_time=start_time, end_time=end_time,
-            enable_caching=caching, labels=_key_values(labels, "--label", parse_json=False),
-        )
-    except (UserInputError, RuntimeError) as exc:
-        _fail(str(exc))
-    click.echo(f"created schedule {name}")
-
-
-@schedule.command("list")
-@vertex_options
-def schedule_list(project: str | None, region: str, pipeline_root: str | None,
-                  service_account: str | None, network: str | None) -> None:
-    """List the Vertex AI pipeline schedules of the project."""
-    from torchship.pipelines import vertex
-
-    target = _vertex_target(project, region, pipeline_root, service_account, network)
-    for row in vertex.schedules(target):
-        click.echo(f"{row['name']}  {row['state']}  {row['cron']}  {row['display_name']}")
-
-
-def _schedule_action(action: str) -> Any:
-    @click.argument("name")
-    @vertex_options
-    def command(name: str, project: str | None, region: str, pipeline_root: str | None,
-                service_account: str | None, network: str | None) -> None:
-        from torchship.pipelines import vertex
-
-        target = _vertex_target(project, region, pipeline_root, service_account, network)
-        vertex.change_schedule(target, name, action)
-        click.echo(f"{action}d {name}" if action.endswith("e") else f"{action}ed {name}")
-
-    command.__doc__ = f"{action.capitalize()} the schedule NAME (resource name or ID)."
-    return schedule.command(action)(command)
-
-
-for _action in ("pause", "resume", "delete"):
-    _schedule_action(_action)
-
-
-@main.command()
-@click.argument("pipeline_yaml", type=click.Path(exists=True, dir_okay=False))
-@click.option("--host", required=True,
-              help="https://REGION-kfp.pkg.dev/PROJECT/REPOSITORY (an Artifact Registry KFP repo).")
-@click.option("--tag", "tags", multiple=True, help="Version tag, repeatable (e.g. v1, latest).")
-def publish(pipeline_yaml: str, host: str, tags: tuple[str, ...]) -> None:
-    """Push PIPELINE_YAML to a KFP template registry; `submit` takes the resulting URI."""
-    from torchship.pipelines.vertex import publish as push
-
-    package, version_name = push(host, pipeline_yaml, list(tags))
-    click.echo(f"published {package} version {version_name} (tags: {', '.join(tags) or '-'})")
-    click.echo(f"template URI: {host.rstrip('/')}/{package}/{tags[0] if tags else version_name}")
-
-
-@main.command()
-@click.argument("target")
+@click.argument("repository_or_url")
 @click.option("--test-data", required=True, type=click.Path(exists=True, dir_okay=False),
               help="An .npz split from prepare_data whose rows the requests carry.")
-@click.option("--concurrency", default="1,2,4,8,16", show_default=True)
-@click.option("--batch-size", default=1, show_default=True)
-@click.option("--duration", default=3.0, show_default=True, help="Measured seconds per level.")
-@click.option("--max-windows", default=10, show_default=True,
+@click.option("--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)),
+              show_default=True)
+@click.option("--batch-size", default=measurement_default("batch_size"), show_default=True)
+@click.option("--duration", default=measurement_default("duration_s"), show_default=True,
+              help="Measured seconds per level.")
+@click.option("--max-windows", default=measurement_default("max_windows"), show_default=True,
               help="Windows a level may take to become stable before it is reported unstable.")
 @click.option("--protocol", type=click.Choice(["grpc", "http", "vertex"]), default="grpc",
               show_default=True, help="vertex: KServe v2 JSON to a Vertex AI rawPredict URL.")
@@ -390,33 +201,37 @@ def publish(pipeline_yaml: str, host: str, tags: tuple[str, ...]) -> None:
 @click.option("--output", "-o", default=None, help="Write the JSON result here (path or gs://).")
 @click.option("--csv", "csv_path", default=None, help="Write the levels as CSV here.")
 @click.option("--html", "html_path", default=None, help="Write the HTML report here.")
-def bench(target: str, test_data: str, concurrency: str, batch_size: int, duration: float,
-          max_windows: int, protocol: str, models: tuple[str, ...], output: str | None,
-          csv_path: str | None, html_path: str | None) -> None:
-    """Measure TARGET: a model repository (a local Triton is launched over it, as Model
-    Analyzer's local mode does) or the URL of a running endpoint."""
-    from torchship.components.benchmark.stage import ProgressBar, benchmark_endpoint, benchmark_repository
-    from torchship.components.benchmark.results import write_csv, write_json
+def bench(repository_or_url: str, test_data: str, concurrency: str, batch_size: int,
+          duration: float, max_windows: int, protocol: str, models: tuple[str, ...],
+          output: str | None, csv_path: str | None, html_path: str | None) -> None:
+    """Measure REPOSITORY_OR_URL: a model repository (a local Triton is launched over it, as
+    Model Analyzer's local mode does) or the URL of a running endpoint."""
+    from torchship.components.benchmark.display import ProgressBar
+    from torchship.components.benchmark.results import write_csv
+    from torchship.components.benchmark.stage import benchmark_endpoint, benchmark_repository
+    from torchship.components.files import write_json
     from torchship.components.report.html_report import write_html_report
 
-    levels = _concurrency_levels(concurrency)
+    levels = concurrency_levels(concurrency)
     common: dict[str, Any] = {
         "concurrency": levels, "batch_size": batch_size, "duration_s": duration,
         "max_windows": max_windows, "models": list(models) or None, "progress": click.echo,
         "on_window": ProgressBar(),
     }
     try:
-        if Path(target).is_dir():
+        if Path(repository_or_url).is_dir():
             if protocol == "vertex":
-                _fail("--protocol vertex measures a URL, not a repository; pass the endpoint URL")
-            result = benchmark_repository(target, test_data, protocol=protocol, **common)
-        elif "://" in target or ":" in target:
-            result = benchmark_endpoint(target, protocol, test_path=test_data, **common)
+                fail("--protocol vertex measures a URL, not a repository; pass the endpoint URL")
+            result = benchmark_repository(repository_or_url, test_data, protocol=protocol,
+                                          **common)
+        elif "://" in repository_or_url or ":" in repository_or_url:
+            models = common.pop("models")
+            result = benchmark_endpoint(repository_or_url, protocol, models, test_data, **common)
         else:
-            _fail(f"bench target {target!r} is neither a model repository nor a URL; pass a "
-                  "folder made by the deploy stage or e.g. 127.0.0.1:8001")
+            fail(f"{repository_or_url!r} is neither a model repository nor a URL; pass a "
+                 "folder made by the deploy stage or e.g. 127.0.0.1:8001")
     except (UserInputError, ServingError, ParityError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if output:
         write_json(result, output)
     if csv_path:
@@ -443,7 +258,11 @@ def serve(repository: str, host: str, http_port: int | None, grpc_port: int | No
     try:
         run_server(repository, host, http_port, grpc_port, progress=click.echo)
     except (UserInputError, ServingError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
+
+
+for _command in (submit, schedule, publish):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def train(
 ):
     """DDP training over `num_workers` processes; validation accuracy and samples/s as Metrics."""
     from torchship.components.progress import report
-    from torchship.components.train.loop import train_model
+    from torchship.components.train.stage import train_model
 
     result = train_model(
         train.path, val.path, model.path, model_name=model_name, epochs=epochs,
@@ -122,8 +122,8 @@ def export(
 ):
     """ONNX files that passed onnx.checker and parity with PyTorch, each measured (accuracy,
     size, ONNX Runtime latency at batch 1 and 64, agreement with fp32)."""
-    from torchship.components.gate.choice import format_variant_table, variant_metrics
     from torchship.components.export.stage import export_variants
+    from torchship.components.export.table import format_variant_table, variant_metrics
     from torchship.components.progress import report
 
     rows = export_variants(variants.path, test.path, onnx_models.path, progress=report)
@@ -156,20 +156,20 @@ def benchmark(
     after `warmup_s`, until they agree within `stability_pct`."""
     import tempfile
 
-    from torchship.components.benchmark.stage import benchmark_repository
     from torchship.components.benchmark.results import metrics_for_kfp, write_csv
-    from torchship.components.deploy.targets.local import build_model_repository
+    from torchship.components.benchmark.stage import benchmark_repository
     from torchship.components.progress import report
     from torchship.components.report.summary import build_summary, write_summary
+    from torchship.components.triton.repository import build_model_repository
 
     with tempfile.TemporaryDirectory(prefix="torchship-candidates-") as scratch:
         repository = f"{scratch}/repository"
-        build_model_repository(onnx_models.path, repository, "local", warmup_path=test.path)
+        build_model_repository(onnx_models.path, repository, "python", warmup_path=test.path)
         measured = benchmark_repository(
             repository, test.path, concurrency=[int(level) for level in concurrency],
-            batch_size=batch_size, duration_s=duration_s, warmup_s=warmup_s,
-            window_s=window_s or None, min_windows=min_windows, max_windows=max_windows,
-            stability_pct=stability_pct, progress=report,
+            batch_size=batch_size, duration_s=duration_s, warmup_s=warmup_s, window_s=window_s,
+            min_windows=min_windows, max_windows=max_windows, stability_pct=stability_pct,
+            progress=report,
         )
     table = build_summary(onnx_models.path, measured)
     write_summary(table, results.path, summary.path)
@@ -201,6 +201,7 @@ def gate(
     The chosen variant's confusion matrix on the test split goes to the UI's classification view."""
     import json
 
+    from torchship.components.contracts import limit
     from torchship.components.gate.checks import gate_metrics
     from torchship.components.gate.stage import decide, write_reports
     from torchship.components.progress import report
@@ -209,9 +210,10 @@ def gate(
         summary = json.load(handle)
     decision = decide(
         onnx_models.path, summary, chosen_model.path,
-        max_accuracy_drop_pt=max_accuracy_drop_pt, max_size_bytes=max_size_bytes,
+        max_accuracy_drop_pt=max_accuracy_drop_pt, max_size_bytes=limit(max_size_bytes),
         optimise=optimise, accuracy_floor=accuracy_floor, baseline_uri=baseline_uri,
-        latency_budget_p99_ms=latency_budget_p99_ms, target_concurrency=target_concurrency,
+        latency_budget_p99_ms=limit(latency_budget_p99_ms),
+        target_concurrency=target_concurrency,
         previous_results_uri=previous_results_uri,
         max_p99_regression_pct=max_p99_regression_pct, test_path=test.path, progress=report,
     )
@@ -251,20 +253,18 @@ def tune_serving(
     """The chosen model under each Triton setting (instance_count x max_queue_delay_us) on one
     local tritonserver, measured like the benchmark stage; the record names the settings to
     deploy with, chosen by the gate's objective."""
+    from torchship.components.contracts import limit
     from torchship.components.progress import report
-    from torchship.components.tune_serving.stage import (
-        search_serving_config,
-        serving_metrics,
-        write_candidate_table,
-    )
+    from torchship.components.tune_serving.choice import serving_metrics, write_candidate_table
+    from torchship.components.tune_serving.stage import search_serving_config
 
     searched = search_serving_config(
         chosen_model.path, test.path, record.path,
         instance_counts=[int(c) for c in instance_counts],
         queue_delays_us=[int(d) for d in queue_delays_us],
-        target_concurrency=target_concurrency, latency_budget_p99_ms=latency_budget_p99_ms,
+        target_concurrency=target_concurrency, latency_budget_p99_ms=limit(latency_budget_p99_ms),
         optimise=optimise, batch_size=batch_size, duration_s=duration_s, warmup_s=warmup_s,
-        window_s=window_s or None, min_windows=min_windows, max_windows=max_windows,
+        window_s=window_s, min_windows=min_windows, max_windows=max_windows,
         stability_pct=stability_pct, progress=report,
     )
     write_candidate_table(searched, table.path)
@@ -288,7 +288,7 @@ def deploy(
     serving version stays as it was."""
     import json
 
-    from torchship.components.deploy.targets.local import deploy_to
+    from torchship.components.deploy.stage import deploy_to
     from torchship.components.progress import report
 
     with open(serving_record.path) as handle:

@@ -8,6 +8,9 @@ from typing import Any
 
 from torchship.components.errors import UserInputError
 
+# Where runs go, and the training custom job runs, unless told otherwise.
+DEFAULT_REGION = "us-central1"
+
 
 def custom_training_job(train_component: Callable) -> tuple[Callable, str]:
     """Wrap `train_component` as a Vertex AI CustomJob (gcpc) and return it with its pool template.
@@ -58,7 +61,7 @@ def worker_pool_specs(
 
 
 @dataclass(frozen=True)
-class VertexTarget:
+class VertexProject:
     """Where and as whom a pipeline runs on Vertex AI; nothing here is compiled into the YAML."""
 
     project: str
@@ -85,26 +88,26 @@ def console_link(resource_name: str) -> str:
             f"{job_id}?project={project}")
 
 
-def pipeline_job(target: VertexTarget, template: str, parameters: dict[str, Any],
+def pipeline_job(project: VertexProject, template: str, parameters: dict[str, Any],
                  enable_caching: bool | None, labels: dict[str, str],
                  job_id: str | None = None, display_name: str = "torchship"):
     """An `aiplatform.PipelineJob` for a compiled YAML or an Artifact Registry template URI."""
     from google.cloud import aiplatform
 
-    if not (target.pipeline_root or "").startswith("gs://"):
+    if not (project.pipeline_root or "").startswith("gs://"):
         raise UserInputError(
-            f"pipeline root {target.pipeline_root!r} is not a gs:// URI; pass "
+            f"pipeline root {project.pipeline_root!r} is not a gs:// URI; pass "
             "--pipeline-root gs://BUCKET/PATH"
         )
-    target.init()
+    project.init()
     return aiplatform.PipelineJob(
         display_name=display_name, template_path=template, job_id=job_id,
-        pipeline_root=target.pipeline_root, parameter_values=parameters,
+        pipeline_root=project.pipeline_root, parameter_values=parameters,
         enable_caching=enable_caching, labels=labels or None,
     )
 
 
-def submit(target: VertexTarget, template: str, parameters: dict[str, Any],
+def submit(project: VertexProject, template: str, parameters: dict[str, Any],
            enable_caching: bool | None = None, labels: dict[str, str] | None = None,
            job_id: str | None = None, wait: bool = False,
            progress: Callable[[str], None] = print) -> str:
@@ -112,8 +115,8 @@ def submit(target: VertexTarget, template: str, parameters: dict[str, Any],
 
     With `wait`, follow the run to its end and raise if it did not succeed.
     """
-    job = pipeline_job(target, template, parameters, enable_caching, labels or {}, job_id)
-    job.submit(service_account=target.service_account, network=target.network)
+    job = pipeline_job(project, template, parameters, enable_caching, labels or {}, job_id)
+    job.submit(service_account=project.service_account, network=project.network)
     progress(f"submitted {job.resource_name}")
     progress(f"console: {console_link(job.resource_name)}")
     if wait:
@@ -125,7 +128,7 @@ def submit(target: VertexTarget, template: str, parameters: dict[str, Any],
     return job.resource_name
 
 
-def create_schedule(target: VertexTarget, template: str, parameters: dict[str, Any],
+def create_schedule(project: VertexProject, template: str, parameters: dict[str, Any],
                     display_name: str, cron: str, time_zone: str | None = None,
                     max_concurrent_runs: int = 1, start_time: str | None = None,
                     end_time: str | None = None, max_runs: int | None = None,
@@ -139,22 +142,22 @@ def create_schedule(target: VertexTarget, template: str, parameters: dict[str, A
             f"cron {cron!r} does not have 5 fields (minute hour day month weekday); "
             "pass e.g. '0 3 * * *' and the zone with --time-zone"
         )
-    job = pipeline_job(target, template, parameters, enable_caching, labels or {})
+    job = pipeline_job(project, template, parameters, enable_caching, labels or {})
     schedule = aiplatform.PipelineJobSchedule(pipeline_job=job, display_name=display_name)
     schedule.create(
         cron=f"TZ={time_zone} {cron}" if time_zone else cron,
         max_concurrent_run_count=max_concurrent_runs, start_time=start_time,
         end_time=end_time, max_run_count=max_runs,
-        service_account=target.service_account, network=target.network,
+        service_account=project.service_account, network=project.network,
     )
     return schedule.resource_name
 
 
-def schedules(target: VertexTarget) -> list[dict[str, str]]:
+def schedules(project: VertexProject) -> list[dict[str, str]]:
     """The project's pipeline schedules: name, display name, state, cron."""
     from google.cloud import aiplatform
 
-    target.init()
+    project.init()
     return [
         {"name": s.resource_name, "display_name": s.display_name,
          "state": s.state.name if s.state is not None else "", "cron": s.cron}
@@ -162,14 +165,14 @@ def schedules(target: VertexTarget) -> list[dict[str, str]]:
     ]
 
 
-def change_schedule(target: VertexTarget, name: str, action: str) -> None:
+def change_schedule(project: VertexProject, name: str, action: str) -> None:
     """Pause, resume or delete one schedule by resource name or ID."""
     from google.cloud import aiplatform
 
     actions = ("pause", "resume", "delete")
     if action not in actions:
         raise UserInputError(f"schedule action {action!r} is unknown; pass one of {actions}")
-    target.init()
+    project.init()
     getattr(aiplatform.PipelineJobSchedule.get(name), action)()
 
 

@@ -55,7 +55,7 @@ def test_cloud_build_builds_the_dockerfiles_and_publishes_the_pipeline():
              if arg.startswith("containers/Dockerfile")}
     assert built == {f"containers/{d.name}" for d in DOCKERFILES}
     scripts = " ".join(a for step in build["steps"] for a in step.get("args", []))
-    assert "torchship compile --target vertex" in scripts and "torchship publish" in scripts
+    assert "torchship compile --platform vertex" in scripts and "torchship publish" in scripts
 
 
 def test_trigger_function_requirements_agree_with_pyproject():

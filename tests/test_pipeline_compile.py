@@ -11,12 +11,8 @@ from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from torchship.components.errors import UserInputError
-from torchship.pipelines.pipeline import (
-    STAGES,
-    check_parameters,
-    compile_pipeline,
-    compiled_defaults,
-)
+from torchship.pipelines.parameters import check_parameters, compiled_defaults
+from torchship.pipelines.pipeline import STAGES, compile_pipeline
 
 TORCHSHIP = [sys.executable, "-m", "torchship.pipelines.cli"]
 
