@@ -216,3 +216,19 @@ def test_the_worker_entry_point_is_the_train_package():
     done = subprocess.run([sys.executable, "-m", "torchship.components.train", "--help"],
                           capture_output=True, text=True, check=True)
     assert "--train-path" in done.stdout and "--timeout-s" in done.stdout
+
+
+@pytest.mark.parametrize("platform", ["kfp", "vertex"])
+def test_the_compiled_pipeline_keeps_every_parameter(tmp_path, platform):
+    """Every parameter of the compiled YAML, with its type and default, exactly as before the
+    stages were reorganised (tests/data/pipeline_parameters.json was taken from that YAML)."""
+    import json
+
+    import yaml
+
+    from torchship.pipelines.pipeline import compile_pipeline
+
+    path = compile_pipeline(tmp_path / "pipeline.yaml", image="img:1", platform=platform)
+    parameters = yaml.safe_load(path.read_text())["root"]["inputDefinitions"]["parameters"]
+    before = json.loads((Path(__file__).parent / "data" / "pipeline_parameters.json").read_text())
+    assert parameters == before[platform]
