@@ -135,7 +135,7 @@ def level_row(model: str, batch_size: int, concurrency: int, processes: int,
               windows: list[dict], reports: list[WindowReport], method: Method,
               server: dict | None, server_error: str | None) -> dict[str, Any]:
     """The result row of one level, pooled over its judged windows (schema in
-    ``benchmark_results``)."""
+    ``results``)."""
     stable, spreads = judge(windows, method)
     judged = reports[-method.min_windows :]
     judged_rows = windows[-method.min_windows :]

@@ -1,1 +1,2 @@
-"""compress: the registered model variants (pruned, structured, distilled, int8, ...) of the trained model (see README.md)."""
+"""compress: the registered variants (pruned, structured, distilled, int8, ...) of the
+trained model (see README.md)."""

@@ -1,1 +1,2 @@
-"""prepare-data: a data source into standardised, stratified train/val/test splits (see README.md)."""
+"""prepare-data: a data source into standardised, stratified train/val/test splits
+(see README.md)."""

@@ -11,7 +11,7 @@ from typing import Any
 
 from torchship.components.contracts import ServingSettings
 
-__all__ = ["DeployRequest", "DeployTarget", "register", "registered_targets"]
+__all__ = ["DeployRequest", "DeployTarget", "register", "registered_targets", "remote_deploy"]
 
 
 @dataclass(frozen=True)
@@ -59,3 +59,22 @@ def register(target: DeployTarget) -> DeployTarget:
 
 def registered_targets() -> dict[str, DeployTarget]:
     return dict(_TARGETS)
+
+
+def remote_deploy(deploy: Callable[..., dict], uri_setting: str,
+                  summary_keys: tuple[str, ...]) -> Callable[[DeployRequest], dict]:
+    """The `DeployTarget.deploy` of a target that builds its repository from the chosen model and
+    serves it from a URI: `deploy(repository_dir, test_path, onnx_dir=..., <uri_setting>=...,
+    serving=..., progress=..., **settings)`, the artifact's URI unless the settings give
+    `uri_setting`; the result's `summary_keys` are its summary."""
+
+    def run(request: DeployRequest) -> dict:
+        settings = dict(request.settings)
+        uri = settings.pop(uri_setting, request.repository_uri)
+        result = deploy(request.repository_dir, request.test_path, onnx_dir=request.onnx_dir,
+                        serving=request.serving, progress=request.progress,
+                        **{uri_setting: uri}, **settings)
+        result["summary"] = {key: result[key] for key in summary_keys}
+        return result
+
+    return run

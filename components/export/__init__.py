@@ -1,1 +1,2 @@
-"""export: every variant as a checked ONNX file, with parity and the variant table's measures (see README.md)."""
+"""export: every variant as a checked ONNX file, with parity and the variant table's
+measures (see README.md)."""

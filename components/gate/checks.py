@@ -1,6 +1,6 @@
 """The promotion gate: one record that says whether a candidate may be deployed, and why.
 
-``evaluate_gate`` checks, for each candidate variant of a run summary (``report.build_summary``):
+``evaluate_gate`` checks, for each candidate variant of a run summary (``report.summary.build_summary``):
 
 * ``accuracy``: test accuracy against the serving baseline (at most ``max_accuracy_drop_pt``
   points below it) or, on the first run (no baseline), at least ``accuracy_floor``;
@@ -8,7 +8,7 @@
 * ``p99 latency``: p99 at ``target_concurrency`` on a real Triton server within
   ``latency_budget_p99_ms``, and ``errors`` at that level at most ``max_errors``;
 * optionally ``stable`` (the level's windows agreed) and ``p99 regression`` (against the previous
-  run, from ``benchmark_regression.compare_with_previous``).
+  run, from ``regression.compare_with_previous``).
 
 The record (schema ``torchship.gate/v1``)::
 

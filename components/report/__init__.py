@@ -1,1 +1,2 @@
-"""Reports shared by the stages: the run summary, text and Markdown tables, the self-contained HTML report (see README.md)."""
+"""Reports the stages share: the run summary, text and Markdown tables, the self-contained
+HTML report (see README.md)."""

@@ -1,7 +1,7 @@
 """The self-contained HTML report: plots embedded as base64 PNG, no link, script or stylesheet
 fetched from anywhere, so the Vertex AI and Kubeflow UIs (and a browser offline) show it whole.
 
-``write_html_report(summary, path)`` renders a run summary (``report.build_summary``), with its
+``write_html_report(summary, path)`` renders a run summary (``report.summary.build_summary``), with its
 gate and regression records when the summary carries them or they are passed:
 
 * the gate verdict and its checks, and the chosen variant's confusion matrix on the test split;

@@ -2,7 +2,7 @@
 
 ``build_summary`` joins ``onnx_dir/variants.json`` (export, and the compress stage's measures when
 present) with a benchmark result; ``format_table`` prints it, ``format_markdown`` renders it for
-the KFP ``Markdown`` artifact, ``write_summary`` writes both, and ``report_html.write_html_report``
+the KFP ``Markdown`` artifact, ``write_summary`` writes both, and ``html_report.write_html_report``
 the self-contained HTML report. A summary may carry a gate record (``summary["gate"]``) and a
 regression record (``summary["regression"]``); both are shown when present.
 

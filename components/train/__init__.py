@@ -1,1 +1,2 @@
-"""train: one DDP training loop run by torchrun, Kubeflow Trainer, Vertex AI or local workers (see README.md)."""
+"""train: one DDP training loop run by torchrun, Kubeflow Trainer, Vertex AI or local
+workers (see README.md)."""

@@ -1,1 +1,2 @@
-"""Triton shared by the serving stages: the bundled tritonserver, model configs, repositories and their versions (see README.md)."""
+"""Triton as the serving stages share it: the bundled tritonserver, model configs,
+repositories and their versions (see README.md)."""

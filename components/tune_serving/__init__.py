@@ -1,1 +1,2 @@
-"""tune-serving: Triton's serving settings for the chosen model, measured on one tritonserver (see README.md)."""
+"""tune-serving: Triton's serving settings for the chosen model, measured on one
+tritonserver (see README.md)."""

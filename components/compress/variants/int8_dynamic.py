@@ -23,7 +23,8 @@ def quantize_int8_dynamic(prepared: Path, target: Path) -> dict[str, Any]:
 
 
 def make(ctx: Context) -> Made:
-    return Made(settings=quantize_int8_dynamic(ctx.prepared_onnx(), ctx.onnx_target("int8_dynamic")))
+    target = ctx.onnx_target("int8_dynamic")
+    return Made(settings=quantize_int8_dynamic(ctx.prepared_onnx(), target))
 
 
 # Not made by default: a comparison point for int8, asked for with --variants.

@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from torchship.components.contracts import MODEL_ONNX, ServingSettings
-from torchship.components.deploy.registry import DeployRequest, DeployTarget, register
+from torchship.components.deploy.registry import DeployTarget, register, remote_deploy
 from torchship.components.deploy.smoke import load_samples, smoke_test_server
 from torchship.components.deploy.targets.kserve_api import (
     apply_inference_service,
@@ -74,9 +74,9 @@ def deploy_kserve(
     as an ``InferenceService``: a canary of
     ``canary_percent`` when the service exists, else a new service; wait until ready, smoke-test
     the new revision, then promote it (``promote``) or leave the canary; on failure roll back (see
-    the module docstring) and raise ``ServingError`` with the reason. ``manifest_path``: also write the applied manifest
-    there (YAML). Returns ``{"name", "namespace", "manifest", "url", "models", "promoted",
-    "canary_percent", "passed"}``."""
+    the module docstring) and raise ``ServingError`` with the reason. ``manifest_path``: also
+    write the applied manifest there (YAML). Returns ``{"name", "namespace", "manifest", "url",
+    "models", "promoted", "canary_percent", "passed"}``."""
     say = progress or (lambda _message: None)
     if onnx_dir is not None:
         gpu = any("nvidia.com/gpu" in (v or {}) for v in (resources or {}).values())
@@ -151,17 +151,9 @@ def deploy_kserve(
     }
 
 
-def _deploy(request: DeployRequest) -> dict:
-    settings = dict(request.settings)
-    result = deploy_kserve(request.repository_dir, request.test_path, onnx_dir=request.onnx_dir,
-                           storage_uri=settings.pop("storage_uri", request.repository_uri),
-                           serving=request.serving, progress=request.progress, **settings)
-    result["summary"] = {key: result[key] for key in ("name", "url", "promoted")}
-    return result
-
-
 TARGET = register(DeployTarget(
-    name="kserve", deploy=_deploy, settings_of=deploy_kserve,
+    name="kserve", settings_of=deploy_kserve,
+    deploy=remote_deploy(deploy_kserve, "storage_uri", ("name", "url", "promoted")),
     required_settings=("name", "namespace"),
     description="a KServe InferenceService (kserve-tritonserver runtime) rolled out as a canary, "
                 "smoke-tested, then promoted or rolled back",

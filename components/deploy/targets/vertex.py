@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from torchship.components.contracts import MODEL_ONNX, ServingSettings
-from torchship.components.deploy.registry import DeployRequest, DeployTarget, register
+from torchship.components.deploy.registry import DeployTarget, register, remote_deploy
 from torchship.components.deploy.smoke import (
     check_metadata,
     compare_outputs,
@@ -97,8 +97,8 @@ def deploy_vertex(
     request_timeout_s: float = 60.0,
     progress: Callable[[str], None] | None = print,
 ) -> dict:
-    """Upload ``repository_dir`` (a ``backend="onnxruntime"`` repository) as a new version of the model
-    named ``model_display_name``, deploy it next to what the endpoint serves with
+    """Upload ``repository_dir`` (a ``backend="onnxruntime"`` repository) as a new version of the
+    model named ``model_display_name``, deploy it next to what the endpoint serves with
     ``canary_percent`` of the traffic, and check it; undeploy it again if the check fails.
 
     ``onnx_dir``: build the repository there first (backend ``onnxruntime`` with ``serving``'s
@@ -357,18 +357,10 @@ def _smoke(endpoint, new_id, models, repository_dir, x_all, atol, max_requests, 
     return results
 
 
-def _deploy(request: DeployRequest) -> dict:
-    settings = dict(request.settings)
-    result = deploy_vertex(request.repository_dir, request.test_path, onnx_dir=request.onnx_dir,
-                           repository_uri=settings.pop("repository_uri", request.repository_uri),
-                           serving=request.serving, progress=request.progress, **settings)
-    result["summary"] = {key: result[key] for key in ("endpoint", "deployed_model_id",
-                                                       "promoted")}
-    return result
-
-
 TARGET = register(DeployTarget(
-    name="vertex", deploy=_deploy, settings_of=deploy_vertex,
+    name="vertex", settings_of=deploy_vertex,
+    deploy=remote_deploy(deploy_vertex, "repository_uri",
+                         ("endpoint", "deployed_model_id", "promoted")),
     required_settings=("project", "location", "model_display_name", "serving_image_uri"),
     description="a new Model Registry version on a Vertex AI Endpoint (Triton serving image), "
                 "as a canary that is smoke-tested and rolled back on failure",
