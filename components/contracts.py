@@ -1,10 +1,13 @@
-"""What the stages agree on, written once: artifact file and tensor names, how a limit that is not
-set is spelled, the concurrency the gate and the serving search judge at, and Triton's serving
-settings with their defaults."""
+"""What the stages agree on, written once: the tensor contract (each model input and output: name,
+dtype, shape with named dynamic axes), artifact file names, how a limit that is not set is
+spelled, the concurrency the gate and the serving search judge at, and Triton's serving settings
+with their defaults."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -25,16 +28,21 @@ __all__ = [
     "VARIANTS_JSON",
     "VARIANT_JSON",
     "ServingSettings",
+    "TensorContract",
+    "TensorSpec",
     "limit",
 ]
 
 # The dataset splits prepare_data writes, in order.
 SPLITS = ("train", "val", "test")
 
-# The exported graph's tensors: a flat table is one float input [batch, n_features] and one
-# output of logits [batch, n_classes].
+# A table's one input and every classifier's output: [batch, n_features] floats in, logits
+# [batch, n_classes] out. Other data names its own inputs (an image's `input` [batch, C, H, W];
+# text's `input_ids` and `attention_mask` [batch, sequence]).
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+# The named dynamic axis every tensor starts with.
+BATCH = "batch"
 
 # The variant every other one is measured against: the trained model as it is. Always made.
 BASELINE = "fp32"
@@ -113,3 +121,102 @@ class ServingSettings:
     def tuned(self) -> dict[str, int]:
         """The settings the serving search chooses, as its record lists them."""
         return {name: int(getattr(self, name)) for name in self.TUNED}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output: its name, numpy dtype name, and shape, whose dimensions are
+    sizes or, where they vary, axis names (the first is always ``batch``)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.shape or self.shape[0] != BATCH:
+            raise ValueError(f"tensor {self.name!r}: shape {self.shape} must start with {BATCH!r}")
+
+    @property
+    def sample_shape(self) -> tuple[int | str, ...]:
+        """The shape of one row (without the batch axis)."""
+        return self.shape[1:]
+
+    @property
+    def fixed(self) -> bool:
+        """Every dimension of a row has a size (no axis but batch varies)."""
+        return all(isinstance(d, int) for d in self.sample_shape)
+
+    @property
+    def size(self) -> int | None:
+        """Numbers in one row, where the row's shape is fixed."""
+        return math.prod(self.sample_shape) if self.fixed else None  # type: ignore[arg-type]
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        """ONNX's ``dynamic_axes`` entry: position -> axis name."""
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    @property
+    def integer(self) -> bool:
+        return self.dtype.startswith(("int", "uint"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
+        return cls(str(data["name"]), str(data["dtype"]), tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class TensorContract:
+    """What a model takes and gives, carried from prepare-data to deploy: it names the ONNX
+    graph's inputs and dynamic axes, Triton's config, the calibration feed, the parity check,
+    the benchmark's requests and the smoke test. Inputs are passed to the model in this order."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @classmethod
+    def classifier(cls, inputs: Sequence[TensorSpec], n_classes: int) -> TensorContract:
+        """A classifier's contract: these inputs, and logits [batch, n_classes] out."""
+        return cls(tuple(inputs), (TensorSpec(OUTPUT_NAME, "float32", (BATCH, int(n_classes))),))
+
+    @classmethod
+    def table(cls, n_features: int, n_classes: int) -> TensorContract:
+        """One float input [batch, n_features]: a table, or anything flattened into one."""
+        return cls.classifier([TensorSpec(INPUT_NAME, "float32", (BATCH, int(n_features)))],
+                              n_classes)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.outputs[0].shape[-1])
+
+    @property
+    def n_features(self) -> int | None:
+        """The row size of a model with one fixed-shape input (a table, an image), else None."""
+        return self.inputs[0].size if len(self.inputs) == 1 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": [s.to_dict() for s in self.inputs],
+                "outputs": [s.to_dict() for s in self.outputs]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TensorContract:
+        return cls(tuple(TensorSpec.from_dict(s) for s in data["inputs"]),
+                   tuple(TensorSpec.from_dict(s) for s in data["outputs"]))
+
+    @classmethod
+    def from_json(cls, text: str) -> TensorContract:
+        return cls.from_dict(json.loads(text))

@@ -19,6 +19,7 @@ DEFAULT_PIPELINE = "out/torchship-pipeline.yaml"
 RUN_PARAMETERS = {
     "data_source": "data_source",
     "label_column": "label_column",
+    "image_size": "image_size",
     "model": "model_name",
     "epochs": "epochs",
     "batch_size": "batch_size",
@@ -74,11 +75,13 @@ def compile(output: str, image: str | None, platform: str | None,
 @click.argument("pipeline_yaml", required=False)
 @click.option("--pipeline-root", default="runs", show_default=True,
               help="Folder for the run's artifacts.")
-@click.option("--data-source", help="'digits', a CSV/Parquet file with a label column, an .npz "
-              "with arrays x and y, or a folder of images with one sub-folder per class; a local "
-              "path or a gs:// URL.")
+@click.option("--data-source", help="'digits', 'digits-images', a CSV/Parquet file with a label "
+              "column, an .npz with arrays x and y, or a folder of images with one sub-folder "
+              "per class; a local path or a gs:// URL.")
 @click.option("--label-column", help="Name of the label column in a CSV/Parquet source.")
-@click.option("--model", help="Built-in model (mlp, cnn) or your own as module:factory.")
+@click.option("--image-size", type=int,
+              help="Resize every image of an image folder to N x N [default: keep their size].")
+@click.option("--model", help="Built-in model (mlp, cnn, resnet) or your own as module:factory.")
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--learning-rate", type=float)

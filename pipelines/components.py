@@ -24,6 +24,7 @@ from kfp.dsl import (
 def prepare_data(
     data_source: str,
     label_column: str,
+    image_size: int,
     seed: int,
     statistics_uri: str,
     train: Output[Dataset],
@@ -39,7 +40,8 @@ def prepare_data(
     from torchship.components.data.stage import prepare_data as run
     from torchship.components.data.stage import write_statistics
 
-    meta = run(data_source, label_column, train.path, val.path, test.path, seed=seed)
+    meta = run(data_source, label_column, train.path, val.path, test.path, seed=seed,
+               image_size=image_size)
     write_statistics(meta["statistics"], statistics.path)
     if statistics_uri:
         write_statistics(meta["statistics"], statistics_uri)
@@ -47,6 +49,7 @@ def prepare_data(
         artifact.metadata.update(
             {
                 "source": meta["source"],
+                "contract": meta["contract"],
                 "n_features": meta["n_features"],
                 "n_classes": meta["n_classes"],
                 "n_rows": meta["n_rows"][split],

@@ -10,7 +10,11 @@ from typing import Any, NoReturn
 from torchship.components.benchmark import method as measurement
 from torchship.components.compress import variants as catalog
 from torchship.components.contracts import NOT_SET, TARGET_CONCURRENCY
-from torchship.components.data.stage import DEFAULT_LABEL_COLUMN, DEFAULT_SOURCE
+from torchship.components.data.stage import (
+    DEFAULT_LABEL_COLUMN,
+    DEFAULT_SOURCE,
+    KEEP_IMAGE_SIZE,
+)
 from torchship.components.deploy.stage import DEFAULT_TARGET, check_deploy_settings
 from torchship.components.errors import UserInputError
 from torchship.components.gate.checks import ACCURACY_FLOOR, MAX_ACCURACY_DROP_PT
@@ -40,6 +44,7 @@ _options = catalog.options()
 PARAMETERS: Parameters = (
     ("data_source", str, DEFAULT_SOURCE),
     ("label_column", str, DEFAULT_LABEL_COLUMN),
+    ("image_size", int, KEEP_IMAGE_SIZE),
     ("statistics_uri", str, ""),
     *((name, type(training_default(name)), training_default(name))
       for name in TRAINING_PARAMETERS),

@@ -121,7 +121,8 @@ def _pipeline(ops: Components, parameters: Parameters, train: TrainStep) -> Call
         bound.apply_defaults()
         params = bound.arguments
         data = ops.prepare_data(data_source=params["data_source"],
-                                label_column=params["label_column"], seed=params["seed"],
+                                label_column=params["label_column"],
+                                image_size=params["image_size"], seed=params["seed"],
                                 statistics_uri=params["statistics_uri"])
         return _after_training(ops, data, train(ops, data, params), params)
 

@@ -289,7 +289,7 @@ def test_measure_variants_reads_and_rewrites_an_export(exported, trained, tmp_pa
 
 def test_onnx_models_have_the_contract_io_and_a_dynamic_batch(exported, trained):
     onnx_dir, _, rows = exported
-    x = load_split(trained["test"])["x"]
+    x = load_split(trained["test"]).inputs["input"]
     for row in rows:
         path = onnx_dir / row["name"] / "model.onnx"
         model = onnx.load(str(path))

@@ -12,7 +12,8 @@ from torchship.components.data.stage import prepare_data
 from torchship.components.errors import UserInputError
 from torchship.components.train.stage import train_model
 
-KEYS = {"x", "y", "mean", "std", "feature_names", "class_names"}
+# What a table split holds besides its input and labels.
+EXTRA = {"mean", "std", "feature_names"}
 
 
 def split_paths(directory: Path) -> tuple[str, str, str]:
@@ -32,10 +33,10 @@ def test_digits_splits_have_the_contract_keys_at_exact_paths(prepared_digits):
     meta, splits, directory = prepared_digits
     assert sorted(p.name for p in directory.iterdir()) == ["test", "train", "val"]
     for split in splits.values():
-        assert set(split) == KEYS
-        assert split["x"].dtype == np.float32 and split["x"].shape[1] == 64
-        assert split["y"].dtype == np.int64
-        assert list(split["class_names"]) == [str(i) for i in range(10)]
+        assert set(split.extra) == EXTRA and split.contract.input_names == ["input"]
+        assert split.inputs["input"].dtype == np.float32 and split.inputs["input"].shape[1] == 64
+        assert split.y.dtype == np.int64
+        assert list(split.class_names) == [str(i) for i in range(10)]
     assert meta["n_features"] == 64 and meta["n_classes"] == 10
     assert meta["source"] == "digits"
     assert sum(meta["n_rows"].values()) == 1797
@@ -45,12 +46,12 @@ def test_digits_splits_have_the_contract_keys_at_exact_paths(prepared_digits):
 
 def test_digits_split_is_stratified(prepared_digits):
     meta, splits, _ = prepared_digits
-    overall = np.bincount(np.concatenate([s["y"] for s in splits.values()])) / 1797
+    overall = np.bincount(np.concatenate([s.y for s in splits.values()])) / 1797
     for name, split in splits.items():
-        share = np.bincount(split["y"], minlength=10) / len(split["y"])
+        share = np.bincount(split.y, minlength=10) / len(split.y)
         assert np.abs(share - overall).max() < 0.01, name
         counts = meta["class_counts"][name]
-        assert [counts[str(i)] for i in range(10)] == list(np.bincount(split["y"], minlength=10))
+        assert [counts[str(i)] for i in range(10)] == list(np.bincount(split.y, minlength=10))
 
 
 def test_digits_split_is_seeded(prepared_digits, tmp_path):
@@ -59,23 +60,23 @@ def test_digits_split_is_seeded(prepared_digits, tmp_path):
     prepare_data("digits", "", *split_paths(tmp_path / "other"), seed=1)
     same = load_split(str(tmp_path / "same" / "val"))
     other = load_split(str(tmp_path / "other" / "val"))
-    np.testing.assert_array_equal(same["x"], splits["val"]["x"])
-    np.testing.assert_array_equal(same["y"], splits["val"]["y"])
-    assert not np.array_equal(other["x"], splits["val"]["x"])
+    np.testing.assert_array_equal(same.inputs["input"], splits["val"].inputs["input"])
+    np.testing.assert_array_equal(same.y, splits["val"].y)
+    assert not np.array_equal(other.inputs["input"], splits["val"].inputs["input"])
 
 
 def test_standardisation_is_fitted_on_train_only(prepared_digits):
     _, splits, _ = prepared_digits
     train, val = splits["train"], splits["val"]
-    np.testing.assert_allclose(train["x"].mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(train.inputs["input"].mean(axis=0), 0, atol=1e-5)
     # Constant pixels keep std 1 (the floor), every other column has unit variance on train.
-    std = train["x"].std(axis=0)
+    std = train.inputs["input"].std(axis=0)
     assert np.all((np.abs(std - 1) < 1e-4) | (std < 1e-6))
-    assert np.abs(val["x"].mean(axis=0)).max() > 1e-3
+    assert np.abs(val.inputs["input"].mean(axis=0)).max() > 1e-3
     for split in splits.values():
-        np.testing.assert_array_equal(split["mean"], train["mean"])
-        np.testing.assert_array_equal(split["std"], train["std"])
-    assert np.all(train["std"] > 0)
+        np.testing.assert_array_equal(split.extra["mean"], train.extra["mean"])
+        np.testing.assert_array_equal(split.extra["std"], train.extra["std"])
+    assert np.all(train.extra["std"] > 0)
 
 
 def table(n_per_class: int = 20, seed: int = 0) -> pd.DataFrame:
@@ -99,11 +100,11 @@ def test_table_with_a_label_column(tmp_path, suffix):
     assert meta["schema"]["species"] in ("object", "str", "string")
     assert meta["n_rows"] == {"train": 42, "val": 9, "test": 9}
     train = load_split(str(tmp_path / "out" / "train"))
-    assert list(train["feature_names"]) == ["petal", "sepal"]
+    assert list(train.extra["feature_names"]) == ["petal", "sepal"]
     # Class index i is class_names[i]: the rows labelled setosa have the shifted petal values.
-    setosa = train["class_names"].tolist().index("setosa")
-    petal = train["x"][:, 0]
-    assert petal[train["y"] == setosa].mean() > petal[train["y"] != setosa].mean()
+    setosa = train.class_names.index("setosa")
+    petal = train.inputs["input"][:, 0]
+    assert petal[train.y == setosa].mean() > petal[train.y != setosa].mean()
     for split in meta["class_counts"].values():
         assert set(split.values()) <= {14, 3}
 
@@ -166,20 +167,29 @@ def test_bad_fractions(tmp_path):
 
 # -- .npz sources -------------------------------------------------------------------------------
 
-def unstandardised(split: dict) -> np.ndarray:
+def per_value(split, name: str) -> np.ndarray:
+    """A split's per-column (table) or per-channel (images [C, H, W]) statistic, shaped to
+    broadcast over its rows."""
+    stat = split.extra[name].astype(np.float64)
+    return stat[:, None, None] if split.inputs["input"].ndim == 4 else stat
+
+
+def unstandardised(split) -> np.ndarray:
     """A split's rows as they were in the source: standardisation undone."""
-    return split["x"].astype(np.float64) * split["std"] + split["mean"]
+    return split.inputs["input"].astype(np.float64) * per_value(split, "std") \
+        + per_value(split, "mean")
 
 
 def assert_standardised_on_train_only(splits: dict, raw_rows: np.ndarray) -> None:
     """Every split carries train's mean and std, which are exactly those of the raw train rows."""
     train = splits["train"]
     raw_train = unstandardised(train)
-    np.testing.assert_allclose(train["mean"], raw_train.mean(axis=0), atol=1e-4)
-    np.testing.assert_allclose(train["x"].mean(axis=0), 0, atol=1e-5)
+    axes = (0, 2, 3) if raw_train.ndim == 4 else (0,)
+    np.testing.assert_allclose(train.extra["mean"], raw_train.mean(axis=axes), atol=1e-4)
+    np.testing.assert_allclose(train.inputs["input"].mean(axis=axes), 0, atol=1e-5)
     for split in splits.values():
-        np.testing.assert_array_equal(split["mean"], train["mean"])
-        np.testing.assert_array_equal(split["std"], train["std"])
+        np.testing.assert_array_equal(split.extra["mean"], train.extra["mean"])
+        np.testing.assert_array_equal(split.extra["std"], train.extra["std"])
     # Every row still is a row of the source, and no row is in two splits.
     restored = np.concatenate([unstandardised(s) for s in splits.values()])
     np.testing.assert_allclose(np.sort(restored, axis=0), np.sort(raw_rows, axis=0), atol=1e-3)
@@ -207,10 +217,10 @@ def test_npz_with_text_labels_and_image_shaped_rows(tmp_path):
     assert meta["class_counts"]["val"] == {"cat": 3, "dog": 3, "emu": 3}
     assert set(meta["statistics"]["features"]) == set(meta["feature_names"])
     for split in splits.values():
-        assert set(split) == KEYS and split["x"].shape[1] == 6 and split["x"].dtype == np.float32
+        assert set(split.extra) == EXTRA and split.inputs["input"].shape[1] == 6 and split.inputs["input"].dtype == np.float32
     assert_standardised_on_train_only(splits, x.reshape(60, -1).astype(np.float64))
     train = splits["train"]
-    emu = np.rint(unstandardised(train))[train["y"] == 2, 0]
+    emu = np.rint(unstandardised(train))[train.y == 2, 0]
     assert emu.min() >= 50  # class index 2 is emu, whose first feature was shifted
 
 
@@ -233,8 +243,8 @@ def test_npz_with_class_names_and_feature_names_from_an_fsspec_url(tmp_path):
     assert meta["feature_names"] == ["width", "height", "depth"]
     assert meta["schema"] == {"x": "float64 3", "y": "int64 index into class_names"}
     assert sum(meta["class_counts"]["train"].values()) == meta["n_rows"]["train"] == 28
-    assert list(splits["train"]["feature_names"]) == ["width", "height", "depth"]
-    assert list(splits["test"]["class_names"]) == ["zebra", "ant"]
+    assert list(splits["train"].extra["feature_names"]) == ["width", "height", "depth"]
+    assert list(splits["test"].class_names) == ["zebra", "ant"]
     assert_standardised_on_train_only(splits, x)
 
 
@@ -284,20 +294,22 @@ def test_grayscale_image_folder(tmp_path):
     meta, splits = prepared(str(tmp_path / "shapes"), tmp_path / "out")
     assert meta["schema"] == {"image": "L 8x8", "label": "folder name"}
     assert meta["class_names"] == ["circle", "line", "square"]
-    assert meta["n_features"] == 64
-    assert meta["feature_names"][:3] == ["p0_0", "p0_1", "p0_2"] and meta["feature_names"][-1] == "p7_7"
+    assert meta["n_features"] == 64 and meta["feature_names"] == ["grey"]  # stats per channel
+    assert meta["contract"]["inputs"] == [
+        {"name": "input", "dtype": "float32", "shape": ["batch", 1, 8, 8]}]
     assert meta["n_rows"] == {"train": 20, "val": 5, "test": 5}
     assert sorted(meta["class_counts"]["test"].values()) == [1, 2, 2]
     assert {sum(meta["class_counts"][s][c] for s in SPLITS) for c in meta["class_names"]} == {10}
     for split in splits.values():
-        assert set(split) == KEYS and split["x"].shape[1] == 64 and split["y"].dtype == np.int64
+        assert set(split.extra) == EXTRA and split.y.dtype == np.int64
+        assert split.inputs["input"].shape[1:] == (1, 8, 8)
     train = splits["train"]
     assert_standardised_on_train_only(
         splits, np.concatenate([unstandardised(s) for s in splits.values()]))
-    # Row-major pixels: class k's band is rows 3k and 3k+1, i.e. features p{3k}_* and p{3k+1}_*.
-    raw = np.rint(unstandardised(train)).reshape(-1, 8, 8)
+    # Images [C, H, W]: class k's band is rows 3k and 3k+1 of its one channel.
+    raw = np.rint(unstandardised(train))[:, 0]
     for index in range(3):
-        band = raw[train["y"] == index][:, 3 * index: 3 * index + 2]
+        band = raw[train.y == index][:, 3 * index: 3 * index + 2]
         assert band.min() >= 180, index
     assert raw.max() <= 255 and raw.min() >= 0
 
@@ -306,11 +318,11 @@ def test_one_colour_image_makes_the_folder_rgb(tmp_path):
     write_image_folder(str(tmp_path / "shapes"), colour_every=4)
     meta, splits = prepared(str(tmp_path / "shapes"), tmp_path / "out")
     assert meta["schema"] == {"image": "RGB 8x8", "label": "folder name"}
-    assert meta["n_features"] == 192 == splits["val"]["x"].shape[1]
-    assert meta["feature_names"][:4] == ["p0_0_r", "p0_0_g", "p0_0_b", "p0_1_r"]
-    assert meta["feature_names"][-1] == "p7_7_b"
-    raw = np.rint(unstandardised(splits["train"])).reshape(-1, 8, 8, 3)
-    grey = ((raw[..., 0] == raw[..., 1]) & (raw[..., 1] == raw[..., 2])).all(axis=(1, 2))
+    assert meta["n_features"] == 192 and splits["val"].inputs["input"].shape[1:] == (3, 8, 8)
+    assert meta["feature_names"] == ["red", "green", "blue"]
+    assert len(splits["train"].extra["mean"]) == 3  # one mean per channel
+    raw = np.rint(unstandardised(splits["train"]))
+    grey = ((raw[:, 0] == raw[:, 1]) & (raw[:, 1] == raw[:, 2])).all(axis=(1, 2))
     assert 0 < grey.sum() < len(raw)  # grayscale images became RGB with r = g = b
 
 
@@ -335,3 +347,21 @@ def test_an_image_folder_trains(tmp_path):
         metrics = train_model(train, val, str(tmp_path / "model.pt"), epochs=3, num_workers=1,
                               progress=lambda _: None)
     assert metrics["val_accuracy"] > 0.8, metrics  # chance is 1/3
+
+
+def test_mixed_sizes_are_resized_with_image_size_and_digits_read_as_images(tmp_path):
+    write_image_folder(str(tmp_path / "shapes"))
+    (tmp_path / "shapes" / "line" / "wide.png").write_bytes(
+        image_bytes(np.full((4, 12), 200, np.uint8)))
+    with pytest.raises(UserInputError, match="pass --image-size N to resize them all"):
+        prepare_data(str(tmp_path / "shapes"), "", *split_paths(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    meta = prepare_data(str(tmp_path / "shapes"), "", *split_paths(tmp_path / "out"),
+                        image_size=16)
+    assert meta["contract"]["inputs"][0]["shape"] == ["batch", 1, 16, 16]
+    with pytest.raises(UserInputError, match="image_size 16 is for image folders"):
+        prepare_data("digits", "", *split_paths(tmp_path / "table"), image_size=16)
+
+    meta = prepare_data("digits-images", "", *split_paths(tmp_path / "digits"))
+    assert meta["contract"]["inputs"][0]["shape"] == ["batch", 1, 8, 8]
+    assert meta["n_classes"] == 10 and sum(meta["n_rows"].values()) == 1797

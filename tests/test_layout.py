@@ -221,7 +221,8 @@ def test_the_worker_entry_point_is_the_train_package():
 @pytest.mark.parametrize("platform", ["kfp", "vertex"])
 def test_the_compiled_pipeline_keeps_every_parameter(tmp_path, platform):
     """Every parameter of the compiled YAML, with its type and default, exactly as before the
-    stages were reorganised (tests/data/pipeline_parameters.json was taken from that YAML)."""
+    stages were reorganised (tests/data/pipeline_parameters.json was taken from that YAML), and
+    the ones added since (image_size)."""
     import json
 
     import yaml

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from torchship.components.contracts import TensorSpec
 from torchship.components.errors import UserInputError
 from torchship.components.models import (
     build_model,
@@ -31,9 +32,58 @@ def test_cnn_needs_a_square_number_of_features():
 
 def test_unknown_model_lists_the_choices():
     with pytest.raises(UserInputError) as error:
-        build_model("resnet", 64, 10)
+        build_model("resnet9000", 64, 10)
     message = str(error.value)
-    assert "'resnet'" in message and "mlp, cnn" in message and "module:factory" in message
+    assert "'resnet9000'" in message and "mlp, cnn, resnet" in message
+    assert "module:factory" in message
+
+
+IMAGES = [TensorSpec("input", "float32", ("batch", 3, 32, 32))]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet"])
+def test_builtin_models_take_images(name):
+    model = build_model(name, IMAGES, 4)
+    check_model_output(model, IMAGES, 4, name=name)
+    assert model(torch.randn(5, 3, 32, 32)).shape == (5, 4)
+
+
+def test_resnet_has_residual_blocks_batchnorm_and_global_pooling():
+    model = build_model("resnet", IMAGES, 4, {"width": 8, "blocks": [1, 2]})
+    blocks = [m for m in model.modules() if type(m).__name__ == "BasicBlock"]
+    assert len(blocks) == 3
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert isinstance(model.pool, nn.AdaptiveAvgPool2d) and model.head.in_features == 16
+    with pytest.raises(UserInputError, match="model 'resnet' needs images"):
+        build_model("resnet", 64, 10)
+    with pytest.raises(UserInputError, match="pass only width, blocks"):
+        build_model("resnet", IMAGES, 4, {"depth": 3})
+
+
+def test_a_factory_gets_the_input_spec_when_it_asks_for_it(tmp_path, monkeypatch):
+    module = user_module(tmp_path, monkeypatch, "tiny_models_text", """
+        import torch
+
+        class Bag(nn.Module):
+            def __init__(self, vocab, n_classes):
+                super().__init__()
+                self.embed = nn.EmbeddingBag(vocab, 8)
+                self.head = nn.Linear(8, n_classes)
+
+            def forward(self, input_ids, attention_mask):
+                return self.head(self.embed(input_ids, per_sample_weights=None)
+                                 * attention_mask[:, :1])
+
+        def make(inputs, n_classes):
+            assert [spec.name for spec in inputs] == ["input_ids", "attention_mask"]
+            return Bag(100, n_classes)
+    """)
+    text = [TensorSpec("input_ids", "int64", ("batch", "sequence")),
+            TensorSpec("attention_mask", "int64", ("batch", "sequence"))]
+    model = build_model(f"{module}:make", text, 3)
+    check_model_output(model, text, 3)
+    with pytest.raises(UserInputError, match="'mlp' takes one float input of fixed shape"):
+        build_model("mlp", text, 3)
 
 
 def user_module(tmp_path, monkeypatch, name: str, body: str) -> str:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from artifacts import labelled_table
+from artifacts import labelled_table, write_rgb_image_folder
 from processes import torchship
 
 from torchship.components.triton.config import read_model_config
+from torchship.components.triton.server import TritonServer
 from torchship.pipelines.local import prune_runs
 
 SMALL = ["--epochs", "3", "--finetune-epochs", "1", "--bench-duration", "1",
@@ -89,6 +90,44 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
     html = paths["report"].read_text()
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', html)) >= 2
     assert "http://" not in html and "https://" not in html
+
+
+def test_an_rgb_image_folder_goes_through_as_images_to_a_resnet_on_triton(pipeline_yaml,
+                                                                          tmp_path):
+    """Images stay [C, H, W] from prepare-data to the served model: a stock tritonclient sees
+    one FP32 input [-1, 3, 32, 32] and logits [-1, 4]."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    write_rgb_image_folder(tmp_path / "images")
+    done = torchship_run(
+        pipeline_yaml, tmp_path / "runs", "--data-source", str(tmp_path / "images"),
+        "--model", "resnet", "--epochs", "5", "--batch-size", "16", "--finetune-epochs", "1",
+        "--variants", "fp32,structured,int8", "--bench-duration", "1", "--concurrency", "1,2",
+        "--target-concurrency", "2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    paths = printed_paths(done.stdout)
+    rows = {row["variant"]: row for row in json.loads(paths["results"].read_text())["rows"]}
+    assert set(rows) == {"fp32", "structured", "int8"}
+    assert rows["fp32"]["test_accuracy"] > 0.75  # four classes: chance is 0.25
+    assert rows["structured"]["onnx_size_bytes"] < rows["fp32"]["onnx_size_bytes"] / 2
+    gate = json.loads(paths["gate"].read_text())
+    assert gate["passed"]
+
+    repository = tmp_path / "runs" / "model_repository"
+    with TritonServer(repository) as server:
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        http = httpclient.InferenceServerClient(server.http_url)
+        try:
+            for metadata in (grpc.get_model_metadata(gate["variant"], as_json=True),
+                             http.get_model_metadata(gate["variant"])):
+                assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]])
+                        for t in metadata["inputs"]] == [("input", "FP32", [-1, 3, 32, 32])]
+                assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]])
+                        for t in metadata["outputs"]] == [("logits", "FP32", [-1, 4])]
+        finally:
+            grpc.close()
+            http.close()
 
 
 def test_gate_that_fails_keeps_the_record_and_does_not_deploy(pipeline_yaml, tmp_path):

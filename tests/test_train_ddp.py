@@ -12,12 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from artifacts import synthetic_splits
 from processes import one_process_job
 
+from torchship.components.data.splits import load_split
 from torchship.components.errors import UserInputError
 from torchship.components.models import MLP, load_checkpoint
 from torchship.components.train.checkpoints import checkpoint_dir_for
@@ -213,10 +213,10 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     assert min(entry["val_loss"] for entry in metrics["history"]) == best["val_loss"]
     # The saved model is the best epoch's, not the last one's.
     model, _ = load_checkpoint(tmp_path / "model.pt")
-    split = np.load(val)
+    split = load_split(val)
     with torch.no_grad():
-        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(split["x"])),
-                                                 torch.from_numpy(split["y"]))
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(split.inputs["input"])),
+                                                 torch.from_numpy(split.y))
     assert float(loss) == pytest.approx(best["val_loss"], rel=1e-5)
 
 

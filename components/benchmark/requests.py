@@ -16,27 +16,43 @@ __all__ = ["payloads", "preflight", "rows_for"]
 PAYLOADS_PER_CLIENT = 16  # distinct held-out batches each client cycles through
 
 
-def rows_for(model: Model, x: np.ndarray) -> np.ndarray:
-    """The test rows in the model's input type; ``UserInputError`` when their shape does not fit."""
+Rows = dict[str, np.ndarray]  # every input of the model, by name: held-out rows
+
+
+def rows_for(model: Model, rows: Rows) -> Rows:
+    """The test rows of every input of ``model``, in its types; ``UserInputError`` when one is
+    missing or its shape does not fit."""
     from tritonclient.utils import triton_to_np_dtype
 
-    dims = model.dims if model.max_batch_size > 0 else model.dims[1:]
-    if len(dims) != x.ndim - 1 or any(d not in (-1, s) for d, s in zip(dims, x.shape[1:])):
-        raise UserInputError(
-            f"test_path: rows of shape {list(x.shape[1:])} do not fit model '{model.name}' input "
-            f"'{model.input_name}' {model.dims}; use the test split of the same data"
-        )
-    dtype = triton_to_np_dtype(model.datatype)
-    return np.ascontiguousarray(x.astype(dtype, copy=False))
+    fitted = {}
+    for spec in model.inputs:
+        x = rows.get(spec.name)
+        if x is None:
+            raise UserInputError(
+                f"test_path: the split has no input '{spec.name}' (it has "
+                f"{', '.join(rows)}), which model '{model.name}' takes; use the test split of "
+                "the same data"
+            )
+        dims = spec.dims if model.max_batch_size > 0 else spec.dims[1:]
+        if len(dims) != x.ndim - 1 or any(d not in (-1, n) for d, n in zip(dims, x.shape[1:])):
+            raise UserInputError(
+                f"test_path: rows of shape {list(x.shape[1:])} do not fit model '{model.name}' "
+                f"input '{spec.name}' {spec.dims}; use the test split of the same data"
+            )
+        fitted[spec.name] = np.ascontiguousarray(
+            x.astype(triton_to_np_dtype(spec.datatype), copy=False))
+    return fitted
 
 
-def _batch(rows: np.ndarray, batch_size: int, offset: int, model: Model) -> np.ndarray:
-    idx = (offset + np.arange(batch_size)) % len(rows)
-    batch = rows[idx]
-    return batch[0] if model.max_batch_size == 0 else np.ascontiguousarray(batch)
+def _batch(rows: Rows, batch_size: int, offset: int, model: Model) -> Rows:
+    """``batch_size`` rows of every input from ``offset`` on (wrapping round)."""
+    index = (offset + np.arange(batch_size)) % len(next(iter(rows.values())))
+    if model.max_batch_size == 0:
+        return {name: array[index][0] for name, array in rows.items()}
+    return {name: np.ascontiguousarray(array[index]) for name, array in rows.items()}
 
 
-def payloads(endpoint: Endpoint, model: Model, rows: np.ndarray, batch_size: int,
+def payloads(endpoint: Endpoint, model: Model, rows: Rows, batch_size: int,
              offset: int) -> tuple[list[bytes], dict[str, str]]:
     """Request bodies for one client (real rows from ``offset`` on) and their extra headers."""
     batches = [
@@ -49,9 +65,10 @@ def payloads(endpoint: Endpoint, model: Model, rows: np.ndarray, batch_size: int
         bodies = []
         for batch in batches:
             request = service_pb2.ModelInferRequest(model_name=model.name)
-            tensor = request.inputs.add(name=model.input_name, datatype=model.datatype)
-            tensor.shape.extend(batch.shape)
-            request.raw_input_contents.append(batch.tobytes())
+            for spec in model.inputs:
+                tensor = request.inputs.add(name=spec.name, datatype=spec.datatype)
+                tensor.shape.extend(batch[spec.name].shape)
+                request.raw_input_contents.append(batch[spec.name].tobytes())
             for name in model.outputs:
                 request.outputs.add(name=name)
             bodies.append(request.SerializeToString())
@@ -62,11 +79,14 @@ def payloads(endpoint: Endpoint, model: Model, rows: np.ndarray, batch_size: int
     binary = endpoint.protocol == "http"
     bodies, header_sizes = [], set()
     for batch in batches:
-        tensor = httpclient.InferInput(model.input_name, list(batch.shape), model.datatype)
-        tensor.set_data_from_numpy(batch, binary_data=binary)
+        tensors = []
+        for spec in model.inputs:
+            tensor = httpclient.InferInput(spec.name, list(batch[spec.name].shape), spec.datatype)
+            tensor.set_data_from_numpy(batch[spec.name], binary_data=binary)
+            tensors.append(tensor)
         outputs = [httpclient.InferRequestedOutput(o, binary_data=binary) for o in model.outputs]
         body, json_size = httpclient.InferenceServerClient.generate_request_body(
-            [tensor], outputs=outputs
+            tensors, outputs=outputs
         )
         bodies.append(body if isinstance(body, bytes) else body.encode())
         header_sizes.add(json_size)
@@ -78,7 +98,7 @@ def payloads(endpoint: Endpoint, model: Model, rows: np.ndarray, batch_size: int
                     "X-Vertex-Ai-Triton-Redirect": f"v2/models/{model.name}/infer"}
 
 
-def preflight(endpoint: Endpoint, client: Any, model: Model, rows: np.ndarray, batch_size: int,
+def preflight(endpoint: Endpoint, client: Any, model: Model, rows: Rows, batch_size: int,
               timeout_s: float) -> None:
     """One real request, its answer checked: a broken endpoint fails here, within the timeout."""
     batch = _batch(rows, batch_size, 0, model)
@@ -114,11 +134,14 @@ def preflight(endpoint: Endpoint, client: Any, model: Model, rows: np.ndarray, b
         import tritonclient.grpc as module
     else:
         import tritonclient.http as module
-    tensor = module.InferInput(model.input_name, list(batch.shape), model.datatype)
-    tensor.set_data_from_numpy(batch)
+    tensors = []
+    for spec in model.inputs:
+        tensor = module.InferInput(spec.name, list(batch[spec.name].shape), spec.datatype)
+        tensor.set_data_from_numpy(batch[spec.name])
+        tensors.append(tensor)
     requested = [module.InferRequestedOutput(o) for o in model.outputs]
     try:
-        result = call(client, endpoint.protocol, "infer", model.name, [tensor], outputs=requested,
+        result = call(client, endpoint.protocol, "infer", model.name, tensors, outputs=requested,
                       headers=endpoint.headers or None, timeout_s=timeout_s)
     except Exception as exc:
         text = one_line(exc)

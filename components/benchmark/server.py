@@ -17,6 +17,7 @@ from torchship.components.triton.config import TRITON_TO_V2, read_model_config
 __all__ = [
     "Endpoint",
     "Model",
+    "ModelInput",
     "call",
     "check_reachable",
     "one_line",
@@ -30,13 +31,20 @@ __all__ = [
 
 
 @dataclass
+class ModelInput:
+    """One input of a served model."""
+
+    name: str
+    datatype: str  # KServe v2 datatype, e.g. "FP32", "INT64"
+    dims: list[int]  # without the batch dimension (when batched); -1 where free
+
+
+@dataclass
 class Model:
     """What the client needs to know about one served model."""
 
     name: str
-    input_name: str
-    datatype: str  # KServe v2 datatype, e.g. "FP32"
-    dims: list[int]  # without the batch dimension; -1 where free
+    inputs: list[ModelInput]
     max_batch_size: int  # 0: the model takes no batch dimension
     outputs: list[str]
 
@@ -142,6 +150,11 @@ def call(client: Any, protocol: str, method: str, *args: Any, headers: dict | No
     return getattr(client, method)(*args, headers=headers, **kwargs)
 
 
+# KServe v2 datatype of a numpy array, for inputs known only by their test rows.
+NUMPY_TO_V2 = {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64",
+               np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32"}
+
+
 # -- the models measured -------------------------------------------------------------------------
 
 
@@ -168,17 +181,10 @@ def repository_models(repository_dir: Path, models: Sequence[str] | None) -> lis
     out = []
     for name in names:
         config = read_model_config(available[name])
-        if len(config.input) != 1:
-            raise UserInputError(
-                f"repository_dir: model '{name}' has {len(config.input)} inputs; the benchmark "
-                "feeds one feature matrix"
-            )
-        tensor = config.input[0]
         out.append(Model(
             name=config.name or name,
-            input_name=tensor.name,
-            datatype=TRITON_TO_V2[mc.DataType.Name(tensor.data_type)],
-            dims=[int(d) for d in tensor.dims],
+            inputs=[ModelInput(tensor.name, TRITON_TO_V2[mc.DataType.Name(tensor.data_type)],
+                               [int(d) for d in tensor.dims]) for tensor in config.input],
             max_batch_size=int(config.max_batch_size),
             outputs=[o.name for o in config.output],
         ))
@@ -214,45 +220,39 @@ def remote_models(endpoint: Endpoint, client: Any, models: Sequence[str] | None,
                 f"model '{name}' is not served at {endpoint.describe()}: {one_line(exc)}"
             ) from exc
         inputs = meta.get("inputs", [])
-        if len(inputs) != 1:
-            raise UserInputError(
-                f"models: '{name}' at {endpoint.describe()} has {len(inputs)} inputs; the "
-                "benchmark feeds one feature matrix"
-            )
-        shape = [int(d) for d in inputs[0].get("shape", [])]
+        if not inputs:
+            raise ServingError(f"model '{name}' at {endpoint.describe()} declares no inputs")
+        shapes = [[int(d) for d in tensor.get("shape", [])] for tensor in inputs]
         try:
             config = call(client, protocol, "get_model_config", name, headers=headers,
                           timeout_s=timeout_s)
             config = config.get("config", config)
             max_batch_size = int(config.get("max_batch_size", 0))
         except Exception:  # noqa: BLE001 - a free first dimension means batched
-            max_batch_size = 1 << 16 if shape and shape[0] == -1 else 0
+            max_batch_size = 1 << 16 if shapes[0] and shapes[0][0] == -1 else 0
         out.append(Model(
             name=name,
-            input_name=inputs[0]["name"],
-            datatype=inputs[0]["datatype"],
-            dims=shape[1:] if max_batch_size > 0 else shape,
+            inputs=[ModelInput(tensor["name"], tensor["datatype"],
+                               shape[1:] if max_batch_size > 0 else shape)
+                    for tensor, shape in zip(inputs, shapes)],
             max_batch_size=max_batch_size,
             outputs=[o["name"] for o in meta.get("outputs", [])],
         ))
     return out
 
 
-def vertex_models(names: Sequence[str] | None, x: np.ndarray, input_name: str,
+def vertex_models(names: Sequence[str] | None, rows: dict[str, np.ndarray],
                   output_names: Sequence[str]) -> list[Model]:
-    """The models behind a Vertex AI endpoint, which cannot list them: each takes ``input_name``
-    with the test rows' shape and type."""
+    """The models behind a Vertex AI endpoint, which cannot list them: each takes the test
+    split's inputs (the tensor contract's names) with their shapes and types."""
     if not names:
         raise UserInputError(
             "models: the vertex protocol cannot list an endpoint's models; pass their names"
         )
-    dtype = {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64",
-             np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32"}.get(x.dtype, "FP32")
-    return [
-        Model(name=name, input_name=input_name, datatype=dtype, dims=[-1] * (x.ndim - 1),
-              max_batch_size=1 << 16, outputs=list(output_names))
-        for name in names
-    ]
+    inputs = [ModelInput(name, NUMPY_TO_V2.get(array.dtype, "FP32"), [-1] * (array.ndim - 1))
+              for name, array in rows.items()]
+    return [Model(name=name, inputs=inputs, max_batch_size=1 << 16, outputs=list(output_names))
+            for name in names]
 
 
 def check_reachable(endpoint: Endpoint, client: Any, timeout_s: float) -> None:

@@ -58,8 +58,8 @@ from torchship.components.benchmark.server import (
     vertex_models,
 )
 from torchship.components.benchmark.stats import judge, level_row, server_delta, window_row
-from torchship.components.contracts import INPUT_NAME, OUTPUT_NAME
-from torchship.components.data.splits import load_sample
+from torchship.components.contracts import OUTPUT_NAME
+from torchship.components.data.splits import load_inputs
 from torchship.components.errors import ServingError, UserInputError, one_line
 from torchship.components.triton.server import TritonServer
 
@@ -72,7 +72,7 @@ REMOTE_PROTOCOLS = ("grpc", "http", "vertex")
 # -- the measurement core -----------------------------------------------------------------------
 
 
-def _plan(models: list[Model], x: np.ndarray, method: Method) -> list[tuple]:
+def _plan(models: list[Model], x: dict[str, np.ndarray], method: Method) -> list[tuple]:
     """(model, its rows, its batch sizes) for each model; bad sizes or shapes fail here, before
     any server work."""
     plan = []
@@ -113,7 +113,8 @@ def _sweep(endpoint: Endpoint, plan: list[tuple], method: Method,
     return results
 
 
-def _measure_level(pool: ClientPool, endpoint: Endpoint, model: Model, rows: np.ndarray,
+def _measure_level(pool: ClientPool, endpoint: Endpoint, model: Model,
+                   rows: dict[str, np.ndarray],
                    batch_size: int, concurrency: int, method: Method,
                    on_window: Callable[[dict], None] | None, level_no: int,
                    levels_total: int) -> dict:
@@ -260,7 +261,7 @@ def benchmark_repository(
     method = measurement_method(**measurement)
     repository_dir = Path(repository_dir)
     specs = repository_models(repository_dir, models)
-    plan = _plan(specs, load_sample(test_path, what="test_path"), method)
+    plan = _plan(specs, load_inputs(test_path, what="test_path"), method)
     progress = progress or (lambda *_: None)
     started, started_at = time.monotonic(), _now()
 
@@ -303,7 +304,6 @@ def benchmark_endpoint(
     on_window: Callable[[dict], None] | None = None,
     headers: dict[str, str] | None = None,
     auth: str = "auto",
-    input_name: str = INPUT_NAME,
     output_names: Sequence[str] = (OUTPUT_NAME,),
     **measurement: Any,
 ) -> dict:
@@ -317,7 +317,8 @@ def benchmark_endpoint(
       (``https://REGION-aiplatform.googleapis.com/v1/projects/P/locations/L/endpoints/E:rawPredict``);
       each request is a KServe v2 JSON body with ``X-Vertex-Ai-Triton-Redirect:
       v2/models/<model>/infer``. ``{model}`` in the URL is replaced by the model name. The model's
-      input is ``input_name`` with the test rows' shape and type; there is no statistics API.
+      inputs are the test split's (the tensor contract), with their shapes and types; there is
+      no statistics API.
 
     ``models``: the names to measure (``None``: every ready model, where the server lists them).
     ``auth="auto"`` adds a Google bearer token (application default credentials) to ``vertex``
@@ -332,7 +333,7 @@ def benchmark_endpoint(
     if auth not in ("auto", "google", "none"):
         raise UserInputError(f"auth: '{auth}' is not one of auto, google, none")
     method = measurement_method(**measurement)
-    x = load_sample(test_path, what="test_path")
+    x = load_inputs(test_path, what="test_path")
     progress = progress or (lambda *_: None)
     if isinstance(models, str):
         models = [models]
@@ -340,7 +341,7 @@ def benchmark_endpoint(
     started, started_at = time.monotonic(), _now()
 
     if protocol == "vertex":
-        specs = vertex_models(models, x, input_name, output_names)
+        specs = vertex_models(models, x, output_names)
         try:
             results = _sweep(endpoint, _plan(specs, x, method), method, progress, on_window)
         finally:

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 
-from torchship.components.contracts import MODEL_ONNX
+from torchship.components.contracts import MODEL_ONNX, TensorContract
+from torchship.components.data.splits import Split
 from torchship.components.models import export_onnx
 
 __all__ = ["Context"]
@@ -20,9 +20,10 @@ __all__ = ["Context"]
 @dataclass
 class Context:
     fp32: nn.Module
-    spec: dict[str, Any]  # model_name, n_features, n_classes
+    contract: TensorContract  # what the model takes and gives
+    spec: dict[str, Any]  # model_name, n_features (None unless one flat input), n_classes
     model_options: dict[str, Any] | None  # the trained model's build options (its width)
-    splits: dict[str, dict[str, np.ndarray]]  # train, val, test
+    splits: dict[str, Split]  # train, val, test
     # Fine-tuning and distillation reuse the training run's batch size and learning rate.
     training: dict[str, Any]  # batch_size, learning_rate, seed
     options: dict[str, Any]  # every registered option's value
@@ -41,8 +42,8 @@ class Context:
     def fp32_onnx(self) -> Path:
         """The fp32 model as an ONNX graph, which the ONNX variants start from."""
         if "fp32" not in self._graphs:
-            self._graphs["fp32"] = export_onnx(self.fp32, self.spec["n_features"],
-                                               self.work / "fp32.onnx")
+            self._graphs["fp32"] = export_onnx(self.fp32, self.contract, self.work / "fp32.onnx",
+                                               rows=self.splits["train"].inputs)
         return self._graphs["fp32"]
 
     def prepared_onnx(self) -> Path:

@@ -18,16 +18,20 @@ from torchship.components.compress.training import torch_accuracy, weight_sparsi
 from torchship.components.compress.variants import check_request
 from torchship.components.contracts import (
     BASELINE,
-    INPUT_NAME,
     MODEL_ONNX,
     MODEL_PT,
     OUTPUT_NAME,
     SPLITS,
     VARIANT_JSON,
 )
-from torchship.components.data.splits import load_split
+from torchship.components.data.splits import Split, load_split
 from torchship.components.files import staged_dir, write_json
-from torchship.components.models import count_parameters, load_checkpoint, save_checkpoint
+from torchship.components.models import (
+    contract_of,
+    count_parameters,
+    load_checkpoint,
+    save_checkpoint,
+)
 from torchship.components.train.config import default
 
 __all__ = ["compress_model"]
@@ -67,13 +71,16 @@ def compress_model(
         "learning_rate": float(trained_with.get("learning_rate", default("learning_rate"))),
         "seed": seed,
     }
-    spec = {key: checkpoint[key] for key in ("model_name", "n_features", "n_classes")}
+    contract = contract_of(checkpoint)
+    spec = {"model_name": checkpoint["model_name"], "n_features": contract.n_features,
+            "n_classes": contract.n_classes}
     threads = torch.get_num_threads()
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
     try:
         with staged_dir(variants_dir) as staging, tempfile.TemporaryDirectory() as work:
-            ctx = Context(fp32=fp32, spec=spec, model_options=checkpoint.get("model_options"),
+            ctx = Context(fp32=fp32, contract=contract, spec=spec,
+                          model_options=checkpoint.get("model_options"),
                           splits=splits, training=training, options=values,
                           seed=seed, staging=staging, work=Path(work), progress=progress)
             for variant in wanted:  # checks that need the model, before any work
@@ -112,7 +119,7 @@ def _record(ctx: Context, variant: Variant, made: Made,
         # A variant of the trained model keeps its build options; another model has its own.
         options = made.model_options if made.model_name else (
             made.model_options or ctx.model_options)
-        save_checkpoint(path, made.model, spec["model_name"], spec["n_features"],
+        save_checkpoint(path, made.model, spec["model_name"], ctx.contract,
                         spec["n_classes"], extra={"variant": variant.name, **made.settings},
                         model_options=options, resized=made.resized)
         n_parameters, nonzero = count_parameters(made.model)
@@ -125,9 +132,9 @@ def _record(ctx: Context, variant: Variant, made: Made,
         path = directory / MODEL_ONNX
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
-        def accuracy(split: dict[str, np.ndarray]) -> float:
-            (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: split["x"]})
-            return float(np.mean(logits.argmax(axis=1) == split["y"]))
+        def accuracy(split: Split) -> float:
+            (logits,) = session.run([OUTPUT_NAME], split.inputs)
+            return float(np.mean(logits.argmax(axis=1) == split.y))
 
         assert baseline is not None  # the baseline is made first
         record.update(
@@ -136,6 +143,7 @@ def _record(ctx: Context, variant: Variant, made: Made,
             # Quantisation changes how each parameter is stored, not how many there are; these
             # describe the fp32 source (rounding may zero a few more weights).
             **{key: baseline[key] for key in ("sparsity", "n_parameters", "nonzero_parameters")})
+    record["contract"] = ctx.contract.to_dict()
     record["settings"] = made.settings
     write_json(record, directory / VARIANT_JSON)
     return record

@@ -11,9 +11,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchship.components.compress.registry import option, whole_at_least
+from torchship.components.data.splits import Split
 
-__all__ = ["FINETUNE_EPOCHS", "PRUNABLE", "PRUNE_STEPS", "fit", "prunable_weights",
-           "torch_accuracy", "weight_sparsity"]
+__all__ = ["FINETUNE_EPOCHS", "PRUNABLE", "PRUNE_STEPS", "fit", "logits_of",
+           "prunable_weights", "torch_accuracy", "weight_sparsity"]
 
 # Layers whose weights magnitude pruning removes and sparsity is measured over.
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -40,15 +41,17 @@ def weight_sparsity(model: nn.Module) -> float:
 
 
 def fit(
-    model: nn.Module, train: dict[str, np.ndarray], epochs: int,
+    model: nn.Module, train: Split, epochs: int,
     loss_fn: Callable[..., torch.Tensor], batch_size: int, learning_rate: float, seed: int,
     extra: torch.Tensor | None = None,
 ) -> None:
-    """Train `model` in place with Adam; `extra` (per-row tensors) is passed on to `loss_fn`."""
+    """Train `model` in place with Adam on every input of `train`; `extra` (per-row tensors) is
+    passed on to `loss_fn` after the logits and the labels."""
     if not epochs:
         return
     torch.manual_seed(seed)
-    tensors = [torch.from_numpy(train["x"]), torch.from_numpy(train["y"])]
+    inputs = [torch.from_numpy(array) for array in train.inputs.values()]
+    tensors = [*inputs, torch.from_numpy(train.y)]
     if extra is not None:
         tensors.append(extra)
     loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=True,
@@ -56,18 +59,24 @@ def fit(
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                  lr=learning_rate)
     model.train()
+    n = len(inputs)
     for _ in range(epochs):
-        for x, y, *rest in loader:
+        for batch in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x), y, *rest).backward()
+            loss_fn(model(*batch[:n]), batch[n], *batch[n + 1:]).backward()
             optimizer.step()
     model.eval()
 
 
-
-def torch_accuracy(model: nn.Module, split: dict[str, np.ndarray]) -> float:
+def logits_of(model: nn.Module, split: Split, chunk: int = 1024) -> torch.Tensor:
+    """The model's logits on every row of `split`, in chunks."""
     model.eval()
+    inputs = [torch.from_numpy(array) for array in split.inputs.values()]
     with torch.no_grad():
-        predicted = model(torch.from_numpy(split["x"])).argmax(dim=1).numpy()
-    return float(np.mean(predicted == split["y"]))
+        return torch.cat([model(*(t[i:i + chunk] for t in inputs))
+                          for i in range(0, len(split), chunk)])
 
+
+def torch_accuracy(model: nn.Module, split: Split) -> float:
+    predicted = logits_of(model, split).argmax(dim=1).numpy()
+    return float(np.mean(predicted == split.y))

@@ -19,10 +19,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 # Single-channel Pillow modes (LA: grey with alpha, which is dropped). A palette image ("P") may
 # hold colours, so it counts as colour.
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# The channels an image's statistics are kept per, by Pillow mode.
+CHANNELS = {"L": ["grey"], "RGB": ["red", "green", "blue"]}
+# Pillow's bilinear filter (Image.Resampling.BILINEAR); the module imports Pillow lazily.
+BILINEAR = 2
 
 
-def load_image_folder(source: str, fs: AbstractFileSystem, root: str) -> LoadedSource:
-    """A folder with one sub-folder per class (its name is the class) of same-sized images."""
+def load_image_folder(source: str, fs: AbstractFileSystem, root: str,
+                      image_size: int = 0) -> LoadedSource:
+    """A folder with one sub-folder per class (its name is the class) of images, as float32
+    [rows, C, H, W]: all one size, or each resized to `image_size` x `image_size`."""
     class_folders = sorted(
         _basename(entry["name"]) for entry in fs.ls(root, detail=True)
         if entry["type"] == "directory" and _visible(entry["name"], root)
@@ -54,11 +60,14 @@ def load_image_folder(source: str, fs: AbstractFileSystem, root: str) -> LoadedS
         for file in files:
             name = f"{base}/{class_name}/{file}"
             image = _read_image(source, fs, f"{folder}/{file}", name)
-            if images and image.size != images[0].size:
+            if image_size:
+                image = image.resize((image_size, image_size), resample=BILINEAR)
+            elif images and image.size != images[0].size:
                 width, height = images[0].size
                 raise UserInputError(
                     f"data source '{source}' image '{name}' is {image.width}x{image.height} but "
-                    f"'{names[0]}' is {width}x{height}; resize them all to {width}x{height}"
+                    f"'{names[0]}' is {width}x{height}; pass --image-size N to resize them all "
+                    "to N x N, or resize them yourself"
                 )
             images.append(image)
             labels.append(index)
@@ -67,15 +76,24 @@ def load_image_folder(source: str, fs: AbstractFileSystem, root: str) -> LoadedS
     # Grayscale only when every image is: one colour image makes every row RGB.
     mode = "L" if all(image.mode in GRAYSCALE_MODES for image in images) else "RGB"
     width, height = images[0].size
-    features = np.stack(
-        [np.asarray(image.convert(mode), dtype=np.float32).reshape(-1) for image in images]
-    )
-    channels = ("",) if mode == "L" else ("_r", "_g", "_b")
-    feature_names = [f"p{row}_{col}{channel}"  # row-major, channels last, as the pixels
-                     for row in range(height) for col in range(width) for channel in channels]
-    return LoadedSource(features, np.array(labels, dtype=np.int64), class_folders, feature_names,
+    pixels = np.stack([np.asarray(image.convert(mode), dtype=np.float32) for image in images])
+    # [rows, H, W] or [rows, H, W, C] -> [rows, C, H, W], as convolutions take them.
+    features = pixels[:, None] if mode == "L" else pixels.transpose(0, 3, 1, 2)
+    return LoadedSource(np.ascontiguousarray(features), np.array(labels, dtype=np.int64),
+                        class_folders, CHANNELS[mode],
                         {"image": f"{mode} {width}x{height}", "label": "folder name"},
                         row_noun="images")
+
+
+def digits_images() -> LoadedSource:
+    """scikit-learn's digits (it ships inside the package) as 1 x 8 x 8 images."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    features = digits.images.astype(np.float32)[:, None]
+    return LoadedSource(features, digits.target.astype(np.int64),
+                        [str(c) for c in digits.target_names], CHANNELS["L"],
+                        {"image": "L 8x8", "label": "digit"}, row_noun="images")
 
 
 def _read_image(source: str, fs: AbstractFileSystem, path: str, name: str) -> PIL.Image.Image:

@@ -24,15 +24,23 @@ MAX_LISTED = 12
 class LoadedSource:
     """What every kind of source loads to, before the one split / standardise / write path."""
 
-    features: np.ndarray  # [rows, n_features], finite: float64, or float32 pixels for images
+    # Finite numbers: a table's rows [rows, n_features] (float64), or images [rows, C, H, W]
+    # (float32 pixels).
+    features: np.ndarray
     labels: np.ndarray  # int64 class index per row: class i is class_names[i]
     class_names: list[str]
+    # What the standardisation statistics are per: a table's columns, an image's channels.
     feature_names: list[str]
     schema: dict[str, str]
     # For the too-few-rows error: where the labels come from ("label column 'species'"; empty
     # where the source itself says it) and what a row is.
     labels_from: str = ""
     row_noun: str = "rows"
+
+    @property
+    def images(self) -> bool:
+        """Images [rows, C, H, W], standardised per channel; else a table, per column."""
+        return self.features.ndim == 4
 
 
 

@@ -1,37 +1,113 @@
-"""Reading the splits prepare_data wrote: what every later stage loads its rows with."""
+"""The splits prepare-data writes and every later stage reads: each model input by its tensor
+name, the labels, the class names and the tensor contract. Stages read splits only through here,
+so how a split is stored can change without them."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from torchship.components.contracts import TensorContract
 from torchship.components.errors import UserInputError
+from torchship.components.files import atomic_file
 
-__all__ = ["load_sample", "load_split"]
+__all__ = ["Split", "load_inputs", "load_split", "save_split"]
+
+# Keys of a split file that are not model inputs.
+_LABELS, _CLASSES, _CONTRACT = "y", "class_names", "contract"
+# Before the tensor contract a split held one float matrix under this key: read as a table.
+_TABLE_KEY = "x"
 
 
-def load_split(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a split written by prepare_data into a plain dict of arrays."""
-    if not Path(path).exists():
+@dataclass
+class Split:
+    """One split: ``inputs`` in the contract's order, ``y`` int64 class indices."""
+
+    inputs: dict[str, np.ndarray]
+    y: np.ndarray
+    class_names: list[str]
+    contract: TensorContract
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # mean, std, feature_names, ...
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def rows(self, index: slice | Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """The same rows of every input."""
+        return {name: array[index] for name, array in self.inputs.items()}
+
+
+def save_split(path: str | os.PathLike, inputs: Mapping[str, np.ndarray], y: np.ndarray,
+               class_names: Sequence[str], contract: TensorContract,
+               **extra: np.ndarray) -> None:
+    """Write a split to exactly ``path`` (np.savez would append '.npz' to a name), atomically."""
+    missing = [name for name in contract.input_names if name not in inputs]
+    if missing:
+        raise ValueError(f"split for {path}: no array for inputs {missing}")
+    with atomic_file(path) as handle:
+        np.savez(handle, **{name: inputs[name] for name in contract.input_names},
+                 **{_LABELS: np.asarray(y, dtype=np.int64),
+                    _CLASSES: np.array([str(c) for c in class_names]),
+                    _CONTRACT: np.array(contract.to_json())}, **extra)
+
+
+def load_split(path: str | os.PathLike, what: str = "dataset split",
+               labels: bool = True) -> Split:
+    """Read a split written by prepare_data; ``what`` names the argument in errors. Without
+    ``labels`` a file of inputs alone will do (its ``y`` is then empty)."""
+    if not Path(path).is_file():
         raise UserInputError(
-            f"dataset split '{path}' does not exist; pass a split written by prepare_data"
+            f"{what} '{path}' does not exist; pass a split written by prepare_data"
         )
-    with np.load(path, allow_pickle=False) as npz:
-        return {key: npz[key] for key in npz.files}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except Exception as error:  # not a zip, a member that is not an array, a pickled array
+        raise UserInputError(
+            f"{what} '{path}' is not a split written by prepare_data ({type(error).__name__}); "
+            "pass the split itself"
+        ) from error
+    y = arrays.pop(_LABELS, None)
+    if y is None and not labels:
+        y = np.zeros(0, dtype=np.int64)
+    classes = arrays.pop(_CLASSES, None)
+    if _CONTRACT in arrays:
+        contract = TensorContract.from_json(str(arrays.pop(_CONTRACT)))
+    elif _TABLE_KEY in arrays and arrays[_TABLE_KEY].ndim == 2:
+        x = arrays.pop(_TABLE_KEY)
+        n_classes = (len(classes) if classes is not None
+                     else int(np.max(y, initial=0)) + 1 if y is not None else 0)
+        contract = TensorContract.table(x.shape[1], n_classes)
+        arrays[contract.input_names[0]] = x
+    else:
+        raise UserInputError(
+            f"{what} '{path}' has no tensor contract and no 'x' table; pass a split written by "
+            "prepare_data"
+        )
+    missing = [name for name in contract.input_names if name not in arrays]
+    if y is None or missing:
+        raise UserInputError(
+            f"{what} '{path}' lacks {', '.join(missing) or 'its labels y'}; pass a split written "
+            "by prepare_data"
+        )
+    inputs = {name: arrays.pop(name) for name in contract.input_names}
+    if labels and any(len(array) != len(y) for array in inputs.values()):
+        raise UserInputError(f"{what} '{path}' has inputs and labels of different lengths; "
+                             "pass a split written by prepare_data")
+    class_names = ([str(c) for c in classes] if classes is not None
+                   else [str(i) for i in range(contract.n_classes)])
+    return Split(inputs, y.astype(np.int64), class_names, contract, arrays)
 
 
-def load_sample(path: str | os.PathLike, what: str = "test_path") -> np.ndarray:
-    """The ``x`` rows of a split, checked: the requests, warm-up samples and smoke tests of the
-    serving stages are built from them. ``what`` names the argument in errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"{what}: {path} does not exist; run prepare_data first")
-    with np.load(path, allow_pickle=False) as data:
-        if "x" not in data:
-            raise UserInputError(f"{what}: {path} has no 'x' array; run prepare_data")
-        x = np.asarray(data["x"])
-    if x.ndim < 2 or len(x) == 0:
-        raise UserInputError(f"{what}: 'x' in {path} has shape {x.shape}; expected [N, F]")
-    return x
+def load_inputs(path: str | os.PathLike, what: str = "test_path",
+                rows: int | None = None) -> dict[str, np.ndarray]:
+    """Every input of a split (its first ``rows`` rows): the rows the serving stages send as
+    requests, warm-up samples and smoke tests."""
+    split = load_split(path, what, labels=False)
+    if min(len(array) for array in split.inputs.values()) == 0:
+        raise UserInputError(f"{what}: {path} has no rows; run prepare_data on more data")
+    return split.rows(slice(0, rows))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from torchship.components.contracts import SPLITS
-from torchship.components.data.images import load_image_folder
+from torchship.components.contracts import BATCH, INPUT_NAME, SPLITS, TensorContract, TensorSpec
+from torchship.components.data.images import digits_images, load_image_folder
 from torchship.components.data.sources import (
     TABLE_SUFFIXES,
     LoadedSource,
@@ -16,8 +16,9 @@ from torchship.components.data.sources import (
     load_table,
     table_source,
 )
+from torchship.components.data.splits import save_split
 from torchship.components.errors import UserInputError, one_line
-from torchship.components.files import atomic_file, write_json
+from torchship.components.files import write_json
 
 # fsspec, scikit-learn and the Google SDK are imported inside the functions that use them:
 # training workers import the data package only to read splits.
@@ -25,8 +26,12 @@ from torchship.components.files import atomic_file, write_json
 # What a user may pass as the source, and its default: the built-in data set.
 DEFAULT_SOURCE = "digits"
 DEFAULT_LABEL_COLUMN = "label"
+# The built-in data read as images: 1 x 8 x 8.
+DIGITS_IMAGES = "digits-images"
+# image_size 0 keeps the images' own size (they must all have one).
+KEEP_IMAGE_SIZE = 0
 SOURCE_KINDS = ("a path to a CSV, Parquet or .npz file, a folder of images with one sub-folder "
-                "per class, or 'digits'")
+                "per class, 'digits' or 'digits-images'")
 # A feature whose training std is below this is (near) constant: dividing by it would blow up
 # rounding noise, so it is left unscaled (std 1) instead.
 STD_FLOOR = 1e-6
@@ -41,41 +46,58 @@ def prepare_data(
     seed: int = 0,
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
+    image_size: int = KEEP_IMAGE_SIZE,
 ) -> dict:
-    """Split `source` into standardised train/val/test `.npz` files and return its metadata.
+    """Split `source` into standardised train/val/test splits and return its metadata, with the
+    tensor contract the splits hold.
 
-    `source` is `digits`, a CSV/Parquet table with a `label_column`, an `.npz` with arrays `x`
-    and `y`, or a folder of images with one sub-folder per class (local or any fsspec URL);
-    `label_column` is used by tables only. Every check on the input runs before the first file
-    is written, so a bad source leaves nothing behind.
+    `source` is `digits` (a table of 64 pixels), `digits-images` (1 x 8 x 8 images), a
+    CSV/Parquet table with a `label_column`, an `.npz` with arrays `x` and `y`, or a folder of
+    images with one sub-folder per class (local or any fsspec URL), resized to `image_size` x
+    `image_size` when it is set (0: all must be one size). A table is one float input
+    [batch, n_features] standardised per column; images are [batch, C, H, W] standardised per
+    channel. Every check on the input runs before the first file is written, so a bad source
+    leaves nothing behind.
     """
     _check_fractions(val_fraction, test_fraction)
-    data = load_source(source, label_column)
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 0:
+        raise UserInputError(f"image_size {image_size!r} is not a whole number >= 0; pass e.g. "
+                             "32 to resize images to 32 x 32, or 0 to keep their size")
+    data = load_source(source, label_column, image_size)
+    if image_size and not data.images:
+        raise UserInputError(f"image_size {image_size} is for image folders and digits-images; "
+                             f"data source '{source}' is a table, so leave it out")
     split_index = _stratified_split(source, data, seed, val_fraction, test_fraction)
 
-    # Statistics come from the training rows only, so val/test stay unseen data.
+    # Statistics come from the training rows only, so val/test stay unseen data: per column of
+    # a table, per channel of images.
+    axes = (0, 2, 3) if data.images else (0,)
     train_x = data.features[split_index["train"]]
-    mean = train_x.mean(axis=0, dtype=np.float64)
-    std = train_x.std(axis=0, dtype=np.float64)
+    mean = train_x.mean(axis=axes, dtype=np.float64)
+    std = train_x.std(axis=axes, dtype=np.float64)
     std = np.where(std < STD_FLOOR, 1.0, std)
+    lowest, highest = train_x.min(axis=axes), train_x.max(axis=axes)
+    per_row = (slice(None), None, None) if data.images else (slice(None),)
 
+    class_names = data.class_names
+    spec = TensorSpec(INPUT_NAME, "float32", (BATCH, *data.features.shape[1:]))
+    contract = TensorContract.classifier([spec], len(class_names))
     paths = {"train": train_path, "val": val_path, "test": test_path}
     for split in SPLITS:
         rows = split_index[split]
-        _write_npz(
+        save_split(
             paths[split],
-            x=((data.features[rows] - mean) / std).astype(np.float32),
-            y=data.labels[rows].astype(np.int64),
-            mean=mean.astype(np.float32),
-            std=std.astype(np.float32),
+            {INPUT_NAME: ((data.features[rows] - mean[per_row]) / std[per_row])
+             .astype(np.float32)},
+            data.labels[rows], class_names, contract,
+            mean=mean.astype(np.float32), std=std.astype(np.float32),
             feature_names=np.array(data.feature_names),
-            class_names=np.array(data.class_names),
         )
 
-    class_names = data.class_names
     return {
         "source": source,
-        "n_features": len(data.feature_names),
+        "contract": contract.to_dict(),
+        "n_features": contract.n_features,
         "n_classes": len(class_names),
         "class_names": list(class_names),
         "feature_names": list(data.feature_names),
@@ -97,8 +119,7 @@ def prepare_data(
             "n_rows": len(split_index["train"]),
             "features": {
                 name: {"mean": float(m), "std": float(sd), "min": float(lo), "max": float(hi)}
-                for name, m, sd, lo, hi in zip(data.feature_names, mean, std,
-                                               train_x.min(axis=0), train_x.max(axis=0))
+                for name, m, sd, lo, hi in zip(data.feature_names, mean, std, lowest, highest)
             },
         },
     }
@@ -132,7 +153,7 @@ def _check_google_credentials(source: str) -> None:
         ) from error
 
 
-def load_source(source: str, label_column: str) -> LoadedSource:
+def load_source(source: str, label_column: str, image_size: int = 0) -> LoadedSource:
     """Find out what kind of source `source` is and load it with that kind's loader."""
     import fsspec
 
@@ -141,6 +162,8 @@ def load_source(source: str, label_column: str) -> LoadedSource:
 
         digits = load_digits(as_frame=True)
         return table_source(source, digits.frame, "target")  # 64 pixel columns plus "target"
+    if source == DIGITS_IMAGES:
+        return digits_images()
 
     if not isinstance(source, str) or not source:
         raise UserInputError(f"data source {source!r} is empty; pass {SOURCE_KINDS}")
@@ -163,7 +186,7 @@ def load_source(source: str, label_column: str) -> LoadedSource:
     if suffix == ".npz":
         return load_npz(source)
     if fs.isdir(fs_path):
-        return load_image_folder(source, fs, fs_path)
+        return load_image_folder(source, fs, fs_path, image_size)
     raise UserInputError(
         f"data source '{source}' has unsupported suffix '{suffix}'; "
         f"pass a {', '.join(TABLE_SUFFIXES)} or .npz file, an image folder, or 'digits'"
@@ -220,9 +243,3 @@ def _stratified_split(
     # readers that do not shuffle (calibration samples, quick evals) see mixed classes.
     rng = np.random.default_rng(seed)
     return {split: rng.permutation(idx) for split, idx in split_index.items()}
-
-
-def _write_npz(path: str, **arrays: np.ndarray) -> None:
-    """Write `arrays` to exactly `path` (np.savez would append '.npz' to a name), atomically."""
-    with atomic_file(path) as handle:
-        np.savez(handle, **arrays)

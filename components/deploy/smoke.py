@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from torchship.components.data.splits import load_sample
+from torchship.components.data.splits import load_inputs
 from torchship.components.errors import ServingError, UserInputError
 from torchship.components.triton.config import TRITON_TO_V2
 
@@ -23,16 +23,20 @@ __all__ = [
     "load_samples",
     "model_input",
     "onnx_reference",
+    "rows_count",
     "smoke_test_server",
     "v2_outputs",
     "v2_request",
 ]
 
 
-def load_samples(test_path: str | os.PathLike, n_samples: int) -> np.ndarray:
-    """The first ``n_samples`` rows of ``x`` in a held-out ``.npz`` split."""
-    x = load_sample(test_path, what="test_path")
-    return np.ascontiguousarray(x[: max(1, int(n_samples))])
+Rows = dict[str, np.ndarray]  # every input of a model, by name
+
+
+def load_samples(test_path: str | os.PathLike, n_samples: int) -> Rows:
+    """The first ``n_samples`` rows of every input of a held-out split."""
+    return {name: np.ascontiguousarray(array)
+            for name, array in load_inputs(test_path, "test_path", max(1, int(n_samples))).items()}
 
 
 def numpy_dtype(triton_type: str):
@@ -41,34 +45,42 @@ def numpy_dtype(triton_type: str):
     return triton_to_np_dtype(TRITON_TO_V2[triton_type])
 
 
-def model_input(model: dict, x_all: np.ndarray) -> np.ndarray:
-    """``x_all`` cast and cut to what ``model`` (a repository description) takes."""
+def model_input(model: dict, rows: Rows) -> Rows:
+    """``rows`` cast and cut to what ``model`` (a repository description) takes, every input."""
     name = model["name"]
-    if len(model["inputs"]) != 1:
-        raise UserInputError(
-            f"onnx_dir: model '{name}' has {len(model['inputs'])} inputs; the smoke test feeds one "
-            "feature matrix, export a single 'input'"
-        )
-    tensor = model["inputs"][0]
-    dims = tensor["dims"] if model["max_batch_size"] > 0 else tensor["dims"][1:]
-    if len(dims) != x_all.ndim - 1 or any(d not in (-1, s) for d, s in zip(dims, x_all.shape[1:])):
-        raise UserInputError(
-            f"test_path: rows of shape {list(x_all.shape[1:])} do not fit model '{name}' input "
-            f"dims {tensor['dims']}; use the test split of the same data"
-        )
-    x = x_all.astype(np.dtype(numpy_dtype(tensor["data_type"])), copy=False)
-    if model["max_batch_size"] == 0:
-        x = x[:1]  # no batching: one request of exactly the model's shape
-    return np.ascontiguousarray(x)
+    fitted = {}
+    for tensor in model["inputs"]:
+        x = rows.get(tensor["name"])
+        if x is None:
+            raise UserInputError(
+                f"test_path: the split has no input '{tensor['name']}' (it has "
+                f"{', '.join(rows)}), which model '{name}' takes; use the test split of the "
+                "same data"
+            )
+        dims = tensor["dims"] if model["max_batch_size"] > 0 else tensor["dims"][1:]
+        if len(dims) != x.ndim - 1 or any(d not in (-1, s) for d, s in zip(dims, x.shape[1:])):
+            raise UserInputError(
+                f"test_path: rows of shape {list(x.shape[1:])} do not fit model '{name}' input "
+                f"'{tensor['name']}' dims {tensor['dims']}; use the test split of the same data"
+            )
+        x = x.astype(np.dtype(numpy_dtype(tensor["data_type"])), copy=False)
+        if model["max_batch_size"] == 0:
+            x = x[:1]  # no batching: one request of exactly the model's shape
+        fitted[tensor["name"]] = np.ascontiguousarray(x)
+    return fitted
 
 
-def onnx_reference(onnx_path: str | os.PathLike, model: dict, x: np.ndarray) -> list[np.ndarray]:
-    """ONNX Runtime's outputs for ``x`` (one array per output of ``model``, in order)."""
+def onnx_reference(onnx_path: str | os.PathLike, model: dict, rows: Rows) -> list[np.ndarray]:
+    """ONNX Runtime's outputs for ``rows`` (one array per output of ``model``, in order)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     output_names = [o["name"] for o in model["outputs"]]
-    return session.run(output_names, {model["inputs"][0]["name"]: x})
+    return session.run(output_names, {t["name"]: rows[t["name"]] for t in model["inputs"]})
+
+
+def rows_count(rows: Rows) -> int:
+    return len(next(iter(rows.values())))
 
 
 def _expected_shape(tensor: dict, max_batch_size: int) -> list[int]:
@@ -124,17 +136,17 @@ def compare_outputs(
     return diff
 
 
-def v2_request(model: dict, x: np.ndarray) -> dict:
-    """A KServe v2 inference request (JSON) carrying ``x`` as the model's single input."""
-    tensor = model["inputs"][0]
+def v2_request(model: dict, rows: Rows) -> dict:
+    """A KServe v2 inference request (JSON) carrying ``rows`` as the model's inputs."""
     return {
         "inputs": [
             {
                 "name": tensor["name"],
-                "shape": list(x.shape),
+                "shape": list(rows[tensor["name"]].shape),
                 "datatype": TRITON_TO_V2[tensor["data_type"]],
-                "data": x.reshape(-1).tolist(),
+                "data": rows[tensor["name"]].reshape(-1).tolist(),
             }
+            for tensor in model["inputs"]
         ],
         "outputs": [{"name": o["name"]} for o in model["outputs"]],
     }
@@ -208,8 +220,9 @@ def smoke_test_server(
             version = "" if model.get("version") is None else str(model["version"])
             label = f"'{name}' version {version}" if version else f"'{name}'"
             x = model_input(model, x_all)
+            n = rows_count(x)
             expected = onnx_reference(model["onnx_path"], model, x)
-            chunk = model["max_batch_size"] or len(x)
+            chunk = model["max_batch_size"] or n
             diffs = {}
             for protocol, (module, client) in clients.items():
                 kwargs = {"client_timeout": request_timeout_s} if protocol == "grpc" else {}
@@ -232,17 +245,18 @@ def smoke_test_server(
                 check_metadata(model, metadata, where, model.get("version"))
                 output_names = [o["name"] for o in model["outputs"]]
                 got: dict[str, list] = {out: [] for out in output_names}
-                for start in range(0, len(x), chunk):
-                    part = x[start : start + chunk]
-                    infer_input = module.InferInput(
-                        model["inputs"][0]["name"], list(part.shape),
-                        TRITON_TO_V2[model["inputs"][0]["data_type"]],
-                    )
-                    infer_input.set_data_from_numpy(part)
+                for start in range(0, n, chunk):
+                    infer_inputs = []
+                    for tensor in model["inputs"]:
+                        part = x[tensor["name"]][start : start + chunk]
+                        infer_input = module.InferInput(tensor["name"], list(part.shape),
+                                                        TRITON_TO_V2[tensor["data_type"]])
+                        infer_input.set_data_from_numpy(part)
+                        infer_inputs.append(infer_input)
                     requested = [module.InferRequestedOutput(o) for o in output_names]
                     try:
                         result = client.infer(
-                            name, [infer_input], model_version=version, outputs=requested,
+                            name, infer_inputs, model_version=version, outputs=requested,
                             headers=headers, **kwargs,
                         )
                     except Exception as exc:
@@ -257,12 +271,12 @@ def smoke_test_server(
                 over = " and ".join({"grpc": "gRPC", "http": "HTTP"}[p] for p in diffs)
                 progress(
                     f"{name}{f' v{version}' if version else ''}: served by Triton, matches ONNX "
-                    f"Runtime over {over} (max |diff| {max(diffs.values()):.2g}, {len(x)} rows)"
+                    f"Runtime over {over} (max |diff| {max(diffs.values()):.2g}, {n} rows)"
                 )
             results[name] = {
                 **{f"max_abs_diff_{protocol}": diff for protocol, diff in diffs.items()},
                 "ready": True,
-                "n_samples": len(x),
+                "n_samples": n,
                 "version": model.get("version"),
                 "inputs": model["inputs"],
                 "outputs": model["outputs"],

@@ -29,12 +29,11 @@ import onnxruntime as ort
 
 from torchship.components.contracts import (
     BASELINE,
-    INPUT_NAME,
     MODEL_ONNX,
     OUTPUT_NAME,
     VARIANTS_JSON,
 )
-from torchship.components.data.splits import load_split
+from torchship.components.data.splits import Split, load_split
 from torchship.components.errors import UserInputError
 from torchship.components.files import write_json
 
@@ -72,7 +71,7 @@ def measure_variants(
 def measure_records(
     records: list[dict[str, Any]],
     onnx_root: Path,
-    test: dict[str, np.ndarray],
+    test: Split,
     threads: int = 1,
     rounds: int = 5,
     block_s: float = 0.01,
@@ -91,12 +90,14 @@ def measure_records(
             f"variant files {', '.join(missing)} do not exist; pass the directory export wrote"
         )
     sessions = {name: _session(path, threads) for name, path in paths.items()}
-    x, y = test["x"], test["y"]
-    logits = {name: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    y = test.y
+    logits = {name: session.run([OUTPUT_NAME], test.inputs)[0]
               for name, session in sessions.items()}
-    # A latency batch the test split is too small for repeats its rows.
-    inputs = {size: np.resize(x, (size, x.shape[1])).astype(np.float32) for size in batch_sizes}
-    latency = interleaved_latency(sessions, inputs, rounds, block_s)
+    # A latency batch of real rows of every input; a batch the test split is too small for
+    # repeats its rows.
+    feeds = {size: {name: np.resize(array, (size, *array.shape[1:]))
+                    for name, array in test.inputs.items()} for size in batch_sizes}
+    latency = interleaved_latency(sessions, feeds, rounds, block_s)
 
     baseline = next((r for r in records if r["name"] == BASELINE), None)
     measured = []
@@ -151,14 +152,13 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
 
 
 def interleaved_latency(
-    sessions: dict[str, ort.InferenceSession], inputs: dict[int, np.ndarray], rounds: int,
-    block_s: float,
+    sessions: dict[str, ort.InferenceSession], feeds: dict[int, dict[str, np.ndarray]],
+    rounds: int, block_s: float,
 ) -> dict[tuple[str, int], float]:
     """Median milliseconds per call for each (variant, batch size); see the module docstring."""
     calls: dict[tuple[str, int], int] = {}
     for name, session in sessions.items():
-        for size, x in inputs.items():
-            feed = {INPUT_NAME: x}
+        for size, feed in feeds.items():
             for _ in range(WARMUP_CALLS):
                 session.run([OUTPUT_NAME], feed)
             start = time.perf_counter()
@@ -172,8 +172,8 @@ def interleaved_latency(
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             run = sessions[name].run
-            for size, x in inputs.items():
-                feed, n = {INPUT_NAME: x}, calls[name, size]
+            for size, feed in feeds.items():
+                n = calls[name, size]
                 start = time.perf_counter()
                 for _ in range(n):
                     run([OUTPUT_NAME], feed)

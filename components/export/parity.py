@@ -11,7 +11,6 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from torchship.components.contracts import INPUT_NAME, OUTPUT_NAME
 from torchship.components.errors import ParityError
 
 __all__ = ["BATCH_SIZES_CHECKED", "check_parity"]
@@ -25,33 +24,44 @@ def check_parity(
     onnx_path: Path,
     reference: nn.Module,
     reference_name: str,
-    x: np.ndarray,
+    rows: dict[str, np.ndarray],
     criterion: str,
     atol: float,
     min_top1_agreement: float,
 ) -> dict[str, Any]:
-    """Compare ONNX Runtime's logits with PyTorch's on `x` by `criterion` (`max_abs_diff` within
-    `atol`, or `top1_agreement` at least `min_top1_agreement`); raise ParityError beyond it."""
+    """Compare ONNX Runtime's outputs with PyTorch's on `rows` (every input of the contract,
+    by name) by `criterion`: `max_abs_diff` over every output within `atol`, or the first
+    output's (the logits') `top1_agreement` at least `min_top1_agreement`; raise ParityError
+    beyond it."""
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    output_names = [o.name for o in session.get_outputs()]
     batch_dim = session.get_inputs()[0].shape[0]
+    n = len(next(iter(rows.values())))
     for batch_size in BATCH_SIZES_CHECKED:
         try:
-            (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: x[:batch_size]})
+            outputs = session.run(output_names, {k: v[:batch_size] for k, v in rows.items()})
         except Exception as error:  # ORT raises its own exception types for shape errors
             raise ParityError(
                 f"variant '{name}': the ONNX model fails at batch size {batch_size} "
                 f"({' '.join(str(error).split())[:200]}); keep the batch dimension free in forward"
             ) from error
-        if logits.shape[0] != batch_size:
+        if any(out.shape[0] != min(batch_size, n) for out in outputs):
             raise ParityError(
-                f"variant '{name}': the ONNX model returns {logits.shape[0]} rows for a batch of "
-                f"{batch_size}; keep the batch dimension free in forward"
+                f"variant '{name}': the ONNX model returns {outputs[0].shape[0]} rows for a "
+                f"batch of {batch_size}; keep the batch dimension free in forward"
             )
 
-    (onnx_logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: x})
+    onnx_outputs = session.run(output_names, rows)
     with torch.no_grad():
-        torch_logits = reference.eval()(torch.from_numpy(x)).numpy()
-    max_abs_diff = float(np.max(np.abs(onnx_logits - torch_logits)))
+        answer = reference.eval()(*(torch.from_numpy(rows[k]) for k in rows))
+    torch_outputs = [t.numpy() for t in (answer if isinstance(answer, (tuple, list)) else [answer])]
+    if len(torch_outputs) != len(onnx_outputs):
+        raise ParityError(
+            f"variant '{name}': PyTorch gives {len(torch_outputs)} outputs, the ONNX model "
+            f"{len(onnx_outputs)} ({', '.join(output_names)}); export every output"
+        )
+    onnx_logits, torch_logits = onnx_outputs[0], torch_outputs[0]
+    max_abs_diff = max(float(np.max(np.abs(o - t))) for o, t in zip(onnx_outputs, torch_outputs))
     top1_agreement = float(np.mean(onnx_logits.argmax(axis=1) == torch_logits.argmax(axis=1)))
     # Quantised logits move by design; what must hold is the decision. Float exports must
     # reproduce the logits themselves.
@@ -59,7 +69,8 @@ def check_parity(
     passed = (top1_agreement >= min_top1_agreement) if decision else (max_abs_diff <= atol)
     parity = {
         "reference": reference_name,
-        "rows": len(x),
+        "rows": n,
+        "outputs": output_names,
         "max_abs_diff": max_abs_diff,
         "top1_agreement": top1_agreement,
         "criterion": criterion,
@@ -75,7 +86,7 @@ def check_parity(
             if decision else (f"max abs logit difference {max_abs_diff:.3g}", f"at most {atol}")
         )
         raise ParityError(
-            f"variant '{name}' disagrees with PyTorch '{reference_name}' on {len(x)} test rows: "
+            f"variant '{name}' disagrees with PyTorch '{reference_name}' on {n} test rows: "
             f"{measured}, required {required}; fix the export or loosen the tolerance"
         )
     return parity

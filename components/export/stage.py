@@ -12,7 +12,13 @@ from typing import Any
 import onnx
 from torch import nn
 
-from torchship.components.contracts import MODEL_ONNX, MODEL_PT, VARIANT_JSON, VARIANTS_JSON
+from torchship.components.contracts import (
+    MODEL_ONNX,
+    MODEL_PT,
+    VARIANT_JSON,
+    VARIANTS_JSON,
+    TensorContract,
+)
 from torchship.components.data.splits import load_split
 from torchship.components.errors import UserInputError
 from torchship.components.export.measure import measure_records
@@ -49,7 +55,7 @@ def export_variants(
     variants_dir = Path(variants_dir)
     variants = read_variants(variants_dir)
     test = load_split(test_path)
-    x = test["x"][:MAX_PARITY_ROWS]
+    rows = test.rows(slice(0, MAX_PARITY_ROWS))
     references: dict[str, nn.Module] = {}
 
     def torch_model(name: str) -> nn.Module:
@@ -64,7 +70,7 @@ def export_variants(
             onnx_path = staging / name / MODEL_ONNX
             if variant["format"] == "torch":
                 reference_name = name
-                export_onnx(torch_model(name), variant["n_features"], onnx_path)
+                export_onnx(torch_model(name), contract_of_record(variant), onnx_path, rows=rows)
             elif variant["format"] == "onnx":
                 reference_name = variant["source"]
                 _copy_onnx_variant(variants_dir, variant, onnx_path)
@@ -77,7 +83,7 @@ def export_variants(
             criterion = variant.get("parity_criterion") or (
                 "top1_agreement" if variant["format"] == "onnx" else "max_abs_diff")
             parity = check_parity(
-                name, onnx_path, torch_model(reference_name), reference_name, x,
+                name, onnx_path, torch_model(reference_name), reference_name, rows,
                 criterion=criterion, atol=atol, min_top1_agreement=min_top1_agreement,
             )
             records.append(
@@ -130,3 +136,10 @@ def read_variants(variants_dir: Path) -> list[dict[str, Any]]:
         )
 
     return sorted(variants, key=lambda variant: (variant.get("order", 1 << 30), variant["name"]))
+
+
+def contract_of_record(variant: dict[str, Any]) -> TensorContract:
+    """The tensor contract of a variant record (a table's, for a record from before it)."""
+    if "contract" in variant:
+        return TensorContract.from_dict(variant["contract"])
+    return TensorContract.table(variant["n_features"], variant["n_classes"])

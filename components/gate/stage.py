@@ -101,10 +101,10 @@ def confusion_matrix(onnx_dir: str, variant: str, test_path: str) -> dict[str, A
     split = load_split(test_path)
     session = ort.InferenceSession(str(Path(onnx_dir) / variant / MODEL_ONNX),
                                    providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {session.get_inputs()[0].name: split["x"]})
+    logits = session.run(None, split.inputs)[0]
     n = logits.shape[1]
-    categories = [str(name) for name in split.get("class_names", range(n))]
-    counts = np.bincount(split["y"] * n + logits.argmax(axis=1), minlength=n * n)
+    categories = list(split.class_names)
+    counts = np.bincount(split.y * n + logits.argmax(axis=1), minlength=n * n)
     matrix = counts.reshape(n, n)
     return {"categories": categories, "matrix": matrix.tolist(),
             "accuracy": float(np.trace(matrix) / matrix.sum())}

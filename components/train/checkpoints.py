@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from torchship.components.contracts import TensorContract
 from torchship.components.errors import UserInputError
 from torchship.components.files import atomic_file, write_json
 
@@ -62,16 +63,22 @@ def newest_checkpoint(directory: Path) -> dict[str, Any] | None:
     return torch.load(paths[-1], map_location="cpu", weights_only=True)
 
 
-def check_resumable(checkpoint: dict[str, Any], model_name: str, n_features: int,
-                    n_classes: int, directory: Path) -> None:
-    """A checkpoint of another model or data set is refused, not resumed from."""
-    found = (checkpoint["config"]["model_name"], checkpoint["n_features"],
-             checkpoint["n_classes"])
-    if found != (model_name, n_features, n_classes):
+def check_resumable(checkpoint: dict[str, Any], model_name: str, contract: TensorContract,
+                    directory: Path) -> None:
+    """A checkpoint of another model or data set (other inputs or classes) is refused, not
+    resumed from."""
+    found = (checkpoint["config"]["model_name"], checkpoint.get("contract"))
+    if found != (model_name, contract.to_dict()):
+        def inputs(data: dict | None) -> str:
+            if not data:
+                return "unknown inputs"
+            spec = TensorContract.from_dict(data)
+            shapes = ", ".join(f"{s.name} {list(s.shape)}" for s in spec.inputs)
+            return f"{shapes} and {spec.n_classes} classes"
         raise UserInputError(
             f"checkpoint directory '{directory}' holds a run of model {found[0]!r} with "
-            f"{found[1]} features and {found[2]} classes, not {model_name!r} with "
-            f"{n_features} and {n_classes}; pass a fresh --checkpoint-dir or delete it"
+            f"{inputs(found[1])}, not {model_name!r} with {inputs(contract.to_dict())}; pass a "
+            "fresh --checkpoint-dir or delete it"
         )
 
 

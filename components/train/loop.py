@@ -19,8 +19,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from torchship.components.contracts import TensorContract
 from torchship.components.data.splits import load_split
-from torchship.components.models import build_model, count_parameters, save_checkpoint
+from torchship.components.models import (
+    build_model,
+    count_parameters,
+    example_inputs,
+    save_checkpoint,
+)
 from torchship.components.train.checkpoints import (
     check_resumable,
     checkpoint_path,
@@ -56,12 +62,14 @@ def train(
     checkpoint_dir = Path(config.checkpoint_dir)
 
     train, val = load_split(config.train_path), load_split(config.val_path)
-    n_features, n_classes = train["x"].shape[1], len(train["class_names"])
-    train_x, train_y = torch.from_numpy(train["x"]), torch.from_numpy(train["y"])
-    val_x, val_y = torch.from_numpy(val["x"]), torch.from_numpy(val["y"])
+    contract, n_classes = train.contract, train.contract.n_classes
+    # Every input of the contract, in its order: the model is called as model(*inputs).
+    train_x = [torch.from_numpy(array) for array in train.inputs.values()]
+    val_x = [torch.from_numpy(array) for array in val.inputs.values()]
+    train_y, val_y = torch.from_numpy(train.y), torch.from_numpy(val.y)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank and in every run
-    model = build_model(config.model_name, n_features, n_classes).to(device)
+    model = build_model(config.model_name, contract, n_classes).to(device)
     # The fused kernel: several times faster than the per-tensor loop on CPU and GPU, and every
     # rank repeats the optimizer step, so it does not shrink as workers are added.
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=True)
@@ -73,7 +81,7 @@ def train(
 
     # Each rank takes its own shard of a permutation that set_epoch changes every epoch; with a
     # fixed seed, the global order (and so each global batch) is the same at any world size.
-    sampler = DistributedSampler(TensorDataset(train_x, train_y), num_replicas=world_size,
+    sampler = DistributedSampler(TensorDataset(*train_x, train_y), num_replicas=world_size,
                                  rank=rank, shuffle=True, seed=config.seed)
     micro_steps = math.ceil(len(sampler) / config.batch_size)
     accumulation = config.gradient_accumulation_steps
@@ -92,7 +100,7 @@ def train(
     checkpoint = shared[0]
     resumed_from = 0
     if checkpoint is not None:
-        check_resumable(checkpoint, config.model_name, n_features, n_classes, checkpoint_dir)
+        check_resumable(checkpoint, config.model_name, contract, checkpoint_dir)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
@@ -102,7 +110,8 @@ def train(
         report(f"resuming from epoch {resumed_from} (checkpoint "
                f"{checkpoint_path(checkpoint_dir, resumed_from)}); {left} epochs left")
 
-    flops_per_sample = _flops_per_sample(model, n_features, config.batch_size, device)
+    flops_per_sample = _flops_per_sample(model, contract, train.inputs, config.batch_size,
+                                         device)
     ddp_model = DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
     )
@@ -123,13 +132,13 @@ def train(
             group_start = micro_step - micro_step % accumulation
             group_size = min(accumulation, len(batches) - group_start)
             last_micro_step = micro_step == group_start + group_size - 1
-            x = train_x[batch].to(device, non_blocking=True)
+            x = [tensor[batch].to(device, non_blocking=True) for tensor in train_x]
             y = train_y[batch].to(device, non_blocking=True)
             # Gradients are all-reduced only on the last micro-step of an accumulation group.
             with nullcontext() if last_micro_step else ddp_model.no_sync():
                 with torch.autocast(device.type, dtype=autocast_dtype,
                                     enabled=autocast_dtype is not None):
-                    loss = loss_fn(ddp_model(x), y)
+                    loss = loss_fn(ddp_model(*x), y)
                 scaler.scale(loss / group_size).backward()
             loss_sum += loss.detach().double() * len(y)
             if last_micro_step:
@@ -176,7 +185,7 @@ def train(
             save_epoch_checkpoint(checkpoint_dir, {
                 **state, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "config": asdict(config),
-                "n_features": n_features, "n_classes": n_classes, "world_size": world_size,
+                "contract": contract.to_dict(), "n_classes": n_classes, "world_size": world_size,
             })
         if state["stopped_early"]:
             report(f"early stop: val loss has not improved for {patience} epochs "
@@ -226,7 +235,7 @@ def train(
             f"{metrics[GPU_HOURS_KEY]:.3g} GPU-hours ({GPU_HOURS_ASSUMPTION})"
         )
         save_checkpoint(
-            config.model_path, model, config.model_name, n_features, n_classes,
+            config.model_path, model, config.model_name, contract, n_classes,
             extra={"metrics": metrics, "batch_size": config.batch_size,
                    "learning_rate": config.learning_rate, "seed": config.seed},
         )
@@ -265,30 +274,32 @@ def _mixed_precision(
 
 
 def _flops_per_sample(
-    model: nn.Module, n_features: int, batch_size: int, device: torch.device
+    model: nn.Module, contract: TensorContract, rows: dict[str, np.ndarray], batch_size: int,
+    device: torch.device,
 ) -> float:
-    """Floating-point operations of one forward and backward pass, per sample."""
-    batch = torch.zeros(batch_size, n_features, device=device)
+    """Floating-point operations of one forward and backward pass, per sample, on a batch of
+    real training rows (a sequence model's cost depends on the real lengths)."""
+    batch = example_inputs(contract, batch_size, rows, device)
     with FlopCounterMode(display=False) as counter:
-        model(batch).sum().backward()
+        model(*batch).sum().backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch_size
 
 
 def _evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int, world_size: int,
+    model: nn.Module, x: list[torch.Tensor], y: torch.Tensor, rank: int, world_size: int,
     device: torch.device, autocast_dtype: torch.dtype | None, chunk: int = 4096,
 ) -> tuple[float, float]:
     """Validation loss and accuracy: each rank scores every world_size-th row, then all sum."""
     model.eval()
-    x, y = x[rank::world_size], y[rank::world_size]
+    x, y = [tensor[rank::world_size] for tensor in x], y[rank::world_size]
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, rows
     with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype,
                                          enabled=autocast_dtype is not None):
         for start in range(0, len(y), chunk):
-            inputs = x[start:start + chunk].to(device)
+            inputs = [tensor[start:start + chunk].to(device) for tensor in x]
             labels = y[start:start + chunk].to(device)
-            logits = model(inputs).float()
+            logits = model(*inputs).float()
             totals[0] += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
             totals[1] += (logits.argmax(dim=1) == labels).sum()
             totals[2] += len(labels)

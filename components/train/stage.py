@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from torchship.components.data.splits import load_split
 from torchship.components.errors import UserInputError
 from torchship.components.models import build_model, check_model_output
 from torchship.components.train.checkpoints import checkpoint_dir_for
@@ -50,9 +50,9 @@ def train_model(
                 f"dataset split '{path}' does not exist; pass a split written by prepare_data"
             )
     # Build and probe the model here, before any worker starts, so a bad spec fails in seconds.
-    n_features, n_classes = _split_shape(config.train_path)
-    probe = build_model(config.model_name, n_features, n_classes)
-    check_model_output(probe, n_features, n_classes, name=config.model_name)
+    contract = load_split(config.train_path).contract
+    probe = build_model(config.model_name, contract, contract.n_classes)
+    check_model_output(probe, contract, contract.n_classes, name=config.model_name)
     config = dataclasses.replace(config, checkpoint_dir=str(
         checkpoint_dir_for(config.model_path, config.checkpoint_dir)))
 
@@ -64,11 +64,6 @@ def train_model(
         assert launch.master_addr is not None and launch.master_port is not None
         wait_for_master(launch.master_addr, launch.master_port, config.timeout_s)
     return launch_workers(launch, config, progress)
-
-
-def _split_shape(path: str) -> tuple[int, int]:
-    with np.load(path, allow_pickle=False) as split:
-        return int(split["x"].shape[1]), len(split["class_names"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from torchship.components.contracts import MODEL_ONNX, ServingSettings
-from torchship.components.data.splits import load_sample
+from torchship.components.data.splits import load_inputs
 from torchship.components.errors import ServingError, UserInputError, one_line
 from torchship.components.files import staged_dir, write_bytes
 from torchship.components.triton.config import (
@@ -66,31 +66,40 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def _warmup_sample(
-    inputs: list[dict], sample: np.ndarray | None, max_batch_size: int, name: str
+    inputs: list[dict], sample: dict[str, np.ndarray] | None, max_batch_size: int, name: str
 ) -> dict[str, bytes]:
-    """Raw bytes of one real sample per input (only for a single fixed-shape input)."""
+    """Raw bytes of one real sample of every input (none where an input's shape varies, which
+    Triton's warm-up cannot take)."""
     from tritonclient.utils import triton_to_np_dtype
 
-    if sample is None or len(inputs) != 1:
+    if not sample:
         return {}
-    tensor = inputs[0]
-    dims = tensor["shape"][1:] if max_batch_size > 0 else tensor["shape"]
-    if any(d <= 0 for d in dims):
+    if any(d <= 0 for t in inputs for d in (t["shape"][1:] if max_batch_size > 0 else t["shape"])):
         return {}
-    row_size, need = int(np.prod(sample.shape[1:])), int(np.prod(dims))
-    if max_batch_size > 0:
-        if row_size != need:
+    warmup = {}
+    for tensor in inputs:
+        x = sample.get(tensor["name"])
+        if x is None:
             raise UserInputError(
-                f"warmup_path: sample rows have shape {list(sample.shape[1:])}, model '{name}' "
-                f"input '{tensor['name']}' wants {dims}; use a split of the same data"
+                f"warmup_path: the split has no input '{tensor['name']}' (it has "
+                f"{', '.join(sample)}), which model '{name}' takes; use a split of the same data"
             )
-        data = sample[:1]
-    elif need % row_size == 0 and len(sample) >= need // row_size:
-        data = sample[: need // row_size]  # no batching: the sample fills the model's full shape
-    else:
-        return {}
-    dtype = triton_to_np_dtype(TRITON_TO_V2[tensor["data_type"]])
-    return {tensor["name"]: np.ascontiguousarray(data, dtype=dtype).tobytes()}
+        dims = tensor["shape"][1:] if max_batch_size > 0 else tensor["shape"]
+        row_size, need = int(np.prod(x.shape[1:])), int(np.prod(dims))
+        if max_batch_size > 0:
+            if row_size != need:
+                raise UserInputError(
+                    f"warmup_path: sample rows have shape {list(x.shape[1:])}, model '{name}' "
+                    f"input '{tensor['name']}' wants {dims}; use a split of the same data"
+                )
+            data = x[:1]
+        elif need % row_size == 0 and len(x) >= need // row_size:
+            data = x[: need // row_size]  # no batching: the sample fills the model's full shape
+        else:
+            return {}
+        dtype = triton_to_np_dtype(TRITON_TO_V2[tensor["data_type"]])
+        warmup[tensor["name"]] = np.ascontiguousarray(data, dtype=dtype).tobytes()
+    return warmup
 
 
 def _warmup_filename(input_name: str) -> str:
@@ -104,7 +113,7 @@ def write_model(
     *,
     backend: str,
     versions: list[int],
-    sample: np.ndarray | None = None,
+    sample: dict[str, np.ndarray] | None = None,
     serving: ServingSettings | None = None,
 ) -> tuple[dict, object]:
     """Write ``<model_dir>/config.pbtxt``, ``warmup/`` and ``<version>/`` for ``source`` (an ONNX
@@ -175,7 +184,7 @@ def build_model_repository(
     """
     check_backend(backend)
     variants = onnx_variants(Path(onnx_dir))
-    sample = load_sample(warmup_path, what="warmup_path") if warmup_path is not None else None
+    sample = load_inputs(warmup_path, "warmup_path", 1) if warmup_path is not None else None
     with staged_dir(repository_dir) as staging:
         models = [
             write_model(variant / MODEL_ONNX, staging / variant.name, version, backend=backend,

@@ -41,7 +41,7 @@ from typing import Any
 from torchship.components.benchmark.results import find_level
 from torchship.components.benchmark.stage import benchmark_repository
 from torchship.components.contracts import MODEL_ONNX, TARGET_CONCURRENCY, ServingSettings
-from torchship.components.data.splits import load_sample
+from torchship.components.data.splits import load_inputs
 from torchship.components.errors import UserInputError
 from torchship.components.files import write_json
 from torchship.components.gate.choice import OPTIMISE
@@ -174,7 +174,7 @@ def _one_variant(onnx_dir: Path) -> Path:
 def _write_candidates(model_path: Path, repository: Path, grid: list[dict[str, int]],
                       test_path: str | os.PathLike) -> list[str]:
     """One model per candidate in a fresh repository, each with a real warm-up sample."""
-    sample = load_sample(test_path, what="test_path")
+    sample = load_inputs(test_path, "test_path", 1)
     names = [candidate_name(model_path.parent.name, settings) for settings in grid]
     for name, settings in zip(names, grid):
         write_model(model_path, repository / name, 1, backend="python", versions=[1],

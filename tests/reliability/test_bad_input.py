@@ -170,7 +170,7 @@ def _write_image_folders(root: Path) -> None:
         ("unreadable", ["image '{root}/unreadable/bb/03.png' could not be read",
                         "replace or remove it"]),
         ("odd_size", ["image '{root}/odd_size/bb/02.png' is 6x4",
-                      "but '{root}/odd_size/a/00.png' is 8x8", "resize them all to 8x8"]),
+                      "but '{root}/odd_size/a/00.png' is 8x8", "pass --image-size N"]),
         ("few", ["has too few images for classes 'a' (3), 'bb' (3)",
                  "each class needs at least 7 images"]),
     ],

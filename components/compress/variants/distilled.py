@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,16 +19,19 @@ from torchship.components.compress.registry import (
     whole_at_least,
     within,
 )
-from torchship.components.compress.training import fit
+from torchship.components.compress.training import fit, logits_of
+from torchship.components.data.splits import Split
 from torchship.components.models import (
     BUILTIN_MODELS,
     build_model,
     check_model_output,
     count_parameters,
 )
+from torchship.components.models.specs import Inputs
 
 # A distilled student is the teacher's kind of model, narrower; a user's own model gets an mlp.
-DEFAULT_STUDENT_OPTIONS = {"mlp": {"hidden": 256}, "cnn": {"channels": 4}}
+DEFAULT_STUDENT_OPTIONS = {"mlp": {"hidden": 256}, "cnn": {"channels": 4},
+                           "resnet": {"width": 8, "blocks": [1, 1, 1]}}
 
 
 def _optional(check):
@@ -79,14 +81,14 @@ def _spec(ctx: Context) -> tuple[str, dict[str, Any]]:
 def prepare(ctx: Context) -> None:
     """A bad student spec fails before any work, not after pruning."""
     name, options = _spec(ctx)
-    n_features, n_classes = ctx.spec["n_features"], ctx.spec["n_classes"]
-    check_model_output(build_model(name, n_features, n_classes, options), n_features, n_classes,
+    contract, n_classes = ctx.contract, ctx.contract.n_classes
+    check_model_output(build_model(name, contract, n_classes, options), contract, n_classes,
                        name=name)
 
 
 def distill(
-    teacher: nn.Module, train: dict[str, np.ndarray], student_model: str,
-    student_options: dict[str, Any], n_features: int, n_classes: int, temperature: float,
+    teacher: nn.Module, train: Split, student_model: str,
+    student_options: dict[str, Any], inputs: Inputs, n_classes: int, temperature: float,
     alpha: float, epochs: int, training: dict[str, Any],
 ) -> nn.Module:
     """Train a fresh `student_model` on the teacher's soft targets (Hinton et al. 2015).
@@ -95,10 +97,9 @@ def distill(
     with the labels; T^2 keeps the soft term's gradients on the scale of the hard one.
     """
     torch.manual_seed(training["seed"])
-    student = build_model(student_model, n_features, n_classes, student_options)
-    check_model_output(student, n_features, n_classes, name=student_model)
-    with torch.no_grad():
-        soft_targets = teacher.eval()(torch.from_numpy(train["x"]))
+    student = build_model(student_model, inputs, n_classes, student_options)
+    check_model_output(student, inputs, n_classes, name=student_model)
+    soft_targets = logits_of(teacher, train)
 
     def loss(model_logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor
              ) -> torch.Tensor:
@@ -116,8 +117,8 @@ def make(ctx: Context) -> Made:
     name, options = _spec(ctx)
     temperature, alpha, epochs = (ctx.options[key] for key in (
         "distill_temperature", "distill_alpha", "distill_epochs"))
-    student = distill(ctx.fp32, ctx.splits["train"], name, options, ctx.spec["n_features"],
-                      ctx.spec["n_classes"], temperature, alpha, epochs, ctx.training)
+    student = distill(ctx.fp32, ctx.splits["train"], name, options, ctx.contract,
+                      ctx.contract.n_classes, temperature, alpha, epochs, ctx.training)
     return Made(model=student, model_name=name, model_options=options, settings={
         "student_model": name, "student_options": options, "temperature": temperature,
         "alpha": alpha, "epochs": epochs, "teacher_parameters": count_parameters(ctx.fp32)[0]})

@@ -28,7 +28,6 @@ from torchship.components.compress.registry import (
     whole_at_least,
     within,
 )
-from torchship.components.contracts import INPUT_NAME
 
 CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -43,14 +42,19 @@ ENTROPY_QUANTIZED_BINS = 128
 
 
 class TrainingSampleReader(CalibrationDataReader):
-    """Feeds ONNX Runtime's calibrator a seeded sample of training rows, a batch at a time."""
+    """Feeds ONNX Runtime's calibrator a seeded sample of training rows of every input, a batch
+    at a time (integer inputs such as token ids are fed as they are: only float tensors are
+    quantised)."""
 
-    def __init__(self, x: np.ndarray, rows: int, batch_size: int, seed: int) -> None:
-        chosen = np.random.default_rng(seed).choice(len(x), size=min(rows, len(x)), replace=False)
-        self.sample = x[np.sort(chosen)]
+    def __init__(self, inputs: dict[str, np.ndarray], rows: int, batch_size: int,
+                 seed: int) -> None:
+        n = len(next(iter(inputs.values())))
+        chosen = np.sort(np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False))
+        self.sample = {name: array[chosen] for name, array in inputs.items()}
+        self.rows = len(chosen)
         self.batches = iter(
-            [{INPUT_NAME: self.sample[i:i + batch_size]}
-             for i in range(0, len(self.sample), batch_size)]
+            [{name: array[i:i + batch_size] for name, array in self.sample.items()}
+             for i in range(0, self.rows, batch_size)]
         )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -58,7 +62,8 @@ class TrainingSampleReader(CalibrationDataReader):
 
 
 def quantize_int8_static(
-    prepared: Path, target: Path, calibration_x: np.ndarray, method: str, rows: int, seed: int,
+    prepared: Path, target: Path, calibration: dict[str, np.ndarray], method: str, rows: int,
+    seed: int,
     percentile: float = 99.999, reduce_range: bool = False,
 ) -> dict[str, Any]:
     """int8 post-training static quantisation: QDQ, per-channel int8 weights, uint8 activations.
@@ -68,7 +73,7 @@ def quantize_int8_static(
     x86 integer kernels run fastest, with or without VNNI. `reduce_range` stores weights in
     7 bits, which avoids the int16 saturation of the pre-VNNI AVX2 kernel at a little accuracy.
     """
-    reader = TrainingSampleReader(calibration_x, rows, CALIBRATION_BATCH, seed)
+    reader = TrainingSampleReader(calibration, rows, CALIBRATION_BATCH, seed)
     extra_options = {"CalibPercentile": percentile} if method == "percentile" else {}
     with tempfile.TemporaryDirectory() as work:
         cache = None
@@ -90,7 +95,7 @@ def quantize_int8_static(
     settings: dict[str, Any] = {
         "quant_format": "QDQ", "per_channel": True, "weight_type": "int8",
         "activation_type": "uint8", "reduce_range": reduce_range,
-        "calibration_method": method, "calibration_rows": len(reader.sample),
+        "calibration_method": method, "calibration_rows": reader.rows,
         "calibration_split": "train",
     }
     if method == "percentile":
@@ -131,7 +136,7 @@ OPTIONS = (
 
 def make(ctx: Context) -> Made:
     settings = quantize_int8_static(
-        ctx.prepared_onnx(), ctx.onnx_target("int8"), ctx.splits["train"]["x"],
+        ctx.prepared_onnx(), ctx.onnx_target("int8"), ctx.splits["train"].inputs,
         ctx.options["calibration_method"], ctx.options["calibration_rows"], ctx.seed,
         ctx.options["calibration_percentile"], ctx.options["reduce_range"])
     return Made(settings=settings)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import numpy as np
 from torch import nn
 from torch.nn.utils import prune
 
@@ -18,6 +17,7 @@ from torchship.components.compress.training import (
     fit,
     prunable_weights,
 )
+from torchship.components.data.splits import Split
 
 TARGET_SPARSITY = option("target_sparsity", 0.8, within(0, 1, "[)"), "pass e.g. 0.8",
                          "fraction of the weights the pruned variant zeroes")
@@ -31,7 +31,7 @@ def sparsity_schedule(target: float, steps: int) -> list[float]:
 
 
 def iterative_magnitude_pruning(
-    model: nn.Module, train: dict[str, np.ndarray], target_sparsity: float, steps: int,
+    model: nn.Module, train: Split, target_sparsity: float, steps: int,
     finetune_epochs: int, training: dict[str, Any],
 ) -> nn.Module:
     """A copy with the smallest-magnitude `target_sparsity` of all prunable weights zeroed:

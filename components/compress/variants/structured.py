@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -18,6 +17,9 @@ from torchship.components.compress.training import (
     PRUNE_STEPS,
     fit,
 )
+from torchship.components.data.splits import Split
+from torchship.components.models import as_contract, example_inputs
+from torchship.components.models.specs import Inputs
 
 # Structured pruning keeps layer widths a multiple of this, which the SIMD GEMM kernels like.
 STRUCTURED_ROUND_TO = 8
@@ -25,14 +27,14 @@ STRUCTURED_RATIO = option("structured_ratio", 0.5, within(0, 1, "()"), "pass e.g
                           "fraction of each hidden layer's neurons or channels removed")
 
 
-def output_layer(model: nn.Module, n_features: int) -> nn.Module | None:
+def output_layer(model: nn.Module, example: tuple[torch.Tensor, ...]) -> nn.Module | None:
     """The Linear/Conv layer whose output is the model's output (its classes must all stay)."""
     produced: dict[int, nn.Module] = {}
     hooks = [m.register_forward_hook(lambda m, _, out: produced.__setitem__(id(out), m))
              for m in model.modules() if isinstance(m, PRUNABLE)]
     try:
         with torch.no_grad():
-            logits = model.eval()(torch.zeros(2, n_features))
+            logits = model.eval()(*example)
     finally:
         for hook in hooks:
             hook.remove()
@@ -41,7 +43,7 @@ def output_layer(model: nn.Module, n_features: int) -> nn.Module | None:
 
 
 def structured_pruning(
-    model: nn.Module, train: dict[str, np.ndarray], n_features: int, ratio: float, steps: int,
+    model: nn.Module, train: Split | None, inputs: Inputs, ratio: float, steps: int,
     finetune_epochs: int, training: dict[str, Any],
 ) -> nn.Module:
     """A copy with `ratio` of the neurons (or channels) of every hidden layer removed.
@@ -55,9 +57,11 @@ def structured_pruning(
     """
     tp = _torch_pruning()
     pruned = copy.deepcopy(model).eval()
-    head = output_layer(pruned, n_features)
+    contract = as_contract(inputs, 0)
+    example = example_inputs(contract, 2, getattr(train, "inputs", None))
+    head = output_layer(pruned, example)
     pruner = tp.pruner.MagnitudePruner(
-        pruned, torch.zeros(2, n_features), importance=tp.importance.MagnitudeImportance(p=2),
+        pruned, example, importance=tp.importance.MagnitudeImportance(p=2),
         pruning_ratio=ratio, iterative_steps=steps, round_to=STRUCTURED_ROUND_TO,
         ignored_layers=[head] if head is not None else [],
     )
@@ -94,7 +98,7 @@ def prepare(_ctx: Context) -> None:
 def make(ctx: Context) -> Made:
     ratio, steps, epochs = (ctx.options[name] for name in (
         "structured_ratio", "prune_steps", "finetune_epochs"))
-    pruned = structured_pruning(ctx.fp32, ctx.splits["train"], ctx.spec["n_features"], ratio,
+    pruned = structured_pruning(ctx.fp32, ctx.splits["train"], ctx.contract, ratio,
                                 steps, epochs, ctx.training)
     return Made(model=pruned, resized=True, settings={
         "method": "torch-pruning, L2 magnitude of each neuron / channel",

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from torchship.components.contracts import MODEL_ONNX, ServingSettings
 from torchship.components.deploy.registry import DeployRequest, DeployTarget, register
-from torchship.components.deploy.smoke import load_samples, smoke_test_server
+from torchship.components.deploy.smoke import load_samples, rows_count, smoke_test_server
 from torchship.components.errors import ServingError, UserInputError
 from torchship.components.files import make_staging_dir, remove_stale_staging, staged_dir
 from torchship.components.triton.config import (
@@ -147,7 +147,7 @@ def deploy_local(
         "repository": str(served),
         "artifact_repository": str(artifact),
         "target": "local",
-        "n_samples": len(x_all),
+        "n_samples": rows_count(x_all),
         "atol": float(atol),
         "server_startup_s": startup_s,
         "passed": True,

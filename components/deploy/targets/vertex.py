@@ -37,6 +37,7 @@ from torchship.components.deploy.smoke import (
     load_samples,
     model_input,
     onnx_reference,
+    rows_count,
     v2_outputs,
     v2_request,
 )
@@ -336,11 +337,12 @@ def _smoke(endpoint, new_id, models, repository_dir, x_all, atol, max_requests, 
         name, version = model["name"], model["version"]
         check_metadata(model, ask({}, f"v2/models/{name}"), f"deployed model {new_id}")
         x = model_input(model, x_all)
+        n = rows_count(x)
         expected = onnx_reference(repository_dir / name / str(version) / MODEL_ONNX, model, x)
-        chunk = model["max_batch_size"] or len(x)
+        chunk = model["max_batch_size"] or n
         got: dict[str, list] = {o["name"]: [] for o in model["outputs"]}
-        for start in range(0, len(x), chunk):
-            part = x[start : start + chunk]
+        for start in range(0, n, chunk):
+            part = {key: array[start : start + chunk] for key, array in x.items()}
             answer = v2_outputs(ask(v2_request(model, part), f"v2/models/{name}/infer"), model)
             for out, parts in got.items():
                 parts.append(answer.get(out))
@@ -350,8 +352,8 @@ def _smoke(endpoint, new_id, models, repository_dir, x_all, atol, max_requests, 
         merged = {out: np.concatenate(parts, axis=0) for out, parts in got.items()}
         diff = compare_outputs(model, merged, expected, atol, f"deployed model {new_id}")
         say(f"{name}: deployed model {new_id} matches ONNX Runtime (max |diff| {diff:.2g}, "
-            f"{len(x)} rows)")
-        results[name] = {"max_abs_diff": diff, "n_samples": len(x), "ready": True,
+            f"{n} rows)")
+        results[name] = {"max_abs_diff": diff, "n_samples": n, "ready": True,
                          "inputs": model["inputs"], "outputs": model["outputs"],
                          "max_batch_size": model["max_batch_size"]}
     return results
