@@ -23,6 +23,7 @@ __all__ = [
     "MODEL_PT",
     "NOT_SET",
     "OUTPUT_NAME",
+    "SKIPPED_JSON",
     "SPLITS",
     "TARGET_CONCURRENCY",
     "VARIANTS_JSON",
@@ -55,6 +56,9 @@ MODEL_ONNX = "model.onnx"
 VARIANT_JSON = "variant.json"
 VARIANTS_JSON = "variants.json"
 CHOICE_JSON = "choice.json"
+# The variants asked for that do not apply to the model ({"name", "reason"} each), beside
+# variants.json in compress's and export's artifacts.
+SKIPPED_JSON = "skipped.json"
 
 # How Triton runs a model of a repository. `python`: the Python backend runs model.onnx with ONNX
 # Runtime (the bundled local tritonserver has no other); `onnxruntime`: Triton's onnxruntime_onnx

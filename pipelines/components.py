@@ -101,6 +101,8 @@ def compress(
     metrics: Output[Metrics],
 ):
     """The variants a serving team weighs (pruned, structured, distilled, int8, fp16, ...)."""
+    import json
+
     from torchship.components.compress.stage import compress_model
     from torchship.components.progress import report
 
@@ -111,6 +113,8 @@ def compress(
         calibration_method=calibration_method,
     )
     variants.metadata["variants"] = [row["name"] for row in rows]
+    with open(f"{variants.path}/skipped.json") as handle:  # asked for, but not for this model
+        variants.metadata["skipped"] = json.load(handle)
     for row in rows:
         metrics.log_metric(f"{row['name']}_test_accuracy", row["test_accuracy"])
         metrics.log_metric(f"{row['name']}_size_bytes", row["size_bytes"])

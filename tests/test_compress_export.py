@@ -31,7 +31,8 @@ MEASURED_KEYS = {"onnx_test_accuracy", "acc_drop_pt", "n_parameters", "nonzero_p
                  "speedup_b1", "speedup_b64", "size_ratio", "param_ratio",
                  "fp32_top1_agreement", "fp32_max_abs_diff", "latency_settings"}
 # Small settings: every variant in seconds; the goals are bench-compress's business.
-FAST = {"target_sparsity": 0.8, "prune_steps": 2, "finetune_epochs": 1, "distill_epochs": 8}
+FAST = {"target_sparsity": 0.8, "prune_steps": 2, "finetune_epochs": 1, "distill_epochs": 8,
+        "qat_epochs": 1}
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +68,10 @@ def initializers(path) -> dict[str, np.ndarray]:
 def test_every_variant_is_written_with_its_record(variants):
     variants_dir, _, rows = variants
     assert [row["name"] for row in rows] == list(ALL_VARIANTS)
-    assert ALL_VARIANTS == ("fp32", "pruned", "structured", "distilled", "int8",
+    assert ALL_VARIANTS == ("fp32", "pruned", "structured", "distilled", "int8", "qat",
                             "int8_dynamic", "fp16")
-    # Made when none are named: fp16 and dynamic int8 are for GPU serving and for comparison.
+    # Made when none are named: fp16 and dynamic int8 are for GPU serving and for comparison,
+    # QAT costs a fine-tuning.
     assert default_names() == ["fp32", "pruned", "structured", "distilled", "int8"]
     assert sorted(p.name for p in variants_dir.parent.iterdir()) == ["variants"]  # no staging
     for row in rows:
@@ -79,10 +81,11 @@ def test_every_variant_is_written_with_its_record(variants):
                                                    else "model.onnx")
         assert model_file.stat().st_size == row["size_bytes"]
         assert row["test_accuracy"] > 0.85, row
-    assert [row["source"] for row in rows] == [None] + ["fp32"] * 6
-    assert [row["format"] for row in rows] == ["torch"] * 4 + ["onnx"] * 3
+    # QAT's model is its own fine-tuned one (kept beside it as model.pt).
+    assert [row["source"] for row in rows] == [None] + ["fp32"] * 4 + ["qat"] + ["fp32"] * 2
+    assert [row["format"] for row in rows] == ["torch"] * 4 + ["onnx"] * 4
     assert [row["parity_criterion"] for row in rows] == (
-        ["max_abs_diff"] * 4 + ["top1_agreement"] * 3)
+        ["max_abs_diff"] * 4 + ["top1_agreement"] * 4)
 
 
 def test_pruning_follows_an_iterative_schedule_to_the_target_sparsity(variants):
@@ -215,7 +218,8 @@ def test_without_quantisation_there_is_no_int8_or_fp16(trained, tmp_path):
                           str(tmp_path / "variants"), finetune_epochs=0, quantize=False,
                           variants=["pruned", "int8", "fp16"], progress=lambda _: None)
     assert [row["name"] for row in rows] == ["fp32", "pruned"]
-    assert sorted(p.name for p in (tmp_path / "variants").iterdir()) == ["fp32", "pruned"]
+    assert sorted(p.name for p in (tmp_path / "variants").iterdir()) == [
+        "fp32", "pruned", "skipped.json"]
 
 
 @pytest.mark.parametrize(("options", "expected"), [
@@ -247,9 +251,9 @@ def test_every_export_passed_checker_and_parity(exported, variants):
         assert row["parity"]["criterion"] == "max_abs_diff"
         assert row["parity"]["reference"] == row["name"]
         assert row["parity"]["max_abs_diff"] <= row["parity"]["atol"] == 1e-4
-    for row in rows[4:]:  # made on the ONNX graph: checked against fp32 on the decision
+    for row in rows[4:]:  # made on the ONNX graph: checked against their source, on the decision
         assert row["parity"]["criterion"] == "top1_agreement"
-        assert row["parity"]["reference"] == "fp32"
+        assert row["parity"]["reference"] == row["source"]
         assert row["parity"]["top1_agreement"] >= 0.97
         assert row["parity"]["max_abs_diff"] > 0
 
@@ -323,5 +327,31 @@ def test_export_replaces_an_earlier_export(trained, variants, tmp_path):
     export_variants(variants[0], trained["test"], str(onnx_dir), measure=False,
                     progress=lambda _: None)
     assert sorted(p.name for p in onnx_dir.iterdir()) == sorted(
-        [*ALL_VARIANTS, "variants.json"])
+        [*ALL_VARIANTS, "skipped.json", "variants.json"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+
+
+def test_qat_fine_tunes_under_fake_quantisation_and_exports_the_static_int8_form(trained,
+                                                                                  tmp_path):
+    rows = compress_model(trained["model"], trained["train"], trained["val"], trained["test"],
+                          str(tmp_path / "variants"), variants=["int8", "qat"], qat_epochs=1,
+                          progress=lambda _: None)
+    by_name = {row["name"]: row for row in rows}
+    assert list(by_name) == ["fp32", "int8", "qat"]  # PTQ and QAT side by side
+    qat = by_name["qat"]
+    assert qat["kind"] == "quantisation_aware_training" and qat["precision"] == "int8"
+    assert qat["source"] == "qat" and qat["settings"]["qat_epochs"] == 1
+    # The same QDQ form as static int8, from weights fine-tuned under fake quantisation.
+    graph = onnx.load(str(tmp_path / "variants" / "qat" / "model.onnx")).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in graph.node}
+    tuned, _ = load_checkpoint(tmp_path / "variants" / "qat" / "model.pt")
+    fp32, _ = load_checkpoint(trained["model"])
+    assert not torch.equal(tuned.layers[0].weight, fp32.layers[0].weight)
+    assert qat["test_accuracy"] >= by_name["fp32"]["test_accuracy"] - 0.03
+    # Export checks it against its own fine-tuned weights, on the decision.
+    exported = export_variants(tmp_path / "variants", trained["test"], str(tmp_path / "onnx"),
+                               measure=False, progress=lambda _: None)
+    parity = {row["name"]: row["parity"] for row in exported}["qat"]
+    assert parity["passed"] and parity["reference"] == "qat"
+    assert parity["criterion"] == "top1_agreement"
+    assert json.loads((tmp_path / "onnx" / "skipped.json").read_text()) == []

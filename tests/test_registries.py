@@ -127,3 +127,22 @@ def test_a_registered_deploy_target_is_routed_to_and_its_settings_checked(
     with pytest.raises(UserInputError, match="deploy target 'ftp' is unknown; pass one of "
                                              "directory, kserve, local, vertex"):
         check_deploy_settings("ftp", {})
+
+
+def test_a_variant_that_does_not_apply_is_named_with_its_reason_in_the_table(
+        monkeypatch, untrained, digits, tmp_path):
+    from torchship.components.report.summary import build_summary, format_table
+
+    monkeypatch.setattr(registry, "_VARIANTS", dict(registry._VARIANTS))
+    registry.register(registry.Variant(
+        name="heads", order=70, kind="head_pruning", format="torch", default=False,
+        make=lambda ctx: registry.Made(skipped="the model has no attention heads")))
+    rows = compress_model(untrained, digits["train"], digits["val"], digits["test"],
+                          str(tmp_path / "variants"), variants=["heads"],
+                          progress=lambda _: None)
+    assert [row["name"] for row in rows] == ["fp32"]
+    export_variants(tmp_path / "variants", digits["test"], str(tmp_path / "onnx"),
+                    measure=False, progress=lambda _: None)
+    summary = build_summary(str(tmp_path / "onnx"), {"results": []})
+    assert summary["skipped"] == [{"name": "heads", "reason": "the model has no attention heads"}]
+    assert "not made: heads: the model has no attention heads" in format_table(summary)

@@ -34,6 +34,9 @@ class Made:
     model_name: str | None = None  # when it is another kind of model than the teacher (a student)
     model_options: dict[str, Any] | None = None  # build_model's options (a student's width)
     resized: bool = False  # layers physically shrunk: loading takes shapes from the tensors
+    # An ONNX variant made from weights of its own (QAT's fine-tuned model): saved beside it as
+    # model.pt, the PyTorch model export checks its parity against.
+    reference: nn.Module | None = None
     skipped: str | None = None  # why nothing was made (no layer to prune, say)
 
 

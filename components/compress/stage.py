@@ -21,6 +21,7 @@ from torchship.components.contracts import (
     MODEL_ONNX,
     MODEL_PT,
     OUTPUT_NAME,
+    SKIPPED_JSON,
     SPLITS,
     VARIANT_JSON,
 )
@@ -87,13 +88,17 @@ def compress_model(
                 if variant.prepare is not None:
                     variant.prepare(ctx)
             rows: list[dict[str, Any]] = []
+            skipped: list[dict[str, str]] = []
             for variant in wanted:
                 made = variant.make(ctx)
                 if made.skipped:
-                    progress(f"{variant.name}: skipped, {made.skipped}")
+                    progress(f"{variant.name}: not made, {made.skipped}")
+                    skipped.append({"name": variant.name, "reason": made.skipped})
                     continue
                 rows.append(_record(ctx, variant, made, rows[0] if rows else None))
                 progress(_summary(rows[-1]))
+            # The variants asked for that do not apply to this model, and why: the table says.
+            write_json(skipped, staging / SKIPPED_JSON)
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -129,6 +134,12 @@ def _record(ctx: Context, variant: Variant, made: Made,
                       size_bytes=path.stat().st_size, sparsity=weight_sparsity(made.model),
                       n_parameters=n_parameters, nonzero_parameters=nonzero)
     else:
+        if made.reference is not None:
+            save_checkpoint(directory / MODEL_PT, made.reference, ctx.spec["model_name"],
+                            ctx.contract, ctx.contract.n_classes,
+                            extra={"variant": variant.name, "reference_of": MODEL_ONNX},
+                            model_options=ctx.model_options)
+            record["source"] = variant.name
         path = directory / MODEL_ONNX
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 

@@ -15,6 +15,7 @@ from torch import nn
 from torchship.components.contracts import (
     MODEL_ONNX,
     MODEL_PT,
+    SKIPPED_JSON,
     VARIANT_JSON,
     VARIANTS_JSON,
     TensorContract,
@@ -23,7 +24,7 @@ from torchship.components.data.splits import load_split
 from torchship.components.errors import UserInputError
 from torchship.components.export.measure import measure_records
 from torchship.components.export.parity import check_parity
-from torchship.components.files import staged_dir, write_json
+from torchship.components.files import read_json, staged_dir, write_json
 from torchship.components.models import export_onnx, load_checkpoint
 
 # Held-out rows used for parity; enough for a stable top-1 agreement, cheap to run.
@@ -98,6 +99,7 @@ def export_variants(
                 rounds=latency_rounds, block_s=latency_block_s, progress=progress,
             )
         write_json(records, staging / VARIANTS_JSON)
+        write_json(read_json(variants_dir / SKIPPED_JSON) or [], staging / SKIPPED_JSON)
     return records
 
 

@@ -26,6 +26,7 @@ from torchship.components.files import write_text
 from torchship.components.report.summary import (
     gate_line,
     method_line,
+    not_made_lines,
     server_client_rows,
     table_cell,
     table_columns,
@@ -265,6 +266,8 @@ def render_html_report(summary: dict[str, Any], gate: dict[str, Any] | None = No
     if unstable:
         parts.append(f"<p class=\"note\">* unstable (windows disagree beyond the band): "
                      f"{_esc(', '.join(unstable))}</p>")
+    for line in not_made_lines(summary):
+        parts.append(f"<p class=\"note\">{_esc(line)}</p>")
 
     for heading, uri in (
         ("Throughput against p99 latency", throughput_p99_plot(summary)),

@@ -21,7 +21,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from torchship.components.files import write_json, write_text
+from torchship.components.contracts import SKIPPED_JSON
+from torchship.components.files import read_json, write_json, write_text
 from torchship.components.report.tables import cell, markdown_table, text_table
 
 SUMMARY_SCHEMA = "torchship.summary/v1"
@@ -72,6 +73,8 @@ def build_summary(onnx_dir: str, measured: dict[str, Any]) -> dict[str, Any]:
         rows.append(row)
     return {
         "schema": SUMMARY_SCHEMA,
+        # Variants asked for that do not apply to this model, with the reason.
+        "skipped": read_json(Path(onnx_dir) / SKIPPED_JSON) or [],
         "concurrency": levels,
         "batch_size": primary,
         "batch_sizes": batch_sizes,
@@ -136,9 +139,15 @@ def format_table(summary: dict[str, Any]) -> str:
     unstable = unstable_levels(summary)
     if unstable:
         lines.append(f"* unstable (windows disagree beyond the band): {', '.join(unstable)}")
+    lines += not_made_lines(summary)
     if summary.get("gate"):
         lines.append(gate_line(summary["gate"]))
     return "\n".join(lines)
+
+
+def not_made_lines(summary: dict[str, Any]) -> list[str]:
+    """A line per variant asked for that does not apply to this model, and why."""
+    return [f"not made: {item['name']}: {item['reason']}" for item in summary.get("skipped", [])]
 
 
 def gate_line(gate: dict[str, Any]) -> str:
@@ -200,6 +209,8 @@ def format_markdown(summary: dict[str, Any]) -> str:
     unstable = unstable_levels(summary)
     if unstable:
         lines += ["", f"\\* unstable (windows disagree beyond the band): {', '.join(unstable)}"]
+    if summary.get("skipped"):
+        lines += ["", *(f"- {line}" for line in not_made_lines(summary))]
     header, body = server_client_rows(summary)
     if body:
         lines += ["", "## Client and server time", ""] + markdown_table(header, body)

@@ -215,7 +215,8 @@ def test_export_removes_the_staging_a_killed_export_left_and_only_that(tmp_path,
         ["variants", "onnx", running.name, other.name])
     # The export is whole: every variant passes the checker, and nothing else is published.
     assert [r["name"] for r in records] == ["fp32", "pruned"]
-    assert sorted(p.name for p in onnx_dir.iterdir()) == ["fp32", "pruned", "variants.json"]
+    assert sorted(p.name for p in onnx_dir.iterdir()) == [
+        "fp32", "pruned", "skipped.json", "variants.json"]
     for name in ("fp32", "pruned"):
         assert [p.name for p in (onnx_dir / name).iterdir()] == ["model.onnx"]
         onnx.checker.check_model(str(onnx_dir / name / "model.onnx"), full_check=True)
