@@ -3,6 +3,7 @@ settings to fine-tune with, the options, and the fp32 ONNX graph (exported once,
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from torchship.components.contracts import MODEL_ONNX, TensorContract
 from torchship.components.data.splits import Split
 from torchship.components.models import export_onnx
 
-__all__ = ["Context"]
+__all__ = ["Context", "pre_process"]
 
 
 @dataclass
@@ -50,9 +51,26 @@ class Context:
         """The fp32 graph after shape inference and fusion, as ONNX Runtime recommends before
         quantising: the quantiser then sees fused Gemm/Conv nodes and known shapes."""
         if "prepared" not in self._graphs:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
             prepared = self.work / "prepared.onnx"
-            quant_pre_process(str(self.fp32_onnx()), str(prepared))
+            # Symbolic shape inference does not finish on a transformer's graph (token inputs).
+            symbolic = not any(spec.integer for spec in self.contract.inputs)
+            pre_process(self.fp32_onnx(), prepared, self.work, symbolic=symbolic)
             self._graphs["prepared"] = prepared
         return self._graphs["prepared"]
+
+
+def pre_process(graph: Path, prepared: Path, work: Path, symbolic: bool = True) -> Path:
+    """ONNX Runtime's quant_pre_process, run inside `work`: when symbolic shape inference gives
+    up it saves its half-inferred model into the current directory, which must not be the
+    user's. Falls back to ONNX shape inference alone when the symbolic pass fails."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    graph, prepared = Path(graph).resolve(), Path(prepared).resolve()
+    with contextlib.chdir(work):
+        try:
+            quant_pre_process(str(graph), str(prepared), skip_symbolic_shape=not symbolic)
+        except Exception:  # symbolic shapes some graphs defeat: ONNX shape inference alone
+            if not symbolic:
+                raise
+            quant_pre_process(str(graph), str(prepared), skip_symbolic_shape=True)
+    return prepared

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchship.components.compress.context import Context
+from torchship.components.compress.context import Context, pre_process
 from torchship.components.compress.registry import Made, Variant, option, register, whole_at_least
 from torchship.components.compress.training import PRUNABLE, fit, prunable_weights
 from torchship.components.compress.variants.int8 import quantize_int8_static
@@ -88,16 +88,13 @@ def make(ctx: Context) -> Made:
     if not prunable_weights(ctx.fp32):
         return Made(skipped="the model has no Conv or Linear layer to quantise")
     if any(spec.integer for spec in ctx.contract.inputs):
-        return Made(skipped="integer inputs (token ids): static QDQ is for CNNs and tables; "
-                            "transformers take int8_dynamic")
+        return Made(skipped="fake-quant fine-tuning is for CNNs and tables; a transformer's int8 "
+                            "is dynamic (the int8 variant)")
     epochs = ctx.options["qat_epochs"]
     tuned = quantisation_aware(ctx.fp32, ctx.splits["train"], epochs, ctx.training)
     graph = export_onnx(tuned, ctx.contract, ctx.work / "qat.onnx",
                         rows=ctx.splits["train"].inputs)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared = ctx.work / "qat_prepared.onnx"
-    quant_pre_process(str(graph), str(prepared))
+    prepared = pre_process(graph, ctx.work / "qat_prepared.onnx", ctx.work)
     settings = quantize_int8_static(
         prepared, ctx.onnx_target("qat"), ctx.splits["train"].inputs, "minmax",
         ctx.options["calibration_rows"], ctx.seed)
