@@ -1,5 +1,5 @@
 """What the PyTorch variants share: the layers pruning works on, weight sparsity, fine-tuning with
-Adam, and the fine-tuning options pruned and structured both read."""
+Adam on a cosine schedule, and the fine-tuning options pruned and structured both read."""
 
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ def fit(
     loss_fn: Callable[..., torch.Tensor], batch_size: int, learning_rate: float, seed: int,
     extra: torch.Tensor | None = None,
 ) -> None:
-    """Train `model` in place with Adam on every input of `train`; `extra` (per-row tensors) is
-    passed on to `loss_fn` after the logits and the labels."""
+    """Train `model` in place with Adam on every input of `train`, the learning rate decayed to 0
+    along a cosine over the `epochs` (a recovering model settles instead of ending on a full-size
+    step); `extra` (per-row tensors) is passed on to `loss_fn` after the logits and the labels."""
     if not epochs:
         return
     torch.manual_seed(seed)
@@ -58,6 +59,7 @@ def fit(
                         generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                  lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
     model.train()
     n = len(inputs)
     for _ in range(epochs):
@@ -65,6 +67,7 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model(*batch[:n]), batch[n], *batch[n + 1:]).backward()
             optimizer.step()
+            schedule.step()
     model.eval()
 
 
