@@ -20,6 +20,7 @@ __all__ = [
     "STALE_STAGING_S",
     "atomic_file",
     "atomic_path",
+    "local_directory",
     "make_staging_dir",
     "publish_dir",
     "read_json",
@@ -212,3 +213,20 @@ def staged_dir(destination: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def local_directory(uri: str | os.PathLike) -> Iterator[Path]:
+    """A directory given as a path or an fsspec URI (``gs://``), as a local path for the block:
+    the path itself, or a temporary copy of the remote one (removed afterwards)."""
+    text = str(uri)
+    if "://" not in text:
+        yield Path(text)
+        return
+    import fsspec
+
+    fs, remote = fsspec.core.url_to_fs(text)
+    with tempfile.TemporaryDirectory(prefix="torchship-directory-") as work:
+        local = Path(work) / Path(remote.rstrip("/")).name
+        fs.get(remote.rstrip("/") + "/", str(local), recursive=True)
+        yield local

@@ -20,6 +20,9 @@ RUN_PARAMETERS = {
     "data_source": "data_source",
     "label_column": "label_column",
     "image_size": "image_size",
+    "text_column": "text_column",
+    "tokenizer": "tokenizer",
+    "max_length": "max_length",
     "model": "model_name",
     "epochs": "epochs",
     "batch_size": "batch_size",
@@ -81,7 +84,12 @@ def compile(output: str, image: str | None, platform: str | None,
 @click.option("--label-column", help="Name of the label column in a CSV/Parquet source.")
 @click.option("--image-size", type=int,
               help="Resize every image of an image folder to N x N [default: keep their size].")
-@click.option("--model", help="Built-in model (mlp, cnn, resnet) or your own as module:factory.")
+@click.option("--text-column", help="A CSV/Parquet source is text: the column to tokenise.")
+@click.option("--tokenizer", help="Tokenizer directory (local or gs://) for --text-column "
+              "[default: the --model hf:DIR directory].")
+@click.option("--max-length", type=int, help="Tokens per text: longer ones are cut, shorter padded.")
+@click.option("--model", help="Built-in model (mlp, cnn, resnet), hf:DIR (a Hugging Face model "
+              "directory, local or gs://), or your own as module:factory.")
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--learning-rate", type=float)
@@ -94,7 +102,7 @@ def compile(output: str, image: str | None, platform: str | None,
 @click.option("--bench-batch-size", type=int, help="Rows per benchmark request.")
 @click.option("--bench-duration", type=float, help="Seconds measured per concurrency level.")
 @click.option("--variants", help="Variants to make, e.g. fp32,pruned,int8 (also structured, "
-              "distilled, int8_dynamic, fp16).")
+              "distilled, qat, int8_dynamic, fp16).")
 @click.option("--max-accuracy-drop", type=float, help="Points of accuracy a variant may lose.")
 @click.option("--latency-budget-ms", type=float,
               help="Gate: p99 budget on Triton in ms [default: none; 0 also means none].")

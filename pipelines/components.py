@@ -25,6 +25,10 @@ def prepare_data(
     data_source: str,
     label_column: str,
     image_size: int,
+    text_column: str,
+    tokenizer: str,
+    max_length: int,
+    model_name: str,
     seed: int,
     statistics_uri: str,
     train: Output[Dataset],
@@ -41,7 +45,8 @@ def prepare_data(
     from torchship.components.data.stage import write_statistics
 
     meta = run(data_source, label_column, train.path, val.path, test.path, seed=seed,
-               image_size=image_size)
+               image_size=image_size, text_column=text_column, tokenizer=tokenizer,
+               max_length=max_length, model_name=model_name)
     write_statistics(meta["statistics"], statistics.path)
     if statistics_uri:
         write_statistics(meta["statistics"], statistics_uri)
@@ -63,6 +68,7 @@ def train(
     train: Input[Dataset],
     val: Input[Dataset],
     model_name: str,
+    model_options: dict,
     epochs: int,
     batch_size: int,
     learning_rate: float,
@@ -76,7 +82,8 @@ def train(
     from torchship.components.train.stage import train_model
 
     result = train_model(
-        train.path, val.path, model.path, model_name=model_name, epochs=epochs,
+        train.path, val.path, model.path, model_name=model_name,
+        model_options=model_options or None, epochs=epochs,
         batch_size=batch_size, learning_rate=learning_rate, num_workers=num_workers,
         seed=seed, progress=report,
     )

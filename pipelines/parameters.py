@@ -15,6 +15,7 @@ from torchship.components.data.stage import (
     DEFAULT_SOURCE,
     KEEP_IMAGE_SIZE,
 )
+from torchship.components.data.text import DEFAULT_MAX_LENGTH
 from torchship.components.deploy.stage import DEFAULT_TARGET, check_deploy_settings
 from torchship.components.errors import UserInputError
 from torchship.components.gate.checks import ACCURACY_FLOOR, MAX_ACCURACY_DROP_PT
@@ -33,6 +34,8 @@ Parameters = tuple[tuple[str, Any, Any], ...]
 
 # Pipeline parameters the train component takes under the same names, on every platform.
 TRAINING_PARAMETERS = ("model_name", "epochs", "batch_size", "learning_rate", "num_workers", "seed")
+# A dict parameter (KFP takes {} where the stage's None means "the model's own defaults").
+MODEL_OPTIONS = "model_options"
 # Compression options that are pipeline parameters (the others keep their defaults).
 COMPRESSION_PARAMETERS = ("target_sparsity", "finetune_epochs", "calibration_method")
 # How the benchmark and tune-serving stages measure a level: pipeline parameter
@@ -45,9 +48,14 @@ PARAMETERS: Parameters = (
     ("data_source", str, DEFAULT_SOURCE),
     ("label_column", str, DEFAULT_LABEL_COLUMN),
     ("image_size", int, KEEP_IMAGE_SIZE),
+    # Text tables: the text column, its tokenizer directory ("": an hf:DIR model's own), length.
+    ("text_column", str, ""),
+    ("tokenizer", str, ""),
+    ("max_length", int, DEFAULT_MAX_LENGTH),
     ("statistics_uri", str, ""),
     *((name, type(training_default(name)), training_default(name))
       for name in TRAINING_PARAMETERS),
+    (MODEL_OPTIONS, dict, {}),
     *((name, type(_options[name].default), _options[name].default)
       for name in COMPRESSION_PARAMETERS[:2]),
     ("quantize", bool, True),

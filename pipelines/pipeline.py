@@ -16,6 +16,7 @@ from torchship.components.files import atomic_path
 from torchship.pipelines.components import Components, build_components
 from torchship.pipelines.parameters import (
     MEASUREMENT_PARAMETERS,
+    MODEL_OPTIONS,
     PARAMETERS,
     TRAINING_PARAMETERS,
     VERTEX_PARAMETERS,
@@ -122,7 +123,10 @@ def _pipeline(ops: Components, parameters: Parameters, train: TrainStep) -> Call
         params = bound.arguments
         data = ops.prepare_data(data_source=params["data_source"],
                                 label_column=params["label_column"],
-                                image_size=params["image_size"], seed=params["seed"],
+                                image_size=params["image_size"],
+                                text_column=params["text_column"],
+                                tokenizer=params["tokenizer"], max_length=params["max_length"],
+                                model_name=params["model_name"], seed=params["seed"],
                                 statistics_uri=params["statistics_uri"])
         return _after_training(ops, data, train(ops, data, params), params)
 
@@ -134,6 +138,7 @@ def _train_in_one_task(ops: Components, data: dsl.PipelineTask,
                        params: dict[str, Any]) -> dsl.PipelineTask:
     """DDP over `num_workers` processes in one task (kfp.local, one Kubeflow pod)."""
     return ops.train(train=data.outputs["train"], val=data.outputs["val"],
+                     model_options=params[MODEL_OPTIONS],
                      **{name: params[name] for name in TRAINING_PARAMETERS})
 
 
@@ -149,6 +154,7 @@ def _train_as_vertex_job(ops: Components, data: dsl.PipelineTask,
     return ops.train_custom_job(
         train=data.outputs["train"], val=data.outputs["val"],
         **{name: params[name] for name in TRAINING_PARAMETERS},
+        model_options=params[MODEL_OPTIONS],
         worker_pool_specs=pools.output, location=params["vertex_location"],
     )
 

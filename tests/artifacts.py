@@ -103,3 +103,56 @@ def write_rgb_image_folder(root: Path, per_class: int = 40, size: int = 32,
                 np.array(colour) - rng.integers(0, 40, 3), 0, 255)
             Image.fromarray(pixels, "RGB").save(folder / f"{i:03d}.png")
     return root
+
+
+# Words of a two-class text task: a review is positive when it has more positive words.
+POSITIVE = ["good", "great", "fine", "superb", "lovely", "brilliant"]
+NEGATIVE = ["bad", "awful", "poor", "boring", "dull", "terrible"]
+NEUTRAL = ["movie", "film", "plot", "actor", "the", "a", "was", "is", "very", "really"]
+
+
+def write_text_table(path: Path, rows: int = 240, seed: int = 0, noise: float = 0.0) -> Path:
+    """A CSV of short reviews (column `review`) and their sentiment (column `label`); `noise` is
+    the fraction of rows whose label is flipped, so that no model reaches 100%."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i in range(rows):
+        positive = i % 2 == 0
+        strong = list(rng.choice(POSITIVE if positive else NEGATIVE, 3))
+        weak = list(rng.choice(NEGATIVE if positive else POSITIVE, 1))
+        words = strong + weak + list(rng.choice(NEUTRAL, int(rng.integers(3, 9))))
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        if noise and rng.random() < noise:
+            positive = not positive
+        labels.append("positive" if positive else "negative")
+    pd.DataFrame({"review": texts, "label": labels}).to_csv(path, index=False)
+    return path
+
+
+def write_tiny_bert(directory: Path, texts: list[str], hidden: int = 32, layers: int = 2,
+                    heads: int = 2, seed: int = 0) -> Path:
+    """A BERT-style classifier with random weights and a WordPiece tokenizer trained on `texts`,
+    both saved with save_pretrained into `directory`: built offline, nothing from a hub."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=200,
+                                                                   special_tokens=special))
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[(t, wordpiece.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+    tokenizer = BertTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]",
+                                  pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                                  mask_token="[MASK]")
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=4 * hidden,
+                        max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    return directory

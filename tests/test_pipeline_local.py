@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from artifacts import labelled_table, write_rgb_image_folder
+from artifacts import labelled_table, write_rgb_image_folder, write_text_table, write_tiny_bert
 from processes import torchship
 
 from torchship.components.triton.config import read_model_config
@@ -130,6 +130,45 @@ def test_an_rgb_image_folder_goes_through_as_images_to_a_resnet_on_triton(pipeli
             http.close()
 
 
+def test_a_text_table_goes_through_as_token_ids_to_a_bert_on_triton(pipeline_yaml, tmp_path):
+    """Text is tokenised by the model directory's own WordPiece tokenizer; a tiny BERT-style
+    model (random weights, built offline here) is trained and served, and a stock tritonclient
+    sees input_ids and attention_mask, INT64 [-1, -1]."""
+    import tritonclient.grpc as grpcclient
+
+    reviews = write_text_table(tmp_path / "reviews.csv")
+    bert = write_tiny_bert(tmp_path / "bert", pd.read_csv(reviews)["review"].tolist())
+    done = torchship_run(
+        pipeline_yaml, tmp_path / "runs", "--data-source", str(reviews), "--label-column", "label",
+        "--text-column", "review", "--max-length", "16", "--model", f"hf:{bert}",
+        "--epochs", "6", "--batch-size", "16", "--learning-rate", "0.003",
+        "--variants", "fp32,int8,qat", "--bench-duration", "1", "--concurrency", "1,2",
+        "--target-concurrency", "2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    paths = printed_paths(done.stdout)
+    summary = json.loads(paths["results"].read_text())
+    rows = {row["variant"]: row for row in summary["rows"]}
+    assert set(rows) == {"fp32", "int8"} and rows["fp32"]["test_accuracy"] > 0.8
+    assert rows["int8"]["kind"] == "dynamic_quantisation"  # ONNX Runtime's path for BERT
+    # QAT does not apply to a transformer: the table says so, and why.
+    assert summary["skipped"][0]["name"] == "qat"
+    assert "not made: qat: fake-quant fine-tuning is for CNNs and tables" in done.stdout
+    gate = json.loads(paths["gate"].read_text())
+    assert gate["passed"]
+
+    with TritonServer(tmp_path / "runs" / "model_repository") as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            metadata = client.get_model_metadata(gate["variant"], as_json=True)
+        finally:
+            client.close()
+    assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]])
+            for t in metadata["inputs"]] == [("input_ids", "INT64", [-1, -1]),
+                                             ("attention_mask", "INT64", [-1, -1])]
+    assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]])
+            for t in metadata["outputs"]] == [("logits", "FP32", [-1, 2])]
+
+
 def test_gate_that_fails_keeps_the_record_and_does_not_deploy(pipeline_yaml, tmp_path):
     done = torchship_run(pipeline_yaml, tmp_path / "runs", *SMALL, "--variants", "fp32",
                          "--latency-budget-ms", "0.001")
@@ -180,6 +219,49 @@ def test_bad_input_fails_with_one_clear_line_before_training(
     # Nothing was trained: no model artifact was written.
     assert not [p for p in root.rglob("model") if p.is_file()]
 
+
+
+def images_and_models(tmp: Path) -> None:
+    """What the cases below get wrong: an image of another size among 32x32 ones; a model
+    directory without its weights; a tokenizer of another vocabulary than the model's."""
+    from PIL import Image
+
+    write_rgb_image_folder(tmp / "photos", per_class=6)
+    Image.new("RGB", (48, 20), (200, 10, 10)).save(tmp / "photos" / "class0" / "wide.png")
+    reviews = write_text_table(tmp / "reviews.csv", rows=60)
+    texts = pd.read_csv(reviews)["review"].tolist()
+    write_tiny_bert(tmp / "bert", texts)
+    write_tiny_bert(tmp / "weightless", texts)
+    for weights in (tmp / "weightless").glob("model.safetensors*"):
+        weights.unlink()
+    write_tiny_bert(tmp / "other", ["a tokenizer trained on other words entirely"] * 3)
+
+
+TEXT = ["--data-source", "{tmp}/reviews.csv", "--text-column", "review", "--max-length", "12"]
+
+
+@pytest.mark.parametrize(
+    ("case", "args", "expected"),
+    [
+        ("images of mixed sizes", ["--data-source", "{tmp}/photos", "--model", "resnet"],
+         "pass --image-size N to resize them all"),
+        ("hf directory without weights", [*TEXT, "--model", "hf:{tmp}/weightless"],
+         "has no weights (model.safetensors or pytorch_model.bin)"),
+        ("tokenizer of another vocabulary", [*TEXT, "--model", "hf:{tmp}/bert",
+                                             "--tokenizer", "{tmp}/other"],
+         "has a vocabulary of"),
+    ],
+)
+def test_bad_images_and_models_fail_with_one_clear_line(
+        pipeline_yaml, tmp_path, case, args, expected):
+    images_and_models(tmp_path)
+    root = tmp_path / "runs"
+    done = torchship_run(pipeline_yaml, root, *[a.format(tmp=tmp_path) for a in args])
+    assert done.returncode == 2, (case, done.stdout[-2000:], done.stderr[-2000:])
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, done.stderr
+    assert expected in error_lines[0], error_lines[0]
+    assert not [p for p in root.rglob("model") if p.is_file()]
 
 def test_keep_runs_removes_only_the_oldest_run_folders(tmp_path):
     runs = [tmp_path / f"torchship-2026-11-2{day}-10-00-00-00000{day}" for day in (5, 6, 7)]

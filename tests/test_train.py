@@ -121,3 +121,16 @@ def test_joins_a_launched_job_from_its_environment(digits, tmp_path, monkeypatch
     assert metrics["world_size"] == 1 and metrics["model_name"] == "cnn"
     assert metrics["val_accuracy"] > 0.8
     assert not torch.distributed.is_initialized()
+
+
+def test_model_options_reach_the_workers_and_the_checkpoint(digits, tmp_path):
+    metrics = train_model(digits["train"], digits["val"], str(tmp_path / "model.pt"),
+                          model_name="mlp", model_options={"hidden": 48, "depth": 1},
+                          epochs=1, num_workers=2, progress=lambda _: None)
+    assert metrics["n_parameters"] == 64 * 48 + 48 + 48 * 10 + 10
+    model, checkpoint = load_checkpoint(tmp_path / "model.pt")
+    assert checkpoint["model_options"] == {"hidden": 48, "depth": 1}
+    assert model.layers[0].out_features == 48
+    with pytest.raises(UserInputError, match="does not take options"):
+        train_model(digits["train"], digits["val"], str(tmp_path / "other.pt"),
+                    model_name="mlp", model_options={"width": 3}, num_workers=2)

@@ -38,6 +38,7 @@ class Made:
     # model.pt, the PyTorch model export checks its parity against.
     reference: nn.Module | None = None
     skipped: str | None = None  # why nothing was made (no layer to prune, say)
+    kind: str | None = None  # what it is for this model, where that is not the variant's kind
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def _record(ctx: Context, variant: Variant, made: Made,
         "order": variant.order,
         "format": variant.format,
         "source": None if variant.name == BASELINE else BASELINE,
-        "kind": variant.kind,
+        "kind": made.kind or variant.kind,
         "precision": variant.precision,
         "parity_criterion": variant.parity,
     }

@@ -3,7 +3,7 @@ Parquet, the built-in `digits`) and `.npz` files here, image folders in `images`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,15 +37,28 @@ class LoadedSource:
     labels_from: str = ""
     row_noun: str = "rows"
 
+    # Text: the tokenizer's int64 inputs by name ([rows, max_length] each); `features` is then
+    # empty.
+    tokens: dict[str, np.ndarray] | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # kept in the splits
+
     @property
     def images(self) -> bool:
         """Images [rows, C, H, W], standardised per channel; else a table, per column."""
         return self.features.ndim == 4
 
+    @property
+    def text(self) -> bool:
+        return self.tokens is not None
 
 
 def load_table(source: str, kind: str, label_column: str) -> LoadedSource:
     """A CSV or Parquet table: every column but `label_column` is a numeric feature."""
+    return table_source(source, read_table(source, kind), label_column)
+
+
+def read_table(source: str, kind: str) -> pd.DataFrame:
+    """A CSV or Parquet file as a DataFrame with at least one row and column."""
     import fsspec
     import pandas as pd
 
@@ -65,7 +78,7 @@ def load_table(source: str, kind: str, label_column: str) -> LoadedSource:
         raise UserInputError(
             f"data source '{source}' is empty (no rows); pass a table with a header and rows"
         )
-    return table_source(source, table, label_column)
+    return table
 
 
 def table_source(source: str, table: pd.DataFrame, label_column: str) -> LoadedSource:
@@ -103,7 +116,7 @@ def table_source(source: str, table: pd.DataFrame, label_column: str) -> LoadedS
             f"column '{label_column}'; fill or drop those rows"
         )
     origin = f"label column '{label_column}'"
-    labels, class_names = _class_indices(source, label, origin, "a label column")
+    labels, class_names = class_indices(source, label, origin, "a label column")
     return LoadedSource(features, labels, class_names, feature_columns,
                         {col: str(dtype) for col, dtype in table.dtypes.items()},
                         labels_from=origin)
@@ -185,7 +198,7 @@ def _npz_labels(
                 "integers or text"
             )
         text_or_numbers = y.astype(str) if y.dtype.kind == "S" else y  # bytes print as b'..'
-        return _class_indices(source, pd.Series(text_or_numbers), "array 'y'", "labels y")
+        return class_indices(source, pd.Series(text_or_numbers), "array 'y'", "labels y")
     class_names = [str(n) for n in given_names.astype(str).ravel()]
     _check_class_names(source, class_names, "array 'class_names'", "class_names")
     if y.dtype.kind not in "iu":
@@ -213,7 +226,7 @@ def _check_finite(source: str, features: np.ndarray, feature_names: list[str]) -
         )
 
 
-def _class_indices(
+def class_indices(
     source: str, label: pd.Series, origin: str, labels_noun: str
 ) -> tuple[np.ndarray, list[str]]:
     """Int64 class indices and the class names (index i is name i), from label values."""

@@ -14,9 +14,15 @@ from torchship.components.data.sources import (
     LoadedSource,
     load_npz,
     load_table,
+    read_table,
     table_source,
 )
 from torchship.components.data.splits import save_split
+from torchship.components.data.text import (
+    DEFAULT_MAX_LENGTH,
+    check_model_vocabulary,
+    text_source,
+)
 from torchship.components.errors import UserInputError, one_line
 from torchship.components.files import write_json
 
@@ -30,6 +36,8 @@ DEFAULT_LABEL_COLUMN = "label"
 DIGITS_IMAGES = "digits-images"
 # image_size 0 keeps the images' own size (they must all have one).
 KEEP_IMAGE_SIZE = 0
+# A model directory of Hugging Face's: its tokenizer is the default one for text.
+HF_PREFIX = "hf:"
 SOURCE_KINDS = ("a path to a CSV, Parquet or .npz file, a folder of images with one sub-folder "
                 "per class, 'digits' or 'digits-images'")
 # A feature whose training std is below this is (near) constant: dividing by it would blow up
@@ -47,6 +55,10 @@ def prepare_data(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     image_size: int = KEEP_IMAGE_SIZE,
+    text_column: str = "",
+    tokenizer: str = "",
+    max_length: int = DEFAULT_MAX_LENGTH,
+    model_name: str = "",
 ) -> dict:
     """Split `source` into standardised train/val/test splits and return its metadata, with the
     tensor contract the splits hold.
@@ -56,43 +68,31 @@ def prepare_data(
     images with one sub-folder per class (local or any fsspec URL), resized to `image_size` x
     `image_size` when it is set (0: all must be one size). A table is one float input
     [batch, n_features] standardised per column; images are [batch, C, H, W] standardised per
-    channel. Every check on the input runs before the first file is written, so a bad source
+    channel. With a `text_column` a table is text: tokenised by the `tokenizer` directory (default:
+    an `hf:DIR` model's own) to `max_length`, as int64 `input_ids` and `attention_mask`
+    [batch, sequence]. Every check on the input runs before the first file is written, so a bad source
     leaves nothing behind.
     """
     _check_fractions(val_fraction, test_fraction)
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 0:
         raise UserInputError(f"image_size {image_size!r} is not a whole number >= 0; pass e.g. "
                              "32 to resize images to 32 x 32, or 0 to keep their size")
-    data = load_source(source, label_column, image_size)
+    if text_column and not tokenizer and model_name.startswith(HF_PREFIX):
+        tokenizer = model_name[len(HF_PREFIX):]  # the model's own, saved beside it
+    data = load_source(source, label_column, image_size, text_column, tokenizer, max_length)
+    if data.text and model_name.startswith(HF_PREFIX):
+        check_model_vocabulary(model_name[len(HF_PREFIX):], model_name, data)
     if image_size and not data.images:
         raise UserInputError(f"image_size {image_size} is for image folders and digits-images; "
                              f"data source '{source}' is a table, so leave it out")
     split_index = _stratified_split(source, data, seed, val_fraction, test_fraction)
 
-    # Statistics come from the training rows only, so val/test stay unseen data: per column of
-    # a table, per channel of images.
-    axes = (0, 2, 3) if data.images else (0,)
-    train_x = data.features[split_index["train"]]
-    mean = train_x.mean(axis=axes, dtype=np.float64)
-    std = train_x.std(axis=axes, dtype=np.float64)
-    std = np.where(std < STD_FLOOR, 1.0, std)
-    lowest, highest = train_x.min(axis=axes), train_x.max(axis=axes)
-    per_row = (slice(None), None, None) if data.images else (slice(None),)
-
     class_names = data.class_names
-    spec = TensorSpec(INPUT_NAME, "float32", (BATCH, *data.features.shape[1:]))
-    contract = TensorContract.classifier([spec], len(class_names))
     paths = {"train": train_path, "val": val_path, "test": test_path}
-    for split in SPLITS:
-        rows = split_index[split]
-        save_split(
-            paths[split],
-            {INPUT_NAME: ((data.features[rows] - mean[per_row]) / std[per_row])
-             .astype(np.float32)},
-            data.labels[rows], class_names, contract,
-            mean=mean.astype(np.float32), std=std.astype(np.float32),
-            feature_names=np.array(data.feature_names),
-        )
+    if data.text:
+        contract, statistics = _write_text_splits(data, split_index, paths)
+    else:
+        contract, statistics = _write_numeric_splits(data, split_index, paths)
 
     return {
         "source": source,
@@ -114,14 +114,7 @@ def prepare_data(
         },
         "n_rows": {split: len(split_index[split]) for split in SPLITS},
         # Raw training statistics: the drift trigger (infra/trigger) compares new data with them.
-        "statistics": {
-            "source": source,
-            "n_rows": len(split_index["train"]),
-            "features": {
-                name: {"mean": float(m), "std": float(sd), "min": float(lo), "max": float(hi)}
-                for name, m, sd, lo, hi in zip(data.feature_names, mean, std, lowest, highest)
-            },
-        },
+        "statistics": {"source": source, "n_rows": len(split_index["train"]), **statistics},
     }
 
 
@@ -153,7 +146,8 @@ def _check_google_credentials(source: str) -> None:
         ) from error
 
 
-def load_source(source: str, label_column: str, image_size: int = 0) -> LoadedSource:
+def load_source(source: str, label_column: str, image_size: int = 0, text_column: str = "",
+                tokenizer: str = "", max_length: int = DEFAULT_MAX_LENGTH) -> LoadedSource:
     """Find out what kind of source `source` is and load it with that kind's loader."""
     import fsspec
 
@@ -181,6 +175,9 @@ def load_source(source: str, label_column: str, image_size: int = 0) -> LoadedSo
     # The suffix decides before the kind of path does: a directory named like a table is read as
     # one and fails as one, which says more than "not an image folder".
     suffix = Path(fs_path.rstrip("/")).suffix.lower()
+    if suffix in TABLE_SUFFIXES and text_column:
+        return text_source(source, read_table(source, TABLE_SUFFIXES[suffix]), label_column,
+                           text_column, tokenizer, max_length)
     if suffix in TABLE_SUFFIXES:
         return load_table(source, TABLE_SUFFIXES[suffix], label_column)
     if suffix == ".npz":
@@ -243,3 +240,48 @@ def _stratified_split(
     # readers that do not shuffle (calibration samples, quick evals) see mixed classes.
     rng = np.random.default_rng(seed)
     return {split: rng.permutation(idx) for split, idx in split_index.items()}
+
+
+def _write_numeric_splits(data: LoadedSource, split_index: dict[str, np.ndarray],
+                          paths: dict[str, str]) -> tuple[TensorContract, dict]:
+    """A table (one float input [batch, n_features], standardised per column) or images
+    ([batch, C, H, W], per channel); statistics from the training rows only, so val/test stay
+    unseen data. Returns the contract and the raw training statistics."""
+    axes = (0, 2, 3) if data.images else (0,)
+    train_x = data.features[split_index["train"]]
+    mean = train_x.mean(axis=axes, dtype=np.float64)
+    std = train_x.std(axis=axes, dtype=np.float64)
+    std = np.where(std < STD_FLOOR, 1.0, std)
+    lowest, highest = train_x.min(axis=axes), train_x.max(axis=axes)
+    per_row = (slice(None), None, None) if data.images else (slice(None),)
+    spec = TensorSpec(INPUT_NAME, "float32", (BATCH, *data.features.shape[1:]))
+    contract = TensorContract.classifier([spec], len(data.class_names))
+    for split, path in paths.items():
+        rows = split_index[split]
+        save_split(
+            path, {INPUT_NAME: ((data.features[rows] - mean[per_row]) / std[per_row])
+                   .astype(np.float32)},
+            data.labels[rows], data.class_names, contract,
+            mean=mean.astype(np.float32), std=std.astype(np.float32),
+            feature_names=np.array(data.feature_names),
+        )
+    # Raw training statistics: the drift trigger (infra/trigger) compares new data with them.
+    return contract, {"features": {
+        name: {"mean": float(m), "std": float(sd), "min": float(lo), "max": float(hi)}
+        for name, m, sd, lo, hi in zip(data.feature_names, mean, std, lowest, highest)}}
+
+
+def _write_text_splits(data: LoadedSource, split_index: dict[str, np.ndarray],
+                       paths: dict[str, str]) -> tuple[TensorContract, dict]:
+    """Token ids and attention masks, int64 [batch, sequence], as the tokenizer gave them."""
+    assert data.tokens is not None
+    specs = [TensorSpec(name, "int64", (BATCH, "sequence")) for name in data.tokens]
+    contract = TensorContract.classifier(specs, len(data.class_names))
+    for split, path in paths.items():
+        rows = split_index[split]
+        save_split(path, {name: array[rows] for name, array in data.tokens.items()},
+                   data.labels[rows], data.class_names, contract, **data.extra)
+    lengths = data.tokens["attention_mask"][split_index["train"]].sum(axis=1)
+    return contract, {"features": {"tokens": {
+        "mean": float(lengths.mean()), "std": float(lengths.std()),
+        "min": float(lengths.min()), "max": float(lengths.max())}}}

@@ -89,7 +89,7 @@ def measure_records(
         raise UserInputError(
             f"variant files {', '.join(missing)} do not exist; pass the directory export wrote"
         )
-    sessions = {name: _session(path, threads) for name, path in paths.items()}
+    sessions = {name: latency_session(path, threads) for name, path in paths.items()}
     y = test.y
     logits = {name: session.run([OUTPUT_NAME], test.inputs)[0]
               for name, session in sessions.items()}
@@ -141,7 +141,9 @@ def measure_records(
     return measured
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
+def latency_session(path: Path, threads: int) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session as every latency here is measured: `threads` intra-op threads,
+    sequential, every graph optimisation."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -15,6 +15,7 @@ from torch import nn
 from torchship.components.contracts import TensorContract, TensorSpec
 from torchship.components.errors import UserInputError, one_line
 from torchship.components.models.builtin import CNN, MLP, ResNet, image_shape
+from torchship.components.models.huggingface import HF_PREFIX, build_huggingface
 
 __all__ = ["BUILTIN_MODELS", "as_contract", "build_model", "check_model_output",
            "count_parameters", "example_inputs", "shape_text"]
@@ -100,11 +101,13 @@ def build_model(
                 f"{', '.join(unknown)}); pass only {', '.join(accepted)}"
             )
         return builder(contract, **options)
+    if isinstance(name, str) and name.startswith(HF_PREFIX):
+        return build_huggingface(name, contract, options)
     if isinstance(name, str) and ":" in name:
         return _build_from_factory(name, contract, options)
     raise UserInputError(
-        f"model {name!r} is unknown; pass one of {', '.join(BUILTIN_MODELS)}, or "
-        "'module:factory' for your own (called as factory(inputs=..., n_classes=...), or "
+        f"model {name!r} is unknown; pass one of {', '.join(BUILTIN_MODELS)}, hf:DIR (a Hugging "
+        "Face model directory), or 'module:factory' for your own (called as factory(inputs=..., n_classes=...), or "
         "factory(n_features=..., n_classes=...) for a table)"
     )
 

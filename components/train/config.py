@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,9 @@ class TrainConfig:
     # Per-epoch checkpoints (None: $AIP_CHECKPOINT_DIR, else MODEL_PATH.checkpoints).
     checkpoint_dir: str | None = None
     model_name: str = "mlp"
+    # The model's build options (a resnet's width and blocks, an mlp's hidden size); JSON on the
+    # worker command line.
+    model_options: dict[str, Any] | None = None
     epochs: int = 10
     batch_size: int = 64  # per worker and micro-step
     learning_rate: float = 1e-3
@@ -57,6 +61,9 @@ class TrainConfig:
         if not self.timeout_s > 0:
             raise UserInputError(f"--timeout-s must be positive, got {self.timeout_s!r}; "
                                  "pass e.g. 600")
+        if self.model_options is not None and not isinstance(self.model_options, dict):
+            raise UserInputError(f"--model-options {self.model_options!r} is not a JSON object; "
+                                 'pass e.g. \'{"width": 32}\'')
         if self.precision not in PRECISIONS:
             raise UserInputError(f"--precision {self.precision!r} is unknown; pass one of "
                                  f"{', '.join(PRECISIONS)}")
@@ -94,8 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag(field.name), required=True)
         elif field.name == "precision":
             parser.add_argument(flag(field.name), choices=PRECISIONS, default=field.default)
+        elif field.name == "model_options":
+            parser.add_argument(flag(field.name), type=_json_object, default=None)
         elif field.default is None:
             parser.add_argument(flag(field.name), default=None)
         else:
             parser.add_argument(flag(field.name), type=type(field.default), default=field.default)
     return parser
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
+
+
+def command_value(value: Any) -> str:
+    """A setting as the worker command line takes it (JSON for the model options)."""
+    return json.dumps(value) if isinstance(value, dict) else str(value)

@@ -69,7 +69,7 @@ def train(
     train_y, val_y = torch.from_numpy(train.y), torch.from_numpy(val.y)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank and in every run
-    model = build_model(config.model_name, contract, n_classes).to(device)
+    model = build_model(config.model_name, contract, n_classes, config.model_options).to(device)
     # The fused kernel: several times faster than the per-tensor loop on CPU and GPU, and every
     # rank repeats the optimizer step, so it does not shrink as workers are added.
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=True)
@@ -238,6 +238,7 @@ def train(
             config.model_path, model, config.model_name, contract, n_classes,
             extra={"metrics": metrics, "batch_size": config.batch_size,
                    "learning_rate": config.learning_rate, "seed": config.seed},
+            model_options=config.model_options,
         )
     # Every rank returns rank 0's metrics, so callers need not care which rank they are.
     shared = [metrics]

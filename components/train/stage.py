@@ -16,6 +16,7 @@ import torch
 from torchship.components.data.splits import load_split
 from torchship.components.errors import UserInputError
 from torchship.components.models import build_model, check_model_output
+from torchship.components.models.huggingface import check_vocabulary
 from torchship.components.train.checkpoints import checkpoint_dir_for
 from torchship.components.train.config import TrainConfig, build_parser
 from torchship.components.train.launch import resolve_launch, wait_for_master
@@ -33,7 +34,8 @@ def train_model(
 ) -> dict[str, Any]:
     """Train on the train split with DDP; write the model to `model_path`; return its metrics.
 
-    `options` are `TrainConfig`'s settings (model_name, epochs, batch_size, learning_rate,
+    `options` are `TrainConfig`'s settings (model_name, model_options, epochs, batch_size,
+    learning_rate,
     num_workers, seed, checkpoint_dir, precision, ...), with its defaults. Where this process
     sits is read from the launcher's environment (see `resolve_launch`): a worker (torchrun,
     PyTorchJob pod) trains in place; otherwise this process starts the node's workers with
@@ -50,9 +52,13 @@ def train_model(
                 f"dataset split '{path}' does not exist; pass a split written by prepare_data"
             )
     # Build and probe the model here, before any worker starts, so a bad spec fails in seconds.
-    contract = load_split(config.train_path).contract
-    probe = build_model(config.model_name, contract, contract.n_classes)
+    split = load_split(config.train_path)
+    contract = split.contract
+    probe = build_model(config.model_name, contract, contract.n_classes, config.model_options)
     check_model_output(probe, contract, contract.n_classes, name=config.model_name)
+    if "vocab_size" in split.extra and "input_ids" in split.inputs:
+        check_vocabulary(probe, config.model_name, str(split.extra.get("tokenizer", "")),
+                         int(split.extra["vocab_size"]), int(split.inputs["input_ids"].max()))
     config = dataclasses.replace(config, checkpoint_dir=str(
         checkpoint_dir_for(config.model_path, config.checkpoint_dir)))
 

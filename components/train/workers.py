@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torchship.components.errors import UserInputError
 from torchship.components.files import read_json
 from torchship.components.train.checkpoints import metrics_path_for
-from torchship.components.train.config import TrainConfig, flag
+from torchship.components.train.config import TrainConfig, command_value, flag
 from torchship.components.train.launch import Launch, wait_for_master
 from torchship.components.train.loop import train
 
@@ -57,7 +57,7 @@ def launch_workers(
     command += ["-m", "torchship.components.train"]
     for key, value in dataclasses.asdict(config).items():
         if value is not None:
-            command += [flag(key), str(value)]
+            command += [flag(key), command_value(value)]
 
     # PET_* were read into the command line; left in place, torch.distributed.run would read
     # them too (an elastic rendezvous endpoint, say) and could disagree.

@@ -37,7 +37,7 @@ import torch
 from torchship.components.compress.stage import compress_model
 from torchship.components.data.stage import prepare_data
 from torchship.components.export.stage import export_variants
-from torchship.components.gate.choice import format_variant_table
+from torchship.components.export.table import format_variant_table
 from torchship.components.train.stage import train_model
 
 EPOCHS = 20

@@ -27,6 +27,7 @@ from torchship.components.models import (
     check_model_output,
     count_parameters,
 )
+from torchship.components.models.huggingface import HF_PREFIX, encoder_layers
 from torchship.components.models.specs import Inputs
 
 # A distilled student is the teacher's kind of model, narrower; a user's own model gets an mlp.
@@ -63,19 +64,29 @@ OPTIONS = (
 
 
 def student_spec(teacher_name: str, student_model: str | None, student_hidden: int | None,
-                 student_options: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
-    """The student's model name and build options."""
-    name = student_model or (teacher_name if teacher_name in BUILTIN_MODELS else "mlp")
-    options = dict(DEFAULT_STUDENT_OPTIONS.get(name, {}) if student_options is None
-                   else student_options)
+                 student_options: dict[str, Any] | None,
+                 teacher_layers: int | None = None) -> tuple[str, dict[str, Any]]:
+    """The student's model name and build options: by default the teacher's kind of model,
+    narrower (a built-in) or with half its encoder layers (an `hf:` model, started from the
+    teacher's lower layers); a user's own model gets an mlp."""
+    same_family = teacher_name in BUILTIN_MODELS or teacher_name.startswith(HF_PREFIX)
+    name = student_model or (teacher_name if same_family else "mlp")
+    if student_options is not None:
+        options = dict(student_options)
+    elif name.startswith(HF_PREFIX):
+        options = {"layers": max(1, (teacher_layers or 2) // 2)}
+    else:
+        options = dict(DEFAULT_STUDENT_OPTIONS.get(name, {}))
     if student_hidden is not None:
         options["hidden"] = student_hidden
     return name, options
 
 
 def _spec(ctx: Context) -> tuple[str, dict[str, Any]]:
+    layers = encoder_layers(getattr(ctx.fp32, "model", ctx.fp32))
     return student_spec(ctx.spec["model_name"], ctx.options["student_model"],
-                        ctx.options["student_hidden"], ctx.options["student_options"])
+                        ctx.options["student_hidden"], ctx.options["student_options"],
+                        len(layers) if layers is not None else None)
 
 
 def prepare(ctx: Context) -> None:
@@ -98,6 +109,11 @@ def distill(
     """
     torch.manual_seed(training["seed"])
     student = build_model(student_model, inputs, n_classes, student_options)
+    if student_model.startswith(HF_PREFIX):
+        # Fewer layers of the teacher's kind start from the trained teacher's lower layers.
+        own = student.state_dict()
+        student.load_state_dict({key: value for key, value in teacher.state_dict().items()
+                                 if key in own and own[key].shape == value.shape}, strict=False)
     check_model_output(student, inputs, n_classes, name=student_model)
     soft_targets = logits_of(teacher, train)
 

@@ -28,6 +28,7 @@ from torchship.components.compress.registry import (
     whole_at_least,
     within,
 )
+from torchship.components.compress.variants.int8_dynamic import quantize_int8_dynamic
 
 CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -135,6 +136,13 @@ OPTIONS = (
 
 
 def make(ctx: Context) -> Made:
+    if any(spec.integer for spec in ctx.contract.inputs):
+        # Token inputs: transformers quantise well with int8 weights and activation ranges
+        # found per batch, ONNX Runtime's recommended path for BERT-like models.
+        settings = quantize_int8_dynamic(ctx.prepared_onnx(), ctx.onnx_target("int8"))
+        return Made(kind="dynamic_quantisation", settings={
+            **settings, "why": "integer inputs (token ids): dynamic int8, as ONNX Runtime "
+                               "recommends for transformers"})
     settings = quantize_int8_static(
         ctx.prepared_onnx(), ctx.onnx_target("int8"), ctx.splits["train"].inputs,
         ctx.options["calibration_method"], ctx.options["calibration_rows"], ctx.seed,

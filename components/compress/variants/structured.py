@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from torchship.components.compress.context import Context
+from torchship.components.compress.heads import prune_transformer, transformer_widths
 from torchship.components.compress.registry import Made, Variant, option, register, within
 from torchship.components.compress.training import (
     FINETUNE_EPOCHS,
@@ -19,6 +20,7 @@ from torchship.components.compress.training import (
 )
 from torchship.components.data.splits import Split
 from torchship.components.models import as_contract, example_inputs
+from torchship.components.models.huggingface import HuggingFaceClassifier
 from torchship.components.models.specs import Inputs
 
 # Structured pruning keeps layer widths a multiple of this, which the SIMD GEMM kernels like.
@@ -89,15 +91,23 @@ def layer_widths(model: nn.Module) -> dict[str, list[int]]:
             if isinstance(module, PRUNABLE)}
 
 
-
-
-def prepare(_ctx: Context) -> None:
-    _torch_pruning()  # a missing library fails here, before any work
+def prepare(ctx: Context) -> None:
+    if not isinstance(ctx.fp32, HuggingFaceClassifier):
+        _torch_pruning()  # a missing library fails here, before any work
 
 
 def make(ctx: Context) -> Made:
     ratio, steps, epochs = (ctx.options[name] for name in (
         "structured_ratio", "prune_steps", "finetune_epochs"))
+    if isinstance(ctx.fp32, HuggingFaceClassifier):
+        pruned = prune_transformer(ctx.fp32, ctx.splits["train"], ratio, steps, epochs,
+                                   ctx.training)
+        if isinstance(pruned, str):
+            return Made(skipped=pruned)
+        return Made(model=pruned, resized=True, kind="head_and_ffn_pruning", settings={
+            "method": "attention heads and feed-forward neurons by weight norm",
+            "structured_ratio": ratio, "prune_steps": steps, "finetune_epochs": epochs,
+            "heads_and_ffn_width": transformer_widths(pruned)})
     pruned = structured_pruning(ctx.fp32, ctx.splits["train"], ctx.contract, ratio,
                                 steps, epochs, ctx.training)
     return Made(model=pruned, resized=True, settings={
