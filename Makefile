@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_PIN := torch==2.13.0
 PIPELINE := out/torchship-pipeline.yaml
 
-.PHONY: install demo test lint compile images clean bench bench-train bench-compress bench-serve bench-load gpu-check
+.PHONY: install demo test lint compile images clean bench bench-train bench-compress bench-vision bench-text bench-serve bench-load gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,13 +28,19 @@ test: install
 	$(BIN)/python -m pytest
 
 # Performance goals live here, printed as ratios measured in one run (never as timed tests).
-bench: bench-train bench-compress bench-serve bench-load
+bench: bench-train bench-compress bench-vision bench-text bench-serve bench-load
 
 bench-train: install
 	$(BIN)/python tests/benchmarks/bench_train.py
 
 bench-compress: install
 	$(BIN)/python tests/benchmarks/bench_compress.py
+
+bench-vision: install
+	$(BIN)/python tests/benchmarks/bench_vision.py
+
+bench-text: install
+	$(BIN)/python tests/benchmarks/bench_text.py
 
 bench-serve: install
 	$(BIN)/python tests/benchmarks/bench_serve.py
