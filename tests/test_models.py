@@ -60,6 +60,17 @@ def test_resnet_has_residual_blocks_batchnorm_and_global_pooling():
         build_model("resnet", IMAGES, 4, {"depth": 3})
 
 
+def test_options_that_went_through_the_pipeline_as_doubles_still_build_the_model():
+    # A KFP dict parameter is a protobuf Struct: every number in it arrives as a float.
+    model = build_model("resnet", IMAGES, 4, {"width": 8.0, "blocks": [1.0, 2.0]})
+    assert model.head.in_features == 16 and isinstance(model.head.in_features, int)
+    reference = build_model("resnet", IMAGES, 4, {"width": 8, "blocks": [1, 2]})
+    assert [tuple(p.shape) for p in model.parameters()] == [
+        tuple(p.shape) for p in reference.parameters()]
+    with pytest.raises(UserInputError, match=r"^model 'resnet' could not be built with options "
+                       r"\{'width': 'wide'\} \(ValueError: .*\); pass numbers for width, blocks"):
+        build_model("resnet", IMAGES, 4, {"width": "wide"})
+
 def test_a_factory_gets_the_input_spec_when_it_asks_for_it(tmp_path, monkeypatch):
     module = user_module(tmp_path, monkeypatch, "tiny_models_text", """
         import torch

@@ -102,7 +102,10 @@ def test_an_rgb_image_folder_goes_through_as_images_to_a_resnet_on_triton(pipeli
     write_rgb_image_folder(tmp_path / "images")
     done = torchship_run(
         pipeline_yaml, tmp_path / "runs", "--data-source", str(tmp_path / "images"),
-        "--model", "resnet", "--epochs", "5", "--batch-size", "16", "--finetune-epochs", "1",
+        "--model", "resnet", "--epochs", "5",
+        # The defaults, given as a dict parameter: its numbers reach the component as doubles.
+        "-p", 'model_options={"width": 16, "blocks": [2, 2, 2]}',
+        "--batch-size", "16", "--finetune-epochs", "1",
         "--variants", "fp32,structured,int8", "--bench-duration", "1", "--concurrency", "1,2",
         "--target-concurrency", "2")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

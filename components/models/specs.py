@@ -88,7 +88,7 @@ def build_model(
     `channels` for the cnn, `width` and `blocks` for the resnet, anything the factory takes): a
     distilled student is the same kind of model, only narrower.
     """
-    options = dict(options or {})
+    options = whole_numbers(dict(options or {}))
     contract = as_contract(inputs, n_classes)
     if name in _BUILDERS:
         builder, module = _BUILDERS[name]
@@ -100,7 +100,13 @@ def build_model(
                 f"model {name!r} does not take options {sorted(options)} (unknown: "
                 f"{', '.join(unknown)}); pass only {', '.join(accepted)}"
             )
-        return builder(contract, **options)
+        try:
+            return builder(contract, **options)
+        except (TypeError, ValueError) as error:  # a width of "wide", blocks of 2.5, ...
+            raise UserInputError(
+                f"model {name!r} could not be built with options {options} "
+                f"({one_line(error, 160, with_type=True)}); pass numbers for "
+                f"{', '.join(accepted)} (lists of whole numbers where it takes several)") from error
     if isinstance(name, str) and name.startswith(HF_PREFIX):
         return build_huggingface(name, contract, options)
     if isinstance(name, str) and ":" in name:
@@ -110,6 +116,20 @@ def build_model(
         "Face model directory), or 'module:factory' for your own (called as factory(inputs=..., n_classes=...), or "
         "factory(n_features=..., n_classes=...) for a table)"
     )
+
+
+def whole_numbers(value: Any) -> Any:
+    """`value` with every float that is a whole number made an int, in lists and dicts too.
+
+    Options reach a component through the pipeline as a protobuf Struct, which holds numbers
+    as doubles only: `{"width": 16}` arrives as `{"width": 16.0}`, which no layer size takes."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [whole_numbers(item) for item in value]
+    if isinstance(value, dict):
+        return {key: whole_numbers(item) for key, item in value.items()}
+    return value
 
 
 def _factory_arguments(factory: Any, contract: TensorContract) -> dict[str, Any]:
