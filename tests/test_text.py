@@ -131,4 +131,17 @@ def test_bad_text_inputs_are_one_line_each(text, tmp_path):
     with pytest.raises(UserInputError, match="could not be loaded"):
         prepare_data(str(text["reviews"]), "label", *out, text_column="review",
                      tokenizer=str(tmp_path))
+    # Longer sequences than the model's position embeddings (64 here): refused by prepare-data
+    # from config.json when the model is named, else by train before any worker starts.
+    with pytest.raises(UserInputError, match="max_length 100 is longer than model .* takes "
+                       r"\(max_position_embeddings 64\); pass --max-length 64 or less"):
+        prepare_data(str(text["reviews"]), "label", *out, text_column="review", max_length=100,
+                     model_name=text["model"])
     assert not (tmp_path / "out").exists()
+    prepare_data(str(text["reviews"]), "label", *out, text_column="review", max_length=100,
+                 tokenizer=str(text["bert"]))
+    with pytest.raises(UserInputError, match="sequences are 100 tokens but model .* takes at most "
+                       "64"):
+        train_model(*out[:2], str(tmp_path / "model.pt"), model_name=text["model"],
+                    num_workers=1)
+    assert not (tmp_path / "model.pt").exists()

@@ -88,14 +88,22 @@ def text_source(source: str, table: pd.DataFrame, label_column: str, text_column
 
 
 def check_model_vocabulary(model_uri: str, model_name: str, data: LoadedSource) -> None:
-    """Refuse, before any split is written, tokens the model directory's embedding does not have:
-    its `config.json` alone is read (not the weights), so this costs a second even on `gs://`."""
+    """Refuse, before any split is written, tokens the model directory's embedding does not have
+    and sequences longer than its position embeddings: its `config.json` alone is read (not the
+    weights), so this costs a second even on `gs://`."""
     try:
         config = read_json(f"{model_uri.rstrip('/')}/config.json")
     except (OSError, ValueError):
         return  # no readable config: building the model says what is wrong with the directory
-    size = config.get("vocab_size") if isinstance(config, dict) else None
-    if not isinstance(size, int) or not data.tokens:
+    if not isinstance(config, dict) or not data.tokens:
+        return
+    positions, length = config.get("max_position_embeddings"), data.tokens["input_ids"].shape[1]
+    if isinstance(positions, int) and length > positions:
+        raise UserInputError(
+            f"max_length {length} is longer than model {model_name!r} takes "
+            f"(max_position_embeddings {positions}); pass --max-length {positions} or less")
+    size = config.get("vocab_size")
+    if not isinstance(size, int):
         return
     vocab_size, largest = int(data.extra["vocab_size"]), int(data.tokens["input_ids"].max())
     if vocab_size != size or largest >= size:

@@ -100,10 +100,17 @@ def build_huggingface(name: str, contract: TensorContract,
 
 
 def check_vocabulary(model: nn.Module, name: str, tokenizer: str, vocab_size: int,
-                     largest_id: int) -> None:
+                     largest_id: int, length: int = 0) -> None:
     """A tokenizer whose ids the model's embedding does not have is refused (its ids would be
-    out of range, or mean other words)."""
+    out of range, or mean other words), and so are sequences of `length` tokens longer than the
+    model's position embeddings."""
     config = getattr(getattr(model, "model", None), "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and length > positions:
+        raise UserInputError(
+            f"the splits' sequences are {length} tokens but model {name!r} takes at most "
+            f"{positions} (max_position_embeddings); run prepare-data with max_length {positions} "
+            "or less")
     size = getattr(config, "vocab_size", None)
     if size is None:
         return

@@ -55,10 +55,11 @@ def train_model(
     split = load_split(config.train_path)
     contract = split.contract
     probe = build_model(config.model_name, contract, contract.n_classes, config.model_options)
-    check_model_output(probe, contract, contract.n_classes, name=config.model_name)
     if "vocab_size" in split.extra and "input_ids" in split.inputs:
         check_vocabulary(probe, config.model_name, str(split.extra.get("tokenizer", "")),
-                         int(split.extra["vocab_size"]), int(split.inputs["input_ids"].max()))
+                         int(split.extra["vocab_size"]), int(split.inputs["input_ids"].max()),
+                         split.inputs["input_ids"].shape[1])
+    check_model_output(probe, contract, contract.n_classes, name=config.model_name)
     config = dataclasses.replace(config, checkpoint_dir=str(
         checkpoint_dir_for(config.model_path, config.checkpoint_dir)))
 
