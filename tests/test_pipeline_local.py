@@ -171,6 +171,17 @@ def test_a_text_table_goes_through_as_token_ids_to_a_bert_on_triton(pipeline_yam
     assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]])
             for t in metadata["outputs"]] == [("logits", "FP32", [-1, 2])]
 
+    # `torchship bench` sends the held-out token ids, both inputs, to the deployed model.
+    test_split = next((tmp_path / "runs").rglob("prepare-data/test"))
+    measured = torchship("bench", str(tmp_path / "runs" / "model_repository"), "--test-data",
+                         str(test_split), "--concurrency", "2", "--duration", "1",
+                         "--protocol", "http", "-o", str(tmp_path / "bench.json"))
+    assert measured.returncode == 0, measured.stdout[-2000:] + measured.stderr[-2000:]
+    levels = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [(row["model"], row["concurrency"], row["errors"]) for row in levels] == [
+        (gate["variant"], 2, 0)]
+    assert levels[0]["throughput_rps"] > 0
+
 
 def test_gate_that_fails_keeps_the_record_and_does_not_deploy(pipeline_yaml, tmp_path):
     done = torchship_run(pipeline_yaml, tmp_path / "runs", *SMALL, "--variants", "fp32",
