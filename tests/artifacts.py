@@ -131,7 +131,7 @@ def write_text_table(path: Path, rows: int = 240, seed: int = 0, noise: float = 
 
 
 def write_tiny_bert(directory: Path, texts: list[str], hidden: int = 32, layers: int = 2,
-                    heads: int = 2, seed: int = 0) -> Path:
+                    heads: int = 2, seed: int = 0, dropout: float = 0.1) -> Path:
     """A BERT-style classifier with random weights and a WordPiece tokenizer trained on `texts`,
     both saved with save_pretrained into `directory`: built offline, nothing from a hub."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
@@ -153,6 +153,7 @@ def write_tiny_bert(directory: Path, texts: list[str], hidden: int = 32, layers:
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=4 * hidden,
-                        max_position_embeddings=64, num_labels=2)
+                        max_position_embeddings=64, num_labels=2,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertForSequenceClassification(config).save_pretrained(directory)
     return directory
