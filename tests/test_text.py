@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from artifacts import write_text_table, write_tiny_bert
 from processes import one_process_job
 
