@@ -173,3 +173,31 @@ def test_a_bert_trains_under_ddp_with_accumulation_and_resumes_exactly(text, tmp
     ours, theirs = final("resumed"), final("straight")
     assert ours.keys() == theirs.keys()
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) == 0
+
+
+def test_a_model_directory_at_an_fsspec_url_is_read_like_a_local_one(text, tmp_path):
+    """`hf:gs://...` goes through fsspec; fsspec's in-memory filesystem stands in for the bucket
+    (the same code path: the directory is copied to a temporary folder, config.json read alone)."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    memory.put(str(text["bert"]) + "/", "/models/bert/", recursive=True)
+    try:
+        out = split_paths(tmp_path / "splits")
+        meta = prepare_data(str(text["reviews"]), "label", *out, text_column="review",
+                            max_length=16, model_name="hf:memory://models/bert")
+        assert meta["contract"]["inputs"][0]["name"] == "input_ids"
+        local = load_split(text["paths"][0])
+        assert (load_split(out[0]).inputs["input_ids"] == local.inputs["input_ids"]).all()
+        model = build_model("hf:memory://models/bert", local.contract, 2)
+        reference = build_model(text["model"], local.contract, 2)
+        ids = torch.from_numpy(local.inputs["input_ids"][:4])
+        mask = torch.from_numpy(local.inputs["attention_mask"][:4])
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(ids, mask), reference.eval()(ids, mask))
+        with pytest.raises(UserInputError, match="max_length 100 is longer than model"):
+            prepare_data(str(text["reviews"]), "label", *split_paths(tmp_path / "long"),
+                         text_column="review", max_length=100,
+                         model_name="hf:memory://models/bert")
+    finally:
+        memory.rm("/models", recursive=True)
