@@ -61,11 +61,11 @@ def test_a_bert_directory_trains_and_every_variant_of_its_family_is_made_and_exp
                               learning_rate=3e-3, progress=lambda _: None)
     assert metrics["val_accuracy"] > 0.8  # two classes
     rows = compress_model(str(tmp_path / "model.pt"), *text["paths"], str(tmp_path / "variants"),
-                          variants=["structured", "distilled", "int8", "qat"],
+                          variants=["structured", "distilled", "int8", "fp16", "qat"],
                           finetune_epochs=2, prune_steps=2, distill_epochs=6,
                           progress=lambda _: None)
     by_name = {row["name"]: row for row in rows}
-    assert list(by_name) == ["fp32", "structured", "distilled", "int8"]
+    assert list(by_name) == ["fp32", "structured", "distilled", "int8", "fp16"]
     # Heads and feed-forward neurons removed: every layer keeps 1 of 2 heads, a narrower FFN.
     widths = by_name["structured"]["settings"]["heads_and_ffn_width"]
     assert widths == {"layer0": [1, 64], "layer1": [1, 64]}
