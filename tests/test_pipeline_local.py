@@ -197,6 +197,19 @@ def test_gate_that_fails_keeps_the_record_and_does_not_deploy(pipeline_yaml, tmp
     assert not list((tmp_path / "runs").rglob("deploy"))
 
 
+def assert_refused_in_one_line(pipeline_yaml: Path, tmp_path: Path, case: str, args: list[str],
+                               expected: str) -> None:
+    """`torchship run` with `args` ends with exit status 2 and one `error:` line holding
+    `expected`, and no model artifact was written."""
+    root = tmp_path / "runs"
+    done = torchship_run(pipeline_yaml, root, *[a.format(tmp=tmp_path) for a in args])
+    assert done.returncode == 2, (case, done.stdout[-2000:], done.stderr[-2000:])
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, done.stderr
+    assert expected in error_lines[0], error_lines[0]
+    assert not [p for p in root.rglob("model") if p.is_file()]
+
+
 def write_table(path: Path, frame: pd.DataFrame) -> Path:
     if path.suffix == ".parquet":
         frame.to_parquet(path)
@@ -224,15 +237,7 @@ def test_bad_input_fails_with_one_clear_line_before_training(
     write_table(tmp_path / "text.csv", text)
     write_table(tmp_path / "empty.parquet", labelled_table().iloc[:0])
 
-    root = tmp_path / "runs"
-    done = torchship_run(pipeline_yaml, root, *[a.format(tmp=tmp_path) for a in args])
-    assert done.returncode == 2, (case, done.stdout[-2000:], done.stderr[-2000:])
-    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(error_lines) == 1, done.stderr
-    assert expected in error_lines[0], error_lines[0]
-    # Nothing was trained: no model artifact was written.
-    assert not [p for p in root.rglob("model") if p.is_file()]
-
+    assert_refused_in_one_line(pipeline_yaml, tmp_path, case, args, expected)
 
 
 def images_and_models(tmp: Path) -> None:
@@ -269,13 +274,8 @@ TEXT = ["--data-source", "{tmp}/reviews.csv", "--text-column", "review", "--max-
 def test_bad_images_and_models_fail_with_one_clear_line(
         pipeline_yaml, tmp_path, case, args, expected):
     images_and_models(tmp_path)
-    root = tmp_path / "runs"
-    done = torchship_run(pipeline_yaml, root, *[a.format(tmp=tmp_path) for a in args])
-    assert done.returncode == 2, (case, done.stdout[-2000:], done.stderr[-2000:])
-    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(error_lines) == 1, done.stderr
-    assert expected in error_lines[0], error_lines[0]
-    assert not [p for p in root.rglob("model") if p.is_file()]
+    assert_refused_in_one_line(pipeline_yaml, tmp_path, case, args, expected)
+
 
 def test_keep_runs_removes_only_the_oldest_run_folders(tmp_path):
     runs = [tmp_path / f"torchship-2026-11-2{day}-10-00-00-00000{day}" for day in (5, 6, 7)]

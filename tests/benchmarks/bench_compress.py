@@ -30,6 +30,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,11 +51,27 @@ COMPRESS = {
 LATENCY = {"latency_threads": 1, "latency_rounds": 31, "latency_block_s": 0.05}
 
 
-def main() -> None:
+def clock() -> Callable[[str], None]:
+    """A progress printer that starts each line with the seconds since it was made."""
     start = time.perf_counter()
 
     def say(message: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
+
+    return say
+
+
+def print_results(rows: list[dict], results: list[tuple[str, str]]) -> None:
+    """The variant table, then one `name = value` line per goal: what every bench ends with."""
+    print()
+    print(format_variant_table(rows))
+    print()
+    for name, value in results:
+        print(f"{name} = {value}")
+
+
+def main() -> None:
+    say = clock()
 
     say(f"cpu: {_cpu()}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="bench-compress-") as work:
@@ -79,9 +96,6 @@ def main() -> None:
                                progress=lambda line: say(f"export: {line}"), **LATENCY)
         say(f"done; load average {os.getloadavg()[0]:.2f}")
 
-    print()
-    print(format_variant_table(rows))
-    print()
     by_name = {row["name"]: row for row in rows}
     int8, pruned = by_name["int8"], by_name["pruned"]
     structured, distilled = by_name["structured"], by_name["distilled"]
@@ -96,8 +110,7 @@ def main() -> None:
         ("distilled_param_ratio", f"{distilled['param_ratio']:.2f}"),
         ("distilled_acc_drop_pt", f"{distilled['acc_drop_pt']:.2f}"),
     ]
-    for name, value in results:
-        print(f"{name} = {value}")
+    print_results(rows, results)
 
 
 def _free_port() -> int:

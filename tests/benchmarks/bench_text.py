@@ -16,12 +16,11 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from bench_compress import _cpu, _free_port
+from bench_compress import _cpu, _free_port, clock, print_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared builders
 
@@ -36,7 +35,6 @@ from torchship.components.data.stage import prepare_data
 from torchship.components.data.text import TEXT_INPUTS
 from torchship.components.export.measure import interleaved_latency, latency_session
 from torchship.components.export.stage import export_variants
-from torchship.components.export.table import format_variant_table
 from torchship.components.models import build_model, export_onnx
 from torchship.components.train.stage import train_model
 from torchship.components.triton.repository import build_model_repository
@@ -137,10 +135,7 @@ def triton_scaling(work: Path, onnx_dir: Path, test_path: Path, say) -> float:
 
 
 def main() -> None:
-    start = time.perf_counter()
-
-    def say(message: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
+    say = clock()
 
     say(f"cpu: {_cpu()}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="bench-text-") as tmp:
@@ -150,17 +145,13 @@ def main() -> None:
         scaling = triton_scaling(work, onnx_dir, test_path, say)
         say(f"done; load average {os.getloadavg()[0]:.2f}")
 
-    print()
-    print(format_variant_table(rows))
-    print()
     by_name = {row["name"]: row for row in rows}
     results = [
         ("bert_int8_dynamic_speedup_b16", f"{ratio:.2f}"),
         ("bert_int8_dynamic_acc_drop_pt", f"{by_name['int8']['acc_drop_pt']:.2f}"),
         ("bert_triton_c8_over_c1_throughput", f"{scaling:.2f}"),
     ]
-    for name, value in results:
-        print(f"{name} = {value}")
+    print_results(rows, results)
 
 
 if __name__ == "__main__":

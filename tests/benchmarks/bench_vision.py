@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from bench_compress import _cpu, _free_port
+from bench_compress import _cpu, _free_port, clock, print_results
 
 from torchship.components.compress.stage import compress_model
 from torchship.components.data.stage import prepare_data
 from torchship.components.export.stage import export_variants
-from torchship.components.export.table import format_variant_table
 from torchship.components.train.stage import train_model
 
 SEED = 0
@@ -70,10 +68,7 @@ def write_images(root: Path) -> None:
 
 
 def main() -> None:
-    start = time.perf_counter()
-
-    def say(message: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
+    say = clock()
 
     say(f"cpu: {_cpu()}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="bench-vision-") as work:
@@ -102,9 +97,6 @@ def main() -> None:
                                progress=lambda line: say(f"export: {line}"), **LATENCY)
         say(f"done; load average {os.getloadavg()[0]:.2f}")
 
-    print()
-    print(format_variant_table(rows))
-    print()
     by_name = {row["name"]: row for row in rows}
     results = [
         ("resnet_int8_speedup_b64", f"{by_name['int8']['speedup_b64']:.2f}"),
@@ -113,8 +105,7 @@ def main() -> None:
         ("resnet_structured_acc_drop_pt", f"{by_name['structured']['acc_drop_pt']:.2f}"),
         ("resnet_qat_acc_drop_pt", f"{by_name['qat']['acc_drop_pt']:.2f}"),
     ]
-    for name, value in results:
-        print(f"{name} = {value}")
+    print_results(rows, results)
 
 
 if __name__ == "__main__":
