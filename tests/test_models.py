@@ -70,6 +70,8 @@ def test_options_that_went_through_the_pipeline_as_doubles_still_build_the_model
     with pytest.raises(UserInputError, match=r"^model 'resnet' could not be built with options "
                        r"\{'width': 'wide'\} \(ValueError: .*\); pass numbers for width, blocks"):
         build_model("resnet", IMAGES, 4, {"width": "wide"})
+    with pytest.raises(UserInputError, match=r"^model 'resnet': width 16 and blocks \[0\] must"):
+        build_model("resnet", IMAGES, 4, {"blocks": [0.0]})  # the builder's own line, unwrapped
 
 def test_a_factory_gets_the_input_spec_when_it_asks_for_it(tmp_path, monkeypatch):
     module = user_module(tmp_path, monkeypatch, "tiny_models_text", """

@@ -102,6 +102,8 @@ def build_model(
             )
         try:
             return builder(contract, **options)
+        except UserInputError:
+            raise  # the builder's own message already names the input and the fix
         except (TypeError, ValueError) as error:  # a width of "wide", blocks of 2.5, ...
             raise UserInputError(
                 f"model {name!r} could not be built with options {options} "
