@@ -17,6 +17,7 @@ __all__ = [
     "BACKENDS",
     "BASELINE",
     "CHOICE_JSON",
+    "HF_PREFIX",
     "INPUT_NAME",
     "INSTANCE_KINDS",
     "MODEL_ONNX",
@@ -36,6 +37,9 @@ __all__ = [
 
 # The dataset splits prepare_data writes, in order.
 SPLITS = ("train", "val", "test")
+
+# `hf:DIR`: a Hugging Face model directory as the model, whose tokenizer is text's default one.
+HF_PREFIX = "hf:"
 
 # A table's one input and every classifier's output: [batch, n_features] floats in, logits
 # [batch, n_classes] out. Other data names its own inputs (an image's `input` [batch, C, H, W];

@@ -31,6 +31,13 @@ def _bert_layout(layer: nn.Module) -> bool:
         return False
 
 
+def _widths(layer: nn.Module) -> tuple[int, int]:
+    """A layer's attention heads and feed-forward width."""
+    attention = layer.attention.self
+    return (attention.query.out_features // attention.attention_head_size,
+            layer.intermediate.dense.out_features)
+
+
 def _rows(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
     new = nn.Linear(linear.in_features, len(keep), bias=linear.bias is not None)
     new.weight.data = linear.weight.data[keep].clone()
@@ -82,8 +89,7 @@ def prune_transformer(model: nn.Module, train: Split, ratio: float, steps: int,
     layers = encoder_layers(getattr(pruned, "model", pruned))
     if layers is None or not all(_bert_layout(layer) for layer in layers):
         return f"structured pruning of heads knows BERT-style layers ({BERT_LAYOUT})"
-    sizes = [(layer.attention.self.query.out_features // layer.attention.self.attention_head_size,
-              layer.intermediate.dense.out_features) for layer in layers]
+    sizes = [_widths(layer) for layer in layers]
     for step in range(1, steps + 1):
         kept = 1 - ratio * step / steps
         for layer, (heads, width) in zip(layers, sizes):
@@ -96,7 +102,4 @@ def prune_transformer(model: nn.Module, train: Split, ratio: float, steps: int,
 def transformer_widths(model: nn.Module) -> dict[str, list[int]]:
     """Each layer's heads and feed-forward width after pruning."""
     layers = encoder_layers(getattr(model, "model", model)) or []
-    return {f"layer{i}": [layer.attention.self.query.out_features
-                          // layer.attention.self.attention_head_size,
-                          layer.intermediate.dense.out_features]
-            for i, layer in enumerate(layers)}
+    return {f"layer{i}": list(_widths(layer)) for i, layer in enumerate(layers)}

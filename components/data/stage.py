@@ -7,7 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from torchship.components.contracts import BATCH, INPUT_NAME, SPLITS, TensorContract, TensorSpec
+from torchship.components.contracts import (
+    BATCH,
+    HF_PREFIX,
+    INPUT_NAME,
+    SPLITS,
+    TensorContract,
+    TensorSpec,
+)
 from torchship.components.data.images import digits_images, load_image_folder
 from torchship.components.data.sources import (
     TABLE_SUFFIXES,
@@ -36,8 +43,6 @@ DEFAULT_LABEL_COLUMN = "label"
 DIGITS_IMAGES = "digits-images"
 # image_size 0 keeps the images' own size (they must all have one).
 KEEP_IMAGE_SIZE = 0
-# A model directory of Hugging Face's: its tokenizer is the default one for text.
-HF_PREFIX = "hf:"
 SOURCE_KINDS = ("a path to a CSV, Parquet or .npz file, a folder of images with one sub-folder "
                 "per class, 'digits' or 'digits-images'")
 # A feature whose training std is below this is (near) constant: dividing by it would blow up

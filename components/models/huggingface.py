@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from torchship.components.contracts import TensorContract
+from torchship.components.contracts import HF_PREFIX, TensorContract
 from torchship.components.errors import UserInputError, one_line
 from torchship.components.files import local_directory
 
 __all__ = ["HF_PREFIX", "HuggingFaceClassifier", "build_huggingface", "check_vocabulary",
            "encoder_layers"]
 
-HF_PREFIX = "hf:"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -119,7 +117,3 @@ def check_vocabulary(model: nn.Module, name: str, tokenizer: str, vocab_size: in
             f"tokenizer '{tokenizer}' has a vocabulary of {vocab_size} tokens (ids up to "
             f"{largest_id}) but model {name!r} embeds {size}; pass the tokenizer saved with the "
             "model (--tokenizer, or leave it out to use the model directory's own)")
-
-
-def directory_of(name: str) -> Path:
-    return Path(name[len(HF_PREFIX):])
