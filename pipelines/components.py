@@ -47,6 +47,10 @@ def prepare_data(
     meta = run(data_source, label_column, train.path, val.path, test.path, seed=seed,
                image_size=image_size, text_column=text_column, tokenizer=tokenizer,
                max_length=max_length, model_name=model_name)
+    from torchship.components.progress import report
+
+    for warning in meta["warnings"]:  # kept in the splits' metadata too
+        report(f"data warning: {warning}")
     write_statistics(meta["statistics"], statistics.path)
     if statistics_uri:
         write_statistics(meta["statistics"], statistics_uri)
@@ -60,6 +64,7 @@ def prepare_data(
                 "n_rows": meta["n_rows"][split],
                 "class_counts": meta["class_counts"][split],
                 "schema": meta["schema"],
+                "warnings": meta["warnings"],
             }
         )
 
@@ -205,14 +210,18 @@ def gate(
     target_concurrency: int,
     previous_results_uri: str,
     max_p99_regression_pct: float,
+    deploy_target: str,
+    local_repository: str,
     record: Output[Artifact],
     report_html: Output[HTML],
     chosen_model: Output[Model],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
 ) -> bool:
-    """One record decides promotion: the chosen variant, its accuracy, parity and p99 on Triton.
-    The chosen variant's confusion matrix on the test split goes to the UI's classification view."""
+    """One record decides promotion: the chosen variant, its accuracy (against the model the
+    local repository serves now, when there is one, and against always guessing the majority
+    class), parity and p99 on Triton. The chosen variant's confusion matrix on the test split
+    goes to the UI's classification view."""
     import json
 
     from torchship.components.contracts import limit
@@ -229,7 +238,9 @@ def gate(
         latency_budget_p99_ms=limit(latency_budget_p99_ms),
         target_concurrency=target_concurrency,
         previous_results_uri=previous_results_uri,
-        max_p99_regression_pct=max_p99_regression_pct, test_path=test.path, progress=report,
+        max_p99_regression_pct=max_p99_regression_pct, test_path=test.path,
+        serving_repository=local_repository if deploy_target == "local" else "",
+        progress=report,
     )
     write_reports(decision, summary, record.path, report_html.path)
     record.metadata.update({"passed": decision["passed"], "variant": decision["variant"],

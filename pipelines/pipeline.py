@@ -67,6 +67,7 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
         target_concurrency=params["target_concurrency"],
         previous_results_uri=params["previous_results_uri"],
         max_p99_regression_pct=params["max_p99_regression_pct"],
+        deploy_target=params["deploy_target"], local_repository=params["local_repository"],
     )
     with dsl.If(decided.outputs["Output"] == True, name="gate-passed"):
         tuned = ops.tune_serving(

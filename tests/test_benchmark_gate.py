@@ -100,13 +100,34 @@ def test_gate_compares_accuracy_with_the_serving_baseline(tmp_path):
     assert within["passed"] is True  # the floor is for the first run only
 
 
-def test_gate_without_a_baseline_file_uses_the_floor(tmp_path):
-    record = evaluate_gate(summary(accuracy=0.8), accuracy_floor=0.9,
-                           baseline_accuracy=tmp_path / "nothing.json",
+def test_a_baseline_file_that_does_not_exist_is_refused_not_taken_as_a_first_run(tmp_path):
+    with pytest.raises(UserInputError, match="nothing.json does not exist; pass the gate record"):
+        evaluate_gate(summary(accuracy=0.8), accuracy_floor=0.9,
+                      baseline_accuracy=tmp_path / "nothing.json",
+                      latency_budget_p99_ms=10, target_concurrency=8, variant="fp32")
+    first = evaluate_gate(summary(accuracy=0.8), accuracy_floor=0.9, latency_budget_p99_ms=10,
+                          target_concurrency=8, variant="fp32")
+    assert first["passed"] is False
+    assert "first run, no serving baseline: test accuracy 0.8000 vs floor 0.9000" in first["reason"]
+
+
+def test_a_model_no_better_than_always_guessing_the_majority_class_fails(tmp_path):
+    chance = evaluate_gate(summary(accuracy=0.34), majority=("b", 0.34),
                            latency_budget_p99_ms=10, target_concurrency=8, variant="fp32")
-    assert record["passed"] is False
-    assert "first run, no serving baseline (none at" in record["reason"]
-    assert "vs floor 0.9000" in record["reason"]
+    assert chance["passed"] is False
+    assert chance["reason"] == ("fp32: test accuracy 0.3400 vs 0.3400 from always predicting "
+                                "the most frequent class 'b'")
+    better = evaluate_gate(summary(accuracy=0.5), majority=("b", 0.34),
+                           latency_budget_p99_ms=10, target_concurrency=8, variant="fp32")
+    assert better["passed"] is True
+
+
+def test_a_baseline_record_of_another_variant_is_the_serving_baseline(tmp_path):
+    record = tmp_path / "gate.json"
+    record.write_text(json.dumps({"variant": "int8", "variants": {"int8": {"test_accuracy": 0.9}}}))
+    gated = evaluate_gate(summary(accuracy=0.8), baseline_accuracy=record,
+                          latency_budget_p99_ms=10, target_concurrency=8, variant="fp32")
+    assert gated["passed"] is False and "vs serving baseline 0.9000" in gated["reason"]
 
 
 def test_gate_fails_on_missing_parity_level_or_errors():

@@ -8,6 +8,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from torchship.components.data.sanity import (
+    check_columns,
+    check_features,
+    check_header,
+    check_label,
+    read_header,
+)
 from torchship.components.errors import UserInputError, one_line
 
 if TYPE_CHECKING:
@@ -41,6 +48,8 @@ class LoadedSource:
     # empty.
     tokens: dict[str, np.ndarray] | None = None
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # kept in the splits
+    # What data sanity found worth knowing but not worth refusing (constant features, say).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def images(self) -> bool:
@@ -57,14 +66,20 @@ def load_table(source: str, kind: str, label_column: str) -> LoadedSource:
     return table_source(source, read_table(source, kind), label_column)
 
 
-def read_table(source: str, kind: str) -> pd.DataFrame:
-    """A CSV or Parquet file as a DataFrame with at least one row and column."""
+def read_table(source: str, kind: str, nrows: int | None = None) -> pd.DataFrame:
+    """A CSV or Parquet file (its first `nrows` rows of a CSV, when given) as a DataFrame with at
+    least one row and column; a CSV's header as written is checked first (`sanity`)."""
     import fsspec
     import pandas as pd
 
+    header = None
     try:
         with fsspec.open(source, "rb") as handle:
-            table = pd.read_csv(handle) if kind == "csv" else pd.read_parquet(handle)
+            if kind == "csv":
+                header = read_header(source, handle)
+                table = pd.read_csv(handle, nrows=nrows)
+            else:
+                table = pd.read_parquet(handle)
     except pd.errors.EmptyDataError:
         table = pd.DataFrame()
     except ImportError:  # a missing parquet engine is this environment's fault, not the file's
@@ -78,6 +93,10 @@ def read_table(source: str, kind: str) -> pd.DataFrame:
         raise UserInputError(
             f"data source '{source}' is empty (no rows); pass a table with a header and rows"
         )
+    if header is not None:
+        check_header(source, header)
+    elif len(set(map(str, table.columns))) != table.shape[1]:  # Parquet keeps names as written
+        check_header(source, [str(c) for c in table.columns])
     return table
 
 
@@ -91,6 +110,7 @@ def table_source(source: str, table: pd.DataFrame, label_column: str) -> LoadedS
             f"data source '{source}' has no column '{label_column}' "
             f"(columns: {listed(columns)}); pass --label-column"
         )
+    check_columns(source, table, label_column)
     feature_columns = [c for c in columns if c != label_column]
     if not feature_columns:
         raise UserInputError(
@@ -115,11 +135,13 @@ def table_source(source: str, table: pd.DataFrame, label_column: str) -> LoadedS
             f"data source '{source}' has {int(label.isna().sum())} rows with no value in label "
             f"column '{label_column}'; fill or drop those rows"
         )
+    check_label(source, label, label_column)
     origin = f"label column '{label_column}'"
     labels, class_names = class_indices(source, label, origin, "a label column")
     return LoadedSource(features, labels, class_names, feature_columns,
                         {col: str(dtype) for col, dtype in table.dtypes.items()},
-                        labels_from=origin)
+                        labels_from=origin,
+                        warnings=check_features(source, features, feature_columns))
 
 
 def load_npz(source: str) -> LoadedSource:
@@ -182,7 +204,8 @@ def load_npz(source: str) -> LoadedSource:
               "y": f"{y.dtype} index into class_names" if "class_names" in arrays
               else str(y.dtype)}
     return LoadedSource(features, labels, class_names, feature_names, schema,
-                        labels_from="array 'y'")
+                        labels_from="array 'y'",
+                        warnings=check_features(source, features, feature_names))
 
 
 def _npz_labels(

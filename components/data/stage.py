@@ -19,6 +19,7 @@ from torchship.components.data.images import digits_images, load_image_folder
 from torchship.components.data.sources import (
     TABLE_SUFFIXES,
     LoadedSource,
+    listed,
     load_npz,
     load_table,
     read_table,
@@ -118,6 +119,7 @@ def prepare_data(
             for split in SPLITS
         },
         "n_rows": {split: len(split_index[split]) for split in SPLITS},
+        "warnings": list(data.warnings),
         # Raw training statistics: the drift trigger (infra/trigger) compares new data with them.
         "statistics": {"source": source, "n_rows": len(split_index["train"]), **statistics},
     }
@@ -132,7 +134,7 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise UserInputError(
             f"val_fraction {val_fraction} and test_fraction {test_fraction} must each be between "
-            "0 and 1 and sum to less than 1; pass e.g. --val-fraction 0.15 --test-fraction 0.15"
+            "0 and 1 and sum to less than 1; pass e.g. val_fraction=0.15, test_fraction=0.15"
         )
 
 
@@ -215,12 +217,12 @@ def _stratified_split(
     too_few = [f"'{class_names[i]}' ({counts[i]})" for i in np.flatnonzero(counts < needed)]
 
     def too_few_error() -> UserInputError:
-        listed = ", ".join(too_few) if too_few else "some classes"
+        named = listed(too_few) if too_few else "some classes"
         where = f" {data.labels_from}" if data.labels_from else ""
         return UserInputError(
-            f"data source '{source}'{where} has too few {unit} for classes "
-            f"{listed}; each class needs at least {needed} {unit} to appear in train, val and "
-            f"test - add {unit}, drop rare classes or raise --val-fraction/--test-fraction"
+            f"data source '{source}'{where} has too few {unit} for {len(too_few) or 'some'} of "
+            f"its {len(class_names)} classes ({named}); each class needs at least {needed} "
+            f"{unit} to appear in train, val and test: add {unit} or drop rare classes"
         )
 
     if too_few:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from torchship.components.data.sanity import check_label
 from torchship.components.data.sources import LoadedSource, class_indices, listed
 from torchship.components.errors import UserInputError, one_line
 from torchship.components.files import local_directory, read_json
@@ -69,6 +70,7 @@ def text_source(source: str, table: pd.DataFrame, label_column: str, text_column
             f"data source '{source}' has {int(text.isna().sum())} rows with no text in column "
             f"'{text_column}'; fill or drop those rows")
     origin = f"label column '{label_column}'"
+    check_label(source, label, label_column)
     labels, class_names = class_indices(source, label, origin, "a label column")
     tokenizer = load_tokenizer(tokenizer_uri)
     encoded = tokenizer([str(t) for t in text], max_length=max_length, truncation=True,

@@ -4,6 +4,7 @@
 
 * ``accuracy``: test accuracy against the serving baseline (at most ``max_accuracy_drop_pt``
   points below it) or, on the first run (no baseline), at least ``accuracy_floor``;
+* ``better than chance``: test accuracy above the share of the test split's most frequent class;
 * ``parity``: the exported / quantised model passed its parity check against the PyTorch original;
 * ``p99 latency``: p99 at ``target_concurrency`` on a real Triton server within
   ``latency_budget_p99_ms``, and ``errors`` at that level at most ``max_errors``;
@@ -75,10 +76,12 @@ def baseline_accuracy_of(record: dict[str, Any], variant: str) -> float | None:
     """The serving baseline's accuracy for ``variant`` from a gate record, a run summary, or
     ``{"test_accuracy": x}``; ``None`` when the record has none."""
     variants = record.get("variants")
-    if isinstance(variants, dict) and variant in variants:
-        value = variants[variant].get("test_accuracy")
-        if value is not None:
-            return float(value)
+    if isinstance(variants, dict):
+        # The record's own variant is what it deployed: a candidate of another name replaces it.
+        for name in (variant, record.get("variant")):
+            value = (variants.get(name) or {}).get("test_accuracy")
+            if value is not None:
+                return float(value)
     for row in record.get("rows", []):
         if row.get("variant") == variant and row.get("test_accuracy") is not None:
             return float(row["test_accuracy"])
@@ -108,11 +111,15 @@ def evaluate_gate(
     require_stable: bool = False,
     regression: dict | None = None,
     block_on_regression: bool = False,
+    baseline_source: str | None = None,
+    majority: tuple[str, float] | None = None,
 ) -> dict[str, Any]:
     """The gate record for ``variant`` (default: every variant in the summary, since the whole
-    repository is deployed). ``baseline_accuracy`` is a number, or a path / fsspec URI
-    (``gs://``) of the serving baseline's gate record or summary; a missing file means first run.
-    ``latency_budget_p99_ms=None`` skips the latency check (recorded as skipped)."""
+    repository is deployed). ``baseline_accuracy`` is a number (from ``baseline_source``), or a
+    path / fsspec URI (``gs://``) of the serving baseline's gate record or summary, which must
+    exist. ``majority`` is the test split's most frequent class and its share: a candidate must
+    be more accurate than always guessing it. ``latency_budget_p99_ms=None`` skips the latency
+    check (recorded as skipped)."""
     if max_accuracy_drop_pt < 0:
         raise UserInputError(f"max_accuracy_drop_pt: {max_accuracy_drop_pt} must be >= 0")
     if latency_budget_p99_ms is not None and not latency_budget_p99_ms > 0:
@@ -129,19 +136,24 @@ def evaluate_gate(
             f"{', '.join(rows) or 'no variant'}); pass one of those"
         )
 
-    baseline_record, baseline_source = None, None
+    baseline_record = None
     if isinstance(baseline_accuracy, (str, os.PathLike)):
         baseline_source = str(baseline_accuracy)
         baseline_record = read_json(baseline_accuracy)
+        if not isinstance(baseline_record, dict):
+            raise UserInputError(
+                f"baseline_accuracy: {baseline_source} "
+                f"{'does not exist' if baseline_record is None else 'is not a gate record'}; "
+                "pass the gate record of the serving model, or none on a first run")
     elif baseline_accuracy is not None:
-        baseline_source = "given"
+        baseline_source = baseline_source or "given"
 
     checks, variants = [], {}
     for name in candidates:
         row = rows[name]
         accuracy = row.get("test_accuracy")
-        baseline = (float(baseline_accuracy) if baseline_source == "given"
-                    else baseline_accuracy_of(baseline_record, name) if baseline_record else None)
+        baseline = (baseline_accuracy_of(baseline_record, name) if baseline_record is not None
+                    else None if baseline_accuracy is None else float(baseline_accuracy))
         if accuracy is None:
             checks.append(_check("accuracy", name, False, None, None,
                                  f"{name}: no test accuracy in the summary; run compress/export"))
@@ -154,11 +166,18 @@ def evaluate_gate(
                 f"({drop_pt:+.2f} pt drop, at most {max_accuracy_drop_pt:g} pt allowed)",
             ))
         else:
-            where = f" (none at {baseline_source})" if baseline_source else ""
+            where = (f" (none for '{name}' in {baseline_source})" if baseline_source else "")
             checks.append(_check(
                 "accuracy", name, accuracy >= accuracy_floor, accuracy, accuracy_floor,
                 f"{name}: first run, no serving baseline{where}: test accuracy {accuracy:.4f} "
                 f"vs floor {accuracy_floor:.4f}",
+            ))
+        if accuracy is not None and majority is not None:
+            guess, rate = majority
+            checks.append(_check(
+                "better than chance", name, accuracy > rate + 1e-9, accuracy, rate,
+                f"{name}: test accuracy {accuracy:.4f} vs {rate:.4f} from always predicting the "
+                f"most frequent class '{guess}'",
             ))
 
         parity = row.get("parity_passed")

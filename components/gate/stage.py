@@ -15,11 +15,13 @@ import numpy as np
 
 from torchship.components.contracts import MODEL_ONNX, TARGET_CONCURRENCY, VARIANTS_JSON
 from torchship.components.data.splits import load_split
+from torchship.components.errors import UserInputError, one_line
 from torchship.components.gate.checks import (
     ACCURACY_FLOOR,
     GATE_SCHEMA,
     MAX_ACCURACY_DROP_PT,
     evaluate_gate,
+    read_gate_record,
     write_gate_record,
 )
 from torchship.components.gate.choice import (
@@ -30,6 +32,7 @@ from torchship.components.gate.choice import (
 )
 from torchship.components.gate.regression import MAX_P99_REGRESSION_PCT, compare_with_previous
 from torchship.components.report.html_report import write_html_report
+from torchship.components.triton.versions import serving_model
 
 
 def decide(
@@ -47,15 +50,32 @@ def decide(
     previous_results_uri: str = "",
     max_p99_regression_pct: float = MAX_P99_REGRESSION_PCT,
     test_path: str | None = None,
+    serving_repository: str = "",
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Choose the variant, gate it and return the record; the chosen model goes to `chosen_dir`.
-    With `test_path`, the record also holds the chosen variant's confusion matrix on it.
+    With `test_path`, the record also holds the chosen variant's confusion matrix on it, and the
+    candidate must beat always predicting the test split's most frequent class.
 
-    None means "no limit" for `max_size_bytes` and `latency_budget_p99_ms`; an empty
-    `baseline_uri` means the first run (the accuracy floor applies), an empty
-    `previous_results_uri` means no regression check.
+    None means "no limit" for `max_size_bytes` and `latency_budget_p99_ms`. The serving baseline
+    is the gate record at `baseline_uri` (which must exist) or, without one, the model that
+    `serving_repository` serves now, measured on this run's test split; with neither, the run
+    is a first run and the accuracy floor applies. An empty `previous_results_uri` means no
+    regression check.
     """
+    baseline: float | str | None = baseline_uri or None
+    baseline_source = None
+    if baseline_uri and read_gate_record(baseline_uri) is None:
+        raise UserInputError(
+            f"baseline_uri: {baseline_uri} does not exist; pass the gate record (gate.json) of "
+            "the run whose model serves now, or leave it out to compare with the serving "
+            "repository")
+    if not baseline_uri and serving_repository and test_path:
+        serving = serving_model(serving_repository)
+        if serving is not None:
+            baseline = onnx_accuracy(serving.onnx_path, test_path, f"serving model {serving}")
+            baseline_source = f"serving model {serving}, on this run's test split"
+            progress(f"serving baseline: {serving} has test accuracy {baseline:.4f}")
     rows = json.loads((Path(onnx_dir) / VARIANTS_JSON).read_text())
     choice = choose_variant(rows, max_acc_drop_pt=max_accuracy_drop_pt,
                             max_size_bytes=max_size_bytes, optimise=optimise)
@@ -71,7 +91,9 @@ def decide(
     # The gate record itself (a later run reads a passing one as its serving baseline), with
     # the choice that named its variant.
     record = evaluate_gate(
-        summary, accuracy_floor=accuracy_floor, baseline_accuracy=baseline_uri or None,
+        summary, accuracy_floor=accuracy_floor, baseline_accuracy=baseline,
+        baseline_source=baseline_source,
+        majority=majority_class(test_path) if test_path else None,
         max_accuracy_drop_pt=max_accuracy_drop_pt,
         latency_budget_p99_ms=latency_budget_p99_ms,
         target_concurrency=target_concurrency, variant=variant, regression=regression,
@@ -91,6 +113,35 @@ def write_reports(record: dict[str, Any], summary: dict[str, Any], record_path: 
     """The record as JSON, and the HTML report with the variant table, plots and the gate."""
     write_gate_record(record, record_path)
     write_html_report(summary, html_path, gate=record, regression=record.get("regression"))
+
+
+def majority_class(test_path: str) -> tuple[str, float]:
+    """The test split's most frequent class and its share: the accuracy of always guessing it."""
+    split = load_split(test_path)
+    counts = np.bincount(split.y, minlength=len(split.class_names))
+    return str(split.class_names[int(counts.argmax())]), float(counts.max() / counts.sum())
+
+
+def onnx_accuracy(onnx_path: str | Path, test_path: str, what: str) -> float:
+    """Test accuracy of an ONNX classifier on a split; a model that cannot take the split's
+    inputs is a ``UserInputError`` naming `what`."""
+    import onnxruntime as ort
+
+    split = load_split(test_path)
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        logits = session.run(None, split.inputs)[0]
+    except Exception as error:  # an input it does not have, a shape it does not take
+        raise UserInputError(
+            f"{what} cannot take this run's data ({one_line(error, 160, with_type=True)}); "
+            "deploy to a new repository (--local-repository) or pass data of the same shape"
+        ) from error
+    if logits.ndim != 2 or logits.shape[1] != len(split.class_names):
+        raise UserInputError(
+            f"{what} answers {logits.shape[1:]} logits for this run's "
+            f"{len(split.class_names)} classes; deploy to a new repository "
+            "(--local-repository) or pass data with the same classes")
+    return float(np.mean(logits.argmax(axis=1) == split.y))
 
 
 def confusion_matrix(onnx_dir: str, variant: str, test_path: str) -> dict[str, Any]:

@@ -217,7 +217,7 @@ def _nproc(env: Mapping[str, str], num_workers: int, cuda_devices: int) -> int:
     if cuda_devices and nproc > cuda_devices:
         raise UserInputError(
             f"{nproc} workers per node but only {cuda_devices} GPUs are visible; NCCL needs one "
-            "GPU per worker - lower --num-workers (or PET_NPROC_PER_NODE)"
+            "GPU per worker - lower the worker count (--workers, or PET_NPROC_PER_NODE)"
         )
     return nproc
 

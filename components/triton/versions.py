@@ -9,13 +9,60 @@ import fcntl
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from torchship.components.contracts import MODEL_ONNX
 from torchship.components.errors import ServingError
+from torchship.components.files import read_json, write_json
 
-__all__ = ["LOCK_NAME", "repository_lock", "served_versions", "version_dirs"]
+__all__ = ["LOCK_NAME", "SERVING_RECORD", "ServingModel", "repository_lock", "served_versions",
+           "serving_model", "version_dirs", "write_serving_record"]
 
 LOCK_NAME = ".torchship-deploy.lock"
+# Which model the last deploy promoted, at the repository's top (Triton loads folders only).
+SERVING_RECORD = "torchship-serving.json"
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """The model version a repository serves now: what a new one must be no worse than."""
+
+    repository: Path
+    name: str
+    version: int
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.repository / self.name / str(self.version) / MODEL_ONNX
+
+    def __str__(self) -> str:
+        return f"'{self.name}' version {self.version} in {self.repository}"
+
+
+def write_serving_record(repository: Path, name: str, version: int) -> None:
+    """Say (atomically) which model version the deploy just promoted."""
+    write_json({"model": name, "version": int(version)}, Path(repository) / SERVING_RECORD)
+
+
+def serving_model(repository: str | os.PathLike) -> ServingModel | None:
+    """The model a repository serves now: the one its last deploy promoted (its record) or, in a
+    repository without a record, the model whose config changed last; its newest served version.
+    ``None`` for a repository that does not exist or serves nothing."""
+    from torchship.components.triton.config import read_model_config
+
+    repository = Path(repository)
+    if not repository.is_dir():
+        return None
+    record = read_json(repository / SERVING_RECORD) or {}
+    configs = sorted(repository.glob("*/config.pbtxt"), key=lambda p: p.stat().st_mtime)
+    named = [c for c in configs if c.parent.name == record.get("model")]
+    for config_path in (named or configs[-1:]):
+        model_dir = config_path.parent
+        versions = served_versions(read_model_config(config_path), version_dirs(model_dir))
+        if versions and (model_dir / str(versions[-1]) / MODEL_ONNX).is_file():
+            return ServingModel(repository, model_dir.name, versions[-1])
+    return None
 
 
 def version_dirs(model_dir: Path) -> list[int]:

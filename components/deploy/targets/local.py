@@ -48,7 +48,12 @@ from torchship.components.triton.repository import (
     write_model,
 )
 from torchship.components.triton.server import TritonServer
-from torchship.components.triton.versions import repository_lock, served_versions, version_dirs
+from torchship.components.triton.versions import (
+    repository_lock,
+    served_versions,
+    version_dirs,
+    write_serving_record,
+)
 
 __all__ = ["deploy_local"]
 
@@ -127,6 +132,7 @@ def deploy_local(
             validate_model_repository(
                 served, backend="python", models=[p["name"] for p in plans], load_onnx=False
             )
+            write_serving_record(served, plans[-1]["name"], plans[-1]["version"])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if artifact.resolve() != served.resolve():
