@@ -44,6 +44,10 @@ RUN_PARAMETERS = {
     "local_repository": "local_repository",
 }
 
+# How `torchship run` spells each pipeline parameter it has an option for, in error messages.
+RUN_FLAGS = {parameter: "--" + option.replace("_", "-")
+             for option, parameter in RUN_PARAMETERS.items()}
+
 
 @click.group()
 @click.version_option(package_name="torchship")
@@ -126,16 +130,15 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
     """
     from torchship.components.report.summary import format_table
     from torchship.pipelines.local import PipelineFailed, prune_runs, run_pipeline
-    from torchship.pipelines.parameters import check_parameters, compiled_defaults
+    from torchship.pipelines.parameters import compiled_defaults
     from torchship.pipelines.pipeline import compile_pipeline
+    from torchship.pipelines.preflight import preflight_run
 
     if keep_runs is not None and keep_runs < 1:
         fail(f"--keep-runs {keep_runs} would remove the run being made; pass 1 or more, or "
               "leave it out to keep every run")
     if pipeline_yaml is None:
         pipeline_yaml = str(compile_pipeline(DEFAULT_PIPELINE))
-    elif not Path(pipeline_yaml).is_file():
-        fail(f"pipeline file {pipeline_yaml!r} does not exist; run 'torchship compile' first")
     arguments: dict[str, Any] = {}
     for option, value in options.items():
         if value is None:
@@ -148,12 +151,14 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
     arguments.update(key_values(params, "--param", parse_json=True))
     # Each local run adds a version to one repository that `torchship serve` can serve.
     arguments.setdefault("local_repository", str(Path(pipeline_root, "model_repository").resolve()))
-    defaults = compiled_defaults(pipeline_yaml)
-    try:
-        check_parameters(arguments, defaults)
+    try:  # everything the input decides is refused here, before any stage runs
+        notes = preflight_run(pipeline_yaml, pipeline_root, arguments, RUN_FLAGS)
     except UserInputError as exc:
         fail(str(exc))
+    defaults = compiled_defaults(pipeline_yaml)
     click.echo(f"running {pipeline_yaml} locally (artifacts under {pipeline_root}/)")
+    for note in notes:
+        click.echo(note)
     try:
         summary = run_pipeline(pipeline_yaml, pipeline_root, arguments, verbose=verbose)
     except PipelineFailed as exc:

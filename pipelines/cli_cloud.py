@@ -10,7 +10,6 @@ import click
 
 from torchship.components.errors import UserInputError
 from torchship.pipelines.arguments import fail, key_values
-from torchship.pipelines.parameters import check_parameters
 from torchship.pipelines.vertex import DEFAULT_REGION
 
 __all__ = ["publish", "schedule", "submit"]
@@ -33,6 +32,15 @@ def _vertex_project(project: str | None, region: str, pipeline_root: str | None,
     return VertexProject(project=project, location=region, pipeline_root=pipeline_root or "",
                         service_account=service_account, network=network,
                         api_endpoint=api_endpoint, credentials=credentials)
+
+
+def _preflight(template: str, parameters: dict[str, Any], kfp_host: str | None) -> None:
+    """What `preflight_cloud` refuses, before anything is sent; its notes are printed."""
+    from torchship.pipelines.preflight import preflight_cloud
+
+    where = f"Kubeflow Pipelines at {kfp_host}" if kfp_host else "Vertex AI"
+    for note in preflight_cloud(template, parameters, where):
+        click.echo(note)
 
 
 def vertex_options(func: Any) -> Any:
@@ -75,7 +83,7 @@ def submit(template: str, project: str | None, region: str, pipeline_root: str |
     """Submit TEMPLATE (a compiled YAML or an Artifact Registry URI) as a pipeline run."""
     parameters = key_values(params, "--param", parse_json=True)
     try:
-        check_parameters(parameters)
+        _preflight(template, parameters, kfp_host)
         if kfp_host:
             from torchship.pipelines import kubeflow
 
@@ -117,7 +125,7 @@ def schedule_create(template: str, display_name: str, cron: str, time_zone: str 
     """Create a schedule that runs TEMPLATE on CRON."""
     parameters = key_values(params, "--param", parse_json=True)
     try:
-        check_parameters(parameters)  # or every scheduled run fails the same way
+        _preflight(template, parameters, kfp_host)  # or every scheduled run fails the same way
         if kfp_host:
             from torchship.pipelines import kubeflow
 

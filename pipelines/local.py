@@ -25,7 +25,12 @@ _RUN_DIR = re.compile(r"^[a-z0-9][a-z0-9-]*-(\d{4}-\d{2}-\d{2}-\d{2}-\d{2}-\d{2}
 
 
 class PipelineFailed(RuntimeError):
-    """A stage of a local run failed; the message is the stage's own error line."""
+    """A stage of a local run failed; the message is the stage's own error line, and
+    `refused` says whether the stage refused its input (a ``UserInputError``)."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class _ProgressFilter(io.TextIOBase):
@@ -39,6 +44,7 @@ class _ProgressFilter(io.TextIOBase):
         self.out, self.verbose = out, verbose
         self.partial = ""
         self.error: str | None = None
+        self.error_type: str | None = None
 
     def write(self, text: str) -> int:
         self.partial += text
@@ -48,7 +54,7 @@ class _ProgressFilter(io.TextIOBase):
             line = _ANSI.sub("", line).strip()
             match = _STAGE_ERROR.match(line)
             if match:
-                self.error = match.group(2)
+                self.error_type, self.error = match.group(1), match.group(2)
             if self.verbose:
                 self.out.write(line + "\n")
             elif line.startswith(PREFIX):
@@ -65,9 +71,15 @@ def run_pipeline(
     arguments: dict[str, Any],
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """Run the compiled pipeline under kfp.local's SubprocessRunner; return the run summary."""
+    """Run the compiled pipeline under kfp.local's SubprocessRunner; return the run summary.
+
+    A stage that refuses its input leaves nothing behind: the run's folder is removed (and the
+    pipeline root, when this run made it and nothing else is in it)."""
     pipeline = components.load_component_from_file(str(pipeline_yaml))
-    Path(pipeline_root).mkdir(parents=True, exist_ok=True)
+    root = Path(pipeline_root)
+    made_root = not root.exists()
+    before = set(_run_dirs(root))
+    root.mkdir(parents=True, exist_ok=True)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(Path(pipeline_root).resolve()),
@@ -79,7 +91,14 @@ def run_pipeline(
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             task = pipeline(**arguments)
     except Exception as exc:  # kfp.local raises a generic RuntimeError naming only the task
-        raise PipelineFailed(stdout.error or stderr.error or str(exc)) from exc
+        failed = stdout if stdout.error else stderr
+        refused = failed.error_type == "UserInputError"
+        if refused:
+            for entry in set(_run_dirs(root)) - before:
+                shutil.rmtree(entry, ignore_errors=True)
+            if made_root and not any(root.iterdir()):
+                root.rmdir()
+        raise PipelineFailed(failed.error or str(exc), refused=refused) from exc
     results = Path(task.outputs["results"].path)
     summary = json.loads(results.read_text())
     summary["gate"] = json.loads(Path(task.outputs["gate_record"].path).read_text())
@@ -92,11 +111,15 @@ def run_pipeline(
 def prune_runs(pipeline_root: str | Path, keep: int) -> list[Path]:
     """Remove all but the newest `keep` run folders kfp.local left under `pipeline_root`; return
     those removed. Nothing else there is touched (the persistent model repository, say)."""
-    root = Path(pipeline_root)
-    runs = [(match.group(1), entry) for entry in (root.iterdir() if root.is_dir() else ())
-            if entry.is_dir() and not entry.is_symlink()
-            and (match := _RUN_DIR.match(entry.name))]
-    old = [entry for _, entry in sorted(runs, reverse=True)[keep:]]
+    runs = _run_dirs(Path(pipeline_root))
+    old = sorted(runs, key=lambda entry: runs[entry], reverse=True)[keep:]
     for entry in old:
         shutil.rmtree(entry)
     return old
+
+
+def _run_dirs(root: Path) -> dict[Path, str]:
+    """The run folders kfp.local made under `root`, with the timestamp in each name."""
+    return {entry: match.group(1) for entry in (root.iterdir() if root.is_dir() else ())
+            if entry.is_dir() and not entry.is_symlink()
+            and (match := _RUN_DIR.match(entry.name))}

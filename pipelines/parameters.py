@@ -26,7 +26,7 @@ from torchship.components.tune_serving.stage import INSTANCE_COUNTS, QUEUE_DELAY
 from torchship.pipelines.vertex import DEFAULT_REGION
 
 __all__ = ["MEASUREMENT_PARAMETERS", "PARAMETERS", "TRAINING_PARAMETERS", "VERTEX_PARAMETERS",
-           "Parameters", "check_parameters", "compiled_defaults"]
+           "Parameters", "check_parameters", "compiled_defaults", "pipeline_parameters"]
 
 # A pipeline's parameters as (name, type, default). KFP reads them from the pipeline function's
 # signature, so each platform's signature is built from one of these.
@@ -187,14 +187,31 @@ def _check_serving_search(values: dict[str, Any],
             refuse(name, f"is not a list of integers >= {least}", fix + " to keep the default")
 
 
+def pipeline_parameters(pipeline_yaml: str | Path) -> dict[str, dict[str, Any]]:
+    """A compiled pipeline's parameters, name -> {parameterType, defaultValue}; a file that is
+    not a compiled pipeline is a ``UserInputError`` saying which to pass."""
+    import yaml
+
+    path = Path(pipeline_yaml)
+    if not path.is_file():
+        problem = "is a folder" if path.is_dir() else "does not exist"
+        raise UserInputError(f"pipeline file '{pipeline_yaml}' {problem}; run 'torchship "
+                             "compile' first, or leave it out to compile one")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        spec = None
+    if not isinstance(spec, dict) or not isinstance(spec.get("root"), dict) \
+            or "pipelineInfo" not in spec:
+        raise UserInputError(f"pipeline file '{pipeline_yaml}' is not a compiled pipeline (no "
+                             "pipeline spec in it); pass the YAML 'torchship compile' writes")
+    return spec["root"].get("inputDefinitions", {}).get("parameters", {})
+
+
 def compiled_defaults(pipeline_yaml: str | Path) -> dict[str, Any]:
     """The parameter defaults a compiled pipeline YAML declares, integers as integers (the YAML
     writes every number as a float)."""
-    import yaml
-
-    spec = yaml.safe_load(Path(pipeline_yaml).read_text())
-    parameters = spec["root"].get("inputDefinitions", {}).get("parameters", {})
+    parameters = pipeline_parameters(pipeline_yaml)
     return {name: int(p["defaultValue"]) if p.get("parameterType") == "NUMBER_INTEGER"
             else p["defaultValue"]
             for name, p in parameters.items() if "defaultValue" in p}
-

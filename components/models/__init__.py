@@ -15,10 +15,11 @@ from torchship.components.models.specs import (
     as_contract,
     build_model,
     check_model_output,
+    check_model_spec,
     count_parameters,
     example_inputs,
 )
 
 __all__ = ["BUILTIN_MODELS", "CNN", "MLP", "ResNet", "as_contract", "build_model",
-           "check_model_output", "contract_of", "count_parameters", "example_inputs",
+           "check_model_output", "check_model_spec", "contract_of", "count_parameters", "example_inputs",
            "export_onnx", "load_checkpoint", "resize_to_state_dict", "save_checkpoint"]

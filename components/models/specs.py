@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -91,15 +92,10 @@ def build_model(
     options = whole_numbers(dict(options or {}))
     contract = as_contract(inputs, n_classes)
     if name in _BUILDERS:
+        check_model_spec(name, options)
         builder, module = _BUILDERS[name]
         accepted = [p for p in inspect.signature(module).parameters
                     if p not in ("n_features", "in_shape", "n_classes")]
-        unknown = sorted(set(options) - set(accepted))
-        if unknown:
-            raise UserInputError(
-                f"model {name!r} does not take options {sorted(options)} (unknown: "
-                f"{', '.join(unknown)}); pass only {', '.join(accepted)}"
-            )
         try:
             return builder(contract, **options)
         except UserInputError:
@@ -156,9 +152,32 @@ def _factory_arguments(factory: Any, contract: TensorContract) -> dict[str, Any]
     return arguments
 
 
-def _build_from_factory(
-    spec: str, contract: TensorContract, options: dict[str, Any]
-) -> nn.Module:
+def check_model_spec(name: str, options: dict[str, Any] | None = None) -> None:
+    """What can be known of a model spec without data: a built-in's name and options, an
+    importable factory, a local hf:DIR with a config.json. ``UserInputError`` otherwise."""
+    options = dict(options or {})
+    if name in _BUILDERS:
+        accepted = [p for p in inspect.signature(_BUILDERS[name][1]).parameters
+                    if p not in ("n_features", "in_shape", "n_classes")]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise UserInputError(
+                f"model {name!r} does not take options {sorted(options)} (unknown: "
+                f"{', '.join(unknown)}); pass only {', '.join(accepted)}")
+    elif isinstance(name, str) and name.startswith(HF_PREFIX):
+        directory = name[len(HF_PREFIX):]
+        if "://" not in directory and not (Path(directory) / "config.json").is_file():
+            raise UserInputError(
+                f"model {name!r}: {directory} has no config.json; pass a directory written by "
+                "save_pretrained")
+    elif isinstance(name, str) and ":" in name:
+        _factory(name)
+    else:
+        build_model(name, 1, 2)  # its own unknown-model error
+
+
+def _factory(spec: str) -> tuple[str, Any]:
+    """The factory a 'module:factory' spec names: (its attribute name, the callable)."""
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise UserInputError(
@@ -183,6 +202,13 @@ def _build_from_factory(
             f"model {spec!r}: '{attribute}' is not callable (type {type(factory).__name__}); "
             "pass a function called as factory(inputs=..., n_classes=...)"
         )
+    return attribute, factory
+
+
+def _build_from_factory(
+    spec: str, contract: TensorContract, options: dict[str, Any]
+) -> nn.Module:
+    attribute, factory = _factory(spec)
     arguments = {**_factory_arguments(factory, contract), **options}
     try:
         inspect.signature(factory).bind(**arguments)

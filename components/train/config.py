@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,31 +42,33 @@ class TrainConfig:
     precision: str = "auto"
     timeout_s: float = 600.0  # how long to wait for the master and for any peer
 
-    def check(self) -> None:
-        """Every setting checked before any work; ``UserInputError`` names the flag."""
+    def check(self, name_of: Callable[[str], str] | None = None) -> None:
+        """Every setting checked before any work; ``UserInputError`` names the setting as
+        ``name_of(field)`` does (default: the worker's flag, ``--learning-rate``)."""
+        name_of = name_of or flag
         for name in ("epochs", "batch_size", "num_workers", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserInputError(f"{flag(name)} must be a positive integer, got {value!r}; "
+                raise UserInputError(f"{name_of(name)} must be a positive integer, got {value!r}; "
                                      "pass e.g. 2")
         if not self.learning_rate > 0:
-            raise UserInputError(f"--learning-rate must be positive, got {self.learning_rate!r}; "
+            raise UserInputError(f"{name_of('learning_rate')} must be positive, got {self.learning_rate!r}; "
                                  "pass e.g. 1e-3")
         if not 0 <= self.warmup_fraction < 1:
-            raise UserInputError(f"--warmup-fraction must be in [0, 1), got "
+            raise UserInputError(f"{name_of('warmup_fraction')} must be in [0, 1), got "
                                  f"{self.warmup_fraction!r}; pass e.g. 0.05")
         patience = self.early_stopping_patience
         if not isinstance(patience, int) or patience < 0:
-            raise UserInputError(f"--early-stopping-patience must be an integer >= 0 (0: off), "
+            raise UserInputError(f"{name_of('early_stopping_patience')} must be an integer >= 0 (0: off), "
                                  f"got {patience!r}")
         if not self.timeout_s > 0:
-            raise UserInputError(f"--timeout-s must be positive, got {self.timeout_s!r}; "
+            raise UserInputError(f"{name_of('timeout_s')} must be positive, got {self.timeout_s!r}; "
                                  "pass e.g. 600")
         if self.model_options is not None and not isinstance(self.model_options, dict):
-            raise UserInputError(f"--model-options {self.model_options!r} is not a JSON object; "
+            raise UserInputError(f"{name_of('model_options')} {self.model_options!r} is not a JSON object; "
                                  'pass e.g. \'{"width": 32}\'')
         if self.precision not in PRECISIONS:
-            raise UserInputError(f"--precision {self.precision!r} is unknown; pass one of "
+            raise UserInputError(f"{name_of('precision')} {self.precision!r} is unknown; pass one of "
                                  f"{', '.join(PRECISIONS)}")
 
     @classmethod
