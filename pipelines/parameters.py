@@ -19,7 +19,7 @@ from torchship.components.data.text import DEFAULT_MAX_LENGTH
 from torchship.components.deploy.stage import DEFAULT_TARGET, check_deploy_settings
 from torchship.components.errors import UserInputError
 from torchship.components.gate.checks import ACCURACY_FLOOR, MAX_ACCURACY_DROP_PT
-from torchship.components.gate.choice import OPTIMISE
+from torchship.components.gate.choice import OPTIMISE, optimise_metric
 from torchship.components.gate.regression import MAX_P99_REGRESSION_PCT
 from torchship.components.train.config import default as training_default
 from torchship.components.tune_serving.stage import INSTANCE_COUNTS, QUEUE_DELAYS_US
@@ -117,6 +117,8 @@ def check_parameters(arguments: dict[str, Any], defaults: dict[str, Any] | None 
             refusal = _options[name].refusal(values[name], f"parameter {name}={values[name]!r}")
             if refusal:
                 raise UserInputError(refusal)
+    if "optimise" in values:
+        optimise_metric(values["optimise"])
     _check_benchmark_sweep(values, refuse)
     if "deploy_target" in values or "deploy_settings" in values:
         settings = values.get("deploy_settings") or {}

@@ -100,9 +100,9 @@ def test_nothing_meets_the_constraints_says_why_for_each_variant():
 
 
 def test_bad_requests_name_the_input():
-    with pytest.raises(UserInputError, match="--optimise 'speed' is not a metric"):
+    with pytest.raises(UserInputError, match="parameter optimise='speed' is not a metric"):
         choose_variant(TABLE, optimise="speed")
-    with pytest.raises(UserInputError, match="--max-latency-ms must be >= 0"):
+    with pytest.raises(UserInputError, match="parameter max_latency_ms=-1 must be >= 0"):
         choose_variant(TABLE, max_latency_ms=-1)
     with pytest.raises(UserInputError, match="variant table is empty"):
         choose_variant([])

@@ -48,6 +48,19 @@ class NoVariantMeetsConstraints(RuntimeError):
         self.table = format_choice_table(choice)
 
 
+def optimise_metric(optimise: str, latency_batch: int = 1) -> str:
+    """The variant-table column `optimise` names (``latency`` is ``latency_b<batch>_ms``)."""
+    if optimise == "latency":
+        return f"latency_b{latency_batch}_ms"
+    metric = OPTIMISE_ALIASES.get(optimise, optimise)
+    if metric not in OPTIMISABLE and not PER_BATCH.fullmatch(str(metric)):
+        raise UserInputError(
+            f"parameter optimise={optimise!r} is not a metric of the variant table; pass "
+            "latency, size, compressed_size, accuracy, parameters or one of "
+            f"{', '.join(sorted(OPTIMISABLE))}")
+    return metric
+
+
 def choose_variant(
     rows: list[dict[str, Any]],
     max_acc_drop_pt: float | None = None,
@@ -68,21 +81,16 @@ def choose_variant(
     if not rows:
         raise UserInputError("the variant table is empty; pass the rows that export measured")
     latency_metric = f"latency_b{latency_batch}_ms"
-    metric = latency_metric if optimise == "latency" else OPTIMISE_ALIASES.get(optimise, optimise)
-    if metric not in OPTIMISABLE and not PER_BATCH.fullmatch(metric):
-        raise UserInputError(
-            f"--optimise {optimise!r} is not a metric of the variant table; pass latency, size, "
-            f"compressed_size, accuracy, parameters or one of {', '.join(sorted(OPTIMISABLE))}"
-        )
+    metric = optimise_metric(optimise, latency_batch)
     if size_metric not in SIZE_METRICS:
         raise UserInputError(
             f"size metric {size_metric!r} is unknown; pass one of {', '.join(SIZE_METRICS)}"
         )
-    for value, flag in ((max_acc_drop_pt, "--max-acc-drop-pt"),
-                        (max_latency_ms, "--max-latency-ms"),
-                        (max_size_bytes, "--max-size-bytes")):
+    for value, name in ((max_acc_drop_pt, "max_accuracy_drop_pt"),
+                        (max_latency_ms, "max_latency_ms"),
+                        (max_size_bytes, "max_size_bytes")):
         if value is not None and not value >= 0:
-            raise UserInputError(f"{flag} must be >= 0 or unset, got {value!r}")
+            raise UserInputError(f"parameter {name}={value!r} must be >= 0 or unset")
     limits = {
         "accuracy": ("acc_drop_pt", max_acc_drop_pt),
         "latency": (latency_metric, max_latency_ms),

@@ -79,6 +79,8 @@ def write_cases(tmp: Path) -> None:
     ("a list where a number goes", ["-p", "learning_rate=[1]"],
      "parameter learning_rate=[1] is not a number"),
     ("no workers", ["--workers", "0"], "--workers must be a positive integer, got 0"),
+    ("a metric the gate cannot optimise", ["-p", "optimise=speed"],
+     "parameter optimise='speed' is not a metric of the variant table"),
     ("a model module that does not import", ["--model", "no_such_module_here:make"],
      "module 'no_such_module_here' could not be imported"),
     ("a Hugging Face directory without config.json", ["--model", "hf:{tmp}/hf_empty"],
