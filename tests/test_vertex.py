@@ -67,8 +67,11 @@ def test_submit_sends_spec_parameters_root_account_network_and_labels(fake, pipe
     assert job["pipelineSpec"]["root"]["dag"]["tasks"].keys() == compiled["root"]["dag"]["tasks"].keys()
     runtime = job["runtimeConfig"]
     assert runtime["gcsOutputDirectory"] == ROOT
+    # The gate's target concurrency follows the levels given (4 is not among them).
     assert runtime["parameterValues"] == {"epochs": 20, "benchmark_concurrency": [1, 8],
-                                          "data_source": "gs://acme-data/new.csv"}
+                                          "data_source": "gs://acme-data/new.csv",
+                                          "target_concurrency": 1}
+    assert "target concurrency 1: the largest measured level up to the default 4" in output
     assert job["serviceAccount"] == SERVICE_ACCOUNT and job["network"] == NETWORK
     assert job["labels"]["team"] == "ml" and job["labels"]["trigger"] == "manual"
     # Caching off reaches every task.
