@@ -173,15 +173,14 @@ def benchmark(
     local mode does): latency percentiles, throughput, server queue/compute time. Each level
     runs `min_windows` to `max_windows` windows of `window_s` (0: `duration_s / min_windows`)
     after `warmup_s`, until they agree within `stability_pct`."""
-    import tempfile
-
     from torchship.components.benchmark.results import metrics_for_kfp, write_csv
     from torchship.components.benchmark.stage import benchmark_repository
     from torchship.components.progress import report
     from torchship.components.report.summary import build_summary, write_summary
+    from torchship.components.scratch import scratch_dir
     from torchship.components.triton.repository import build_model_repository
 
-    with tempfile.TemporaryDirectory(prefix="torchship-candidates-") as scratch:
+    with scratch_dir("candidates") as scratch:
         repository = f"{scratch}/repository"
         build_model_repository(onnx_models.path, repository, "python", warmup_path=test.path)
         measured = benchmark_repository(

@@ -3,15 +3,19 @@
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, TextIO
 
 from kfp import components, local
 
 from torchship.components.progress import PREFIX
+from torchship.components.scratch import make_scratch_dir, sweep_stale
+from torchship.components.watchdog import Watchdog
 
 # The last line of a stage's traceback when the user's input was at fault, or a check failed.
 _STAGE_ERROR = re.compile(
@@ -74,7 +78,30 @@ def run_pipeline(
     """Run the compiled pipeline under kfp.local's SubprocessRunner; return the run summary.
 
     A stage that refuses its input leaves nothing behind: the run's folder is removed (and the
-    pipeline root, when this run made it and nothing else is in it)."""
+    pipeline root, when this run made it and nothing else is in it). Nor does a run killed
+    half-way leave temporary files or servers (`scratch`, `watchdog`)."""
+    sweep_stale()  # what earlier runs killed half-way left in the temporary folder
+    watchdog = Watchdog()
+    scratch = make_scratch_dir("run")
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    # Every stage's temporary files (kfp.local's workspace and task scripts, the stages' scratch
+    # folders) go under the run's scratch folder, removed at the end or, if this process is
+    # killed, by the watchdog.
+    os.environ["TMPDIR"] = tempfile.tempdir = str(scratch)
+    try:
+        return _run(pipeline_yaml, pipeline_root, arguments, verbose)
+    finally:
+        if saved[0] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[0]
+        tempfile.tempdir = saved[1]
+        shutil.rmtree(scratch, ignore_errors=True)
+        watchdog.release()
+
+
+def _run(pipeline_yaml: str | Path, pipeline_root: str | Path, arguments: dict[str, Any],
+         verbose: bool) -> dict[str, Any]:
     pipeline = components.load_component_from_file(str(pipeline_yaml))
     root = Path(pipeline_root)
     made_root = not root.exists()

@@ -3,7 +3,6 @@ each written as `variants_dir/<name>/variant.json` plus `model.pt` or `model.onn
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from torchship.components.models import (
     load_checkpoint,
     save_checkpoint,
 )
+from torchship.components.scratch import scratch_dir
 from torchship.components.train.config import default
 
 __all__ = ["compress_model"]
@@ -79,7 +79,7 @@ def compress_model(
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
     try:
-        with staged_dir(variants_dir) as staging, tempfile.TemporaryDirectory() as work:
+        with staged_dir(variants_dir) as staging, scratch_dir("compress") as work:
             ctx = Context(fp32=fp32, contract=contract, spec=spec,
                           model_options=checkpoint.get("model_options"),
                           splits=splits, training=training, options=values,

@@ -110,6 +110,20 @@ BENIGN = ("CudaDriverHelper has not been initialized",)
 # Log lines that mean startup has failed (with --exit-on-error the server exits a bit later).
 FATAL = ("failed to load '", "error: creating server", "Poll failed for model directory",
           "failed to start ")
+# Log lines of a Python-backend stub that died while starting (the server would wait for it).
+STUB_CRASH = ("terminate called after throwing",)
+
+
+def stub_crash(text: str, width: int = 200) -> str | None:
+    """A stub's dying words in a server log, on one line (with the C++ `what()` after them)."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if any(marker in line for marker in STUB_CRASH):
+            words = [line] + [n for n in lines[i + 1:i + 2] if "what()" in n]
+            message = " ".join(" ".join(words).split())
+            return message if len(message) <= width else message[:width] + " ..."
+    return None
+
 LOG_PREFIX = re.compile(r"^[EWI]\d{4} [\d:.]+\s+\d+\s+[\w.]+:\d+\]\s*")
 
 

@@ -16,13 +16,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torchship.components.errors import ServingError, UserInputError
+from torchship.components.scratch import make_scratch_dir, record_server, safe_path, sweep_stale
 from torchship.components.triton.binary import (
     FATAL,
     TritonPaths,
@@ -37,9 +37,11 @@ from torchship.components.triton.binary import (
     port_conflict,
     port_in_use,
     prepend,
+    stub_crash,
     tail,
 )
 from torchship.components.triton.config import read_model_config
+from torchship.components.watchdog import Watchdog
 
 __all__ = ["TritonServer"]
 
@@ -63,6 +65,12 @@ class TritonServer:
     once, at start) and the model-repository API (index, load, unload) needs a key that only this
     object knows. Metrics are off. The server and every Python-backend stub it spawns run in their
     own process group, which is sent SIGTERM and, after ``stop_grace_s``, SIGKILL on exit.
+
+    However this process dies (SIGKILL included), the server does not outlive it: a watchdog
+    process (``watchdog``) stops the server's group and removes the workspace. What an earlier
+    crash left anyway (servers, scratch folders, shared memory) is removed at the next start. A
+    repository whose path Triton's stubs cannot use (a space, non-ASCII letters) is served
+    through a link with a plain path, and a stub that crashes fails the start at once.
     """
 
     def __init__(
@@ -102,6 +110,7 @@ class TritonServer:
         self.admin_header = {"torchship-admin": secrets.token_hex(16)}
         self._workspace: Path | None = None
         self._proc: subprocess.Popen | None = None
+        self._watchdog: Watchdog | None = None
         self._log_file = None
 
     # -- public API -----------------------------------------------------------------------------
@@ -175,14 +184,20 @@ class TritonServer:
             if port is not None:
                 check_port_free(self.host, int(port), what)
         paths = find_tritonserver()
-        self._workspace = Path(tempfile.mkdtemp(prefix="torchship-triton-"))
+        sweep_stale()  # servers and folders an earlier crash left
+        self._workspace = make_scratch_dir("triton")
         try:
+            self._watchdog = Watchdog(self.stop_grace_s)
+            served = self.repository
+            if not safe_path(served):
+                served = self._workspace / "repository"
+                served.symlink_to(self.repository, target_is_directory=True)
             backends = self._prepare_backends(paths)
             env = self._environment(paths)
             # Picking a free port and binding it later is racy; retry when another process won.
             for attempt in range(3):
                 started = time.monotonic()
-                self._launch(paths, backends, env, attempt)
+                self._launch(paths, served, backends, env, attempt)
                 try:
                     self._wait_ready()
                 except ServingError:
@@ -214,6 +229,9 @@ class TritonServer:
                 shutil.rmtree(self._workspace, ignore_errors=True)
             self._workspace = None
         self._proc = None
+        if self._watchdog is not None:  # stopped here: the watchdog has nothing to do
+            self._watchdog.release()
+            self._watchdog = None
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -268,7 +286,8 @@ class TritonServer:
         while self.grpc_port == self.http_port:
             self.grpc_port = free_port()
 
-    def _launch(self, paths: TritonPaths, backends: Path, env: dict[str, str], attempt: int):
+    def _launch(self, paths: TritonPaths, served: Path, backends: Path, env: dict[str, str],
+                attempt: int):
         self._pick_ports()
         if self._user_log_path is not None:
             self.log_path = self._user_log_path
@@ -279,7 +298,7 @@ class TritonServer:
         (key, value), = self.admin_header.items()
         cmd = [
             str(paths.binary),
-            f"--model-repository={self.repository}",
+            f"--model-repository={served}",
             "--model-control-mode=none",
             "--strict-readiness=true",
             "--exit-on-error=true",
@@ -315,6 +334,8 @@ class TritonServer:
             cwd=self._workspace,
             start_new_session=True,  # own process group: the stubs are stopped with it
         )
+        record_server(self._workspace, self._proc.pid)
+        self._watchdog.watch(self._proc.pid)
 
     def _failure(self, what: str) -> ServingError:
         """A ``ServingError`` whose first line says what failed and why (the server's reason)."""
@@ -342,6 +363,11 @@ class TritonServer:
                     if client.is_server_ready():
                         return
                 text = self._log_text()
+                crash = stub_crash(text)
+                if crash is not None:  # Triton would wait for the stub until its timeout
+                    raise ServingError(
+                        f"a Python-backend stub crashed while tritonserver started on "
+                        f"{self.repository}: {crash} (log: {self.log_path})")
                 if any(marker in text for marker in FATAL):
                     # exit-on-error: the server will exit after unloading; no need to wait.
                     raise self._failure(f"tritonserver failed to serve {self.repository}")

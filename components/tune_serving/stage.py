@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +44,7 @@ from torchship.components.data.splits import load_inputs
 from torchship.components.errors import UserInputError
 from torchship.components.files import write_json
 from torchship.components.gate.choice import OPTIMISE
+from torchship.components.scratch import scratch_dir
 from torchship.components.triton.repository import (
     onnx_variants,
     validate_model_repository,
@@ -136,7 +136,7 @@ def search_serving_config(
             f"{_axis(grid, 'instance_count')} x max_queue_delay_us "
             f"{_axis(grid, 'max_queue_delay_us')}) at concurrency {', '.join(map(str, levels))}, "
             f"choosing by {objective_text(record['objective'])}")
-        with tempfile.TemporaryDirectory(prefix="torchship-serving-search-") as scratch:
+        with scratch_dir("serving-search") as scratch:
             repository = Path(scratch) / "repository"
             names = _write_candidates(variant / MODEL_ONNX, repository, grid, test_path)
             measured = benchmark_repository(repository, test_path, models=names, progress=say,

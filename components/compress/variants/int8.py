@@ -4,7 +4,6 @@ ONNX Runtime, calibrated on a seeded sample of training rows."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from torchship.components.compress.registry import (
     within,
 )
 from torchship.components.compress.variants.int8_dynamic import quantize_int8_dynamic
+from torchship.components.scratch import scratch_dir
 
 CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -76,7 +76,7 @@ def quantize_int8_static(
     """
     reader = TrainingSampleReader(calibration, rows, CALIBRATION_BATCH, seed)
     extra_options = {"CalibPercentile": percentile} if method == "percentile" else {}
-    with tempfile.TemporaryDirectory() as work:
+    with scratch_dir("int8") as work:
         cache = None
         if method == "entropy":
             cache = Path(work) / "ranges.json"

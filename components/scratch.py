@@ -1,0 +1,132 @@
+"""Temporary folders that say who made them, so that what a killed process left is found and
+removed: by the Triton watchdog the moment its owner dies, or by the next start (`sweep_stale`).
+
+Each folder is ``<tmp>/torchship-<what>-XXXX`` with an owner record (``.torchship-owner``: the
+owner's pid and the kernel's start time of that process, so a reused pid is not taken for the
+owner, and the Triton server started there, if any). ``<tmp>`` is the system's temporary folder
+when its path is plain ASCII without spaces (Triton's Python backend starts its stubs through a
+shell that splits paths at spaces, and their interpreter reads paths as ASCII), else ``/tmp``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["OWNER_FILE", "PREFIX", "make_scratch_dir", "owner_alive", "process_start",
+           "record_server", "safe_path", "scratch_dir", "scratch_root", "sweep_stale"]
+
+PREFIX = "torchship-"
+OWNER_FILE = ".torchship-owner"
+SHM = Path("/dev/shm")
+_SAFE = re.compile(r"^[A-Za-z0-9_./+=@,:-]+$")
+
+
+def safe_path(path: str | os.PathLike) -> bool:
+    """Whether Triton and its stubs can use `path` as it is: ASCII, no space, no shell quoting."""
+    return bool(_SAFE.fullmatch(str(path)))
+
+
+def scratch_root() -> Path:
+    """Where scratch folders go: the temporary folder, when its path is safe for Triton."""
+    base = Path(tempfile.gettempdir())
+    return base if safe_path(base) else Path("/tmp")
+
+
+def process_start(pid: int) -> str | None:
+    """The kernel's start time of process `pid` (ticks since boot), or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":  # a zombie has ended; only its exit status is left
+        return None
+    return fields[19]
+
+
+def owner_alive(record: dict) -> bool:
+    """Whether the process a record names is still the one that wrote it."""
+    pid, start = record.get("pid"), record.get("start")
+    return isinstance(pid, int) and start is not None and process_start(pid) == start
+
+
+def _write_record(folder: Path, record: dict) -> None:
+    staged = folder / (OWNER_FILE + ".tmp")
+    staged.write_text(json.dumps(record))
+    os.replace(staged, folder / OWNER_FILE)
+
+
+def make_scratch_dir(what: str) -> Path:
+    """A new scratch folder owned by this process (the caller removes it)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{what}-", dir=scratch_root()))
+    _write_record(folder, {"pid": os.getpid(), "start": process_start(os.getpid())})
+    return folder
+
+
+@contextlib.contextmanager
+def scratch_dir(what: str) -> Iterator[Path]:
+    """A scratch folder for the block, removed afterwards (or, if this process is killed, by the
+    watchdog or the next `sweep_stale`)."""
+    folder = make_scratch_dir(what)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def record_server(folder: Path, pid: int) -> None:
+    """Note in a scratch folder's record the Triton server started there (for the sweep)."""
+    record = _read_record(folder) or {}
+    record["server"] = {"pid": pid, "start": process_start(pid)}
+    _write_record(folder, record)
+
+
+def _read_record(folder: Path) -> dict | None:
+    try:
+        record = json.loads((folder / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _stop_group(server: dict) -> None:
+    """SIGKILL a recorded server's process group (its stubs), if that server still runs."""
+    if owner_alive(server):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(server["pid"], signal.SIGKILL)
+
+
+def sweep_stale(owner_pid: int | None = None) -> list[Path]:
+    """Remove the scratch folders whose owner is dead (only those of `owner_pid` when given),
+    stopping the server each one records, and the shared-memory regions of dead owners'
+    servers; return the folders removed. A folder without a readable record is not ours to
+    judge and is left alone."""
+    removed = []
+    roots = {scratch_root(), Path(tempfile.gettempdir())}
+    for root in roots:
+        for folder in root.glob(PREFIX + "*") if root.is_dir() else ():
+            record = _read_record(folder) if folder.is_dir() else None
+            if record is None or owner_alive(record):
+                continue
+            if owner_pid is not None and record.get("pid") != owner_pid:
+                continue
+            if isinstance(record.get("server"), dict):
+                _stop_group(record["server"])
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    # Triton's Python backend names its regions with the prefix torchship<owner pid>_.
+    for region in SHM.glob("torchship*_*") if SHM.is_dir() else ():
+        match = re.match(r"torchship(\d+)_", region.name)
+        if match and process_start(int(match.group(1))) is None and (
+                owner_pid is None or int(match.group(1)) == owner_pid):
+            with contextlib.suppress(OSError):
+                region.unlink()
+    return removed
