@@ -226,9 +226,7 @@ def local_directory(uri: str | os.PathLike) -> Iterator[Path]:
     import fsspec
 
     fs, remote = fsspec.core.url_to_fs(text)
-    from torchship.components.scratch import scratch_dir
-
-    with scratch_dir("directory") as work:
+    with tempfile.TemporaryDirectory(prefix="torchship-directory-") as work:
         local = Path(work) / Path(remote.rstrip("/")).name
         fs.get(remote.rstrip("/") + "/", str(local), recursive=True)
         yield local

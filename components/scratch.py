@@ -20,7 +20,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["OWNER_FILE", "PREFIX", "make_scratch_dir", "owner_alive", "process_start",
+from torchship.components.files import write_json
+
+__all__ = ["OWNER_FILE", "PREFIX", "group_alive", "killpg", "make_scratch_dir", "owner_alive",
+           "process_start",
            "record_server", "safe_path", "scratch_dir", "scratch_root", "sweep_stale"]
 
 PREFIX = "torchship-"
@@ -52,6 +55,20 @@ def process_start(pid: int) -> str | None:
     return fields[19]
 
 
+def killpg(pgid: int, sig: int) -> None:
+    """Signal a process group that may be gone already."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 def owner_alive(record: dict) -> bool:
     """Whether the process a record names is still the one that wrote it."""
     pid, start = record.get("pid"), record.get("start")
@@ -59,9 +76,7 @@ def owner_alive(record: dict) -> bool:
 
 
 def _write_record(folder: Path, record: dict) -> None:
-    staged = folder / (OWNER_FILE + ".tmp")
-    staged.write_text(json.dumps(record))
-    os.replace(staged, folder / OWNER_FILE)
+    write_json(record, folder / OWNER_FILE)
 
 
 def make_scratch_dir(what: str) -> Path:
@@ -100,8 +115,7 @@ def _read_record(folder: Path) -> dict | None:
 def _stop_group(server: dict) -> None:
     """SIGKILL a recorded server's process group (its stubs), if that server still runs."""
     if owner_alive(server):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(server["pid"], signal.SIGKILL)
+        killpg(server["pid"], signal.SIGKILL)
 
 
 def sweep_stale(owner_pid: int | None = None) -> list[Path]:

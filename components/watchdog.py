@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from torchship.components.scratch import process_start, sweep_stale
+from torchship.components.scratch import group_alive, killpg, process_start, sweep_stale
 
 
 class Watchdog:
@@ -57,27 +57,17 @@ class Watchdog:
             self._process.kill()
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
 def _stop(server: tuple[int, str | None], grace_s: float) -> None:
     pid, start = server
     if start is None or process_start(pid) != start:
         return  # gone already, or the pid is another process's now
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
+    killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while process_start(pid) == start and time.monotonic() < deadline:
         time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+    killpg(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5.0
-    while _group_alive(pid) and time.monotonic() < deadline:
+    while group_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

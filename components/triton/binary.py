@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import socket
 import sysconfig
 from pathlib import Path
@@ -146,6 +147,23 @@ def error_summary(text: str, width: int = 300) -> str | None:
     chosen = next((e for m in markers for e in errors if m in e), errors[0])
     message = " ".join(LOG_PREFIX.sub("", chosen).strip().strip('"').split())
     return message if len(message) <= width else message[:width] + " ..."
+
+
+def exit_summary(code: int, text: str) -> str:
+    """How a server that exited with `code` ended, on one line, with its log's error or last
+    line."""
+    if code < 0:
+        try:
+            how = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+    else:
+        how = f"exit status {code}"
+    error = error_summary(text, width=120)
+    if error:
+        return f"{how}; its log says: {error}"
+    last = last_line(text)
+    return f"{how}; last log line: {last}" if last else how
 
 
 def last_line(text: str, width: int = 120) -> str | None:

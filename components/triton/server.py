@@ -22,16 +22,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torchship.components.errors import ServingError, UserInputError
-from torchship.components.scratch import make_scratch_dir, record_server, safe_path, sweep_stale
+from torchship.components.scratch import (
+    group_alive,
+    killpg,
+    make_scratch_dir,
+    record_server,
+    safe_path,
+    sweep_stale,
+)
 from torchship.components.triton.binary import (
     FATAL,
     TritonPaths,
     check_port_free,
     connect_host,
     error_summary,
+    exit_summary,
     find_tritonserver,
     free_port,
-    last_line,
     libpython_dir,
     log_errors,
     port_conflict,
@@ -139,20 +146,8 @@ class TritonServer:
         """How the server exited, on one line: its status and its log's error or last line."""
         code = self.returncode()
         if code is None:
-            how = "still running" if self._proc is not None else "never started"
-        elif code < 0:
-            try:
-                how = f"killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"killed by signal {-code}"
-        else:
-            how = f"exit status {code}"
-        text = self._log_text()
-        error = error_summary(text, width=120)
-        if error:
-            return f"{how}; its log says: {error}"
-        last = last_line(text)
-        return f"{how}; last log line: {last}" if last else how
+            return "still running" if self._proc is not None else "never started"
+        return exit_summary(code, self._log_text())
 
     def log_tail(self, lines: int = 40) -> str:
         """The error lines of the server log or, when it has none, its last ``lines`` lines."""
@@ -385,33 +380,18 @@ class TritonServer:
         if proc is not None:
             pgid = proc.pid  # start_new_session: the server leads its own group
             if proc.poll() is None:
-                _killpg(pgid, signal.SIGTERM)
+                killpg(pgid, signal.SIGTERM)
                 try:
                     proc.wait(timeout=self.stop_grace_s)
                 except subprocess.TimeoutExpired:
-                    _killpg(pgid, signal.SIGKILL)
+                    killpg(pgid, signal.SIGKILL)
                     proc.wait(timeout=10)
             # Stray stubs (their server is gone) would otherwise linger: kill what is left and
             # wait (briefly) until init has reaped them, so the group is really gone.
-            _killpg(pgid, signal.SIGKILL)
+            killpg(pgid, signal.SIGKILL)
             deadline = time.monotonic() + 5.0
-            while _group_alive(pgid) and time.monotonic() < deadline:
+            while group_alive(pgid) and time.monotonic() < deadline:
                 time.sleep(0.05)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True

@@ -159,8 +159,10 @@ def watchdogs() -> set[int]:
 
 def test_sigkill_of_the_run_during_the_benchmark_leaves_nothing_and_the_next_run_deploys(
         pipeline_yaml, tmp_path):
+    """The runs write under paths with a space and non-ASCII letters, which every stage and the
+    deploy's staging server take."""
     env = private_tmp(tmp_path)
-    served, root = tmp_path / "served", tmp_path / "runs"
+    served, root = tmp_path / "served models ü", tmp_path / "my runs é"
     run = [*TORCHSHIP, "run", str(pipeline_yaml), "--pipeline-root", str(root),
            "--local-repository", str(served), *QUICK]
     first = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600, check=False)
