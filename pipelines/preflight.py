@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torchship.components.errors import UserInputError, one_line
 from torchship.pipelines.parameters import (
@@ -28,6 +28,9 @@ from torchship.pipelines.parameters import (
     check_parameters,
     pipeline_parameters,
 )
+
+if TYPE_CHECKING:
+    from torchship.components.data.preview import Preview
 
 __all__ = ["preflight_cloud", "preflight_run"]
 
@@ -61,8 +64,13 @@ def preflight_run(pipeline_yaml: str, pipeline_root: str, arguments: dict[str, A
     _check_record(values.get("previous_results_uri"),
                   flags.get("previous_results_uri", "previous_results_uri"), _is_results,
                   "benchmark results (with 'results')", "the results.json a previous run wrote")
-    _check_model(values)
-    _check_data(values, flags)
+    from torchship.components.data.preview import preview_source
+
+    preview = preview_source(str(values.get("data_source", "")),
+                             str(values.get("label_column", "")),
+                             str(values.get("text_column", "")))
+    _check_model(values, preview)
+    _check_data(values, preview, flags)
     return notes
 
 
@@ -198,19 +206,20 @@ def _check_record(uri: str | None, option: str, is_kind: Callable[[Any], bool], 
         raise UserInputError(f"{option} '{uri}' is not {kind}; pass {fix}")
 
 
-def _check_model(values: dict[str, Any]) -> None:
-    from torchship.components.models import check_model_spec
+def _check_model(values: dict[str, Any], preview: Preview | None) -> None:
+    """The model spec; for a table, the model itself, built and called once as training would."""
+    from torchship.components.models import build_model, check_model_output, check_model_spec
 
-    check_model_spec(values.get("model_name", "mlp"), values.get("model_options") or None)
+    name, options = values.get("model_name", "mlp"), values.get("model_options") or None
+    check_model_spec(name, options)
+    if preview is not None and preview.n_features is not None and not name.startswith("hf:"):
+        model = build_model(name, preview.n_features, preview.n_classes, options)
+        check_model_output(model, preview.n_features, preview.n_classes, name=name)
 
 
-def _check_data(values: dict[str, Any], flags: dict[str, str]) -> None:
-    """Data sanity on a sample; its classes and features against the repository it goes to."""
-    from torchship.components.data.preview import preview_source
-
-    preview = preview_source(str(values.get("data_source", "")),
-                             str(values.get("label_column", "")),
-                             str(values.get("text_column", "")))
+def _check_data(values: dict[str, Any], preview: Preview | None, flags: dict[str, str]) -> None:
+    """The data's classes and features against the repository it goes to (data sanity on a
+    sample ran in `preview_source`)."""
     repository = values.get("local_repository")
     if preview is None or not repository or values.get("deploy_target", "local") != "local":
         return

@@ -207,7 +207,10 @@ def assert_refused_in_one_line(pipeline_yaml: Path, tmp_path: Path, case: str, a
     error_lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1, done.stderr
     assert expected in error_lines[0], error_lines[0]
-    assert not [p for p in root.rglob("model") if p.is_file()]
+    # Refused before training: by the preflight (no stage) or by prepare-data.
+    started = re.findall(r"Executing task '([\w-]+)'", done.stdout)
+    assert started in ([], ["prepare-data"]), (case, started)
+    assert not root.exists(), (case, list(root.rglob("*")))  # no run folder left either
 
 
 def write_table(path: Path, frame: pd.DataFrame) -> Path:

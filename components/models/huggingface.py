@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +16,8 @@ from torchship.components.contracts import HF_PREFIX, TensorContract
 from torchship.components.errors import UserInputError, one_line
 from torchship.components.files import local_directory
 
-__all__ = ["HF_PREFIX", "HuggingFaceClassifier", "build_huggingface", "check_vocabulary",
+__all__ = ["HF_PREFIX", "HuggingFaceClassifier", "build_huggingface", "check_directory",
+           "check_vocabulary",
            "encoder_layers"]
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -50,6 +52,22 @@ class HuggingFaceClassifier(nn.Module):
         return self.model(**dict(zip(self.input_names, inputs))).logits
 
 
+def check_directory(name: str, uri: str, directory: Path) -> None:
+    """A model directory as save_pretrained writes one: its config and its weights."""
+    if not directory.is_dir():
+        raise UserInputError(
+            f"model {name!r}: '{uri}' is not a directory; pass the directory a model was "
+            "saved to with save_pretrained")
+    if not (directory / "config.json").is_file():
+        raise UserInputError(
+            f"model {name!r}: '{uri}' has no config.json; pass a directory written by "
+            "save_pretrained")
+    if not any((directory / file).is_file() for file in WEIGHT_FILES):
+        raise UserInputError(
+            f"model {name!r}: '{uri}' has no weights ({' or '.join(WEIGHT_FILES[::2])}); "
+            "save the model with save_pretrained, or pass the directory that has them")
+
+
 def build_huggingface(name: str, contract: TensorContract,
                       options: dict[str, Any]) -> HuggingFaceClassifier:
     """`hf:PATH` for `contract`, with `n_classes` outputs (a head of another size is made anew)
@@ -68,14 +86,7 @@ def build_huggingface(name: str, contract: TensorContract,
     from transformers import AutoModelForSequenceClassification
 
     with local_directory(uri) as directory:
-        if not directory.is_dir():
-            raise UserInputError(
-                f"model {name!r}: '{uri}' is not a directory; pass the directory a model was "
-                "saved to with save_pretrained")
-        if not any((directory / file).is_file() for file in WEIGHT_FILES):
-            raise UserInputError(
-                f"model {name!r}: '{uri}' has no weights ({' or '.join(WEIGHT_FILES[::2])}); "
-                "save the model with save_pretrained, or pass the directory that has them")
+        check_directory(name, uri, directory)
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(directory), num_labels=contract.n_classes, ignore_mismatched_sizes=True,

@@ -16,7 +16,11 @@ from torch import nn
 from torchship.components.contracts import TensorContract, TensorSpec
 from torchship.components.errors import UserInputError, one_line
 from torchship.components.models.builtin import CNN, MLP, ResNet, image_shape
-from torchship.components.models.huggingface import HF_PREFIX, build_huggingface
+from torchship.components.models.huggingface import (
+    HF_PREFIX,
+    build_huggingface,
+    check_directory,
+)
 
 __all__ = ["BUILTIN_MODELS", "as_contract", "build_model", "check_model_output",
            "count_parameters", "example_inputs", "shape_text"]
@@ -166,10 +170,8 @@ def check_model_spec(name: str, options: dict[str, Any] | None = None) -> None:
                 f"{', '.join(unknown)}); pass only {', '.join(accepted)}")
     elif isinstance(name, str) and name.startswith(HF_PREFIX):
         directory = name[len(HF_PREFIX):]
-        if "://" not in directory and not (Path(directory) / "config.json").is_file():
-            raise UserInputError(
-                f"model {name!r}: {directory} has no config.json; pass a directory written by "
-                "save_pretrained")
+        if "://" not in directory:  # a remote one is read by the stages that use it
+            check_directory(name, directory, Path(directory))
     elif isinstance(name, str) and ":" in name:
         _factory(name)
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -395,6 +396,8 @@ def test_cli_bad_inputs_print_one_error_line_and_exit_2(pipeline_yaml, tmp_path)
         lines = error_lines(done.stderr)
         assert len(lines) == 1 and expected in lines[0], (args, done.stderr[-2000:])
         assert "Traceback" not in done.stderr
+        started = re.findall(r"Executing task '([\w-]+)'", done.stdout)
+        assert started in ([], ["prepare-data"]), (args, started)  # before training
         # Nothing was written: no run folder, no model, no repository.
         assert not root.exists(), list(root.rglob("*"))
 

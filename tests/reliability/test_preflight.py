@@ -5,6 +5,7 @@ with exit status 2 and one `error:` line, and leave nothing on disk."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def write_cases(tmp: Path) -> None:
     ("a model module that does not import", ["--model", "no_such_module_here:make"],
      "module 'no_such_module_here' could not be imported"),
     ("a Hugging Face directory without config.json", ["--model", "hf:{tmp}/hf_empty"],
-     "hf_empty has no config.json"),
+     "hf_empty' has no config.json; pass a directory written by save_pretrained"),
     ("a semicolon-separated CSV", ["--data-source", "{tmp}/semicolon.csv"],
      "looks semicolon-separated (its header 'a;b;c;d;label' reads as one column)"),
     ("the label header twice", ["--data-source", "{tmp}/dup.csv"],
@@ -209,3 +210,23 @@ def test_bench_with_a_csv_as_test_data_is_one_line(local_repo, tmp_path):
     line, _ = refused(local_repo, tmp_path, "--test-data", str(tmp_path / "rows.csv"),
                       command="bench")
     assert f"'{tmp_path}/rows.csv' is not a split written by prepare_data" in line, line
+
+
+def test_a_model_factory_that_cannot_learn_the_table_is_refused_before_any_stage(
+        pipeline_yaml, tmp_path):
+    """Built and called once on the table's shape, as training would, in the first seconds."""
+    (tmp_path / "preflight_models.py").write_text(
+        "import torch\n\n"
+        "def too_wide(n_features, n_classes):\n"
+        "    return torch.nn.Linear(n_features, n_classes + 2)\n\n"
+        "def not_a_model(n_features, n_classes):\n"
+        "    return 42\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    for factory, expected in (("too_wide", "expected logits [3, 10]"),
+                              ("not_a_model", "returned a int, not a torch.nn.Module")):
+        done = torchship("run", str(pipeline_yaml), "--pipeline-root", str(tmp_path / "runs"),
+                         "--model", f"preflight_models:{factory}", env=env, timeout=120)
+        assert done.returncode == 2, done.stderr[-2000:]
+        [line] = error_lines(done.stderr)
+        assert expected in line and "Executing task" not in done.stdout, line
+        assert not (tmp_path / "runs").exists()
