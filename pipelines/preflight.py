@@ -57,7 +57,8 @@ def preflight_run(pipeline_yaml: str, pipeline_root: str, arguments: dict[str, A
     values, notes = _checked_values(arguments, definitions, flags)
     _check_folder(pipeline_root, "--pipeline-root")
     if values.get("local_repository"):
-        _check_folder(values["local_repository"], flags.get("local_repository", "-p local_repository"))
+        _check_folder(values["local_repository"],
+                      flags.get("local_repository", "-p local_repository"))
     _check_record(values.get("baseline_uri"), flags.get("baseline_uri", "baseline_uri"),
                   _is_gate_record, "a gate record (with 'variants')",
                   "the gate.json of the run whose model serves now")
@@ -151,7 +152,8 @@ def _follow_levels(arguments: dict[str, Any], defaults: dict[str, Any]) -> list[
     below = [level for level in levels if level <= default]
     target = max(below) if below else min(levels)
     arguments["target_concurrency"] = target
-    return [f"target concurrency {target}: the {'largest measured level up to' if below else 'smallest measured level above'} the default {default}"]
+    which = "largest measured level up to" if below else "smallest measured level above"
+    return [f"target concurrency {target}: the {which} the default {default}"]
 
 
 def _check_training(values: dict[str, Any], flags: dict[str, str]) -> None:
@@ -227,15 +229,15 @@ def _check_data(values: dict[str, Any], preview: Preview | None, flags: dict[str
 
     for config_path in sorted(Path(repository).glob("*/config.pbtxt")):
         config = describe_config(read_model_config(config_path))
-        outputs, inputs = config["outputs"], config["inputs"]
+        outputs, inputs, model = config["outputs"], config["inputs"], config["name"]
         served = outputs[0]["dims"][-1] if outputs and outputs[0]["dims"] else None
+        takes = inputs[0]["dims"] if len(inputs) == 1 else []
         problem = None
         if served not in (None, -1) and served != preview.n_classes:
-            problem = f"{preview.n_classes} classes, but model '{config['name']}' there answers {served}"
-        elif (preview.n_features is not None and len(inputs) == 1
-              and len(inputs[0]["dims"]) == 1 and inputs[0]["dims"][0] not in (-1, preview.n_features)):
-            problem = (f"{preview.n_features} features, but model '{config['name']}' there takes "
-                       f"{inputs[0]['dims'][0]}")
+            problem = f"{preview.n_classes} classes, but model '{model}' there answers {served}"
+        elif (preview.n_features is not None and len(takes) == 1
+              and takes[0] not in (-1, preview.n_features)):
+            problem = f"{preview.n_features} features, but model '{model}' there takes {takes[0]}"
         if problem:
             option = flags.get("local_repository", "-p local_repository")
             raise UserInputError(

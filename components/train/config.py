@@ -52,24 +52,24 @@ class TrainConfig:
                 raise UserInputError(f"{name_of(name)} must be a positive integer, got {value!r}; "
                                      "pass e.g. 2")
         if not self.learning_rate > 0:
-            raise UserInputError(f"{name_of('learning_rate')} must be positive, got {self.learning_rate!r}; "
-                                 "pass e.g. 1e-3")
+            raise UserInputError(f"{name_of('learning_rate')} must be positive, got "
+                                 f"{self.learning_rate!r}; pass e.g. 1e-3")
         if not 0 <= self.warmup_fraction < 1:
             raise UserInputError(f"{name_of('warmup_fraction')} must be in [0, 1), got "
                                  f"{self.warmup_fraction!r}; pass e.g. 0.05")
         patience = self.early_stopping_patience
         if not isinstance(patience, int) or patience < 0:
-            raise UserInputError(f"{name_of('early_stopping_patience')} must be an integer >= 0 (0: off), "
-                                 f"got {patience!r}")
+            raise UserInputError(f"{name_of('early_stopping_patience')} must be an integer >= 0 "
+                                 f"(0: off), got {patience!r}")
         if not self.timeout_s > 0:
-            raise UserInputError(f"{name_of('timeout_s')} must be positive, got {self.timeout_s!r}; "
-                                 "pass e.g. 600")
+            raise UserInputError(f"{name_of('timeout_s')} must be positive, got "
+                                 f"{self.timeout_s!r}; pass e.g. 600")
         if self.model_options is not None and not isinstance(self.model_options, dict):
-            raise UserInputError(f"{name_of('model_options')} {self.model_options!r} is not a JSON object; "
-                                 'pass e.g. \'{"width": 32}\'')
+            raise UserInputError(f"{name_of('model_options')} {self.model_options!r} is not a "
+                                 'JSON object; pass e.g. \'{"width": 32}\'')
         if self.precision not in PRECISIONS:
-            raise UserInputError(f"{name_of('precision')} {self.precision!r} is unknown; pass one of "
-                                 f"{', '.join(PRECISIONS)}")
+            raise UserInputError(f"{name_of('precision')} {self.precision!r} is unknown; pass one "
+                                 f"of {', '.join(PRECISIONS)}")
 
     @classmethod
     def of(cls, train_path: str, val_path: str, model_path: str,
