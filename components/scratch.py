@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,28 +113,66 @@ def _read_record(folder: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _stop_group(server: dict) -> None:
-    """SIGKILL a recorded server's process group (its stubs), if that server still runs."""
-    if owner_alive(server):
-        killpg(server["pid"], signal.SIGKILL)
+def _ours(folder: Path) -> bool:
+    """Whether `folder` is a folder (not a link to one) of this user: the only kind swept."""
+    try:
+        info = folder.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+
+
+def _serves_from(pid: int, folder: Path) -> bool:
+    """Whether process `pid` is a tritonserver leading its process group, started in `folder`
+    (its backends are there), as `TritonServer` starts one."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        stat_text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    leader = stat_text[stat_text.rindex(")") + 2:].split()[2] == str(pid)
+    return leader and words[0].endswith("/tritonserver") and any(
+        w.startswith(f"--backend-directory={folder}/") for w in words)
+
+
+def _stale_servers(folder: Path) -> list[int] | None:
+    """The servers still running that `folder`'s records (its own and those of the scratch
+    folders inside it) name; None when a folder inside has an owner still alive."""
+    servers = []
+    for record_file in [folder / OWNER_FILE, *folder.glob(f"**/{PREFIX}*/{OWNER_FILE}")]:
+        record = _read_record(record_file.parent)
+        if record is None:
+            continue
+        if record_file.parent != folder and owner_alive(record):
+            return None
+        server = record.get("server")
+        if isinstance(server, dict) and owner_alive(server) and _serves_from(
+                server["pid"], record_file.parent):
+            servers.append(server["pid"])
+    return servers
 
 
 def sweep_stale(owner_pid: int | None = None) -> list[Path]:
     """Remove the scratch folders whose owner is dead (only those of `owner_pid` when given),
-    stopping the server each one records, and the shared-memory regions of dead owners'
-    servers; return the folders removed. A folder without a readable record is not ours to
-    judge and is left alone."""
+    stopping the server each one (or a scratch folder inside it) records, and the
+    shared-memory regions of dead owners' servers; return the folders removed. Left alone: a
+    folder without a readable record, a link, another user's folder (not ours to judge), one
+    with a folder inside whose owner is alive; and a recorded server is stopped only while its
+    pid is still that tritonserver (same start time, its backends in that folder)."""
     removed = []
     roots = {scratch_root(), Path(tempfile.gettempdir())}
     for root in roots:
         for folder in root.glob(PREFIX + "*") if root.is_dir() else ():
-            record = _read_record(folder) if folder.is_dir() else None
+            record = _read_record(folder) if _ours(folder) else None
             if record is None or owner_alive(record):
                 continue
             if owner_pid is not None and record.get("pid") != owner_pid:
                 continue
-            if isinstance(record.get("server"), dict):
-                _stop_group(record["server"])
+            servers = _stale_servers(folder)
+            if servers is None:  # a process still works in there: the next sweep will do
+                continue
+            for server in servers:  # the server and its stubs: its process group
+                killpg(server, signal.SIGKILL)
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     # Triton's Python backend names its regions with the prefix torchship<owner pid>_.
