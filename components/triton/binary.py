@@ -22,6 +22,7 @@ import re
 import signal
 import socket
 import sysconfig
+import time
 from pathlib import Path
 
 from torchship.components.errors import UserInputError
@@ -125,6 +126,87 @@ def stub_crash(text: str, width: int = 200) -> str | None:
             return message if len(message) <= width else message[:width] + " ..."
     return None
 
+
+class StubWatch:
+    """The Python-backend stubs of a starting ``tritonserver``, read from /proc.
+
+    A stub that dies before it answers (``os._exit`` or a segfault while its model.py is
+    imported) prints nothing, and Triton waits for it without end; all that shows is the stub, a
+    child of the server, left a zombie (Triton reaps the stubs it stops at once). `dead` says
+    which one, and how it ended, once it has stayed so for a moment."""
+
+    def __init__(self, server_pid: int, settle_s: float = 1.0) -> None:
+        self.server_pid = server_pid
+        self.settle_s = settle_s
+        self._names: dict[int, str] = {}  # a live stub's model instance, from its command line
+        self._dead_since: dict[int, float] = {}
+
+    def dead(self, log: str = "") -> str | None:
+        """"the stub of model 'fp32' exited with status 7" for a stub dead a while, else None
+        (the models still loading, from the server's `log`, when the stub's name was missed)."""
+        now = time.monotonic()
+        for pid, state, comm, status in _children(self.server_pid):
+            if not comm.startswith("triton_python_b"):
+                continue
+            if state != "Z":
+                self._names[pid] = self._names.get(pid) or _stub_name(pid)
+                continue
+            since = self._dead_since.setdefault(pid, now)
+            # A stub Triton stopped itself exits 0 and is reaped at once; allow it longer.
+            if now - since >= (self.settle_s if status else 5 * self.settle_s):
+                name = self._names.get(pid)
+                loading = ", ".join(f"'{m}'" for m in _loading(log))
+                whose = (f"the stub of model '{name}'" if name else
+                         f"a stub (pid {pid}) of model {loading}" if loading else
+                         f"a stub (pid {pid})")
+                return f"{whose} {_how(status)}"
+        return None
+
+
+def _children(pid: int) -> list[tuple[int, str, str, int]]:
+    """(pid, state, command name, exit status) of each child process of `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is the stat's third field
+            if int(fields[1]) == pid:
+                status = int(fields[49]) if len(fields) > 49 else 0  # the 52nd: exit_code
+                found.append((int(entry), fields[0], stat[stat.index("(") + 1:stat.rindex(")")],
+                              status))
+    return found
+
+
+def _loading(log: str) -> list[str]:
+    """The models a server log shows loading, neither loaded nor failed yet."""
+    names = dict.fromkeys(re.findall(r"loading: ([^:\s\"]+):\d+", log))
+    done = set(re.findall(r"(?:successfully loaded|failed to load) '([^']+)'", log))
+    return [name for name in names if name not in done]
+
+
+def _stub_name(pid: int) -> str | None:
+    """The model (instance) a stub serves: the last but one word of its command line (the
+    same in the ``bash -c "exec <stub> ..."`` that turns into it)."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    words = words.replace("\0", " ").split()
+    return words[-2] if len(words) >= 3 else None
+
+
+def _how(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        try:
+            return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        except ValueError:
+            return f"was killed by signal {os.WTERMSIG(status)}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
 LOG_PREFIX = re.compile(r"^[EWI]\d{4} [\d:.]+\s+\d+\s+[\w.]+:\d+\]\s*")
 
 
@@ -145,6 +227,8 @@ def error_summary(text: str, width: int = 300) -> str | None:
         return None
     markers = ("failed to start ", "Poll failed", "failed to load '")
     chosen = next((e for m in markers for e in errors if m in e), errors[0])
+    # Triton quotes a Python error with its traceback, newlines escaped: keep the error itself.
+    chosen = chosen.split("\\n", 1)[0]
     message = " ".join(LOG_PREFIX.sub("", chosen).strip().strip('"').split())
     return message if len(message) <= width else message[:width] + " ..."
 

@@ -32,6 +32,7 @@ from torchship.components.scratch import (
 )
 from torchship.components.triton.binary import (
     FATAL,
+    StubWatch,
     TritonPaths,
     check_port_free,
     connect_host,
@@ -343,6 +344,7 @@ class TritonServer:
         import tritonclient.http as httpclient
 
         deadline = time.monotonic() + self.startup_timeout_s
+        stubs = StubWatch(self._proc.pid)
         client = httpclient.InferenceServerClient(
             self.http_url, connection_timeout=2.0, network_timeout=2.0
         )
@@ -358,11 +360,11 @@ class TritonServer:
                     if client.is_server_ready():
                         return
                 text = self._log_text()
-                crash = stub_crash(text)
-                if crash is not None:  # Triton would wait for the stub until its timeout
+                crash = [how for how in (stubs.dead(text), stub_crash(text)) if how]
+                if crash:  # Triton would wait for the stub without end
                     raise ServingError(
                         f"a Python-backend stub crashed while tritonserver started on "
-                        f"{self.repository}: {crash} (log: {self.log_path})")
+                        f"{self.repository}: {'; '.join(crash)} (log: {self.log_path})")
                 if any(marker in text for marker in FATAL):
                     # exit-on-error: the server will exit after unloading; no need to wait.
                     raise self._failure(f"tritonserver failed to serve {self.repository}")
