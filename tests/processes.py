@@ -53,6 +53,23 @@ def triton_processes(marker: str) -> list[tuple[int, str]]:
     ]
 
 
+def watchdogs(tmp: Path) -> list[int]:
+    """Live watchdog processes (``components/watchdog.py``) started with TMPDIR at or under
+    ``tmp``: those of the processes a test ran with that TMPDIR, not another test's."""
+    found = []
+    for pid, _, state, cmd in process_table():
+        if state == "Z" or "torchship.components.watchdog" not in cmd:
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        tmpdir = next((e[7:].decode() for e in environ if e.startswith(b"TMPDIR=")), "")
+        if tmpdir == str(tmp) or tmpdir.startswith(f"{tmp}/"):
+            found.append(pid)
+    return found
+
+
 def wait_gone(marker: str, timeout: float = 10.0) -> list[tuple[int, str]]:
     """The processes ``triton_processes(marker)`` still finds after waiting up to ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -80,3 +97,15 @@ def one_process_job():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def private_tmp(tmp_path: Path) -> dict:
+    """An environment whose TMPDIR is ``tmp_path/tmp`` (made here): what the processes started
+    with it leave there is theirs alone."""
+    (tmp_path / "tmp").mkdir()
+    return {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+
+
+def scratch_left(tmp: Path) -> list[str]:
+    """The torchship scratch folders in ``tmp``."""
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith("torchship-"))

@@ -1,7 +1,9 @@
-"""Faults: the server killed mid-benchmark, an export killed mid-write, two deploys at once."""
+"""Faults: the server killed mid-benchmark, the whole run killed mid-benchmark, an export killed
+mid-write, two deploys at once."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,12 +18,20 @@ from pathlib import Path
 import onnx
 import pytest
 from artifacts import N_CLASSES, N_FEATURES, write_onnx_dir
-from processes import triton_processes, wait_gone
+from processes import (
+    TORCHSHIP,
+    private_tmp,
+    scratch_left,
+    triton_processes,
+    wait_gone,
+    watchdogs,
+)
 
 from torchship.components.benchmark.stage import benchmark_repository
 from torchship.components.errors import ServingError
 from torchship.components.export.stage import export_variants
 from torchship.components.models import build_model, save_checkpoint
+from torchship.components.scratch import PREFIX
 from torchship.components.triton.config import read_model_config
 
 
@@ -56,6 +66,72 @@ def test_tritonserver_killed_during_benchmark_is_a_serving_error_and_leaves_noth
     assert elapsed < 5 + 10, (elapsed, message)  # within the request timeout (and the stop grace)
     assert wait_gone(marker, 10) == [], "stray tritonserver / stub processes"
     assert time.monotonic() - started < 90
+
+
+# -- the whole `torchship run` killed during its benchmark ---------------------------------------
+
+QUICK = ["--epochs", "1", "--finetune-epochs", "1", "--variants", "fp32", "--concurrency", "1",
+         "--bench-duration", "4", "-p", "serving_instance_counts=[]",
+         "-p", "serving_queue_delays_us=[]"]
+
+
+def digest(repository: Path) -> dict[str, str]:
+    return {str(p.relative_to(repository)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(repository.rglob("*")) if p.is_file()}
+
+
+def test_sigkill_of_the_run_during_the_benchmark_leaves_nothing_and_the_next_run_deploys(
+        pipeline_yaml, tmp_path):
+    """SIGKILL to the run's whole process group (as a shell's job control or a CI runner sends
+    it) while the benchmark measures: 10 s later no tritonserver, stub, watchdog or scratch
+    folder is left, the served versions are byte-identical, and the next run deploys. The runs
+    write under paths with a space and non-ASCII letters, which every stage and the deploy's
+    staging server take."""
+    env = private_tmp(tmp_path)
+    tmp = tmp_path / "tmp"
+    served, root = tmp_path / "served models ü", tmp_path / "my runs é"
+    run = [*TORCHSHIP, "run", str(pipeline_yaml), "--pipeline-root", str(root),
+           "--local-repository", str(served), *QUICK]
+    first = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    before = digest(served)
+    assert any(path.startswith("fp32/1/") for path in before), sorted(before)
+    temporary = sorted(p.name for p in tmp.iterdir())
+    # A run that ends leaves no temporary file either: kfp.local's workspace and task scripts
+    # went under the run's own scratch folder.
+    assert not [name for name in temporary if name.startswith(("tmp", "kfp-", PREFIX))], temporary
+
+    log_path = tmp_path / "killed.log"
+    with log_path.open("w") as log:
+        killed = subprocess.Popen(run, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)  # a group of its own, as a job
+        deadline = time.monotonic() + 400
+        while killed.poll() is None and not [  # the benchmark's server, on its candidates
+                cmd for _, cmd in triton_processes(str(tmp)) if f"{PREFIX}candidates-" in cmd]:
+            assert time.monotonic() < deadline, "the benchmark's server never started"
+            time.sleep(0.2)
+        assert killed.poll() is None, log_path.read_text()[-3000:]
+        time.sleep(1)  # measuring now
+        assert "Executing task 'benchmark'" in log_path.read_text()
+        assert watchdogs(tmp), "the run and its server are expected to have watchdogs"
+        os.killpg(killed.pid, signal.SIGKILL)
+        assert killed.wait() == -signal.SIGKILL
+    time.sleep(10)
+    assert triton_processes(str(tmp_path)) == [], "a tritonserver or stub was left"
+    assert watchdogs(tmp) == [], "a watchdog was left"
+    assert scratch_left(tmp) == [], "a temporary folder was left"
+    assert sorted(p.name for p in tmp.iterdir()) == temporary
+    assert digest(served) == before
+
+    third = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "deployed: fp32 as version 2 of" in third.stdout, third.stdout[-3000:]
+    after = digest(served)
+    assert {p: sha for p, sha in after.items() if p.startswith("fp32/1/")} == {
+        p: sha for p, sha in before.items() if p.startswith("fp32/1/")}
+    assert any(path.startswith("fp32/2/") for path in after)
+    assert triton_processes(str(tmp_path)) == [] and watchdogs(tmp) == []
+    assert scratch_left(tmp) == []
 
 
 EXPORT = textwrap.dedent("""

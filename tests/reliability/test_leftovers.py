@@ -4,7 +4,7 @@ the start at once; a repository on a path with a space or non-ASCII letters is s
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import shutil
 import signal
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from processes import TORCHSHIP, process_table, triton_processes, wait_gone
+from processes import TORCHSHIP, private_tmp, scratch_left, triton_processes, wait_gone
 
 from torchship.components.errors import ServingError
-from torchship.components.scratch import PREFIX, process_start
+from torchship.components.scratch import OWNER_FILE, PREFIX, process_start, sweep_stale
 from torchship.components.triton.server import TritonServer
 
 OWNER = textwrap.dedent("""
@@ -37,15 +37,6 @@ def start_owner(repository: Path, env: dict) -> tuple[subprocess.Popen, int, int
                              stdout=subprocess.PIPE, text=True, env=env)
     server, watchdog, workspace = owner.stdout.readline().split()
     return owner, int(server), int(watchdog), Path(workspace)
-
-
-def private_tmp(tmp_path: Path) -> dict:
-    (tmp_path / "tmp").mkdir()
-    return {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
-
-
-def scratch_left(tmp: Path) -> list[str]:
-    return sorted(p.name for p in tmp.iterdir() if p.name.startswith(PREFIX))
 
 
 def shm_regions(pid: int) -> list[str]:
@@ -111,6 +102,82 @@ def test_a_stub_that_crashes_fails_the_start_at_once(tmp_path, local_repo):
     assert wait_gone(str(spaced), 10) == []
 
 
+# A model.py whose stub dies while importing it prints nothing, and Triton waits for that stub
+# without end (tried: still waiting after 100 s); the start must fail in seconds anyway.
+CRASHES = {
+    "exits": ("import os; os._exit(7)", "the stub of model 'fp32' exited with status 7"),
+    "segfaults": ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
+                  "model 'fp32' was killed by SIGSEGV"),
+}
+
+
+@pytest.mark.parametrize("how", sorted(CRASHES))
+def test_a_stub_that_dies_importing_its_model_fails_the_start_at_once(tmp_path, local_repo, how):
+    repository = tmp_path / "repo"
+    shutil.copytree(local_repo, repository)
+    model = repository / "fp32" / "1" / "model.py"
+    first_line, expected = CRASHES[how]
+    model.write_text(first_line + "\n" + model.read_text())
+    started = time.monotonic()
+    with pytest.raises(ServingError) as excinfo, TritonServer(repository, startup_timeout_s=120):
+        pytest.fail("a crashed stub was served")
+    message = str(excinfo.value)
+    assert time.monotonic() - started < 20, message
+    assert "\n" not in message and message.startswith(
+        f"a Python-backend stub crashed while tritonserver started on {repository}: "), message
+    assert expected in message, message
+    assert wait_gone(str(repository), 10) == []
+
+
+def test_the_sweep_removes_only_what_dead_owners_of_this_user_left(tmp_path, monkeypatch):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp))
+    gone = subprocess.Popen(["sleep", "60"])
+    dead = {"pid": gone.pid, "start": process_start(gone.pid)}
+    gone.kill()
+    gone.wait()
+    bystander = subprocess.Popen(["sleep", "60"])  # alive, and no tritonserver
+    me = {"pid": os.getpid(), "start": process_start(os.getpid())}
+
+    def folder(name: str, record: dict | str | None, parent: Path = tmp) -> Path:
+        path = parent / f"{PREFIX}{name}"
+        path.mkdir()
+        if record is not None:
+            text = record if isinstance(record, str) else json.dumps(record)
+            (path / OWNER_FILE).write_text(text)
+        return path
+
+    folder("dead-1", dead)
+    folder("dead-server-1", {**dead, "server": {"pid": bystander.pid,
+                                                "start": process_start(bystander.pid)}})
+    folder("reused-1", {"pid": os.getpid(), "start": "1"})  # our pid, another start: reused
+    kept = [folder("alive-1", me), folder("unrecorded-1", None), folder("garbage-1", "{not")]
+    outer = folder("dead-outer-1", dead)  # a process still works in a folder inside it
+    folder("alive-inner-1", me, parent=outer)
+    elsewhere = folder("dead-target-1", dead, parent=tmp_path)
+    (tmp / f"{PREFIX}link-1").symlink_to(elsewhere)
+    kept += [outer, tmp / f"{PREFIX}link-1"]
+    if os.getuid() == 0:  # a folder of another user, with a dead owner
+        kept.append(folder("other-user-1", dead))
+        os.chown(kept[-1], 65534, 65534)
+    regions = [Path(f"/dev/shm/torchship{pid}_test{os.getpid()}_") for pid in (gone.pid, me["pid"])]
+    for region in regions:
+        region.write_bytes(b"x")
+    try:
+        removed = sweep_stale()
+        assert sorted(p.name for p in removed) == [
+            f"{PREFIX}dead-1", f"{PREFIX}dead-server-1", f"{PREFIX}reused-1"]
+        assert sorted(p.name for p in tmp.iterdir()) == sorted(p.name for p in kept)
+        assert elsewhere.is_dir() and (elsewhere / OWNER_FILE).is_file()
+        assert bystander.poll() is None, "a process that is no tritonserver was killed"
+        assert not regions[0].exists() and regions[1].exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+        regions[1].unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("folder", ["my runs", "modèles ü"])
 def test_a_repository_on_a_path_with_a_space_or_non_ascii_letters_is_served(
         tmp_path, local_repo, test_path, folder):
@@ -138,67 +205,3 @@ def test_a_repository_on_a_path_with_a_space_or_non_ascii_letters_is_served(
         rest = serve.communicate(timeout=60)[0]
     assert serve.returncode == 0 and "stopped (SIGTERM)" in rest, rest
     assert wait_gone(str(repository), 10) == []
-
-
-# -- the whole `torchship run` killed during its benchmark ---------------------------------------
-
-QUICK = ["--epochs", "1", "--finetune-epochs", "1", "--variants", "fp32", "--concurrency", "1",
-         "--bench-duration", "4", "-p", "serving_instance_counts=[]",
-         "-p", "serving_queue_delays_us=[]"]
-
-
-def digest(repository: Path) -> dict[str, str]:
-    return {str(p.relative_to(repository)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(repository.rglob("*")) if p.is_file()}
-
-
-def watchdogs() -> set[int]:
-    return {pid for pid, _, state, cmd in process_table()
-            if state != "Z" and "torchship.components.watchdog" in cmd}
-
-
-def test_sigkill_of_the_run_during_the_benchmark_leaves_nothing_and_the_next_run_deploys(
-        pipeline_yaml, tmp_path):
-    """The runs write under paths with a space and non-ASCII letters, which every stage and the
-    deploy's staging server take."""
-    env = private_tmp(tmp_path)
-    served, root = tmp_path / "served models ü", tmp_path / "my runs é"
-    run = [*TORCHSHIP, "run", str(pipeline_yaml), "--pipeline-root", str(root),
-           "--local-repository", str(served), *QUICK]
-    first = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    before, guards = digest(served), watchdogs()
-    temporary = sorted(p.name for p in (tmp_path / "tmp").iterdir())
-    # A run that ends leaves no temporary file either: kfp.local's workspace and task scripts
-    # went under the run's own scratch folder.
-    assert not [name for name in temporary if name.startswith(("tmp", "kfp-", PREFIX))], temporary
-
-    log = (tmp_path / "killed.log").open("w")
-    killed = subprocess.Popen(run, stdout=log, stderr=subprocess.STDOUT, env=env,
-                              start_new_session=True)  # a group of its own, as a shell's job
-    deadline = time.monotonic() + 400
-    while killed.poll() is None and not [  # the benchmark's server, on its candidates
-            cmd for _, cmd in triton_processes(str(tmp_path / "tmp"))
-            if f"{PREFIX}candidates-" in cmd]:
-        assert time.monotonic() < deadline, "the benchmark's server never started"
-        time.sleep(0.2)
-    assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-    time.sleep(1)  # measuring now
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait()
-    log.close()
-    time.sleep(10)
-    assert triton_processes(str(tmp_path)) == [], "a tritonserver or stub was left"
-    assert watchdogs() - guards == set(), "a watchdog was left"
-    assert scratch_left(tmp_path / "tmp") == [], "a temporary folder was left"
-    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == temporary
-    assert digest(served) == before
-
-    third = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    assert "deployed: fp32 as version 2 of" in third.stdout
-    after = digest(served)
-    assert {path: sha for path, sha in after.items() if path.startswith("fp32/1/")} == {
-        path: sha for path, sha in before.items() if path.startswith("fp32/1/")}
-    assert any(path.startswith("fp32/2/") for path in after)
-    assert scratch_left(tmp_path / "tmp") == []
