@@ -138,29 +138,33 @@ class StubWatch:
     def __init__(self, server_pid: int, settle_s: float = 1.0) -> None:
         self.server_pid = server_pid
         self.settle_s = settle_s
-        self._names: dict[int, str] = {}  # a live stub's model instance, from its command line
+        self._names: dict[int, str] = {}  # a stub's model (instance), from its command line
         self._dead_since: dict[int, float] = {}
 
     def dead(self, log: str = "") -> str | None:
-        """"the stub of model 'fp32' exited with status 7" for a stub dead a while, else None
-        (the models still loading, from the server's `log`, when the stub's name was missed)."""
-        now = time.monotonic()
+        """"the stub of model 'fp32' exited with status 7" for a stub dead a while, else None.
+        A stub may die before it is seen alive: its model is then the one the server's `log`
+        shows loading that no live stub serves."""
+        now, live, dead = time.monotonic(), [], None
         for pid, state, comm, status in _children(self.server_pid):
-            if not comm.startswith("triton_python_b"):
-                continue
             if state != "Z":
                 self._names[pid] = self._names.get(pid) or _stub_name(pid)
-                continue
-            since = self._dead_since.setdefault(pid, now)
-            # A stub Triton stopped itself exits 0 and is reaped at once; allow it longer.
-            if now - since >= (self.settle_s if status else 5 * self.settle_s):
-                name = self._names.get(pid)
-                loading = ", ".join(f"'{m}'" for m in _loading(log))
-                whose = (f"the stub of model '{name}'" if name else
-                         f"a stub (pid {pid}) of model {loading}" if loading else
-                         f"a stub (pid {pid})")
-                return f"{whose} {_how(status)}"
-        return None
+                live += [self._names[pid]] if self._names[pid] else []
+            elif self._names.get(pid) or comm.startswith("triton_python_b"):
+                since = self._dead_since.setdefault(pid, now)
+                # A stub Triton stopped itself exits 0 and is reaped at once; allow it longer.
+                if now - since >= (self.settle_s if status else 5 * self.settle_s):
+                    dead = pid, status
+        if dead is None:
+            return None
+        pid, status = dead
+        name = self._names.get(pid)
+        models = [name] if name else [m for m in _loading(log) if not any(
+            re.fullmatch(rf"{re.escape(m)}(_\d+)*", n) for n in live)]
+        whose = (f"the stub of model '{models[0]}'" if len(models) == 1 else
+                 f"a stub (pid {pid}) of one of {', '.join(map(repr, models))}" if models else
+                 f"a stub (pid {pid})")
+        return f"{whose} {_how(status)}"
 
 
 def _children(pid: int) -> list[tuple[int, str, str, int]]:
@@ -195,7 +199,8 @@ def _stub_name(pid: int) -> str | None:
     except OSError:
         return None
     words = words.replace("\0", " ").split()
-    return words[-2] if len(words) >= 3 else None
+    stub = any(w.endswith("/triton_python_backend_stub") for w in words)
+    return words[-2] if stub and len(words) >= 3 else None
 
 
 def _how(status: int) -> str:

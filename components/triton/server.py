@@ -271,6 +271,7 @@ class TritonServer:
         env["PATH"] = prepend(env.get("PATH"), str(Path(sys.prefix) / "bin"))
         # ONNX Runtime / OpenMP inside the stubs: one thread each unless the caller says otherwise.
         env.setdefault("OMP_NUM_THREADS", "1")
+        env["TMPDIR"] = str(self._workspace)  # the server writes a .ses file there: gone with it
         env.pop("PYTHONHOME", None)
         # Vertex AI mode switches on from the environment; this server is never that.
         env.pop("AIP_MODE", None)
@@ -388,8 +389,7 @@ class TritonServer:
                 except subprocess.TimeoutExpired:
                     killpg(pgid, signal.SIGKILL)
                     proc.wait(timeout=10)
-            # Stray stubs (their server is gone) would otherwise linger: kill what is left and
-            # wait (briefly) until init has reaped them, so the group is really gone.
+            # Kill stray stubs (their server gone) and wait until init reaps them: all gone.
             killpg(pgid, signal.SIGKILL)
             deadline = time.monotonic() + 5.0
             while group_alive(pgid) and time.monotonic() < deadline:
