@@ -194,8 +194,12 @@ def test_a_repository_on_a_path_with_a_space_or_non_ascii_letters_is_served(
         client.close()
     assert logits.shape == (4, 3) and np.isfinite(logits).all()
 
+    # The same through `torchship serve`, with a temporary folder on such a path too: the
+    # server's workspace then goes to /tmp.
+    (tmp_path / folder / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path / folder / "tmp")}
     serve = subprocess.Popen([*TORCHSHIP, "serve", str(repository)], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+                             stderr=subprocess.STDOUT, text=True, env=env)
     try:
         first = serve.stdout.readline()
         assert first.startswith("serving fp32 (versions"), first
@@ -205,3 +209,4 @@ def test_a_repository_on_a_path_with_a_space_or_non_ascii_letters_is_served(
         rest = serve.communicate(timeout=60)[0]
     assert serve.returncode == 0 and "stopped (SIGTERM)" in rest, rest
     assert wait_gone(str(repository), 10) == []
+    assert list((tmp_path / folder / "tmp").iterdir()) == []
