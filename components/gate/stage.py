@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from torchship.components.contracts import MODEL_ONNX, TARGET_CONCURRENCY, VARIANTS_JSON
-from torchship.components.data.splits import load_split
+from torchship.components.data.splits import Split, load_split
 from torchship.components.errors import UserInputError, one_line
 from torchship.components.gate.checks import (
     ACCURACY_FLOOR,
@@ -65,15 +65,16 @@ def decide(
     """
     baseline: float | str | None = baseline_uri or None
     baseline_source = None
+    split = load_split(test_path) if test_path else None  # read once, used three times
     if baseline_uri and read_gate_record(baseline_uri) is None:
         raise UserInputError(
             f"baseline_uri: {baseline_uri} does not exist; pass the gate record (gate.json) of "
             "the run whose model serves now, or leave it out to compare with the serving "
             "repository")
-    if not baseline_uri and serving_repository and test_path:
+    if not baseline_uri and serving_repository and split is not None:
         serving = serving_model(serving_repository)
         if serving is not None:
-            baseline = onnx_accuracy(serving.onnx_path, test_path, f"serving model {serving}")
+            baseline = onnx_accuracy(serving.onnx_path, split, f"serving model {serving}")
             baseline_source = f"serving model {serving}, on this run's test split"
             progress(f"serving baseline: {serving} has test accuracy {baseline:.4f}")
     rows = json.loads((Path(onnx_dir) / VARIANTS_JSON).read_text())
@@ -93,14 +94,14 @@ def decide(
     record = evaluate_gate(
         summary, accuracy_floor=accuracy_floor, baseline_accuracy=baseline,
         baseline_source=baseline_source,
-        majority=majority_class(test_path) if test_path else None,
+        majority=majority_class(split) if split is not None else None,
         max_accuracy_drop_pt=max_accuracy_drop_pt,
         latency_budget_p99_ms=latency_budget_p99_ms,
         target_concurrency=target_concurrency, variant=variant, regression=regression,
     )
     record = {**record, "choice": choice, "variant": variant}
-    if test_path:
-        record["confusion_matrix"] = confusion_matrix(onnx_dir, variant, test_path)
+    if split is not None:
+        record["confusion_matrix"] = confusion_matrix(onnx_dir, variant, split)
     if record["passed"]:
         publish_chosen_variant(onnx_dir, choice, chosen_dir)
     progress(f"chose '{variant}': {choice['reason']}")
@@ -115,22 +116,17 @@ def write_reports(record: dict[str, Any], summary: dict[str, Any], record_path: 
     write_html_report(summary, html_path, gate=record, regression=record.get("regression"))
 
 
-def majority_class(test_path: str) -> tuple[str, float]:
+def majority_class(split: Split) -> tuple[str, float]:
     """The test split's most frequent class and its share: the accuracy of always guessing it."""
-    split = load_split(test_path)
     counts = np.bincount(split.y, minlength=len(split.class_names))
     return str(split.class_names[int(counts.argmax())]), float(counts.max() / counts.sum())
 
 
-def onnx_accuracy(onnx_path: str | Path, test_path: str, what: str) -> float:
+def onnx_accuracy(onnx_path: str | Path, split: Split, what: str) -> float:
     """Test accuracy of an ONNX classifier on a split; a model that cannot take the split's
     inputs is a ``UserInputError`` naming `what`."""
-    import onnxruntime as ort
-
-    split = load_split(test_path)
     try:
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        logits = session.run(None, split.inputs)[0]
+        logits = _logits(onnx_path, split)
     except Exception as error:  # an input it does not have, a shape it does not take
         raise UserInputError(
             f"{what} cannot take this run's data ({one_line(error, 160, with_type=True)}); "
@@ -144,15 +140,20 @@ def onnx_accuracy(onnx_path: str | Path, test_path: str, what: str) -> float:
     return float(np.mean(logits.argmax(axis=1) == split.y))
 
 
-def confusion_matrix(onnx_dir: str, variant: str, test_path: str) -> dict[str, Any]:
-    """The chosen variant's ONNX model on the test split, as KFP's ClassificationMetrics takes
-    it: class names, and counts with rows the true class and columns the predicted one."""
+def _logits(onnx_path: str | Path, split: Split) -> np.ndarray:
+    """An ONNX classifier's logits for every row of a split, on ONNX Runtime's CPU provider."""
     import onnxruntime as ort
 
-    split = load_split(test_path)
-    session = ort.InferenceSession(str(Path(onnx_dir) / variant / MODEL_ONNX),
-                                   providers=["CPUExecutionProvider"])
-    logits = session.run(None, split.inputs)[0]
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return session.run(None, split.inputs)[0]
+
+
+def confusion_matrix(onnx_dir: str, variant: str, test: str | Split) -> dict[str, Any]:
+    """The chosen variant's ONNX model on the test split (or its path), as KFP's
+    ClassificationMetrics takes it: class names, and counts with rows the true class and columns
+    the predicted one."""
+    split = load_split(test) if isinstance(test, str) else test
+    logits = _logits(Path(onnx_dir) / variant / MODEL_ONNX, split)
     n = logits.shape[1]
     categories = list(split.class_names)
     counts = np.bincount(split.y * n + logits.argmax(axis=1), minlength=n * n)
