@@ -157,3 +157,11 @@ def write_tiny_bert(directory: Path, texts: list[str], hidden: int = 32, layers:
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertForSequenceClassification(config).save_pretrained(directory)
     return directory
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """The sha256 of every file under `folder`, by its relative path: what byte-identical means."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

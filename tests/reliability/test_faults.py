@@ -3,7 +3,6 @@ mid-write, two deploys at once."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from artifacts import N_CLASSES, N_FEATURES, write_onnx_dir
+from artifacts import N_CLASSES, N_FEATURES, digest, write_onnx_dir
 from processes import (
     TORCHSHIP,
     private_tmp,
@@ -74,10 +73,6 @@ QUICK = ["--epochs", "1", "--finetune-epochs", "1", "--variants", "fp32", "--con
          "--bench-duration", "4", "-p", "serving_instance_counts=[]",
          "-p", "serving_queue_delays_us=[]"]
 
-
-def digest(repository: Path) -> dict[str, str]:
-    return {str(p.relative_to(repository)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(repository.rglob("*")) if p.is_file()}
 
 
 def test_sigkill_of_the_run_during_the_benchmark_leaves_nothing_and_the_next_run_deploys(

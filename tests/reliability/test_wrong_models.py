@@ -4,12 +4,12 @@ versions served stay byte for byte what they were."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from artifacts import digest
 from processes import torchship
 
 QUICK = ["--epochs", "3", "--finetune-epochs", "1", "--bench-duration", "1", "--variants", "fp32",
@@ -29,10 +29,6 @@ def table(path: Path, informative: bool, rows: int = 300) -> Path:
     frame.sample(frac=1.0, random_state=0).to_csv(path, index=False)
     return path
 
-
-def digest(repository: Path) -> dict[str, str]:
-    return {str(p.relative_to(repository)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(repository.rglob("*")) if p.is_file()}
 
 
 def gate_of(done) -> dict:
