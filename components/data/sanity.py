@@ -24,7 +24,8 @@ from torchship.components.errors import UserInputError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["check_columns", "check_features", "check_header", "check_label", "read_header"]
+__all__ = ["check_columns", "check_features", "check_header", "check_label", "check_spread",
+           "read_header"]
 
 SEPARATORS = {";": "semicolon", "\t": "tab", "|": "pipe"}
 INDEX_PREFIX = "Unnamed: "
@@ -122,7 +123,13 @@ def check_features(source: str, features: np.ndarray, names: list[str]) -> list[
     """Constant features: refused when all are, else one warning naming them."""
     if len(features) < 2:
         return []
-    constant = [name for name, spread in zip(names, np.ptp(features, axis=0)) if spread == 0]
+    return check_spread(source, np.ptp(features, axis=0), names)
+
+
+def check_spread(source: str, spread: np.ndarray, names: list[str]) -> list[str]:
+    """`check_features` from each feature's range (max - min) over the rows, which a data step
+    that streams its rows merges chunk by chunk."""
+    constant = [name for name, value in zip(names, spread) if value == 0]
     if constant and len(constant) == len(names):
         raise UserInputError(
             f"data source '{source}': every feature column is constant ({_listed(constant)}), so "

@@ -1,6 +1,8 @@
 """The splits prepare-data writes and every later stage reads: each model input by its tensor
-name, the labels, the class names and the tensor contract. Stages read splits only through here,
-so how a split is stored can change without them."""
+name, the labels, the class names and the tensor contract. Stages read splits only through here
+(and `shards`, for streaming), so how a split is stored can change without them. A split is a
+folder of Parquet shards with an index (`shards`); a single `.npz` file, the format before, is
+still read."""
 
 from __future__ import annotations
 
@@ -8,14 +10,17 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from torchship.components.contracts import TensorContract
 from torchship.components.errors import UserInputError
-from torchship.components.files import atomic_file
 
-__all__ = ["Split", "load_inputs", "load_split", "save_split"]
+if TYPE_CHECKING:
+    from torchship.components.data.shards import ShardIndex
+
+__all__ = ["Split", "load_inputs", "load_split", "save_split", "split_index"]
 
 # Keys of a split file that are not model inputs.
 _LABELS, _CLASSES, _CONTRACT = "y", "class_names", "contract"
@@ -44,21 +49,72 @@ class Split:
 def save_split(path: str | os.PathLike, inputs: Mapping[str, np.ndarray], y: np.ndarray,
                class_names: Sequence[str], contract: TensorContract,
                **extra: np.ndarray) -> None:
-    """Write a split to exactly ``path`` (np.savez would append '.npz' to a name), atomically."""
+    """Write rows already standardised as a split folder of one shard and its index, whole or
+    not at all (prepare-data's own splits come from the Beam pipeline, `beam_prepare`)."""
+    from torchship.components.data.shards import encode_shard, shard_name, write_file, write_index
+    from torchship.components.files import staged_dir
+
     missing = [name for name in contract.input_names if name not in inputs]
     if missing:
         raise ValueError(f"split for {path}: no array for inputs {missing}")
-    with atomic_file(path) as handle:
-        np.savez(handle, **{name: inputs[name] for name in contract.input_names},
-                 **{_LABELS: np.asarray(y, dtype=np.int64),
-                    _CLASSES: np.array([str(c) for c in class_names]),
-                    _CONTRACT: np.array(contract.to_json())}, **extra)
+    y = np.asarray(y, dtype=np.int64)
+    names = [str(c) for c in class_names]
+    arrays = {name: np.asarray(inputs[name]) for name in contract.input_names}
+    with staged_dir(path) as staging:
+        data, groups = encode_shard(arrays, [names[i] for i in y],
+                                    np.arange(len(y), dtype=np.uint64))
+        entry = {**write_file(str(staging), shard_name(0), data), "rows": len(y),
+                 "row_groups": groups}
+        write_index(str(staging), {
+            "n_rows": len(y), "contract": contract.to_dict(), "class_names": names,
+            "class_counts": np.bincount(y, minlength=len(names)).tolist(),
+            "shapes": {n: list(a.shape[1:]) for n, a in arrays.items()},
+            "dtypes": {n: str(a.dtype) for n, a in arrays.items()},
+            "shards": [entry], "standardise": None,
+            "extra": {key: np.asarray(value).tolist() for key, value in extra.items()}})
+
+
+def split_index(path: str | os.PathLike, what: str = "dataset split") -> ShardIndex:
+    """The index of a split folder: its shards, row groups, contract and class names, without
+    reading a row."""
+    from torchship.components.data.shards import is_sharded, read_index
+
+    if not is_sharded(str(path)):
+        raise UserInputError(f"{what} '{path}' is not a split folder written by prepare_data "
+                             "(no index.json); pass the split itself")
+    return read_index(str(path), what)
 
 
 def load_split(path: str | os.PathLike, what: str = "dataset split",
-               labels: bool = True) -> Split:
-    """Read a split written by prepare_data; ``what`` names the argument in errors. Without
-    ``labels`` a file of inputs alone will do (its ``y`` is then empty)."""
+               labels: bool = True, rows: int | None = None) -> Split:
+    """Read a split written by prepare_data (its first ``rows`` rows, reading only the row groups
+    that hold them, when given); ``what`` names the argument in errors. Without ``labels`` a file
+    of inputs alone will do (its ``y`` is then empty)."""
+    from torchship.components.data.shards import is_sharded
+
+    if is_sharded(str(path)):
+        index = split_index(path, what)
+        pieces, taken = [], 0
+        for piece in index.pieces():
+            if rows is not None and taken >= rows:
+                break
+            pieces.append(piece)
+            taken += piece.rows
+        arrays = index.read(pieces)
+        y = arrays.pop("y")[:rows]
+        inputs = {name: arrays[name][:rows] for name in index.contract.input_names}
+        extra = {key: np.asarray(value)
+                 for key, value in (index.document.get("extra") or {}).items()}
+        return Split(inputs, y, list(index.class_names), index.contract, extra)
+    split = _load_npz_split(path, what, labels)
+    if rows is not None:
+        split = Split(split.rows(slice(0, rows)), split.y[:rows], split.class_names,
+                      split.contract, split.extra)
+    return split
+
+
+def _load_npz_split(path: str | os.PathLike, what: str, labels: bool) -> Split:
+    """A split of the single-file format before shards (one ``.npz``), still read."""
     if not Path(path).is_file():
         raise UserInputError(
             f"{what} '{path}' does not exist; pass a split written by prepare_data"
@@ -107,7 +163,7 @@ def load_inputs(path: str | os.PathLike, what: str = "test_path",
                 rows: int | None = None) -> dict[str, np.ndarray]:
     """Every input of a split (its first ``rows`` rows): the rows the serving stages send as
     requests, warm-up samples and smoke tests."""
-    split = load_split(path, what, labels=False)
+    split = load_split(path, what, labels=False, rows=rows)
     if min(len(array) for array in split.inputs.values()) == 0:
         raise UserInputError(f"{what}: {path} has no rows; run prepare_data on more data")
-    return split.rows(slice(0, rows))
+    return split.inputs

@@ -1,9 +1,14 @@
-"""prepare_data: turn a data source into standardised, stratified train/val/test `.npz` splits."""
+"""prepare_data: turn a data source into train/val/test splits, each a folder of Parquet shards
+with an index (`shards`), written by an Apache Beam pipeline (`beam_prepare`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,37 +20,36 @@ from torchship.components.contracts import (
     TensorContract,
     TensorSpec,
 )
-from torchship.components.data.images import digits_images, load_image_folder
-from torchship.components.data.sources import (
-    TABLE_SUFFIXES,
-    LoadedSource,
-    listed,
-    load_npz,
-    load_table,
-    read_table,
-    table_source,
+from torchship.components.data.beam_results import merge_moments
+from torchship.components.data.images import CHANNELS
+from torchship.components.data.plan import (
+    DEFAULT_SOURCE,
+    DIGITS_IMAGES,
+    SOURCE_KINDS,
+    Plan,
+    class_order,
+    plan_source,
 )
-from torchship.components.data.splits import save_split
-from torchship.components.data.text import (
-    DEFAULT_MAX_LENGTH,
-    check_model_vocabulary,
-    text_source,
-)
-from torchship.components.errors import UserInputError, one_line
-from torchship.components.files import write_json
+from torchship.components.data.sanity import check_spread
+from torchship.components.data.shards import write_index
+from torchship.components.data.sources import listed
+from torchship.components.data.text import DEFAULT_MAX_LENGTH, check_model_vocabulary
+from torchship.components.errors import UserInputError
+from torchship.components.files import read_json, write_json
+from torchship.components.progress import report
 
-# fsspec, scikit-learn and the Google SDK are imported inside the functions that use them:
+if TYPE_CHECKING:
+    from torchship.components.data.runners import BeamRunner
+
+__all__ = ["DEFAULT_LABEL_COLUMN", "DEFAULT_SOURCE", "DIGITS_IMAGES", "KEEP_IMAGE_SIZE",
+           "SOURCE_KINDS", "prepare_data", "write_statistics"]
+
+# fsspec, scikit-learn, Beam and the Google SDK are imported inside the functions that use them:
 # training workers import the data package only to read splits.
 
-# What a user may pass as the source, and its default: the built-in data set.
-DEFAULT_SOURCE = "digits"
 DEFAULT_LABEL_COLUMN = "label"
-# The built-in data read as images: 1 x 8 x 8.
-DIGITS_IMAGES = "digits-images"
 # image_size 0 keeps the images' own size (they must all have one).
 KEEP_IMAGE_SIZE = 0
-SOURCE_KINDS = ("a path to a CSV, Parquet or .npz file, a folder of images with one sub-folder "
-                "per class, 'digits' or 'digits-images'")
 # A feature whose training std is below this is (near) constant: dividing by it would blow up
 # rounding noise, so it is left unscaled (std 1) instead.
 STD_FLOOR = 1e-6
@@ -65,64 +69,219 @@ def prepare_data(
     tokenizer: str = "",
     max_length: int = DEFAULT_MAX_LENGTH,
     model_name: str = "",
+    runner: BeamRunner | None = None,
 ) -> dict:
-    """Split `source` into standardised train/val/test splits and return its metadata, with the
-    tensor contract the splits hold.
+    """Split `source` into train/val/test splits, each a folder of Parquet shards with an index,
+    and return its metadata, with the tensor contract the splits hold.
 
     `source` is `digits` (a table of 64 pixels), `digits-images` (1 x 8 x 8 images), a
     CSV/Parquet table with a `label_column`, an `.npz` with arrays `x` and `y`, or a folder of
     images with one sub-folder per class (local or any fsspec URL), resized to `image_size` x
     `image_size` when it is set (0: all must be one size). A table is one float input
     [batch, n_features] standardised per column; images are [batch, C, H, W] standardised per
-    channel. With a `text_column` a table is text: tokenised by the `tokenizer` directory (default:
-    an `hf:DIR` model's own) to `max_length`, as int64 `input_ids` and `attention_mask`
-    [batch, sequence]. Every check on the input runs before the first file is written, so a bad source
-    leaves nothing behind.
+    channel (with statistics of the training rows, applied as the shards are read). With a
+    `text_column` a table is text: tokenised by the `tokenizer` directory (default: an `hf:DIR`
+    model's own) to `max_length`, as int64 `input_ids` and `attention_mask` [batch, sequence].
+
+    The work runs as an Apache Beam pipeline on `runner` (DirectRunner by default): each row goes
+    to the split a hash of its content (or an image's name) and `seed` choose, so a re-run, or
+    new data holding the same rows, splits them the same way. Checks a header or a sample can
+    answer run before the pipeline; the rest run on what it merged, and a bad source leaves
+    nothing behind.
     """
+    from torchship.components.data.beam_prepare import run_pipeline
+
     _check_fractions(val_fraction, test_fraction)
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 0:
         raise UserInputError(f"image_size {image_size!r} is not a whole number >= 0; pass e.g. "
                              "32 to resize images to 32 x 32, or 0 to keep their size")
     if text_column and not tokenizer and model_name.startswith(HF_PREFIX):
         tokenizer = model_name[len(HF_PREFIX):]  # the model's own, saved beside it
-    data = load_source(source, label_column, image_size, text_column, tokenizer, max_length)
-    if data.text and model_name.startswith(HF_PREFIX):
-        check_model_vocabulary(model_name[len(HF_PREFIX):], model_name, data)
-    if image_size and not data.images:
+    plan = plan_source(source, label_column, image_size, text_column, tokenizer, max_length)
+    if image_size and not plan.images:
         raise UserInputError(f"image_size {image_size} is for image folders and digits-images; "
                              f"data source '{source}' is a table, so leave it out")
-    split_index = _stratified_split(source, data, seed, val_fraction, test_fraction)
+    if runner is None:
+        from torchship.components.data.runners import BeamRunner
 
-    class_names = data.class_names
+        runner = BeamRunner()
+    runner.check()
     paths = {"train": train_path, "val": val_path, "test": test_path}
-    if data.text:
-        contract, statistics = _write_text_splits(data, split_index, paths)
-    else:
-        contract, statistics = _write_numeric_splits(data, split_index, paths)
+    started = time.perf_counter()
+    report(f"data: {len(plan.tasks)} read tasks on {runner.runner}")
+    with _outputs(paths, runner.local) as (outputs, results_uri):
+        run_pipeline(plan.spec, plan.tasks, outputs, seed, val_fraction, test_fraction, runner,
+                     results_uri)
+        result = read_json(results_uri)
+        meta, indexes = summarise(plan, result, val_fraction, test_fraction, model_name)
+        for split, index in indexes.items():
+            write_index(outputs[split], index)
+    seconds = time.perf_counter() - started
+    size = sum(entry["bytes"] for index in indexes.values() for entry in index["shards"])
+    shards = sum(len(index["shards"]) for index in indexes.values())
+    report(f"data: {result['rows']:,} rows -> {shards} shards, {size / 1e6:.1f} MB in "
+           f"{seconds:.1f} s ({result['rows'] / seconds:,.0f} rows/s, "
+           f"{size / 1e6 / seconds:.1f} MB/s)")
+    return meta
 
-    return {
-        "source": source,
-        "contract": contract.to_dict(),
-        "n_features": contract.n_features,
-        "n_classes": len(class_names),
-        "class_names": list(class_names),
-        "feature_names": list(data.feature_names),
-        "schema": data.schema,
-        "class_counts": {
-            split: {
-                name: int(count)
-                for name, count in zip(
-                    class_names,
-                    np.bincount(data.labels[split_index[split]], minlength=len(class_names)),
-                )
-            }
-            for split in SPLITS
-        },
-        "n_rows": {split: len(split_index[split]) for split in SPLITS},
-        "warnings": list(data.warnings),
+
+@contextlib.contextmanager
+def _outputs(paths: dict[str, str], local: bool):
+    """Where the workers write each split, and the pipeline its merged result. Locally each split
+    is built in a staging folder and published whole by one rename; a remote runner's workers
+    write to Cloud Storage (a Vertex AI artifact's /gcs/ path, as gs://), where the index, written
+    last, is what makes a folder a split. Removed on failure either way."""
+    import fsspec
+
+    from torchship.components.files import make_staging_dir, publish_dir
+
+    if local:
+        created = [folder for folder in _missing_parents(paths.values())]
+        staging = {split: make_staging_dir(path) for split, path in paths.items()}
+        try:
+            yield {s: str(p) for s, p in staging.items()}, str(staging["train"] / ".result.json")
+            (staging["train"] / ".result.json").unlink(missing_ok=True)
+            for split, path in paths.items():
+                publish_dir(staging[split], path)
+        except BaseException:
+            for folder in staging.values():
+                shutil.rmtree(folder, ignore_errors=True)
+            for folder in created:  # deepest first: the folders made for the splits, if empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+        return
+    remote = {split: _as_uri(path) for split, path in paths.items()}
+    try:
+        yield remote, remote["train"].rstrip("/") + "/.result.json"
+        fsspec.core.url_to_fs(remote["train"])[0].rm(remote["train"].rstrip("/") + "/.result.json")
+    except BaseException:
+        for uri in remote.values():
+            fs, path = fsspec.core.url_to_fs(uri)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        raise
+
+
+def _missing_parents(paths) -> list[Path]:
+    """The folders above `paths` that do not exist yet, deepest first."""
+    missing: list[Path] = []
+    for path in paths:
+        for parent in Path(path).absolute().parents:
+            if parent.exists():
+                break
+            if parent not in missing:
+                missing.append(parent)
+    return sorted(missing, key=lambda folder: len(folder.parts), reverse=True)
+
+
+def _as_uri(path: str) -> str:
+    """Vertex AI mounts Cloud Storage at /gcs/: remote workers write the gs:// object itself."""
+    return "gs://" + path[len("/gcs/"):] if path.startswith("/gcs/") else path
+
+
+def summarise(plan: Plan, result: dict, val_fraction: float, test_fraction: float,
+              model_name: str = "") -> tuple[dict, dict[str, dict]]:
+    """The checks on what the pipeline merged, then the metadata and each split's index."""
+    source = plan.spec.source
+    if result["problems"]:
+        raise UserInputError(min(result["problems"])[1])
+    if not result["rows"]:
+        raise UserInputError(f"data source '{source}' is empty (no rows); pass a source with rows")
+    counts = {split: result["counts"].get(split, {}) for split in SPLITS}
+    seen = sorted({label for split in counts.values() for label in split})
+    class_names = plan.class_order or class_order(seen)
+    class_names = [name for name in class_names if name in seen] if plan.class_order is None \
+        else class_names
+    if len(class_names) < 2:
+        raise UserInputError(
+            f"data source '{source}' {plan.labels_from or 'has'} has a single class "
+            f"'{class_names[0] if class_names else ''}'; pass labels with at least two classes")
+    _check_class_sizes(plan, counts, class_names, val_fraction, test_fraction)
+    warnings = []
+    if plan.table:
+        spread = merge_moments(sorted(result["spread"], key=lambda part: part["min"]))
+        warnings = check_spread(source, spread["max"] - spread["min"], plan.feature_names)
+    train = merge_moments(sorted(result["train"], key=lambda part: part["chunk"]))
+    assert train is not None  # every class has training rows
+    shapes, dtypes = result["shapes"], result["dtypes"]
+    if plan.spec.text:
+        check_model_vocabulary(model_name, plan.extra, shapes["input_ids"][0],
+                               result["extra"].get("largest_token", 0))
+        contract = TensorContract.classifier(
+            [TensorSpec(name, "int64", (BATCH, "sequence")) for name in shapes], len(class_names))
+        lengths = {key: float(train[key][0]) for key in ("mean", "min", "max")}
+        statistics = {"tokens": {**lengths, "std": float(np.sqrt(train["m2"][0] / train["n"]))}}
+        standardise = None
+        extra = {**plan.extra, "largest_token": result["extra"].get("largest_token", 0)}
+        feature_names = ["tokens"]
+    else:
+        feature_names = plan.feature_names or CHANNELS["L" if shapes[INPUT_NAME][0] == 1 else "RGB"]
+        mean, std = train["mean"], np.sqrt(train["m2"] / train["n"])
+        std = np.where(std < STD_FLOOR, 1.0, std)
+        contract = TensorContract.classifier(
+            [TensorSpec(INPUT_NAME, "float32", (BATCH, *shapes[INPUT_NAME]))], len(class_names))
+        statistics = {name: {"mean": float(m), "std": float(sd), "min": float(lo),
+                             "max": float(hi)}
+                      for name, m, sd, lo, hi in zip(feature_names, mean, std, train["min"],
+                                                     train["max"])}
+        standardise = {"input": INPUT_NAME, "per": "channel" if plan.images else "feature",
+                       "mean": mean.tolist(), "std": std.tolist()}
+        extra = {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(),
+                 "feature_names": feature_names}
+    schema = dict(plan.schema)
+    if plan.images:
+        height, width = shapes[INPUT_NAME][1:]
+        schema = {"image": f"{'L' if shapes[INPUT_NAME][0] == 1 else 'RGB'} {width}x{height}",
+                  **schema}
+    indexes = {}
+    for split in SPLITS:
+        shards = sorted(result["shards"].get(split, []), key=lambda entry: entry["file"])
+        indexes[split] = {
+            "split": split, "n_rows": sum(entry["rows"] for entry in shards),
+            "contract": contract.to_dict(), "class_names": class_names,
+            "class_counts": [counts[split].get(name, 0) for name in class_names],
+            "shapes": shapes, "dtypes": dtypes, "shards": shards, "standardise": standardise,
+            "extra": extra}
+    meta = {
+        "source": source, "contract": contract.to_dict(), "n_features": contract.n_features,
+        "n_classes": len(class_names), "class_names": class_names,
+        "feature_names": feature_names, "schema": schema,
+        "class_counts": {split: {name: counts[split].get(name, 0) for name in class_names}
+                         for split in SPLITS},
+        "n_rows": {split: indexes[split]["n_rows"] for split in SPLITS},
+        "n_shards": {split: len(indexes[split]["shards"]) for split in SPLITS},
+        "warnings": warnings,
         # Raw training statistics: the drift trigger (infra/trigger) compares new data with them.
-        "statistics": {"source": source, "n_rows": len(split_index["train"]), **statistics},
+        "statistics": {"source": source, "n_rows": indexes["train"]["n_rows"],
+                       "features": statistics},
     }
+    return meta, indexes
+
+
+def _check_class_sizes(plan: Plan, counts: dict[str, dict[str, int]], class_names: list[str],
+                       val_fraction: float, test_fraction: float) -> None:
+    """Every class in every split: a class with fewer rows than the smallest split's share
+    needs, or one the hash left out of a split, is refused."""
+    smallest = min(val_fraction, test_fraction, 1 - val_fraction - test_fraction)
+    needed = math.ceil(1 / smallest - 1e-9)
+    totals = {name: sum(split.get(name, 0) for split in counts.values()) for name in class_names}
+    short = [name for name in class_names if totals[name] < needed]
+    unit, where = plan.row_noun, f" {plan.labels_from}" if plan.labels_from else ""
+    source = plan.spec.source
+    if short:
+        named = listed([f"'{name}' ({totals[name]})" for name in short])
+        raise UserInputError(
+            f"data source '{source}'{where} has too few {unit} for {len(short)} of its "
+            f"{len(class_names)} classes ({named}); each class needs at least {needed} {unit} to "
+            f"appear in train, val and test: add {unit} or drop rare classes")
+    left_out = [f"'{name}' ({totals[name]} {unit}, none in {split})" for name in class_names
+                for split, split_counts in counts.items() if not split_counts.get(name)]
+    if left_out:
+        raise UserInputError(
+            f"data source '{source}'{where}: the split by row hash left {len(left_out)} class(es) "
+            f"out of a split ({listed(left_out)}); every class must be in train, val and test: "
+            f"add {unit} to those classes, or pass another --seed")
 
 
 def write_statistics(statistics: dict, uri: str) -> None:
@@ -137,158 +296,3 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
             "0 and 1 and sum to less than 1; pass e.g. val_fraction=0.15, test_fraction=0.15"
         )
 
-
-def _check_google_credentials(source: str) -> None:
-    """Fail at once, in one line, where Cloud Storage would otherwise retry for a minute."""
-    import google.auth
-    from google.auth.exceptions import DefaultCredentialsError
-
-    try:
-        google.auth.default()
-    except DefaultCredentialsError as error:
-        raise UserInputError(
-            f"data source '{source}' needs Google credentials and none were found "
-            f"({one_line(error, 160, with_type=True)}); run 'gcloud auth application-default login' or set "
-            "GOOGLE_APPLICATION_CREDENTIALS"
-        ) from error
-
-
-def load_source(source: str, label_column: str, image_size: int = 0, text_column: str = "",
-                tokenizer: str = "", max_length: int = DEFAULT_MAX_LENGTH) -> LoadedSource:
-    """Find out what kind of source `source` is and load it with that kind's loader."""
-    import fsspec
-
-    if source == DEFAULT_SOURCE:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits(as_frame=True)
-        return table_source(source, digits.frame, "target")  # 64 pixel columns plus "target"
-    if source == DIGITS_IMAGES:
-        return digits_images()
-
-    if not isinstance(source, str) or not source:
-        raise UserInputError(f"data source {source!r} is empty; pass {SOURCE_KINDS}")
-    if source.startswith(("gs://", "gcs://")):
-        _check_google_credentials(source)
-    try:
-        fs, fs_path = fsspec.core.url_to_fs(source)
-    except ValueError as error:  # an unknown protocol; a missing gcsfs/s3fs is an ImportError
-        raise UserInputError(
-            f"data source '{source}' has an unknown protocol ({one_line(error, 200, with_type=True)}); pass a local "
-            "path or a gs://, s3://, https:// URL"
-        ) from error
-    if not fs.exists(fs_path):
-        raise UserInputError(f"data source '{source}' does not exist; pass {SOURCE_KINDS}")
-    # The suffix decides before the kind of path does: a directory named like a table is read as
-    # one and fails as one, which says more than "not an image folder".
-    suffix = Path(fs_path.rstrip("/")).suffix.lower()
-    if suffix in TABLE_SUFFIXES and text_column:
-        return text_source(source, read_table(source, TABLE_SUFFIXES[suffix]), label_column,
-                           text_column, tokenizer, max_length)
-    if suffix in TABLE_SUFFIXES:
-        return load_table(source, TABLE_SUFFIXES[suffix], label_column)
-    if suffix == ".npz":
-        return load_npz(source)
-    if fs.isdir(fs_path):
-        return load_image_folder(source, fs, fs_path, image_size)
-    raise UserInputError(
-        f"data source '{source}' has unsupported suffix '{suffix}'; "
-        f"pass a {', '.join(TABLE_SUFFIXES)} or .npz file, an image folder, or 'digits'"
-    )
-
-
-
-def _stratified_split(
-    source: str,
-    data: LoadedSource,
-    seed: int,
-    val_fraction: float,
-    test_fraction: float,
-) -> dict[str, np.ndarray]:
-    """Row indices for each split, stratified by class; every class must land in every split."""
-    from sklearn.model_selection import train_test_split
-
-    labels, class_names, unit = data.labels, data.class_names, data.row_noun
-    # The smallest split must still get one row of each class: sklearn's stratified allocation
-    # gives a class floor(count * fraction) rows of a split at least.
-    smallest = min(val_fraction, test_fraction, 1 - val_fraction - test_fraction)
-    needed = math.ceil(1 / smallest - 1e-9)
-    counts = np.bincount(labels, minlength=len(class_names))
-    too_few = [f"'{class_names[i]}' ({counts[i]})" for i in np.flatnonzero(counts < needed)]
-
-    def too_few_error() -> UserInputError:
-        named = listed(too_few) if too_few else "some classes"
-        where = f" {data.labels_from}" if data.labels_from else ""
-        return UserInputError(
-            f"data source '{source}'{where} has too few {unit} for {len(too_few) or 'some'} of "
-            f"its {len(class_names)} classes ({named}); each class needs at least {needed} "
-            f"{unit} to appear in train, val and test: add {unit} or drop rare classes"
-        )
-
-    if too_few:
-        raise too_few_error()
-    rows = np.arange(len(labels))
-    try:
-        rest, test = train_test_split(
-            rows, test_size=test_fraction, stratify=labels, random_state=seed
-        )
-        train, val = train_test_split(
-            rest,
-            test_size=val_fraction / (1 - test_fraction),
-            stratify=labels[rest],
-            random_state=seed,
-        )
-    except ValueError as error:
-        raise too_few_error() from error
-    split_index = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
-    if any(len(np.unique(labels[idx])) < len(class_names) for idx in split_index.values()):
-        raise too_few_error()
-    # Sorted indices keep the original row order inside a split; shuffle the order seeded too so
-    # readers that do not shuffle (calibration samples, quick evals) see mixed classes.
-    rng = np.random.default_rng(seed)
-    return {split: rng.permutation(idx) for split, idx in split_index.items()}
-
-
-def _write_numeric_splits(data: LoadedSource, split_index: dict[str, np.ndarray],
-                          paths: dict[str, str]) -> tuple[TensorContract, dict]:
-    """A table (one float input [batch, n_features], standardised per column) or images
-    ([batch, C, H, W], per channel); statistics from the training rows only, so val/test stay
-    unseen data. Returns the contract and the raw training statistics."""
-    axes = (0, 2, 3) if data.images else (0,)
-    train_x = data.features[split_index["train"]]
-    mean = train_x.mean(axis=axes, dtype=np.float64)
-    std = train_x.std(axis=axes, dtype=np.float64)
-    std = np.where(std < STD_FLOOR, 1.0, std)
-    lowest, highest = train_x.min(axis=axes), train_x.max(axis=axes)
-    per_row = (slice(None), None, None) if data.images else (slice(None),)
-    spec = TensorSpec(INPUT_NAME, "float32", (BATCH, *data.features.shape[1:]))
-    contract = TensorContract.classifier([spec], len(data.class_names))
-    for split, path in paths.items():
-        rows = split_index[split]
-        save_split(
-            path, {INPUT_NAME: ((data.features[rows] - mean[per_row]) / std[per_row])
-                   .astype(np.float32)},
-            data.labels[rows], data.class_names, contract,
-            mean=mean.astype(np.float32), std=std.astype(np.float32),
-            feature_names=np.array(data.feature_names),
-        )
-    # Raw training statistics: the drift trigger (infra/trigger) compares new data with them.
-    return contract, {"features": {
-        name: {"mean": float(m), "std": float(sd), "min": float(lo), "max": float(hi)}
-        for name, m, sd, lo, hi in zip(data.feature_names, mean, std, lowest, highest)}}
-
-
-def _write_text_splits(data: LoadedSource, split_index: dict[str, np.ndarray],
-                       paths: dict[str, str]) -> tuple[TensorContract, dict]:
-    """Token ids and attention masks, int64 [batch, sequence], as the tokenizer gave them."""
-    assert data.tokens is not None
-    specs = [TensorSpec(name, "int64", (BATCH, "sequence")) for name in data.tokens]
-    contract = TensorContract.classifier(specs, len(data.class_names))
-    for split, path in paths.items():
-        rows = split_index[split]
-        save_split(path, {name: array[rows] for name, array in data.tokens.items()},
-                   data.labels[rows], data.class_names, contract, **data.extra)
-    lengths = data.tokens["attention_mask"][split_index["train"]].sum(axis=1)
-    return contract, {"features": {"tokens": {
-        "mean": float(lengths.mean()), "std": float(lengths.std()),
-        "min": float(lengths.min()), "max": float(lengths.max())}}}

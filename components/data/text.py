@@ -89,17 +89,23 @@ def text_source(source: str, table: pd.DataFrame, label_column: str, text_column
                "tokenizer": np.array(str(tokenizer_uri))})
 
 
-def check_model_vocabulary(model_uri: str, model_name: str, data: LoadedSource) -> None:
-    """Refuse, before any split is written, tokens the model directory's embedding does not have
-    and sequences longer than its position embeddings: its `config.json` alone is read (not the
-    weights), so this costs a second even on `gs://`."""
+def check_model_vocabulary(model_name: str, tokens: dict[str, Any], length: int,
+                           largest: int) -> None:
+    """Refuse, before any split is published, tokens an `hf:DIR` model's embedding does not have
+    and sequences longer than its position embeddings. `tokens` says what tokenised the data
+    (vocab_size, tokenizer), `length` is the sequence length and `largest` the largest token id
+    seen. The model directory's `config.json` alone is read (not the weights)."""
+    from torchship.components.contracts import HF_PREFIX
+
+    if not model_name.startswith(HF_PREFIX):
+        return
     try:
-        config = read_json(f"{model_uri.rstrip('/')}/config.json")
+        config = read_json(f"{model_name[len(HF_PREFIX):].rstrip('/')}/config.json")
     except (OSError, ValueError):
         return  # no readable config: building the model says what is wrong with the directory
-    if not isinstance(config, dict) or not data.tokens:
+    if not isinstance(config, dict):
         return
-    positions, length = config.get("max_position_embeddings"), data.tokens["input_ids"].shape[1]
+    positions = config.get("max_position_embeddings")
     if isinstance(positions, int) and length > positions:
         raise UserInputError(
             f"max_length {length} is longer than model {model_name!r} takes "
@@ -107,9 +113,9 @@ def check_model_vocabulary(model_uri: str, model_name: str, data: LoadedSource) 
     size = config.get("vocab_size")
     if not isinstance(size, int):
         return
-    vocab_size, largest = int(data.extra["vocab_size"]), int(data.tokens["input_ids"].max())
+    vocab_size = int(tokens["vocab_size"])
     if vocab_size != size or largest >= size:
         raise UserInputError(
-            f"tokenizer '{data.extra['tokenizer']}' has a vocabulary of {vocab_size} tokens (ids "
+            f"tokenizer '{tokens['tokenizer']}' has a vocabulary of {vocab_size} tokens (ids "
             f"up to {largest}) but model {model_name!r} embeds {size}; pass the tokenizer saved "
             "with the model (--tokenizer, or leave it out to use the model directory's own)")
