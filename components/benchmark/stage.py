@@ -67,6 +67,8 @@ __all__ = ["PROTOCOLS", "REMOTE_PROTOCOLS", "benchmark_endpoint", "benchmark_rep
 
 PROTOCOLS = ("grpc", "http")  # against a local server
 REMOTE_PROTOCOLS = ("grpc", "http", "vertex")
+# Requests carry rows of the test split: this many at most, from row groups spread over it.
+REQUEST_ROWS = 4096
 
 
 # -- the measurement core -----------------------------------------------------------------------
@@ -261,7 +263,7 @@ def benchmark_repository(
     method = measurement_method(**measurement)
     repository_dir = Path(repository_dir)
     specs = repository_models(repository_dir, models)
-    plan = _plan(specs, load_inputs(test_path, what="test_path"), method)
+    plan = _plan(specs, load_inputs(test_path, what="test_path", rows=REQUEST_ROWS), method)
     progress = progress or (lambda *_: None)
     started, started_at = time.monotonic(), _now()
 
@@ -333,7 +335,7 @@ def benchmark_endpoint(
     if auth not in ("auto", "google", "none"):
         raise UserInputError(f"auth: '{auth}' is not one of auto, google, none")
     method = measurement_method(**measurement)
-    x = load_inputs(test_path, what="test_path")
+    x = load_inputs(test_path, what="test_path", rows=REQUEST_ROWS)
     progress = progress or (lambda *_: None)
     if isinstance(models, str):
         models = [models]

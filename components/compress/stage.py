@@ -24,7 +24,7 @@ from torchship.components.contracts import (
     SPLITS,
     VARIANT_JSON,
 )
-from torchship.components.data.splits import Split, load_split
+from torchship.components.data.splits import EVALUATION_ROWS, Split, load_split
 from torchship.components.files import staged_dir, write_json
 from torchship.components.models import (
     contract_of,
@@ -64,7 +64,9 @@ def compress_model(
     """
     wanted, values = check_request(variants, quantize, options)
     fp32, checkpoint = load_checkpoint(model_path)
-    splits = {split: load_split(path)
+    # A bounded sample of each split (row groups spread over it): fine-tuning, calibration and
+    # accuracy do not need a large data set whole, and memory must not grow with it.
+    splits = {split: load_split(path, rows=EVALUATION_ROWS)
               for split, path in zip(SPLITS, (train_path, val_path, test_path))}
     trained_with = checkpoint.get("extra", {})
     training = {

@@ -20,7 +20,12 @@ from torchship.components.errors import UserInputError
 if TYPE_CHECKING:
     from torchship.components.data.shards import ShardIndex
 
-__all__ = ["Split", "load_inputs", "load_split", "save_split", "split_index"]
+__all__ = ["EVALUATION_ROWS", "Split", "load_inputs", "load_split", "sample_pieces", "save_split",
+           "split_index"]
+
+# Accuracy is measured on at most this many rows of a split (spread over its shards): its
+# standard error is then below 0.12 points, and a stage's memory does not grow with the data.
+EVALUATION_ROWS = 200_000
 
 # Keys of a split file that are not model inputs.
 _LABELS, _CLASSES, _CONTRACT = "y", "class_names", "contract"
@@ -85,22 +90,34 @@ def split_index(path: str | os.PathLike, what: str = "dataset split") -> ShardIn
     return read_index(str(path), what)
 
 
+def sample_pieces(index: ShardIndex, rows: int | None) -> list:
+    """Row groups holding at least ``rows`` rows (all of them for None), spread evenly over the
+    split: a bounded sample of every part of the source (its first and its newest files alike)
+    that reads nothing else."""
+    pieces = index.pieces()
+    total = sum(piece.rows for piece in pieces)
+    if rows is None or rows >= total:
+        return pieces
+    mean_rows = total / len(pieces)
+    wanted = min(len(pieces), max(1, int(np.ceil(rows / mean_rows))))
+    while True:
+        chosen = [pieces[int(i)] for i in
+                  np.unique(np.linspace(0, len(pieces) - 1, wanted).round().astype(int))]
+        if sum(piece.rows for piece in chosen) >= rows or wanted == len(pieces):
+            return chosen
+        wanted += 1
+
+
 def load_split(path: str | os.PathLike, what: str = "dataset split",
                labels: bool = True, rows: int | None = None) -> Split:
-    """Read a split written by prepare_data (its first ``rows`` rows, reading only the row groups
-    that hold them, when given); ``what`` names the argument in errors. Without ``labels`` a file
-    of inputs alone will do (its ``y`` is then empty)."""
+    """Read a split written by prepare_data (with ``rows``, that many rows from row groups spread
+    over the split, reading only those); ``what`` names the argument in errors. Without
+    ``labels`` a file of inputs alone will do (its ``y`` is then empty)."""
     from torchship.components.data.shards import is_sharded
 
     if is_sharded(str(path)):
         index = split_index(path, what)
-        pieces, taken = [], 0
-        for piece in index.pieces():
-            if rows is not None and taken >= rows:
-                break
-            pieces.append(piece)
-            taken += piece.rows
-        arrays = index.read(pieces)
+        arrays = index.read(sample_pieces(index, rows))
         y = arrays.pop("y")[:rows]
         inputs = {name: arrays[name][:rows] for name in index.contract.input_names}
         extra = {key: np.asarray(value)

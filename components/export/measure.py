@@ -33,7 +33,7 @@ from torchship.components.contracts import (
     OUTPUT_NAME,
     VARIANTS_JSON,
 )
-from torchship.components.data.splits import Split, load_split
+from torchship.components.data.splits import EVALUATION_ROWS, Split, load_split
 from torchship.components.errors import UserInputError
 from torchship.components.files import write_json
 
@@ -61,7 +61,7 @@ def measure_variants(
         raise UserInputError(
             f"'{onnx_dir}' has no variants.json; pass the directory that export wrote"
         )
-    rows = measure_records(json.loads(listing.read_text()), onnx_dir, load_split(test_path),
+    rows = measure_records(json.loads(listing.read_text()), onnx_dir, load_split(test_path, rows=EVALUATION_ROWS),
                            threads, rounds, block_s, batch_sizes, progress)
     if write:
         write_json(rows, listing)

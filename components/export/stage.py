@@ -20,7 +20,7 @@ from torchship.components.contracts import (
     VARIANTS_JSON,
     TensorContract,
 )
-from torchship.components.data.splits import load_split
+from torchship.components.data.splits import EVALUATION_ROWS, load_split
 from torchship.components.errors import UserInputError
 from torchship.components.export.measure import measure_records
 from torchship.components.export.parity import check_parity
@@ -55,7 +55,7 @@ def export_variants(
     """
     variants_dir = Path(variants_dir)
     variants = read_variants(variants_dir)
-    test = load_split(test_path)
+    test = load_split(test_path, rows=EVALUATION_ROWS)
     rows = test.rows(slice(0, MAX_PARITY_ROWS))
     references: dict[str, nn.Module] = {}
 

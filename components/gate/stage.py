@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from torchship.components.contracts import MODEL_ONNX, TARGET_CONCURRENCY, VARIANTS_JSON
-from torchship.components.data.splits import Split, load_split
+from torchship.components.data.splits import EVALUATION_ROWS, Split, load_split
 from torchship.components.errors import UserInputError, one_line
 from torchship.components.gate.checks import (
     ACCURACY_FLOOR,
@@ -65,7 +65,7 @@ def decide(
     """
     baseline: float | str | None = baseline_uri or None
     baseline_source = None
-    split = load_split(test_path) if test_path else None  # read once, used three times
+    split = load_split(test_path, rows=EVALUATION_ROWS) if test_path else None  # read once, used three times
     if baseline_uri and read_gate_record(baseline_uri) is None:
         raise UserInputError(
             f"baseline_uri: {baseline_uri} does not exist; pass the gate record (gate.json) of "
@@ -152,7 +152,7 @@ def confusion_matrix(onnx_dir: str, variant: str, test: str | Split) -> dict[str
     """The chosen variant's ONNX model on the test split (or its path), as KFP's
     ClassificationMetrics takes it: class names, and counts with rows the true class and columns
     the predicted one."""
-    split = load_split(test) if isinstance(test, str) else test
+    split = load_split(test, rows=EVALUATION_ROWS) if isinstance(test, str) else test
     logits = _logits(Path(onnx_dir) / variant / MODEL_ONNX, split)
     n = logits.shape[1]
     categories = list(split.class_names)
