@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_PIN := torch==2.13.0
 PIPELINE := out/torchship-pipeline.yaml
 
-.PHONY: install demo test lint compile images clean bench bench-train bench-compress bench-vision bench-text bench-serve bench-load gpu-check
+.PHONY: install demo test lint compile images clean bench bench-train bench-compress bench-vision bench-text bench-serve bench-load bench-data gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ test: install
 	$(BIN)/python -m pytest
 
 # Performance goals live here, printed as ratios measured in one run (never as timed tests).
-bench: bench-train bench-compress bench-vision bench-text bench-serve bench-load
+bench: bench-train bench-compress bench-vision bench-text bench-serve bench-load bench-data
 
 bench-train: install
 	$(BIN)/python tests/benchmarks/bench_train.py
@@ -47,6 +47,10 @@ bench-serve: install
 
 bench-load: install
 	$(BIN)/python tests/benchmarks/bench_load.py
+
+# Peak memory of prepare-data and of a training worker at 1x and 10x the rows (over 2 GB).
+bench-data: install
+	$(BIN)/python tests/benchmarks/bench_data.py
 
 # The train stage's GPU recipe (NCCL, bf16, fp16 with loss scaling); skipped without a GPU.
 gpu-check: install
