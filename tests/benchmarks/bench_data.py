@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 FEATURES, CLASSES = 32, 10
-ROWS_1X = int(os.environ.get("BENCH_DATA_ROWS", 850_000))  # x 10 = 8.5M rows, about 2.2 GB
+ROWS_1X = int(os.environ.get("BENCH_DATA_ROWS", "850000"))  # x 10 = 8.5M rows, about 2.2 GB
 ROW_GROUP = 65_536
 GOAL_RSS_GROWTH, GOAL_RATE = 1.3, 0.8
 
