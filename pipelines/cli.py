@@ -9,9 +9,10 @@ import click
 
 from torchship.components.benchmark.method import DEFAULT_CONCURRENCY
 from torchship.components.benchmark.method import default as measurement_default
+from torchship.components.data.runners import PIPELINE_PARAMETERS as RUNNER_PARAMETERS
 from torchship.components.errors import ParityError, ServingError, UserInputError
 from torchship.pipelines.arguments import concurrency_levels, fail, key_values
-from torchship.pipelines.cli_cloud import publish, schedule, submit
+from torchship.pipelines.cli_cloud import data_runner_options, publish, schedule, submit
 
 DEFAULT_PIPELINE = "out/torchship-pipeline.yaml"
 
@@ -42,6 +43,7 @@ RUN_PARAMETERS = {
     "baseline": "baseline_uri",
     "previous_results": "previous_results_uri",
     "local_repository": "local_repository",
+    **{name: name for name in RUNNER_PARAMETERS},  # --data-runner, --dataflow-region, ...
 }
 
 # How `torchship run` spells each pipeline parameter it has an option for, in error messages.
@@ -116,6 +118,7 @@ def compile(output: str, image: str | None, platform: str | None,
 @click.option("--local-repository",
               help="Persistent Triton repository the deploy adds a version to "
                    "[default: PIPELINE_ROOT/model_repository].")
+@data_runner_options
 @click.option("--param", "-p", "params", multiple=True,
               help="Any pipeline parameter NAME=VALUE (JSON values typed), repeatable.")
 @click.option("--keep-runs", type=int,

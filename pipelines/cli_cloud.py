@@ -8,11 +8,12 @@ from typing import Any
 
 import click
 
+from torchship.components.data.runners import RUNNERS
 from torchship.components.errors import UserInputError
 from torchship.pipelines.arguments import fail, key_values
 from torchship.pipelines.vertex import DEFAULT_REGION
 
-__all__ = ["publish", "schedule", "submit"]
+__all__ = ["data_runner_options", "publish", "schedule", "submit"]
 
 
 def _vertex_project(project: str | None, region: str, pipeline_root: str | None,
@@ -70,18 +71,60 @@ def run_options(func: Any) -> Any:
     return func
 
 
+def data_runner_options(func: Any) -> Any:
+    """Options choosing where the data step's Beam pipeline runs: each sets the pipeline
+    parameter of its name (--dataflow-region: dataflow_region)."""
+    for decorator in reversed([
+        click.option("--data-runner", help=f"Where the data step runs: {', '.join(RUNNERS)} (a "
+                     "Flink or Spark job server) [default: DirectRunner, in the step itself]."),
+        click.option("--dataflow-project",
+                     help="Dataflow's project [default: --project on Vertex AI, else the step's "
+                          "$GOOGLE_CLOUD_PROJECT]."),
+        click.option("--dataflow-region", help="Dataflow's region [default: --region on Vertex AI]."),
+        click.option("--dataflow-service-account",
+                     help="Service account email the Dataflow workers run as [default: "
+                          "Dataflow's, the Compute Engine default]."),
+        click.option("--dataflow-temp-location",
+                     help="gs://BUCKET/PATH where Dataflow stages and keeps temporary files."),
+        click.option("--dataflow-max-workers", type=int,
+                     help="Most workers Dataflow may scale to [default: Dataflow's]."),
+        click.option("--dataflow-machine-type", help="Dataflow worker machine type, e.g. "
+                     "n2-standard-4 [default: Dataflow's]."),
+        click.option("--dataflow-subnetwork",
+                     help="Dataflow workers' subnetwork: regions/REGION/subnetworks/NAME."),
+        click.option("--beam-job-endpoint",
+                     help="PortableRunner: HOST:PORT of a Flink or Spark job server."),
+    ]):
+        func = decorator(func)
+    return func
+
+
+def _run_parameters(params: tuple[str, ...], runner_settings: dict[str, Any],
+                    project: str | None, region: str, kfp_host: str | None) -> dict[str, Any]:
+    """The run's parameters: the data runner's options, then each -p NAME=VALUE. On Vertex AI, a
+    Dataflow data step runs in the pipeline's project and region unless told otherwise."""
+    parameters = {name: value for name, value in runner_settings.items() if value is not None}
+    parameters.update(key_values(params, "--param", parse_json=True))
+    if parameters.get("data_runner") == "DataflowRunner" and not kfp_host:
+        parameters.setdefault("dataflow_region", region)
+        if project:
+            parameters.setdefault("dataflow_project", project)
+    return parameters
+
+
 @click.command()
 @click.argument("template")
 @vertex_options
 @run_options
+@data_runner_options
 @click.option("--kfp-host", help="Submit to this Kubeflow Pipelines endpoint instead of Vertex AI.")
 @click.option("--wait", is_flag=True, help="Follow the run to its end (Vertex AI).")
 def submit(template: str, project: str | None, region: str, pipeline_root: str | None,
            service_account: str | None, network: str | None, params: tuple[str, ...],
            labels: tuple[str, ...], caching: bool | None, kfp_host: str | None,
-           wait: bool) -> None:
+           wait: bool, **runner_settings: Any) -> None:
     """Submit TEMPLATE (a compiled YAML or an Artifact Registry URI) as a pipeline run."""
-    parameters = key_values(params, "--param", parse_json=True)
+    parameters = _run_parameters(params, runner_settings, project, region, kfp_host)
     try:
         _preflight(template, parameters, kfp_host)
         if kfp_host:
@@ -116,14 +159,16 @@ def schedule() -> None:
 @click.option("--end-time", help="RFC 3339 time after which no run starts.")
 @vertex_options
 @run_options
+@data_runner_options
 @click.option("--kfp-host", help="Create a Kubeflow recurring run on this endpoint instead.")
 def schedule_create(template: str, display_name: str, cron: str, time_zone: str | None,
                     max_concurrent_runs: int, start_time: str | None, end_time: str | None,
                     project: str | None, region: str, pipeline_root: str | None,
                     service_account: str | None, network: str | None, params: tuple[str, ...],
-                    labels: tuple[str, ...], caching: bool | None, kfp_host: str | None) -> None:
+                    labels: tuple[str, ...], caching: bool | None, kfp_host: str | None,
+                    **runner_settings: Any) -> None:
     """Create a schedule that runs TEMPLATE on CRON."""
-    parameters = key_values(params, "--param", parse_json=True)
+    parameters = _run_parameters(params, runner_settings, project, region, kfp_host)
     try:
         _preflight(template, parameters, kfp_host)  # or every scheduled run fails the same way
         if kfp_host:

@@ -31,6 +31,10 @@ def prepare_data(
     model_name: str,
     seed: int,
     statistics_uri: str,
+    # Where its Beam pipeline runs (`BeamRunner`); the image is the pipeline's, for the workers.
+    data_runner: str, dataflow_project: str, dataflow_region: str, dataflow_service_account: str,
+    dataflow_temp_location: str, dataflow_max_workers: int, dataflow_machine_type: str,
+    dataflow_subnetwork: str, beam_job_endpoint: str, sdk_container_image: str,
     train: Output[Dataset],
     val: Output[Dataset],
     test: Output[Dataset],
@@ -41,12 +45,19 @@ def prepare_data(
     The training statistics are kept as an artifact and, when `statistics_uri` is set, also
     written there for the drift trigger to compare new data with.
     """
+    from torchship.components.data.runners import BeamRunner
     from torchship.components.data.stage import prepare_data as run
     from torchship.components.data.stage import write_statistics
 
+    runner = BeamRunner(
+        runner=data_runner, project=dataflow_project, region=dataflow_region,
+        service_account=dataflow_service_account, temp_location=dataflow_temp_location,
+        max_workers=dataflow_max_workers, machine_type=dataflow_machine_type,
+        subnetwork=dataflow_subnetwork, job_endpoint=beam_job_endpoint,
+        sdk_container_image=sdk_container_image)
     meta = run(data_source, label_column, train.path, val.path, test.path, seed=seed,
                image_size=image_size, text_column=text_column, tokenizer=tokenizer,
-               max_length=max_length, model_name=model_name)
+               max_length=max_length, model_name=model_name, runner=runner)
     from torchship.components.progress import report
 
     for warning in meta["warnings"]:  # kept in the splits' metadata too
@@ -342,6 +353,7 @@ def vertex_worker_pools(
 class Components:
     """The stages as KFP components built for one image (and, for Vertex AI, the custom job)."""
 
+    image: str  # the base image of every component, and the data step's Dataflow workers'
     prepare_data: Callable
     train: Callable
     compress: Callable
@@ -363,6 +375,7 @@ def build_components(image: str, vertex: bool = False) -> Components:
         return dsl.component(func, base_image=image, install_kfp_package=False)
 
     ops = Components(
+        image=image,
         prepare_data=make(prepare_data),
         train=make(train),
         compress=make(compress),

@@ -10,6 +10,8 @@ from typing import Any, NoReturn
 from torchship.components.benchmark import method as measurement
 from torchship.components.compress import variants as catalog
 from torchship.components.contracts import NOT_SET, TARGET_CONCURRENCY
+from torchship.components.data.runners import PIPELINE_PARAMETERS as RUNNER_FIELDS
+from torchship.components.data.runners import BeamRunner, from_parameters
 from torchship.components.data.stage import (
     DEFAULT_LABEL_COLUMN,
     DEFAULT_SOURCE,
@@ -25,8 +27,9 @@ from torchship.components.train.config import default as training_default
 from torchship.components.tune_serving.stage import INSTANCE_COUNTS, QUEUE_DELAYS_US
 from torchship.pipelines.vertex import DEFAULT_REGION
 
-__all__ = ["MEASUREMENT_PARAMETERS", "PARAMETERS", "TRAINING_PARAMETERS", "VERTEX_PARAMETERS",
-           "Parameters", "check_parameters", "compiled_defaults", "pipeline_parameters"]
+__all__ = ["MEASUREMENT_PARAMETERS", "PARAMETERS", "RUNNER_PARAMETERS", "TRAINING_PARAMETERS",
+           "VERTEX_PARAMETERS", "Parameters", "check_parameters", "compiled_defaults",
+           "pipeline_parameters"]
 
 # A pipeline's parameters as (name, type, default). KFP reads them from the pipeline function's
 # signature, so each platform's signature is built from one of these.
@@ -36,6 +39,9 @@ Parameters = tuple[tuple[str, Any, Any], ...]
 TRAINING_PARAMETERS = ("model_name", "epochs", "batch_size", "learning_rate", "num_workers", "seed")
 # A dict parameter (KFP takes {} where the stage's None means "the model's own defaults").
 MODEL_OPTIONS = "model_options"
+# Where the data step's Beam pipeline runs (components/data/runners.py): DirectRunner in the
+# step itself, DataflowRunner or PortableRunner (a Flink or Spark job server).
+RUNNER_PARAMETERS = tuple(RUNNER_FIELDS)
 # Compression options that are pipeline parameters (the others keep their defaults).
 COMPRESSION_PARAMETERS = ("target_sparsity", "finetune_epochs", "calibration_method")
 # How the benchmark and tune-serving stages measure a level: pipeline parameter
@@ -43,6 +49,7 @@ COMPRESSION_PARAMETERS = ("target_sparsity", "finetune_epochs", "calibration_met
 MEASUREMENT_PARAMETERS = measurement.PIPELINE_SETTINGS
 
 _options = catalog.options()
+_runner = BeamRunner()  # its defaults: DirectRunner, and nothing set for the others
 # The parameters of every platform.
 PARAMETERS: Parameters = (
     ("data_source", str, DEFAULT_SOURCE),
@@ -53,6 +60,8 @@ PARAMETERS: Parameters = (
     ("tokenizer", str, ""),
     ("max_length", int, DEFAULT_MAX_LENGTH),
     ("statistics_uri", str, ""),
+    *((name, type(getattr(_runner, field)), getattr(_runner, field))
+      for name, field in RUNNER_FIELDS.items()),
     *((name, type(training_default(name)), training_default(name))
       for name in TRAINING_PARAMETERS),
     (MODEL_OPTIONS, dict, {}),
@@ -132,6 +141,8 @@ def check_parameters(arguments: dict[str, Any], defaults: dict[str, Any] | None 
             refuse("target_concurrency", f"is not a measured level ({levels})",
                    "pass one of the benchmark concurrency levels, or add it to them")
     _check_serving_search(values, refuse)
+    if any(name in values for name in RUNNER_PARAMETERS):
+        from_parameters(values).check()
 
 
 def _check_benchmark_sweep(values: dict[str, Any],

@@ -18,6 +18,7 @@ from torchship.pipelines.parameters import (
     MEASUREMENT_PARAMETERS,
     MODEL_OPTIONS,
     PARAMETERS,
+    RUNNER_PARAMETERS,
     TRAINING_PARAMETERS,
     VERTEX_PARAMETERS,
     Parameters,
@@ -128,7 +129,9 @@ def _pipeline(ops: Components, parameters: Parameters, train: TrainStep) -> Call
                                 text_column=params["text_column"],
                                 tokenizer=params["tokenizer"], max_length=params["max_length"],
                                 model_name=params["model_name"], seed=params["seed"],
-                                statistics_uri=params["statistics_uri"])
+                                statistics_uri=params["statistics_uri"],
+                                **{name: params[name] for name in RUNNER_PARAMETERS},
+                                sdk_container_image=ops.image)
         return _after_training(ops, data, train(ops, data, params), params)
 
     torchship_pipeline.__signature__ = signature  # what KFP's compiler reads

@@ -19,6 +19,7 @@ import difflib
 import json
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,7 @@ def preflight_run(pipeline_yaml: str, pipeline_root: str, arguments: dict[str, A
     parameter's command-line option (``num_workers`` -> ``--workers``). Returns notes to print."""
     definitions = pipeline_parameters(pipeline_yaml)
     values, notes = _checked_values(arguments, definitions, flags)
+    _check_runner_image(pipeline_yaml, values)
     _check_folder(pipeline_root, "--pipeline-root")
     if values.get("local_repository"):
         _check_folder(values["local_repository"],
@@ -83,6 +85,7 @@ def preflight_cloud(template: str, arguments: dict[str, Any], where: str) -> lis
         values, notes = arguments, []
     else:
         values, notes = _checked_values(arguments, pipeline_parameters(template), {})
+        _check_runner_image(template, values)
     for name in _READ_PATHS:
         value = values.get(name)
         if isinstance(value, str) and value and "://" not in value \
@@ -154,6 +157,20 @@ def _follow_levels(arguments: dict[str, Any], defaults: dict[str, Any]) -> list[
     arguments["target_concurrency"] = target
     which = "largest measured level up to" if below else "smallest measured level above"
     return [f"target concurrency {target}: the {which} the default {default}"]
+
+
+def _check_runner_image(pipeline_yaml: str, values: dict[str, Any]) -> None:
+    """A Dataflow data step's workers run the pipeline's image, so it must be in a registry."""
+    from torchship.components.data.runners import DATAFLOW, from_parameters
+
+    if values.get("data_runner") != DATAFLOW:
+        return
+    import yaml
+
+    executors = yaml.safe_load(Path(pipeline_yaml).read_text())["deploymentSpec"]["executors"]
+    image = next((e["container"]["image"] for name, e in executors.items()
+                  if "prepare-data" in name and "container" in e), "")
+    replace(from_parameters(values), sdk_container_image=image).check()
 
 
 def _check_training(values: dict[str, Any], flags: dict[str, str]) -> None:

@@ -15,10 +15,23 @@ from torchship.components.errors import UserInputError
 if TYPE_CHECKING:
     from apache_beam.options.pipeline_options import PipelineOptions
 
-__all__ = ["RUNNERS", "BeamRunner", "dataflow_job_name"]
+__all__ = ["PIPELINE_PARAMETERS", "RUNNERS", "BeamRunner", "dataflow_job_name", "from_parameters"]
 
 DIRECT, DATAFLOW, PORTABLE = "DirectRunner", "DataflowRunner", "PortableRunner"
 RUNNERS = (DIRECT, DATAFLOW, PORTABLE)
+# The pipeline parameters that set a runner: parameter -> BeamRunner field. The image is the
+# pipeline's own, set when it is compiled.
+PIPELINE_PARAMETERS = {
+    "data_runner": "runner",
+    "dataflow_project": "project",
+    "dataflow_region": "region",
+    "dataflow_service_account": "service_account",
+    "dataflow_temp_location": "temp_location",
+    "dataflow_max_workers": "max_workers",
+    "dataflow_machine_type": "machine_type",
+    "dataflow_subnetwork": "subnetwork",
+    "beam_job_endpoint": "job_endpoint",
+}
 # Where a Dataflow job's project comes from when none is given: Google's client libraries read
 # the first, Vertex AI sets the second in the containers it runs.
 PROJECT_ENV = ("GOOGLE_CLOUD_PROJECT", "CLOUD_ML_PROJECT_ID")
@@ -91,11 +104,13 @@ class BeamRunner:
 
     def _check_dataflow(self, refuse: Callable[[str, object, str, str], NoReturn]) -> None:
         if not re.fullmatch(r"[a-z]+-[a-z]+\d+", self.region):
-            refuse("parameter dataflow_region", self.region, "is not a Google Cloud region",
+            refuse("parameter dataflow_region", self.region,
+                   "is not a Google Cloud region" if self.region else "is empty",
                    "pass the region Dataflow runs the data step in, e.g. europe-west4")
         if not re.fullmatch(r"gs://[^/\s]+(/\S*)?", self.temp_location):
             refuse("parameter dataflow_temp_location", self.temp_location,
-                   "is not a gs:// folder, where Dataflow stages and keeps temporary files",
+                   f"is {'not a gs:// folder' if self.temp_location else 'empty'}, and Dataflow "
+                   "needs one to stage and keep temporary files in",
                    "pass e.g. gs://BUCKET/dataflow-temp")
         if self.service_account and not re.fullmatch(r"[^@\s]+@[^@\s]+\.[a-z]+",
                                                      self.service_account):
@@ -154,3 +169,10 @@ class BeamRunner:
                        f"--environment_config={self.sdk_container_image}"]
                       if self.sdk_container_image else ["--environment_type=LOOPBACK"])
         return PipelineOptions(flags)
+
+
+def from_parameters(values: dict[str, object]) -> BeamRunner:
+    """The runner that pipeline parameter `values` set (see PIPELINE_PARAMETERS); parameters
+    left out keep BeamRunner's defaults."""
+    return BeamRunner(**{field: values[name] for name, field in PIPELINE_PARAMETERS.items()
+                         if name in values})
