@@ -34,7 +34,8 @@ def test_image_pins_agree_with_pyproject():
     for dockerfile in python_images:
         text = dockerfile.read_text()
         # The package itself is installed, so every other dependency takes pyproject's pin.
-        assert re.search(r"pip install \.( |$)", text, re.MULTILINE), dockerfile.name
+        assert re.search(r'pip install "?\.(\[[\w,-]+\])?"?( |$)', text, re.MULTILINE), (
+            dockerfile.name)
         pins = image_pins(dockerfile)
         assert pins["torch"] == makefile_torch, dockerfile.name
         for name, version in pins.items():
@@ -68,3 +69,43 @@ def test_trigger_function_requirements_agree_with_pyproject():
     for pin in pins:
         version = str(pin.specifier).removeprefix("==")
         assert required[pin.name.lower()].specifier.contains(version), pin
+
+
+def test_the_cpu_image_runs_dataflow_workers_of_its_own_beam_and_python():
+    """Dataflow starts the data step's workers in the CPU image: Beam's launcher there is of the
+    Beam that the `dataflow` extra pins and of the image's Python, and the entry point hands it
+    the harness's flags."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    [beam] = [Requirement(r) for r in project["optional-dependencies"]["dataflow"]]
+    assert beam.name == "apache-beam" and "gcp" in beam.extras
+    text = (ROOT / "containers" / "Dockerfile.cpu").read_text()
+    python = re.search(r"^FROM python:(\d+\.\d+)-slim", text, re.MULTILINE)[1]
+    launcher = re.search(r"COPY --from=apache/beam_python([\d.]+)_sdk:(\S+) /opt/apache/beam ",
+                         text)
+    assert launcher[1] == python
+    assert beam.specifier.contains(launcher[2]) and str(beam.specifier) == f"=={launcher[2]}"
+    assert re.search(r'pip install "\.\[dataflow\]"', text)
+    assert 'ENTRYPOINT ["/opt/torchship/beam-entrypoint.sh"]' in text
+    entrypoint = (ROOT / "containers" / "beam-entrypoint.sh").read_text()
+    assert 'exec /opt/apache/beam/boot "$@"' in entrypoint and entrypoint.rstrip().endswith(
+        'exec "$@"')
+
+
+def test_the_entry_point_hands_harness_flags_to_beam_and_runs_commands_as_given(tmp_path):
+    import subprocess
+
+    boot = tmp_path / "boot"
+    boot.write_text('#!/bin/sh\necho "beam boot $*"\n')
+    boot.chmod(0o755)
+    script = tmp_path / "entrypoint.sh"
+    script.write_text((ROOT / "containers" / "beam-entrypoint.sh").read_text()
+                      .replace("/opt/apache/beam/boot", str(boot)))
+    script.chmod(0o755)
+
+    def start(*args: str) -> str:
+        return subprocess.run([str(script), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert start("--id=1", "--control_endpoint=localhost:1") == (
+        "beam boot --id=1 --control_endpoint=localhost:1")
+    assert start("echo", "--not-for-beam") == "--not-for-beam"
