@@ -137,7 +137,7 @@ def read_task(spec: ReadSpec, task: ReadTask, image_mode: str = "") -> Iterator[
     elif spec.kind in ("npz", "digits-images"):
         yield _loaded_chunk(spec, task)
     elif spec.kind == "images":
-        yield _image_chunk(spec, task, image_mode)
+        yield from _image_chunks(spec, task, image_mode)
     else:  # pragma: no cover - the launcher plans only the kinds above
         raise ValueError(f"unknown source kind {spec.kind!r}")
 
@@ -211,25 +211,30 @@ def _loaded_chunk(spec: ReadSpec, task: ReadTask) -> Chunk:
                  labels, keys, values)
 
 
-def _image_chunk(spec: ReadSpec, task: ReadTask, mode: str) -> Chunk:
-    """A batch of image files, decoded, resized and converted to `mode`."""
+def _image_chunks(spec: ReadSpec, task: ReadTask, mode: str) -> Iterator[Chunk]:
+    """A batch of image files, decoded, resized and converted to `mode`, as chunks of about
+    CHUNK_BYTES of pixels."""
     import fsspec
 
     from torchship.components.data.images import BILINEAR, _read_image
 
-    pixels, labels, keys = [], [], []
-    fs = None
-    for class_name, path, name, key in task.files:
-        if fs is None:
-            fs = fsspec.core.url_to_fs(spec.source)[0]
+    fs = fsspec.core.url_to_fs(spec.source)[0]
+    pixels: list[np.ndarray] = []
+    labels: list[str] = []
+    keys: list[str] = []
+    held, number = 0, 0
+    for position, (class_name, path, name, key) in enumerate(task.files):
         image = _read_image(spec.source, fs, path, name)
         if spec.image_size:
             image = image.resize((spec.image_size, spec.image_size), resample=BILINEAR)
         pixels.append(np.asarray(image.convert(mode or "RGB"), dtype=np.float32))
         labels.append(class_name)
         keys.append(key)
-    array = np.stack(pixels)
-    features = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)
-    features = np.ascontiguousarray(features)
-    return Chunk(f"{task.number:05d}-00000", {"input": features},
-                 np.array(labels, dtype=object), text_key(keys), features)
+        held += pixels[-1].nbytes
+        if held >= CHUNK_BYTES or position == len(task.files) - 1:
+            array = np.stack(pixels)
+            features = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)
+            features = np.ascontiguousarray(features)
+            yield Chunk(f"{task.number:05d}-{number:05d}", {"input": features},
+                        np.array(labels, dtype=object), text_key(keys), features)
+            pixels, labels, keys, held, number = [], [], [], 0, number + 1

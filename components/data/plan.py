@@ -9,17 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from torchship.components.data.chunks import ReadSpec, ReadTask, chunk_rows
+from torchship.components.data.preview import SAMPLE_ROWS
 from torchship.components.data.sanity import check_columns, check_header, check_label
 from torchship.components.data.sources import TABLE_SUFFIXES, listed, read_table
 from torchship.components.errors import UserInputError, one_line
 
-__all__ = ["Plan", "plan_source"]
+__all__ = ["Plan", "plan_source", "sample_table"]
 
 DEFAULT_SOURCE, DIGITS_IMAGES = "digits", "digits-images"
 SOURCE_KINDS = ("a path to a CSV, Parquet or .npz file, a folder of images with one sub-folder "
                 "per class, 'digits' or 'digits-images'")
-# Rows read to check a table's columns and label before the pipeline starts.
-SAMPLE_ROWS = 10_000
 # Image files per read task.
 IMAGES_PER_TASK = 512
 
@@ -101,7 +100,7 @@ def _check_google_credentials(source: str) -> None:
             "login' or set GOOGLE_APPLICATION_CREDENTIALS") from error
 
 
-def _sample(source: str, fs, fs_path: str, kind: str):
+def sample_table(source: str, fs, fs_path: str, kind: str):
     """The first rows of a table, without reading the rest (a Parquet file by its first batch)."""
     if kind == "csv":
         return read_table(source, kind, nrows=SAMPLE_ROWS), []
@@ -130,7 +129,7 @@ def _plan_table(source: str, fs, fs_path: str, kind: str, label_column: str, tex
                 tokenizer: str, max_length: int) -> Plan:
     import pandas as pd
 
-    sample, groups = _sample(source, fs, fs_path, kind)
+    sample, groups = sample_table(source, fs, fs_path, kind)
     columns = [str(c) for c in sample.columns]
     sample.columns = columns
     wanted = [(label_column, "--label-column")]

@@ -1,6 +1,6 @@
 """A look at a data source in the first seconds, before any stage runs: the checks that a header
 or a sample can answer (`sanity`), the number of classes and, for a table, of features. The
-prepare-data stage reads the whole source and checks it again."""
+prepare-data stage checks every row again as it reads them."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ __all__ = ["Preview", "preview_source"]
 
 # Rows read to check a table's columns and label: enough to see a pattern, seconds at most.
 SAMPLE_ROWS = 10_000
+# A table up to this size has its whole label column read (a class seen only late counts too).
+WHOLE_LABELS_BYTES = 256 << 20
 DIGITS_CLASSES, DIGITS_FEATURES = 10, 64
 
 
@@ -33,7 +35,7 @@ class Preview:
 def preview_source(source: str, label_column: str, text_column: str = "") -> Preview | None:
     """The preview of a local source or a built-in one; None for a remote one (its credentials
     and size are the data stage's business) or one the data stage alone can judge."""
-    from torchship.components.data.sources import TABLE_SUFFIXES, read_table
+    from torchship.components.data.sources import TABLE_SUFFIXES
     from torchship.components.data.stage import DEFAULT_SOURCE, DIGITS_IMAGES
 
     if source == DEFAULT_SOURCE:
@@ -48,12 +50,19 @@ def preview_source(source: str, label_column: str, text_column: str = "") -> Pre
                              "Parquet or .npz file, an image folder, or 'digits'")
     suffix = path.suffix.lower()
     if suffix in TABLE_SUFFIXES and path.is_file():
-        sample = read_table(source, TABLE_SUFFIXES[suffix], nrows=SAMPLE_ROWS)
+        import fsspec
+
+        from torchship.components.data.plan import sample_table
+
+        fs, fs_path = fsspec.core.url_to_fs(source)
+        sample = sample_table(source, fs, fs_path, TABLE_SUFFIXES[suffix])[0]
         sample.columns = [str(c) for c in sample.columns]
         if label_column not in sample.columns:
             return None  # the data stage names the columns there are
         check_columns(source, sample, label_column)
-        labels = _label_column(source, TABLE_SUFFIXES[suffix], label_column)
+        # The whole label column where it is cheap to read; a large file's first rows.
+        labels = (_label_column(source, TABLE_SUFFIXES[suffix], label_column)
+                  if path.stat().st_size <= WHOLE_LABELS_BYTES else sample[label_column])
         check_label(source, labels, label_column)
         features = None if text_column else sample.shape[1] - 1
         return Preview(source, int(labels.nunique()), features)

@@ -9,10 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from torchship.components.data.sanity import (
-    check_columns,
     check_features,
     check_header,
-    check_label,
     read_header,
 )
 from torchship.components.errors import UserInputError, one_line
@@ -61,11 +59,6 @@ class LoadedSource:
         return self.tokens is not None
 
 
-def load_table(source: str, kind: str, label_column: str) -> LoadedSource:
-    """A CSV or Parquet table: every column but `label_column` is a numeric feature."""
-    return table_source(source, read_table(source, kind), label_column)
-
-
 def read_table(source: str, kind: str, nrows: int | None = None) -> pd.DataFrame:
     """A CSV or Parquet file (its first `nrows` rows of a CSV, when given) as a DataFrame with at
     least one row and column; a CSV's header as written is checked first (`sanity`)."""
@@ -98,50 +91,6 @@ def read_table(source: str, kind: str, nrows: int | None = None) -> pd.DataFrame
     elif len(set(map(str, table.columns))) != table.shape[1]:  # Parquet keeps names as written
         check_header(source, [str(c) for c in table.columns])
     return table
-
-
-def table_source(source: str, table: pd.DataFrame, label_column: str) -> LoadedSource:
-    import pandas as pd
-
-    columns = [str(c) for c in table.columns]
-    table.columns = columns
-    if label_column not in columns:
-        raise UserInputError(
-            f"data source '{source}' has no column '{label_column}' "
-            f"(columns: {listed(columns)}); pass --label-column"
-        )
-    check_columns(source, table, label_column)
-    feature_columns = [c for c in columns if c != label_column]
-    if not feature_columns:
-        raise UserInputError(
-            f"data source '{source}' has only the label column '{label_column}'; "
-            "pass a table with at least one feature column"
-        )
-    non_numeric = [
-        c for c in feature_columns
-        if not pd.api.types.is_numeric_dtype(table[c]) or pd.api.types.is_complex_dtype(table[c])
-    ]
-    if non_numeric:
-        raise UserInputError(
-            f"data source '{source}' has non-numeric feature columns {listed(non_numeric)}; "
-            "encode them as numbers or drop them"
-        )
-    features = table[feature_columns].to_numpy(dtype=np.float64, na_value=np.nan)
-    _check_finite(source, features, feature_columns)
-
-    label = table[label_column]
-    if label.isna().any():
-        raise UserInputError(
-            f"data source '{source}' has {int(label.isna().sum())} rows with no value in label "
-            f"column '{label_column}'; fill or drop those rows"
-        )
-    check_label(source, label, label_column)
-    origin = f"label column '{label_column}'"
-    labels, class_names = class_indices(source, label, origin, "a label column")
-    return LoadedSource(features, labels, class_names, feature_columns,
-                        {col: str(dtype) for col, dtype in table.dtypes.items()},
-                        labels_from=origin,
-                        warnings=check_features(source, features, feature_columns))
 
 
 def load_npz(source: str) -> LoadedSource:

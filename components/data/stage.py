@@ -197,11 +197,11 @@ def summarise(plan: Plan, result: dict, val_fraction: float, test_fraction: floa
         raise UserInputError(
             f"data source '{source}' {plan.labels_from or 'has'} has a single class "
             f"'{class_names[0] if class_names else ''}'; pass labels with at least two classes")
-    _check_class_sizes(plan, counts, class_names, val_fraction, test_fraction)
     warnings = []
-    if plan.table:
+    if plan.table:  # before the class checks: constant rows all hash alike
         spread = merge_moments(sorted(result["spread"], key=lambda part: part["min"]))
         warnings = check_spread(source, spread["max"] - spread["min"], plan.feature_names)
+    _check_class_sizes(plan, counts, class_names, val_fraction, test_fraction)
     train = merge_moments(sorted(result["train"], key=lambda part: part["chunk"]))
     assert train is not None  # every class has training rows
     shapes, dtypes = result["shapes"], result["dtypes"]
@@ -275,13 +275,17 @@ def _check_class_sizes(plan: Plan, counts: dict[str, dict[str, int]], class_name
             f"data source '{source}'{where} has too few {unit} for {len(short)} of its "
             f"{len(class_names)} classes ({named}); each class needs at least {needed} {unit} to "
             f"appear in train, val and test: add {unit} or drop rare classes")
-    left_out = [f"'{name}' ({totals[name]} {unit}, none in {split})" for name in class_names
-                for split, split_counts in counts.items() if not split_counts.get(name)]
+    left_out = []
+    for name in class_names:
+        absent = [split for split, split_counts in counts.items() if not split_counts.get(name)]
+        if absent:
+            left_out.append(f"'{name}' ({totals[name]} {unit}, none in {' or '.join(absent)})")
     if left_out:
         raise UserInputError(
-            f"data source '{source}'{where}: the split by row hash left {len(left_out)} class(es) "
-            f"out of a split ({listed(left_out)}); every class must be in train, val and test: "
-            f"add {unit} to those classes, or pass another --seed")
+            f"data source '{source}'{where}: the split by row hash left {len(left_out)} of "
+            f"{len(class_names)} classes out of a split ({listed(left_out)}); every class must be "
+            f"in train, val and test: add distinct {unit} to those classes, or pass another "
+            "--seed")
 
 
 def write_statistics(statistics: dict, uri: str) -> None:

@@ -5,19 +5,12 @@ to `max_length`. The model inputs are `input_ids` and `attention_mask`, int64 [b
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-
-from torchship.components.data.sanity import check_label
-from torchship.components.data.sources import LoadedSource, class_indices, listed
 from torchship.components.errors import UserInputError, one_line
 from torchship.components.files import local_directory, read_json
 
-if TYPE_CHECKING:
-    import pandas as pd
-
-__all__ = ["TEXT_INPUTS", "check_model_vocabulary", "load_tokenizer", "text_source"]
+__all__ = ["TEXT_INPUTS", "check_model_vocabulary", "load_tokenizer"]
 
 TEXT_INPUTS = ("input_ids", "attention_mask")
 DEFAULT_MAX_LENGTH = 128
@@ -40,53 +33,6 @@ def load_tokenizer(uri: str, what: str = "tokenizer") -> Any:
             raise UserInputError(
                 f"{what} '{uri}' could not be loaded ({one_line(error, 200, with_type=True)}); "
                 "pass a directory written by a tokenizer's save_pretrained") from error
-
-
-def text_source(source: str, table: pd.DataFrame, label_column: str, text_column: str,
-                tokenizer_uri: str, max_length: int = DEFAULT_MAX_LENGTH) -> LoadedSource:
-    """Tokenise `text_column` of `table`; labels from `label_column`."""
-    columns = [str(c) for c in table.columns]
-    table.columns = columns
-    for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
-        if column not in columns:
-            raise UserInputError(
-                f"data source '{source}' has no column '{column}' (columns: {listed(columns)}); "
-                f"pass {flag}")
-    if not tokenizer_uri:
-        raise UserInputError(
-            f"data source '{source}' is text (column '{text_column}') and needs a tokenizer; "
-            "pass --tokenizer DIR, or --model hf:DIR whose directory holds one")
-    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
-        raise UserInputError(f"max_length {max_length!r} is not a whole number >= 2; pass e.g. "
-                             f"{DEFAULT_MAX_LENGTH}")
-    label = table[label_column]
-    if label.isna().any():
-        raise UserInputError(
-            f"data source '{source}' has {int(label.isna().sum())} rows with no value in label "
-            f"column '{label_column}'; fill or drop those rows")
-    text = table[text_column]
-    if text.isna().any():
-        raise UserInputError(
-            f"data source '{source}' has {int(text.isna().sum())} rows with no text in column "
-            f"'{text_column}'; fill or drop those rows")
-    origin = f"label column '{label_column}'"
-    check_label(source, label, label_column)
-    labels, class_names = class_indices(source, label, origin, "a label column")
-    tokenizer = load_tokenizer(tokenizer_uri)
-    encoded = tokenizer([str(t) for t in text], max_length=max_length, truncation=True,
-                        padding="max_length", return_tensors="np")
-    missing = [name for name in TEXT_INPUTS if name not in encoded]
-    if missing:
-        raise UserInputError(
-            f"tokenizer '{tokenizer_uri}' gives no {', '.join(missing)}; pass a tokenizer that "
-            "returns input_ids and attention_mask")
-    tokens = {name: np.ascontiguousarray(encoded[name], dtype=np.int64) for name in TEXT_INPUTS}
-    return LoadedSource(
-        np.empty((len(labels), 0), dtype=np.float64), labels, class_names, ["tokens"],
-        {text_column: "text", label_column: str(label.dtype)}, labels_from=origin,
-        tokens=tokens,
-        extra={"vocab_size": np.array(len(tokenizer)), "max_length": np.array(max_length),
-               "tokenizer": np.array(str(tokenizer_uri))})
 
 
 def check_model_vocabulary(model_name: str, tokens: dict[str, Any], length: int,
