@@ -9,8 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from torchship.components.data.chunks import ReadSpec, ReadTask, chunk_rows
-from torchship.components.data.preview import SAMPLE_ROWS
-from torchship.components.data.sanity import check_columns, check_header, check_label
+from torchship.components.data.sanity import (
+    SAMPLE_ROWS,
+    check_columns,
+    check_header,
+    check_label,
+)
 from torchship.components.data.sources import TABLE_SUFFIXES, listed, read_table
 from torchship.components.errors import UserInputError, one_line
 

@@ -15,8 +15,6 @@ from torchship.components.errors import UserInputError
 
 __all__ = ["Preview", "preview_source"]
 
-# Rows read to check a table's columns and label: enough to see a pattern, seconds at most.
-SAMPLE_ROWS = 10_000
 # A table up to this size has its whole label column read (a class seen only late counts too).
 WHOLE_LABELS_BYTES = 256 << 20
 DIGITS_CLASSES, DIGITS_FEATURES = 10, 64

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["check_columns", "check_features", "check_header", "check_label", "check_spread",
            "read_header"]
 
+# Rows read to check a table's columns and label: enough to see a pattern, seconds at most.
+SAMPLE_ROWS = 10_000
 SEPARATORS = {";": "semicolon", "\t": "tab", "|": "pipe"}
 INDEX_PREFIX = "Unnamed: "
 # A label with more distinct values than this, some not whole numbers, is a measurement.
