@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchship.components.data.splits import load_split
+from torchship.components.data.splits import load_split, split_index
 from torchship.components.errors import UserInputError
 from torchship.components.models import load_checkpoint
 from torchship.components.train.checkpoints import checkpoint_dir_for, metrics_path_for
@@ -53,7 +53,9 @@ def test_two_workers_with_torch_distributed_run(digits, tmp_path):
     # The job's size: counted FLOPs per sample, times the samples trained, in H100 hours.
     assert metrics["flops_per_sample"] == MLP_FLOPS_PER_SAMPLE
     samples = sum(entry["samples"] for entry in metrics["history"])
-    assert samples == 3 * 1258  # 1257 rows, padded to an even split
+    rows = split_index(digits["train"]).n_rows
+    assert samples == 3 * rows  # every row once an epoch, none padded in
+    assert [entry["rows_seen"] for entry in metrics["history"]] == [rows] * 3
     assert metrics["training_flops"] == MLP_FLOPS_PER_SAMPLE * samples
     assert metrics[GPU_HOURS_KEY] == pytest.approx(samples * MLP_FLOPS_PER_SAMPLE
                                                    / (989e12 * 0.4) / 3600)

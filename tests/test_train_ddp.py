@@ -64,10 +64,14 @@ def trainjob_nodes(train: str, val: str, directory: Path, flags: list[str],
             for rank in (0, 1)]
 
 
-def test_ddp_matches_single_process(tmp_path, monkeypatch):
-    # 1024 rows, global batch 128: 8 optimizer steps an epoch, 16 in all. DistributedSampler
-    # gives rank r every 2nd index of the same seeded permutation, so each step's global batch
-    # is the same 128 rows in every run; without dropout the weights must then agree.
+def test_global_batch_does_not_depend_on_how_it_is_split(tmp_path, monkeypatch):
+    # 1024 rows, global batch 128: 8 optimizer steps an epoch, 16 in all. At a given world size
+    # a rank's rows and their order do not depend on its batch size (see train/stream.py), so
+    # per-rank batches of 64, or of 32 accumulated twice, make each step's global batch the same
+    # 128 rows; without dropout the weights must then agree, whichever launcher ran the workers.
+    # Across world sizes they differ: each rank takes a contiguous range of the epoch's rows
+    # and shuffles within it, so 1 process and 2 see other global batches (as DistributedSampler
+    # did not), and the property is checked at 1 and at 2.
     train, val = synthetic_splits(tmp_path, rows=1024)
     (tmp_path / "no_dropout.py").write_text(NO_DROPOUT)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -75,10 +79,14 @@ def test_ddp_matches_single_process(tmp_path, monkeypatch):
     weights, metrics = {}, {}
 
     single = "1 process, batch 128"
+    accumulated = "1 process, batch 64 x 2 accumulation steps"
     with one_process_job():  # trains in this process
-        metrics[single] = train_model(train, val, str(tmp_path / "single.pt"), batch_size=128,
-                                      progress=lambda _: None, **common)
-    weights[single] = torch.load(tmp_path / "single.pt", weights_only=True)["state_dict"]
+        for name, batch, steps in ((single, 128, 1), (accumulated, 64, 2)):
+            path = tmp_path / f"single-{batch}.pt"
+            metrics[name] = train_model(train, val, str(path), batch_size=batch,
+                                        gradient_accumulation_steps=steps,
+                                        progress=lambda _: None, **common)
+            weights[name] = torch.load(path, weights_only=True)["state_dict"]
 
     local = "2 local processes (torch.distributed.run), batch 64"
     metrics[local] = train_model(train, val, str(tmp_path / "local.pt"), num_workers=2,
@@ -98,14 +106,21 @@ def test_ddp_matches_single_process(tmp_path, monkeypatch):
     weights[nodes] = torch.load(tmp_path / "nodes" / "node0.pt",
                                 weights_only=True)["state_dict"]
 
+    assert max_abs_difference(weights[single], weights[accumulated]) <= 1e-5
+    assert max_abs_difference(weights[local], weights[nodes]) <= 1e-5
     for name in (local, nodes):
-        assert max_abs_difference(weights[single], weights[name]) <= 1e-5, name
         assert metrics[name]["world_size"] == 2 and metrics[single]["world_size"] == 1
+    for name in metrics:
         assert metrics[name]["global_batch_size"] == 128
-        assert metrics[name]["optimizer_steps"] == metrics[single]["optimizer_steps"] == 16
+        assert metrics[name]["optimizer_steps"] == 16
+        # Every row once an epoch, at any world size: the same rows, whatever their order.
+        assert [(e["rows_seen"], e["row_key_digest"]) for e in metrics[name]["history"]] == [
+            (e["rows_seen"], e["row_key_digest"]) for e in metrics[single]["history"]], name
+        assert metrics[name]["history"][0]["rows_seen"] == 1024
     torch.manual_seed(0)
     initial = MLP(64, 10, dropout=0.0).state_dict()
-    assert max_abs_difference(initial, weights[single]) > 5e-3  # it did train: 500x the tolerance
+    for name in (single, local):  # it did train: 500x the tolerance
+        assert max_abs_difference(initial, weights[name]) > 5e-3, name
 
 
 KILLED_RUN_EPOCHS = 3

@@ -40,13 +40,21 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     early_stopping_patience: int = 0  # epochs without a better val loss; 0: never stop early
     precision: str = "auto"
+    # Rows shuffled together within a rank's stream (a window of consecutive row groups, at most
+    # 1 GiB): wide enough that a batch mixes many row groups (32 rows or more each), small
+    # enough to hold in memory.
+    shuffle_buffer: int = 16384
+    # A checkpoint every this many optimizer steps within an epoch, to resume from mid-epoch;
+    # 0: only at epoch ends (enough when an epoch takes minutes, and each one costs a write).
+    checkpoint_every_steps: int = 0
     timeout_s: float = 600.0  # how long to wait for the master and for any peer
 
     def check(self, name_of: Callable[[str], str] | None = None) -> None:
         """Every setting checked before any work; ``UserInputError`` names the setting as
         ``name_of(field)`` does (default: the worker's flag, ``--learning-rate``)."""
         name_of = name_of or flag
-        for name in ("epochs", "batch_size", "num_workers", "gradient_accumulation_steps"):
+        for name in ("epochs", "batch_size", "num_workers", "gradient_accumulation_steps",
+                     "shuffle_buffer"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserInputError(f"{name_of(name)} must be a positive integer, got {value!r}; "
@@ -61,6 +69,10 @@ class TrainConfig:
         if not isinstance(patience, int) or patience < 0:
             raise UserInputError(f"{name_of('early_stopping_patience')} must be an integer >= 0 "
                                  f"(0: off), got {patience!r}")
+        every = self.checkpoint_every_steps
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+            raise UserInputError(f"{name_of('checkpoint_every_steps')} must be an integer >= 0 "
+                                 f"(0: only at epoch ends), got {every!r}; pass e.g. 500")
         if not self.timeout_s > 0:
             raise UserInputError(f"{name_of('timeout_s')} must be positive, got "
                                  f"{self.timeout_s!r}; pass e.g. 600")

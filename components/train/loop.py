@@ -7,7 +7,6 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchship.components.contracts import TensorContract
@@ -29,13 +27,16 @@ from torchship.components.models import (
 )
 from torchship.components.train.checkpoints import (
     check_resumable,
-    checkpoint_path,
+    checkpoint_data,
+    cpu_state,
     newest_checkpoint,
+    position_to_resume,
     save_epoch_checkpoint,
     write_metrics,
 )
 from torchship.components.train.config import TrainConfig
 from torchship.components.train.launch import Launch
+from torchship.components.train.stream import TrainStream, open_split, range_batches, rank_range
 
 __all__ = ["GPU_HOURS_KEY", "MIN_LEARNING_RATE_RATIO", "learning_rate_at", "train"]
 
@@ -45,6 +46,8 @@ MIN_LEARNING_RATE_RATIO = 0.1
 GPU_NAME = "H100 SXM"
 GPU_PEAK_FLOPS = 989e12
 GPU_UTILISATION = 0.40
+# An epoch's row-key digest is the sum of the keys of the rows it trained on, modulo this.
+DIGEST_MODULUS = 2**64
 GPU_HOURS_KEY = "gpu_hours_h100_bf16_at_40pct"
 GPU_HOURS_ASSUMPTION = (
     f"NVIDIA {GPU_NAME}, bf16 dense peak {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s, "
@@ -61,12 +64,14 @@ def train(
     report = progress if is_main else (lambda _line: None)
     checkpoint_dir = Path(config.checkpoint_dir)
 
-    train, val = load_split(config.train_path), load_split(config.val_path)
-    contract, n_classes = train.contract, train.contract.n_classes
+    # The splits are streamed: a rank reads only the row groups of its own rows.
+    train_index = open_split(config.train_path, "train_path")
+    val_index = open_split(config.val_path, "val_path")
+    contract, n_classes = train_index.contract, train_index.contract.n_classes
     # Every input of the contract, in its order: the model is called as model(*inputs).
-    train_x = [torch.from_numpy(array) for array in train.inputs.values()]
-    val_x = [torch.from_numpy(array) for array in val.inputs.values()]
-    train_y, val_y = torch.from_numpy(train.y), torch.from_numpy(val.y)
+    input_names = contract.input_names
+    stream = TrainStream(train_index, world_size, config.batch_size, config.seed,
+                         config.shuffle_buffer)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank and in every run
     model = build_model(config.model_name, contract, n_classes, config.model_options).to(device)
@@ -79,15 +84,15 @@ def train(
                "and run it slower than fp32; fp16 is meant for GPUs")
     loss_fn = nn.CrossEntropyLoss()
 
-    # Each rank takes its own shard of a permutation that set_epoch changes every epoch; with a
-    # fixed seed, the global order (and so each global batch) is the same at any world size.
-    sampler = DistributedSampler(TensorDataset(*train_x, train_y), num_replicas=world_size,
-                                 rank=rank, shuffle=True, seed=config.seed)
-    micro_steps = math.ceil(len(sampler) / config.batch_size)
+    # Every rank runs the same number of micro-batches an epoch (see `stream`).
+    micro_steps = stream.micro_steps
     accumulation = config.gradient_accumulation_steps
     steps_per_epoch = math.ceil(micro_steps / accumulation)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = round(config.warmup_fraction * total_steps)
+    # What fixes the rows of each micro-step: a mid-epoch position holds only for the same.
+    layout = {"world_size": world_size, "batch_size": config.batch_size, "seed": config.seed,
+              "shuffle_buffer": config.shuffle_buffer, "rows": stream.n_rows}
 
     # What a checkpoint carries; resuming is loading it.
     state: dict[str, Any] = {
@@ -98,7 +103,7 @@ def train(
     shared = [checkpoint]
     dist.broadcast_object_list(shared, src=0)  # only node 0 needs to see the directory
     checkpoint = shared[0]
-    resumed_from = 0
+    resumed_from, within = 0, None
     if checkpoint is not None:
         check_resumable(checkpoint, config.model_name, contract, checkpoint_dir)
         model.load_state_dict(checkpoint["model"])
@@ -107,33 +112,41 @@ def train(
         state = {key: checkpoint[key] for key in state}
         resumed_from = state["epoch"]
         left = 0 if state["stopped_early"] else max(0, config.epochs - resumed_from)
-        report(f"resuming from epoch {resumed_from} (checkpoint "
-               f"{checkpoint_path(checkpoint_dir, resumed_from)}); {left} epochs left")
+        within = position_to_resume(checkpoint, layout, micro_steps, left, checkpoint_dir,
+                                     report)
 
-    flops_per_sample = _flops_per_sample(model, contract, train.inputs, config.batch_size,
+    flops_sample = load_split(config.train_path, "train_path", rows=config.batch_size).inputs
+    flops_per_sample = _flops_per_sample(model, contract, flops_sample, config.batch_size,
                                          device)
+    del flops_sample
     ddp_model = DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
     )
 
+    start = within["micro_step"] if within else 0
     for epoch in range(state["epoch"], config.epochs):
         if state["stopped_early"]:
             break
-        sampler.set_epoch(epoch)
-        # Dropout draws from a stream fixed by (seed, epoch, rank): a resumed run trains each
-        # epoch exactly as an uninterrupted one would.
-        torch.manual_seed(int(np.random.SeedSequence([config.seed, epoch, rank])
-                              .generate_state(1)[0]))
         ddp_model.train()
         started = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no GPU sync to log
-        batches = torch.tensor(list(sampler)).split(config.batch_size)
-        for micro_step, batch in enumerate(batches):
+        # Rank 0 carries the job's totals for the part of a resumed epoch already trained.
+        carried = within if within and is_main else {}
+        earlier_seconds = float(within["seconds"]) if within else 0.0
+        loss_sum = torch.tensor(float(carried.get("loss_sum", 0.0)), dtype=torch.float64,
+                                device=device)  # a device tensor: no GPU sync to log
+        rows = int(carried.get("rows", 0))
+        digest = int(carried.get("row_key_digest", "0"), 16)
+        for micro_step, batch in enumerate(stream.batches(epoch, rank, start), start):
             group_start = micro_step - micro_step % accumulation
-            group_size = min(accumulation, len(batches) - group_start)
+            group_size = min(accumulation, micro_steps - group_start)
             last_micro_step = micro_step == group_start + group_size - 1
-            x = [tensor[batch].to(device, non_blocking=True) for tensor in train_x]
-            y = train_y[batch].to(device, non_blocking=True)
+            if micro_step == group_start:
+                _seed_dropout(config.seed, epoch, rank, micro_step)
+            x = [torch.from_numpy(batch[name]).to(device, non_blocking=True)
+                 for name in input_names]
+            y = torch.from_numpy(batch["y"]).to(device, non_blocking=True)
+            rows += len(y)
+            digest = (digest + int(batch["row_key"].sum(dtype=np.uint64))) % DIGEST_MODULUS
             # Gradients are all-reduced only on the last micro-step of an accumulation group.
             with nullcontext() if last_micro_step else ddp_model.no_sync():
                 with torch.autocast(device.type, dtype=autocast_dtype,
@@ -151,21 +164,36 @@ def train(
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
-        # One job-wide loss and sample count for the epoch, summed over the ranks.
-        totals = torch.stack([loss_sum, loss_sum.new_tensor(len(sampler))])
-        dist.all_reduce(totals)
-        seconds = time.perf_counter() - started
-        epoch_samples = int(totals[1])
-        train_loss = float(totals[0]) / epoch_samples
+                every = config.checkpoint_every_steps
+                if every and state["step"] % every == 0 and micro_step + 1 < micro_steps:
+                    # Every rank takes part: the totals so far are summed over the job.
+                    done = _job_totals(loss_sum, rows, digest)
+                    if is_main:
+                        positions = [stream.position(epoch, r, micro_step + 1)
+                                     for r in range(world_size)]
+                        seconds = earlier_seconds + time.perf_counter() - started
+                        save_epoch_checkpoint(checkpoint_dir, {
+                            **state, **checkpoint_data(model, optimizer, scaler, config,
+                                                        contract, world_size),
+                            "within_epoch": {
+                                "micro_step": micro_step + 1, "micro_steps": micro_steps,
+                                "loss_sum": done[0], "rows": done[1],
+                                "row_key_digest": f"{done[2]:016x}", "seconds": seconds,
+                                "layout": layout, "positions": positions}})
+        # One job-wide loss, row count and row-key digest for the epoch, summed over the ranks.
+        loss_total, epoch_samples, digest = _job_totals(loss_sum, rows, digest)
+        seconds = earlier_seconds + time.perf_counter() - started
+        train_loss = loss_total / epoch_samples
+        start, within = 0, None
 
-        val_loss, val_accuracy = _evaluate(model, val_x, val_y, rank, world_size, device,
+        val_loss, val_accuracy = _evaluate(model, val_index, rank, world_size, device,
                                            autocast_dtype)
         improved = val_loss < state["best_val_loss"]
         if improved:
             state["best_val_loss"], state["best_epoch"] = val_loss, epoch + 1
             state["epochs_without_improvement"] = 0
             if config.early_stopping_patience and is_main:
-                state["best_model"] = _cpu_state(model)
+                state["best_model"] = cpu_state(model)
         else:
             state["epochs_without_improvement"] += 1
         patience = config.early_stopping_patience
@@ -176,6 +204,8 @@ def train(
             "val_accuracy": val_accuracy, "learning_rate": optimizer.param_groups[0]["lr"],
             "samples": epoch_samples, "seconds": seconds,
             "samples_per_second": epoch_samples / seconds,
+            # Which rows the epoch trained on: their count and the sum of their keys mod 2**64.
+            "rows_seen": epoch_samples, "row_key_digest": f"{digest:016x}",
         })
         report(
             f"epoch {epoch + 1}/{config.epochs} loss {train_loss:.3f} "
@@ -183,10 +213,8 @@ def train(
         )
         if is_main:
             save_epoch_checkpoint(checkpoint_dir, {
-                **state, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "config": asdict(config),
-                "contract": contract.to_dict(), "n_classes": n_classes, "world_size": world_size,
-            })
+                **state, **checkpoint_data(model, optimizer, scaler, config, contract,
+                                            world_size)})
         if state["stopped_early"]:
             report(f"early stop: val loss has not improved for {patience} epochs "
                    f"(best {state['best_val_loss']:.4f} at epoch {state['best_epoch']})")
@@ -288,18 +316,20 @@ def _flops_per_sample(
 
 
 def _evaluate(
-    model: nn.Module, x: list[torch.Tensor], y: torch.Tensor, rank: int, world_size: int,
-    device: torch.device, autocast_dtype: torch.dtype | None, chunk: int = 4096,
+    model: nn.Module, index: Any, rank: int, world_size: int, device: torch.device,
+    autocast_dtype: torch.dtype | None, chunk: int = 4096,
 ) -> tuple[float, float]:
-    """Validation loss and accuracy: each rank scores every world_size-th row, then all sum."""
+    """Validation loss and accuracy: each rank scores its contiguous range of the val rows,
+    streamed in batches, then all sum."""
     model.eval()
-    x, y = [tensor[rank::world_size] for tensor in x], y[rank::world_size]
+    n_rows = sum(piece.rows for piece in index.pieces())
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, rows
     with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype,
                                          enabled=autocast_dtype is not None):
-        for start in range(0, len(y), chunk):
-            inputs = [tensor[start:start + chunk].to(device) for tensor in x]
-            labels = y[start:start + chunk].to(device)
+        for batch in range_batches(index, *rank_range(n_rows, rank, world_size), chunk):
+            inputs = [torch.from_numpy(batch[name]).to(device)
+                      for name in index.contract.input_names]
+            labels = torch.from_numpy(batch["y"]).to(device)
             logits = model(*inputs).float()
             totals[0] += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
             totals[1] += (logits.argmax(dim=1) == labels).sum()
@@ -309,9 +339,19 @@ def _evaluate(
     return float(totals[0]) / rows, float(totals[1]) / rows
 
 
+def _job_totals(loss_sum: torch.Tensor, rows: int, digest: int) -> tuple[float, int, int]:
+    """The loss sum, row count and row-key digest summed over every rank. The digest travels as
+    two 32-bit halves, each summed exactly in float64 (exact below 2**53: 2**21 ranks)."""
+    totals = torch.stack([loss_sum, *(loss_sum.new_tensor(float(value)) for value in
+                                      (rows, digest & 0xFFFFFFFF, digest >> 32))])
+    dist.all_reduce(totals)
+    low, high = int(totals[2]), int(totals[3])
+    return float(totals[0]), int(totals[1]), (low + (high << 32)) % DIGEST_MODULUS
 
 
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    # CPU copies so a checkpoint written on GPU loads anywhere with weights_only=True.
-    return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
-
+def _seed_dropout(seed: int, epoch: int, rank: int, micro_step: int) -> None:
+    """Dropout draws from a stream fixed by (seed, epoch, rank, the optimizer step's first
+    micro-step): a run resumed at any step trains exactly as an uninterrupted one would, and
+    how often checkpoints are written changes nothing."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank, micro_step])
+                          .generate_state(1)[0]))

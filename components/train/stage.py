@@ -20,6 +20,7 @@ from torchship.components.models.huggingface import check_vocabulary
 from torchship.components.train.checkpoints import checkpoint_dir_for
 from torchship.components.train.config import TrainConfig, build_parser
 from torchship.components.train.launch import resolve_launch, wait_for_master
+from torchship.components.train.stream import open_split
 from torchship.components.train.workers import PROGRESS_PREFIX, launch_workers, run_worker
 
 __all__ = ["main", "train_model"]
@@ -52,13 +53,18 @@ def train_model(
                 f"dataset split '{path}' does not exist; pass a split written by prepare_data"
             )
     # Build and probe the model here, before any worker starts, so a bad spec fails in seconds.
-    split = load_split(config.train_path)
-    contract = split.contract
+    # The split's index says what the model takes; no rows are read unless it lacks the largest
+    # token id, and then only a batch of them.
+    index = open_split(config.train_path, "train_path")
+    contract, extra = index.contract, index.document.get("extra") or {}
     probe = build_model(config.model_name, contract, contract.n_classes, config.model_options)
-    if "vocab_size" in split.extra and "input_ids" in split.inputs:
-        check_vocabulary(probe, config.model_name, str(split.extra.get("tokenizer", "")),
-                         int(split.extra["vocab_size"]), int(split.inputs["input_ids"].max()),
-                         split.inputs["input_ids"].shape[1])
+    if "vocab_size" in extra and "input_ids" in contract.input_names:
+        largest = extra.get("largest_token")
+        if largest is None:
+            sample = load_split(config.train_path, "train_path", rows=config.batch_size)
+            largest = sample.inputs["input_ids"].max(initial=0)
+        check_vocabulary(probe, config.model_name, str(extra.get("tokenizer", "")),
+                         int(extra["vocab_size"]), int(largest), index.shapes["input_ids"][0])
     check_model_output(probe, contract, contract.n_classes, name=config.model_name)
     config = dataclasses.replace(config, checkpoint_dir=str(
         checkpoint_dir_for(config.model_path, config.checkpoint_dir)))
