@@ -205,8 +205,9 @@ def _deployed_line(variant: str, arguments: dict[str, Any], defaults: dict[str, 
 
 @main.command()
 @click.argument("repository_or_url")
-@click.option("--test-data", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="An .npz split from prepare_data whose rows the requests carry.")
+@click.option("--test-data", required=True, type=click.Path(exists=True),
+              help="A split from prepare_data (its folder of shards, or an older .npz) whose "
+                   "rows the requests carry.")
 @click.option("--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)),
               show_default=True)
 @click.option("--batch-size", default=measurement_default("batch_size"), show_default=True)
