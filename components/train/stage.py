@@ -42,8 +42,9 @@ def train_model(
     PyTorchJob pod) trains in place; otherwise this process starts the node's workers with
     torch.distributed.run - `num_workers` of them on one machine, or as one node of a TrainJob /
     Vertex AI job. `batch_size` is per worker and micro-step; the global batch is batch_size x
-    workers x gradient_accumulation_steps. A checkpoint is written after every epoch, and a
-    re-run resumes from the newest one. Every step that waits on another process gives up after
+    workers x gradient_accumulation_steps. The splits are streamed, never loaded whole
+    (`stream`). A checkpoint is written after every epoch (and every `checkpoint_every_steps`
+    optimizer steps within one, if set), and a re-run resumes from the newest one. Every step that waits on another process gives up after
     `timeout_s` seconds.
     """
     config = TrainConfig.of(train_path, val_path, model_path, options)

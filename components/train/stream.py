@@ -133,7 +133,7 @@ class TrainStream:
         self.n_rows = sum(piece.rows for piece in self.pieces)
         # Every rank runs this many micro-batches an epoch, its rows cut as evenly as they go.
         self.micro_steps = math.ceil(math.ceil(self.n_rows / world_size) / batch_size)
-        if self.n_rows // world_size < self.micro_steps:
+        if self.n_rows == 0 or self.n_rows // world_size < self.micro_steps:
             raise UserInputError(
                 f"{what} has {self.n_rows} rows: too few for {world_size} workers to each run "
                 f"{self.micro_steps} batches of {batch_size} with none empty; pass a larger "
@@ -179,7 +179,11 @@ class TrainStream:
             stop, parts = int(bounds[step + 1]), []
             while offset < stop:
                 if loaded < 0 or offset >= starts[loaded + 1]:
-                    window = {}  # let the last window go before the next is read
+                    # Let the last window go before the next is read: a batch that spans both
+                    # keeps a copy of its own rows of it, not a view that holds all of it.
+                    parts = [{name: array.copy() for name, array in part.items()}
+                             for part in parts]
+                    window = {}
                     loaded = int(np.searchsorted(starts, offset, side="right")) - 1
                     window = self._shuffled(epoch, rank, loaded, windows[loaded])
                 first = offset - int(starts[loaded])
