@@ -13,6 +13,9 @@ import time
 from collections import Counter
 from typing import Any
 
+from torchship.components.data.runners import quiet_beam_import
+
+quiet_beam_import()
 import apache_beam as beam
 
 from torchship.components.data.beam_results import (
@@ -31,6 +34,7 @@ from torchship.components.data.chunks import (
 )
 from torchship.components.data.shards import encode_shard, write_file
 from torchship.components.errors import UserInputError
+from torchship.components.progress import report
 
 __all__ = ["WriteShards", "run_pipeline"]
 
@@ -80,9 +84,9 @@ class WriteShards(beam.DoFn):
                                     **moments(chunk.values[rows], axes)}]
             written += len(data)
         seconds = time.perf_counter() - started
-        print(f"data: chunk {chunk.name}: {len(chunk):,} rows -> "
+        report(f"data: chunk {chunk.name}: {len(chunk):,} rows -> "
               f"{len(result['shards'])} shards, {written / 1e6:.1f} MB "
-              f"({written / 1e6 / max(seconds, 1e-9):.0f} MB/s written)", flush=True)
+              f"({written / 1e6 / max(seconds, 1e-9):.0f} MB/s written)")
         return result
 
 
