@@ -123,3 +123,29 @@ def test_a_dataflow_runner_without_its_settings_is_refused_before_reading(tmp_pa
         prepare_data("digits", "", *paths(tmp_path / "out"),
                      runner=BeamRunner(runner="DataflowRunner"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_image_tasks_read_from_a_listing_write_the_same_shards(tmp_path):
+    """For a remote runner the file names go to a listing (the job graph stays small); workers
+    read their byte range of it and write the very shards the in-graph file lists give."""
+    from torchship.components.data.beam_prepare import run_pipeline
+    from torchship.components.data.chunks import write_listing
+
+    write_image_folder(str(tmp_path / "shapes"), per_class=30)
+    planned = plan.plan_source(str(tmp_path / "shapes"), "")
+    assert len(planned.tasks) > 2
+    listed = write_listing(planned.tasks, str(tmp_path / "listing.jsonl"))
+    assert all(not task.files and task.listing for task in listed)
+    assert [t.image_files() for t in listed] == [list(t.files) for t in planned.tasks]
+    runs = {}
+    for name, tasks in (("inline", planned.tasks), ("listing", listed)):
+        outputs = {split: str(tmp_path / name / split) for split in SPLITS}
+        for folder in outputs.values():
+            Path(folder).mkdir(parents=True)
+        run_pipeline(planned.spec, tasks, outputs, 0, 0.15, 0.15, BeamRunner(),
+                     str(tmp_path / name / "result.json"))
+        result = json.loads((tmp_path / name / "result.json").read_text())
+        assert not result["problems"] and result["rows"] == 90
+        runs[name] = {k: v for k, v in files(tmp_path / name).items() if k != "result.json"}
+    assert runs["inline"] == runs["listing"] and len(runs["inline"]) > 3

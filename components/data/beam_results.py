@@ -78,7 +78,7 @@ def image_header(spec: ReadSpec, task: ReadTask) -> dict[str, Any]:
 
     fs = fsspec.core.url_to_fs(spec.source)[0]
     colour, sizes = False, {}
-    for _, path, name, _ in task.files:
+    for _, path, name, _ in task.image_files():
         try:
             with fs.open(path, "rb") as handle, Image.open(handle) as image:
                 colour = colour or image.mode not in GRAYSCALE_MODES

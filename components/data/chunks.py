@@ -20,7 +20,7 @@ import numpy as np
 from torchship.components.data.sources import listed
 from torchship.components.errors import UserInputError
 
-__all__ = ["Chunk", "ReadSpec", "ReadTask", "assign_splits", "read_task"]
+__all__ = ["Chunk", "ReadSpec", "ReadTask", "assign_splits", "read_task", "write_listing"]
 
 # A chunk holds about this many bytes of model inputs: what one worker keeps in memory at once.
 CHUNK_BYTES = 32 << 20
@@ -55,8 +55,49 @@ class ReadTask:
     number: int
     path: str = ""
     row_groups: tuple[int, ...] = ()
-    # Images: (class name, path for fsspec, the name the user knows, key text) per file.
+    # Images: (class name, path for fsspec, the name the user knows, key text) per file; or,
+    # for a remote runner, the byte range of those lines in a JSON-lines listing (a Dataflow job
+    # graph must stay small, and a million file names do not).
     files: tuple[tuple[str, str, str, str], ...] = ()
+    listing: str = ""
+    listing_range: tuple[int, int] = (0, 0)
+
+    def image_files(self) -> list[tuple[str, str, str, str]]:
+        if not self.listing:
+            return list(self.files)
+        import json
+
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.listing)
+        text = fs.cat_file(path, *self.listing_range).decode()
+        return [tuple(json.loads(line)) for line in text.splitlines() if line]
+
+
+def write_listing(tasks: list[ReadTask], uri: str) -> list[ReadTask]:
+    """Move the image tasks' file lists to one JSON-lines file at `uri`; each task keeps the
+    byte range of its lines."""
+    import dataclasses
+    import json
+
+    from torchship.components.files import write_bytes
+
+    lines, ranges, offset = [], [], 0
+    for task in tasks:
+        text = "".join(json.dumps(list(entry)) + "\n" for entry in task.files).encode()
+        lines.append(text)
+        ranges.append((offset, offset + len(text)))
+        offset += len(text)
+    data = b"".join(lines)
+    if "://" in uri:
+        import fsspec
+
+        with fsspec.open(uri, "wb") as handle:
+            handle.write(data)
+    else:
+        write_bytes(uri, data, durable=False)
+    return [dataclasses.replace(task, files=(), listing=uri, listing_range=span)
+            for task, span in zip(tasks, ranges)]
 
 
 @dataclass
@@ -223,7 +264,8 @@ def _image_chunks(spec: ReadSpec, task: ReadTask, mode: str) -> Iterator[Chunk]:
     labels: list[str] = []
     keys: list[str] = []
     held, number = 0, 0
-    for position, (class_name, path, name, key) in enumerate(task.files):
+    files = task.image_files()
+    for position, (class_name, path, name, key) in enumerate(files):
         image = _read_image(spec.source, fs, path, name)
         if spec.image_size:
             image = image.resize((spec.image_size, spec.image_size), resample=BILINEAR)
@@ -231,7 +273,7 @@ def _image_chunks(spec: ReadSpec, task: ReadTask, mode: str) -> Iterator[Chunk]:
         labels.append(class_name)
         keys.append(key)
         held += pixels[-1].nbytes
-        if held >= CHUNK_BYTES or position == len(task.files) - 1:
+        if held >= CHUNK_BYTES or position == len(files) - 1:
             array = np.stack(pixels)
             features = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)
             features = np.ascontiguousarray(features)

@@ -21,6 +21,7 @@ from torchship.components.contracts import (
     TensorSpec,
 )
 from torchship.components.data.beam_results import merge_moments
+from torchship.components.data.chunks import write_listing
 from torchship.components.data.images import CHANNELS
 from torchship.components.data.plan import (
     DEFAULT_SOURCE,
@@ -110,7 +111,10 @@ def prepare_data(
     started = time.perf_counter()
     report(f"data: {len(plan.tasks)} read tasks on {runner.runner}")
     with _outputs(paths, runner.local) as (outputs, results_uri):
-        run_pipeline(plan.spec, plan.tasks, outputs, seed, val_fraction, test_fraction, runner,
+        tasks = plan.tasks
+        if plan.spec.kind == "images" and not runner.local:
+            tasks = write_listing(tasks, results_uri.replace(".result.json", ".listing.jsonl"))
+        run_pipeline(plan.spec, tasks, outputs, seed, val_fraction, test_fraction, runner,
                      results_uri)
         result = read_json(results_uri)
         meta, indexes = summarise(plan, result, val_fraction, test_fraction, model_name)
@@ -136,11 +140,12 @@ def _outputs(paths: dict[str, str], local: bool):
     from torchship.components.files import make_staging_dir, publish_dir
 
     if local:
-        created = [folder for folder in _missing_parents(paths.values())]
+        created = _missing_parents(paths.values())
         staging = {split: make_staging_dir(path) for split, path in paths.items()}
         try:
             yield {s: str(p) for s, p in staging.items()}, str(staging["train"] / ".result.json")
-            (staging["train"] / ".result.json").unlink(missing_ok=True)
+            for name in (".result.json", ".listing.jsonl"):
+                (staging["train"] / name).unlink(missing_ok=True)
             for split, path in paths.items():
                 publish_dir(staging[split], path)
         except BaseException:
@@ -154,7 +159,10 @@ def _outputs(paths: dict[str, str], local: bool):
     remote = {split: _as_uri(path) for split, path in paths.items()}
     try:
         yield remote, remote["train"].rstrip("/") + "/.result.json"
-        fsspec.core.url_to_fs(remote["train"])[0].rm(remote["train"].rstrip("/") + "/.result.json")
+        fs, train = fsspec.core.url_to_fs(remote["train"])
+        for name in (".result.json", ".listing.jsonl"):
+            if fs.exists(f"{train.rstrip('/')}/{name}"):
+                fs.rm(f"{train.rstrip('/')}/{name}")
     except BaseException:
         for uri in remote.values():
             fs, path = fsspec.core.url_to_fs(uri)
@@ -191,11 +199,10 @@ def summarise(plan: Plan, result: dict, val_fraction: float, test_fraction: floa
     counts = {split: result["counts"].get(split, {}) for split in SPLITS}
     seen = sorted({label for split in counts.values() for label in split})
     class_names = plan.class_order or class_order(seen)
-    class_names = [name for name in class_names if name in seen] if plan.class_order is None \
-        else class_names
     if len(class_names) < 2:
         raise UserInputError(
-            f"data source '{source}' {plan.labels_from or 'has'} has a single class "
+            f"data source '{source}'{' ' + plan.labels_from if plan.labels_from else ''} has a "
+            "single class "
             f"'{class_names[0] if class_names else ''}'; pass labels with at least two classes")
     warnings = []
     if plan.table:  # before the class checks: constant rows all hash alike
