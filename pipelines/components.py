@@ -90,10 +90,13 @@ def train(
     learning_rate: float,
     num_workers: int,
     seed: int,
+    checkpoint_every_steps: int,
+    shuffle_buffer: int,
     model: Output[Model],
     metrics: Output[Metrics],
 ):
-    """DDP training over `num_workers` processes; validation accuracy and samples/s as Metrics."""
+    """DDP training over `num_workers` processes; validation accuracy and samples/s as Metrics.
+    Checkpoints every `checkpoint_every_steps` optimizer steps too (0: epoch ends only)."""
     from torchship.components.progress import report
     from torchship.components.train.stage import train_model
 
@@ -101,7 +104,8 @@ def train(
         train.path, val.path, model.path, model_name=model_name,
         model_options=model_options or None, epochs=epochs,
         batch_size=batch_size, learning_rate=learning_rate, num_workers=num_workers,
-        seed=seed, progress=report,
+        seed=seed, checkpoint_every_steps=checkpoint_every_steps, shuffle_buffer=shuffle_buffer,
+        progress=report,
     )
     model.metadata.update({"framework": "pytorch", **result})
     for key, value in result.items():

@@ -36,7 +36,8 @@ __all__ = ["MEASUREMENT_PARAMETERS", "PARAMETERS", "RUNNER_PARAMETERS", "TRAININ
 Parameters = tuple[tuple[str, Any, Any], ...]
 
 # Pipeline parameters the train component takes under the same names, on every platform.
-TRAINING_PARAMETERS = ("model_name", "epochs", "batch_size", "learning_rate", "num_workers", "seed")
+TRAINING_PARAMETERS = ("model_name", "epochs", "batch_size", "learning_rate", "num_workers", "seed",
+                       "checkpoint_every_steps", "shuffle_buffer")
 # A dict parameter (KFP takes {} where the stage's None means "the model's own defaults").
 MODEL_OPTIONS = "model_options"
 # Where the data step's Beam pipeline runs (components/data/runners.py): DirectRunner in the
