@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from artifacts import VARIANT_RECORDS, write_onnx_dir, write_test_split
+from fake_vertex import FakeVertex
+from google.cloud.aiplatform.utils import gcs_utils
 from processes import TORCHSHIP
 
 from torchship.components.data.stage import prepare_data
@@ -59,3 +61,16 @@ def pipeline_yaml(tmp_path_factory) -> Path:
     subprocess.run([*TORCHSHIP, "compile", "--output", str(path)], check=True,
                    capture_output=True, timeout=120)
     return path
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """The recording stand-in for Vertex AI's REST API (tests/fake_vertex.py), the SDK pointed
+    at it; test modules with another `fake` define their own."""
+    # PipelineJob.submit first creates the gs:// bucket through Cloud Storage, which no local
+    # endpoint can stand in for; that step is Google's code, made a no-op here.
+    monkeypatch.setattr(gcs_utils, "create_gcs_bucket_for_pipeline_artifacts_if_it_does_not_exist",
+                        lambda *args, **kwargs: None)
+    with FakeVertex() as server:
+        monkeypatch.setenv("TORCHSHIP_VERTEX_API_ENDPOINT", server.endpoint)
+        yield server

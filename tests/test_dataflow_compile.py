@@ -9,8 +9,6 @@ import pytest
 import yaml
 from apache_beam.options.pipeline_options import GoogleCloudOptions, WorkerOptions
 from click.testing import CliRunner
-from fake_vertex import FakeVertex
-from google.cloud.aiplatform.utils import gcs_utils
 
 from torchship.components.data.runners import PIPELINE_PARAMETERS, BeamRunner
 from torchship.pipelines.cli import RUN_FLAGS, main
@@ -71,14 +69,6 @@ def test_every_runner_parameter_has_a_run_flag():
         assert RUN_FLAGS[name] == "--" + name.replace("_", "-")
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    # As in test_vertex: the SDK's bucket creation is Google's code, made a no-op here.
-    monkeypatch.setattr(gcs_utils, "create_gcs_bucket_for_pipeline_artifacts_if_it_does_not_exist",
-                        lambda *args, **kwargs: None)
-    with FakeVertex() as server:
-        monkeypatch.setenv("TORCHSHIP_VERTEX_API_ENDPOINT", server.endpoint)
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from fake_vertex import FakeVertex
-from google.cloud.aiplatform.utils import gcs_utils
 
 from torchship.pipelines.cli import main
 
@@ -29,15 +27,6 @@ def pipeline_yaml(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    # PipelineJob.submit first creates the gs:// bucket through Cloud Storage, which no local
-    # endpoint can stand in for; that step is Google's code, made a no-op here.
-    monkeypatch.setattr(gcs_utils, "create_gcs_bucket_for_pipeline_artifacts_if_it_does_not_exist",
-                        lambda *args, **kwargs: None)
-    with FakeVertex() as server:
-        monkeypatch.setenv("TORCHSHIP_VERTEX_API_ENDPOINT", server.endpoint)
-        yield server
 
 
 def cli(*args: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from torchship.components.data.sources import listed
+from torchship.components.data.sanity import check_numeric
 from torchship.components.errors import UserInputError
 
 __all__ = ["Chunk", "ReadSpec", "ReadTask", "assign_splits", "read_task", "write_listing"]
@@ -185,7 +185,6 @@ def read_task(spec: ReadSpec, task: ReadTask, image_mode: str = "") -> Iterator[
 
 def _table_chunk(spec: ReadSpec, frame, name: str) -> Chunk:
     """A table's (or a text table's) rows."""
-    import pandas as pd
 
     from torchship.components.data.sources import _check_finite
 
@@ -200,12 +199,7 @@ def _table_chunk(spec: ReadSpec, frame, name: str) -> Chunk:
     if spec.text:
         return _text_chunk(spec, frame, labels, name)
     columns = list(spec.feature_columns)
-    non_numeric = [c for c in columns if not pd.api.types.is_numeric_dtype(frame[c])
-                   or pd.api.types.is_complex_dtype(frame[c])]
-    if non_numeric:
-        raise UserInputError(
-            f"data source '{source}' has non-numeric feature columns {listed(non_numeric)}; "
-            "encode them as numbers or drop them")
+    check_numeric(source, frame, columns)
     features = frame[columns].to_numpy(dtype=np.float64, na_value=np.nan)
     _check_finite(source, features, columns)
     keys = _frame_keys(features, [labels])

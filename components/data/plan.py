@@ -14,6 +14,7 @@ from torchship.components.data.sanity import (
     check_columns,
     check_header,
     check_label,
+    check_numeric,
 )
 from torchship.components.data.sources import TABLE_SUFFIXES, listed, read_table
 from torchship.components.errors import UserInputError, one_line
@@ -131,7 +132,6 @@ def sample_table(source: str, fs, fs_path: str, kind: str):
 
 def _plan_table(source: str, fs, fs_path: str, kind: str, label_column: str, text_column: str,
                 tokenizer: str, max_length: int) -> Plan:
-    import pandas as pd
 
     sample, groups = sample_table(source, fs, fs_path, kind)
     columns = [str(c) for c in sample.columns]
@@ -159,12 +159,7 @@ def _plan_table(source: str, fs, fs_path: str, kind: str, label_column: str, tex
             raise UserInputError(
                 f"data source '{source}' has only the label column '{label_column}'; pass a "
                 "table with at least one feature column")
-        non_numeric = [c for c in features if not pd.api.types.is_numeric_dtype(sample[c])
-                       or pd.api.types.is_complex_dtype(sample[c])]
-        if non_numeric:
-            raise UserInputError(
-                f"data source '{source}' has non-numeric feature columns {listed(non_numeric)}; "
-                "encode them as numbers or drop them")
+        check_numeric(source, sample, features)
         schema = {c: str(t) for c, t in sample.dtypes.items()}
         row_bytes = 8 * len(features)
     rows = chunk_rows(row_bytes)

@@ -24,8 +24,8 @@ from torchship.components.errors import UserInputError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["check_columns", "check_features", "check_header", "check_label", "check_spread",
-           "read_header"]
+__all__ = ["check_columns", "check_features", "check_header", "check_label", "check_numeric",
+           "check_spread", "listed", "read_header"]
 
 # Rows read to check a table's columns and label: enough to see a pattern, seconds at most.
 SAMPLE_ROWS = 10_000
@@ -40,6 +40,16 @@ MIN_ID_VALUES = 50
 # Fewer rows than this say nothing about an index-like column.
 MIN_INDEX_ROWS = 10
 SHOWN = 5
+
+
+# Long column lists would break the one-line error rule; show this many and count the rest.
+MAX_LISTED = 12
+
+
+def listed(names: list[str]) -> str:
+    shown = ", ".join(names[:MAX_LISTED])
+    more = len(names) - MAX_LISTED
+    return f"{shown}, ... ({more} more)" if more > 0 else shown
 
 
 def _listed(names: list[str]) -> str:
@@ -97,6 +107,18 @@ def check_columns(source: str, table: pd.DataFrame, label_column: str) -> None:
                     f"data source '{source}' column '{name}' is the row number ({start}, "
                     f"{start + 1}, {start + 2}, ...): a model would learn the row order, not the "
                     "data; drop the column (or shuffle the rows if it is a real feature)")
+
+
+def check_numeric(source: str, table: pd.DataFrame, columns: list[str]) -> None:
+    """Feature columns hold real numbers."""
+    import pandas as pd
+
+    non_numeric = [c for c in columns if not pd.api.types.is_numeric_dtype(table[c])
+                   or pd.api.types.is_complex_dtype(table[c])]
+    if non_numeric:
+        raise UserInputError(
+            f"data source '{source}' has non-numeric feature columns {listed(non_numeric)}; "
+            "encode them as numbers or drop them")
 
 
 def check_label(source: str, label: pd.Series, label_column: str) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 from torchship.components.data.sanity import (
     check_features,
     check_header,
+    listed,
     read_header,
 )
 from torchship.components.errors import UserInputError, one_line
@@ -22,8 +23,6 @@ if TYPE_CHECKING:
 # only to read splits, and each of them would pay seconds for it.
 
 TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-# Long column lists would break the one-line error rule; show this many and count the rest.
-MAX_LISTED = 12
 
 @dataclass(frozen=True)
 class LoadedSource:
@@ -226,10 +225,3 @@ def _check_class_names(source: str, class_names: list[str], origin: str, labels_
             f"'{class_names[0] if class_names else ''}'; pass {labels_noun} with at least two "
             "classes"
         )
-
-
-def listed(names: list[str]) -> str:
-    shown = ", ".join(names[:MAX_LISTED])
-    more = len(names) - MAX_LISTED
-    return f"{shown}, ... ({more} more)" if more > 0 else shown
-
