@@ -109,7 +109,8 @@ def prepare_data(
     runner.check()
     paths = {"train": train_path, "val": val_path, "test": test_path}
     started = time.perf_counter()
-    report(f"data: {len(plan.tasks)} read tasks on {runner.runner}")
+    tasks = len(plan.tasks)
+    report(f"data: {tasks} read task{'s' if tasks != 1 else ''} on {runner.runner}")
     with _outputs(paths, runner.local) as (outputs, results_uri):
         tasks = plan.tasks
         if plan.spec.kind == "images" and not runner.local:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from torchship.components.contracts import TensorContract
+from torchship.components.data.splits import save_split
 from torchship.components.models import MLP, count_parameters
 from torchship.components.train.stage import train_model
 
@@ -28,10 +30,11 @@ GLOBAL_BATCH = 4096
 
 
 def write_split(path: Path, rows: int, rng: np.random.Generator, weights: np.ndarray) -> str:
+    """A split folder of shards, as prepare-data writes it (training streams it)."""
     x = rng.normal(size=(rows, FEATURES)).astype(np.float32)
-    with open(path, "wb") as handle:
-        np.savez(handle, x=x, y=(x @ weights).argmax(axis=1).astype(np.int64),
-                 class_names=np.array([str(i) for i in range(CLASSES)]))
+    contract = TensorContract.table(FEATURES, CLASSES)
+    save_split(path, {contract.input_names[0]: x}, (x @ weights).argmax(axis=1),
+               [str(i) for i in range(CLASSES)], contract)
     return str(path)
 
 
