@@ -149,3 +149,12 @@ def test_image_tasks_read_from_a_listing_write_the_same_shards(tmp_path):
         assert not result["problems"] and result["rows"] == 90
         runs[name] = {k: v for k, v in files(tmp_path / name).items() if k != "result.json"}
     assert runs["inline"] == runs["listing"] and len(runs["inline"]) > 3
+
+
+def test_a_remote_runner_is_refused_splits_on_this_machines_disk(tmp_path):
+    """Flink or Dataflow workers cannot write to the launcher's disk: the splits must be in a
+    bucket (a /gcs/ or /s3/ artifact path, or a URL)."""
+    runner = BeamRunner(runner="PortableRunner", job_endpoint="localhost:8099")
+    with pytest.raises(UserInputError, match="cannot write to; set the pipeline root to a bucket"):
+        prepare_data("digits", "", *paths(tmp_path / "out"), runner=runner)
+    assert not (tmp_path / "out").exists()

@@ -157,7 +157,7 @@ def _outputs(paths: dict[str, str], local: bool):
                     folder.rmdir()
             raise
         return
-    remote = {split: _as_uri(path) for split, path in paths.items()}
+    remote = {split: _as_uri(path) for split, path in paths.items()}  # refused before a write
     try:
         yield remote, remote["train"].rstrip("/") + "/.result.json"
         fs, train = fsspec.core.url_to_fs(remote["train"])
@@ -184,9 +184,23 @@ def _missing_parents(paths) -> list[Path]:
     return sorted(missing, key=lambda folder: len(folder.parts), reverse=True)
 
 
+# Where the KFP launcher mounts a bucket artifact (Vertex AI: /gcs/; Kubeflow: /s3/ for S3), and
+# the URL remote workers write the object at instead.
+MOUNTS = {"/gcs/": "gs://", "/s3/": "s3://"}
+
+
 def _as_uri(path: str) -> str:
-    """Vertex AI mounts Cloud Storage at /gcs/: remote workers write the gs:// object itself."""
-    return "gs://" + path[len("/gcs/"):] if path.startswith("/gcs/") else path
+    """The bucket URL of a mounted artifact path: remote workers write the object itself. A path
+    on this machine's own disk cannot be written by them, and is refused."""
+    for mount, scheme in MOUNTS.items():
+        if path.startswith(mount):
+            return scheme + path[len(mount):]
+    if "://" in path:
+        return path
+    raise UserInputError(
+        f"split path '{path}' is on this machine's disk, which a remote Beam runner's workers "
+        "cannot write to; set the pipeline root to a bucket (gs://, s3://) or pass "
+        "--data-runner DirectRunner")
 
 
 def summarise(plan: Plan, result: dict, val_fraction: float, test_fraction: float,
