@@ -82,6 +82,8 @@ class WriteShards(beam.DoFn):
             if name == "train":
                 result["train"] = [{"chunk": chunk.name,
                                     **moments(chunk.values[rows], axes)}]
+                if self.spec.bin_edges:
+                    result["histograms"] = self.spec.histograms(chunk.values[rows])
             written += len(data)
         seconds = time.perf_counter() - started
         report(f"data: chunk {chunk.name}: {len(chunk):,} rows -> "

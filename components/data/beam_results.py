@@ -61,6 +61,11 @@ def merge_results(parts) -> dict[str, Any]:
                 merged[label] = merged.get(label, 0) + count
         for key in ("shapes", "dtypes"):
             total[key] = total[key] or part.get(key, {})
+        if part.get("histograms"):
+            mine = total.setdefault("histograms", [])
+            total["histograms"] = [
+                [a + b for a, b in zip(column, mine[i] if i < len(mine) else [0] * len(column))]
+                for i, column in enumerate(part["histograms"])]
         largest = part.get("extra", {}).get("largest_token")
         if largest is not None:
             total["extra"]["largest_token"] = max(largest,

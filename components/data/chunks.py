@@ -20,7 +20,16 @@ import numpy as np
 from torchship.components.data.sanity import check_numeric
 from torchship.components.errors import UserInputError
 
-__all__ = ["Chunk", "ReadSpec", "ReadTask", "assign_splits", "read_task", "write_listing"]
+__all__ = [
+    "PIXEL_EDGES",
+    "Chunk",
+    "ReadSpec",
+    "ReadTask",
+    "assign_splits",
+    "quantile_edges",
+    "read_task",
+    "write_listing",
+]
 
 # A chunk holds about this many bytes of model inputs: what one worker keeps in memory at once.
 CHUNK_BYTES = 32 << 20
@@ -42,10 +51,40 @@ class ReadSpec:
     max_length: int = 0
     image_size: int = 0
     chunk_rows: int = 4096
+    # Inner bin edges of each value column's histogram (the drift trigger's reference), one tuple
+    # per column, or one for all (image channels).
+    bin_edges: tuple[tuple[float, ...], ...] = ()
 
     @property
     def text(self) -> bool:
         return bool(self.text_column)
+
+    def histograms(self, values: np.ndarray) -> list[list[int]]:
+        """Counts per bin of each value column ([rows, columns]; images per channel, every
+        pixel), bins from `bin_edges`: (-inf, e0], (e0, e1], ..., (e_last, inf)."""
+        columns = values.shape[1]
+        counts = []
+        for column in range(columns):
+            edges = np.asarray(self.bin_edges[column if len(self.bin_edges) > 1 else 0])
+            bins = np.searchsorted(edges, values[:, column].ravel(), side="left")
+            counts.append(np.bincount(bins, minlength=len(edges) + 1).tolist())
+        return counts
+
+
+def quantile_edges(values: np.ndarray, bins: int = 10) -> tuple[tuple[float, ...], ...]:
+    """Inner edges of about `bins` equally filled bins per column of a sample [rows, columns]."""
+    import warnings
+
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: refused later
+        quantiles = np.nanquantile(np.asarray(values, dtype=np.float64),
+                                   np.linspace(0, 1, bins + 1)[1:-1], axis=0)
+    return tuple(tuple(float(e) for e in np.unique(column[np.isfinite(column)]))
+                 for column in quantiles.T)
+
+
+# Pixel values 0-255 in 8 bins, for every channel.
+PIXEL_EDGES = (tuple(float(edge) for edge in range(32, 256, 32)),)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torchship.components.data.chunks import ReadSpec, ReadTask, chunk_rows
+import numpy as np
+
+from torchship.components.data.chunks import (
+    PIXEL_EDGES,
+    ReadSpec,
+    ReadTask,
+    chunk_rows,
+    quantile_edges,
+)
 from torchship.components.data.sanity import (
     SAMPLE_ROWS,
     check_columns,
@@ -58,11 +66,14 @@ def plan_source(source: str, label_column: str, image_size: int = 0, text_column
 
         frame = load_digits(as_frame=True).frame
         features = [c for c in frame.columns if c != "target"]
-        spec = ReadSpec(source, "digits", "target", tuple(features))
+        spec = ReadSpec(source, "digits", "target", tuple(features),
+                        bin_edges=quantile_edges(frame[features].to_numpy()))
         return Plan(spec, [ReadTask(0)], features,
                     {c: str(t) for c, t in frame.dtypes.items()}, "label column 'target'")
     if source == DIGITS_IMAGES:
-        return Plan(ReadSpec(source, DIGITS_IMAGES), [ReadTask(0)], ["grey"],
+        digit_edges = (tuple(float(edge) for edge in range(2, 16, 2)),)  # its pixels are 0-16
+        return Plan(ReadSpec(source, DIGITS_IMAGES, bin_edges=digit_edges), [ReadTask(0)],
+                    ["grey"],
                     {"image": "L 8x8", "label": "digit"}, row_noun="images",
                     class_order=[str(i) for i in range(10)])
     if not isinstance(source, str) or not source:
@@ -163,8 +174,12 @@ def _plan_table(source: str, fs, fs_path: str, kind: str, label_column: str, tex
         schema = {c: str(t) for c, t in sample.dtypes.items()}
         row_bytes = 8 * len(features)
     rows = chunk_rows(row_bytes)
+    if text_column:  # token counts of a row, in 10 bins up to max_length
+        edges = (tuple(float(e) for e in np.unique(np.linspace(1, max_length, 11)[1:-1].round())),)
+    else:  # each feature's deciles in the sample
+        edges = quantile_edges(sample[features].to_numpy(dtype=np.float64, na_value=np.nan))
     spec = ReadSpec(source, kind, label_column, tuple(features) if not text_column else (),
-                    text_column, extra.get("tokenizer", ""), max_length, 0, rows)
+                    text_column, extra.get("tokenizer", ""), max_length, 0, rows, edges)
     tasks = [ReadTask(0)]
     if kind == "parquet":  # row groups in tasks of about `rows` rows: read in parallel
         tasks, current, count = [], [], 0
@@ -204,7 +219,8 @@ def _plan_npz(source: str) -> Plan:
     from torchship.components.data.sources import load_npz
 
     data = load_npz(source)
-    return Plan(ReadSpec(source, "npz"), [ReadTask(0)], list(data.feature_names), data.schema,
+    spec = ReadSpec(source, "npz", bin_edges=quantile_edges(data.features))
+    return Plan(spec, [ReadTask(0)], list(data.feature_names), data.schema,
                 data.labels_from, class_order=list(data.class_names))
 
 
@@ -240,7 +256,7 @@ def _plan_images(source: str, fs, root: str, image_size: int) -> Plan:
     files.sort(key=lambda f: hashlib.blake2b(f[3].encode(), digest_size=8).digest())
     tasks = [ReadTask(number, files=tuple(files[start:start + IMAGES_PER_TASK]))
              for number, start in enumerate(range(0, len(files), IMAGES_PER_TASK))]
-    spec = ReadSpec(source, "images", image_size=image_size)
+    spec = ReadSpec(source, "images", image_size=image_size, bin_edges=PIXEL_EDGES)
     return Plan(spec, tasks, [], {"label": "folder name"}, row_noun="images",
                 class_order=class_folders)
 

@@ -251,6 +251,11 @@ def summarise(plan: Plan, result: dict, val_fraction: float, test_fraction: floa
                        "mean": mean.tolist(), "std": std.tolist()}
         extra = {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(),
                  "feature_names": feature_names}
+    histograms = result.get("histograms") or []
+    edges = plan.spec.bin_edges
+    for number, name in enumerate(feature_names if histograms else []):
+        statistics[name]["histogram"] = {
+            "edges": list(edges[number if len(edges) > 1 else 0]), "counts": histograms[number]}
     schema = dict(plan.schema)
     if plan.images:
         height, width = shapes[INPUT_NAME][1:]
@@ -276,7 +281,11 @@ def summarise(plan: Plan, result: dict, val_fraction: float, test_fraction: floa
         "warnings": warnings,
         # Raw training statistics: the drift trigger (infra/trigger) compares new data with them.
         "statistics": {"source": source, "n_rows": indexes["train"]["n_rows"],
-                       "features": statistics},
+                       "kind": "text" if plan.spec.text else "images" if plan.images else "table",
+                       "features": statistics,
+                       # The training rows' classes: the trigger compares new labels with them.
+                       "labels": {"column": plan.spec.label_column,
+                                  "counts": dict(counts["train"])}},
     }
     return meta, indexes
 
