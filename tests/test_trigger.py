@@ -105,43 +105,91 @@ def gcs(monkeypatch):
     fsspec.register_implementation("gs", "gcsfs.GCSFileSystem", clobber=True)
 
 
-def test_drift_trigger_submits_only_when_features_moved(fake, gcs, monkeypatch, tmp_path):
-    import fsspec
-
-    from torchship.components.data.stage import prepare_data, write_statistics
-
-    rng = np.random.default_rng(0)
-    frame = pd.DataFrame(rng.normal(size=(300, 3)), columns=["a", "b", "c"])
-    frame["label"] = np.arange(300) % 3
-    frame.to_csv(tmp_path / "train.csv", index=False)
-    meta = prepare_data(str(tmp_path / "train.csv"), "label",
-                        *(str(tmp_path / split) for split in ("train", "val", "test")))
-    write_statistics(meta["statistics"], "gs://acme-models/torchship/statistics.json")
-    monkeypatch.setenv("STATISTICS_URI", "gs://acme-models/torchship/statistics.json")
-
-    same = frame.sample(100, random_state=1)
-    for name, table in (("same.csv", same), ("moved.csv", same.assign(b=same["b"] + 2.0))):
-        with fsspec.open(f"gs://acme-data/incoming/{name}", "w") as handle:
-            table.to_csv(handle, index=False)
-
-    client = create_app("on_new_data", str(TRIGGER), "cloudevent").test_client()
-    storage_event(client, "incoming/same.csv", "1")
-    assert not fake.calls("POST", PIPELINE_JOBS)  # no drift: nothing to retrain on
-
-    storage_event(client, "incoming/moved.csv", "1")
-    [create] = fake.calls("POST", PIPELINE_JOBS)
-    assert create.body["runtimeConfig"]["parameterValues"]["data_source"] == (
-        "gs://acme-data/incoming/moved.csv")
-
-
-def test_drift_names_the_features_that_moved():
+def load_trigger():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("trigger_main", TRIGGER)
     trigger = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(trigger)
-    statistics = {"features": {"a": {"mean": 0.0, "std": 1.0}, "b": {"mean": 5.0, "std": 2.0},
-                               "c": {"mean": 1.0, "std": 1.0}}}
-    table = pd.DataFrame({"a": [0.1, -0.1], "b": [8.0, 8.0]})
-    report = trigger.drift(statistics, table, threshold=0.5)
-    assert report["drifted"] and report["moved"] == {"b": 1.5} and report["missing"] == ["c"]
+    return trigger
+
+
+def decisions(folder: str) -> list[dict]:
+    import fsspec
+
+    fs = fsspec.filesystem("gs")
+    return [json.loads(fs.cat_file(path)) for path in sorted(fs.ls(folder, detail=False))
+            if not path.endswith("latest.json")]
+
+
+def test_drift_trigger_submits_first_then_only_when_the_data_moved(fake, gcs, monkeypatch,
+                                                                   tmp_path):
+    """No reference yet: the first object is submitted, and says so. Once the reference is
+    there, data like the training data is skipped with its distances; a feature whose
+    distribution moved, or labels whose classes shifted, is submitted, with caching off. Every
+    decision is kept next to the reference."""
+    import fsspec
+
+    from torchship.components.data.stage import prepare_data, write_statistics
+
+    reference = "gs://acme-pipelines/root/torchship-reference/torchship/vertex/"
+    monkeypatch.setenv("REFERENCE_URI", reference)
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(3000, 3)), columns=["a", "b", "c"])
+    frame["label"] = np.arange(3000) % 3
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    client = create_app("on_new_data", str(TRIGGER), "cloudevent").test_client()
+    with fsspec.open("gs://acme-data/incoming/first.csv", "w") as handle:
+        frame.to_csv(handle, index=False)
+    storage_event(client, "incoming/first.csv", "1")
+    [first] = fake.calls("POST", PIPELINE_JOBS)
+    [decision] = decisions(reference + "decisions")
+    assert decision["status"] == "submitted" and decision["reason"] == "first run: no reference yet"
+    tasks = first.body["pipelineSpec"]["root"]["dag"]["tasks"]
+    assert all(task.get("cachingOptions", {}).get("enableCache") is not True
+               for task in tasks.values()) and "prepare-data" in tasks
+
+    meta = prepare_data(str(tmp_path / "train.csv"), "label",
+                        *(str(tmp_path / split) for split in ("train", "val", "test")))
+    write_statistics(meta["statistics"], reference + "statistics.json")
+    same = frame.sample(1000, random_state=1)
+    tables = {"same.csv": same, "moved.csv": same.assign(b=same["b"] + 1.0),
+              "relabelled.csv": same.assign(label=0)}
+    for name, table in tables.items():
+        with fsspec.open(f"gs://acme-data/incoming/{name}", "w") as handle:
+            table.to_csv(handle, index=False)
+    storage_event(client, "incoming/same.csv", "1")
+    assert len(fake.calls("POST", PIPELINE_JOBS)) == 1  # no drift: nothing to retrain on
+    skipped = decisions(reference + "decisions")[-1]
+    assert skipped["status"] == "skipped" and skipped["reason"] == "no drift"
+    assert max(d["js_distance"] for d in skipped["drift"]["features"].values()) < 0.1
+    assert skipped["drift"]["label_linf"] < 0.1
+
+    storage_event(client, "incoming/moved.csv", "1")
+    storage_event(client, "incoming/relabelled.csv", "1")
+    _, moved, _ = fake.calls("POST", PIPELINE_JOBS)
+    assert moved.body["runtimeConfig"]["parameterValues"]["data_source"] == (
+        "gs://acme-data/incoming/moved.csv")
+    made = decisions(reference + "decisions")
+    assert [d["status"] for d in made] == ["submitted", "skipped", "submitted", "submitted"]
+    assert made[2]["reason"] == "drift: b" and made[2]["drift"]["features"]["b"]["psi"] > 0.2
+    assert made[3]["reason"] == "drift: labels" and made[3]["drift"]["label_linf"] > 0.6
+    latest = json.loads(fsspec.filesystem("gs").cat_file(reference + "decisions/latest.json"))
+    assert latest == made[3]
+
+
+def test_drift_measures_and_names_the_features_that_moved():
+    trigger = load_trigger()
+    settings = trigger.Settings("p", "r", "t", "root", "gs://d/")
+    histogram = {"edges": [-1.0, 0.0, 1.0], "counts": [16, 34, 34, 16]}
+    statistics = {"features": {"a": {"histogram": histogram}, "b": {"histogram": histogram},
+                               "c": {"histogram": histogram}},
+                  "labels": {"column": "label", "counts": {"x": 50, "y": 50}}}
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"a": rng.normal(size=2000), "b": rng.normal(size=2000) + 2,
+                          "label": ["x", "y"] * 1000})
+    report = trigger.drift(statistics, table, settings)
+    assert report["drifted"] and report["moved"] == ["b"] and report["missing"] == ["c"]
+    assert report["features"]["a"]["js_distance"] < 0.05 and report["features"]["a"]["psi"] < 0.02
+    assert report["features"]["b"]["js_distance"] > 0.5 and report["label_linf"] == 0.0
+    assert trigger.label_distance({"x": 50, "y": 50}, pd.Series(["x"] * 9 + ["y"])) == 0.4

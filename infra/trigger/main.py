@@ -10,10 +10,15 @@ Settings (environment variables):
   DATA_PREFIX                gs://BUCKET/PREFIX/ watched for new data; other objects are ignored
   SERVICE_ACCOUNT            the pipeline's service account (optional)
   LABEL_COLUMN               label column of the new tables (default: label)
-  STATISTICS_URI             training statistics (statistics.json from prepare_data); when set,
-                             the pipeline is submitted only if the new data drifted
-  DRIFT_THRESHOLD            mean shift, in training standard deviations, that counts as drift
-                             (default 0.5)
+  REFERENCE_URI              the folder where a deploying run keeps the reference
+                             (statistics.json: the training statistics of what serves now); the
+                             decisions go to its decisions/. No reference yet: every new object
+                             is submitted, as a first run
+  DRIFT_THRESHOLD            Jensen-Shannon distance (base 2, 0-1) of a numeric feature's binned
+                             distribution that counts as drift (default 0.1)
+  PSI_THRESHOLD              population stability index that counts as drift (default 0.2)
+  LABEL_DRIFT_THRESHOLD      L-infinity distance of the class distribution (default 0.1)
+  MAX_ROWS                   rows of a new table read to judge it (default 100000)
   VERTEX_API_ENDPOINT        a private API endpoint (optional)
 """
 
@@ -38,8 +43,11 @@ class Settings:
     data_prefix: str
     service_account: str | None = None
     label_column: str = "label"
-    statistics_uri: str | None = None
-    drift_threshold: float = 0.5
+    reference_uri: str | None = None
+    drift_threshold: float = 0.1
+    psi_threshold: float = 0.2
+    label_drift_threshold: float = 0.1
+    max_rows: int = 100_000
     api_endpoint: str | None = None
 
     @classmethod
@@ -55,8 +63,11 @@ class Settings:
             pipeline_root=env["PIPELINE_ROOT"], data_prefix=env["DATA_PREFIX"],
             service_account=env.get("SERVICE_ACCOUNT") or None,
             label_column=env.get("LABEL_COLUMN", "label"),
-            statistics_uri=env.get("STATISTICS_URI") or None,
-            drift_threshold=float(env.get("DRIFT_THRESHOLD", "0.5")),
+            reference_uri=env.get("REFERENCE_URI") or None,
+            drift_threshold=float(env.get("DRIFT_THRESHOLD", "0.1")),
+            psi_threshold=float(env.get("PSI_THRESHOLD", "0.2")),
+            label_drift_threshold=float(env.get("LABEL_DRIFT_THRESHOLD", "0.1")),
+            max_rows=int(env.get("MAX_ROWS", "100000")),
             api_endpoint=env.get("VERTEX_API_ENDPOINT") or None,
         )
 
@@ -84,52 +95,148 @@ def job_id_for(uri: str, generation: str) -> str:
     return f"torchship-data-{digest}"
 
 
-def drift(statistics: dict[str, Any], table: Any, threshold: float) -> dict[str, Any]:
-    """Features whose mean moved by more than `threshold` training standard deviations."""
-    moved, missing = {}, []
-    for feature, reference in statistics["features"].items():
+# A bin no row fell in still gets this share, so that the logarithms stay finite.
+EPSILON = 1e-4
+
+
+def _shares(counts: Any) -> Any:
+    import numpy as np
+
+    counts = np.asarray(counts, dtype=np.float64)
+    return np.maximum(counts / max(counts.sum(), 1.0), EPSILON)
+
+
+def distances(histogram: dict[str, Any], values: Any) -> dict[str, float]:
+    """Jensen-Shannon distance (base 2, 0-1) and population stability index of `values` against
+    a reference histogram (inner bin `edges`, `counts`), as Vertex AI Model Monitoring measures a
+    numeric feature."""
+    import numpy as np
+
+    edges = np.asarray(histogram["edges"], dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    new = np.bincount(np.searchsorted(edges, values, side="left"), minlength=len(edges) + 1)
+    p, q = _shares(histogram["counts"]), _shares(new)
+    m = (p + q) / 2
+    divergence = 0.5 * (p * np.log2(p / m)).sum() + 0.5 * (q * np.log2(q / m)).sum()
+    return {"js_distance": round(float(np.sqrt(max(divergence, 0.0))), 4),
+            "psi": round(float(((q - p) * np.log(q / p)).sum()), 4)}
+
+
+def label_distance(reference: dict[str, int], labels: Any) -> float:
+    """L-infinity distance of the class distributions (the largest change of one class's
+    share), as Vertex AI Model Monitoring measures a categorical feature."""
+    new = {str(k): int(v) for k, v in labels.astype(str).value_counts().items()}
+    total_ref, total_new = max(sum(reference.values()), 1), max(sum(new.values()), 1)
+    classes = set(reference) | set(new)
+    return round(max(abs(reference.get(c, 0) / total_ref - new.get(c, 0) / total_new)
+                     for c in classes), 4)
+
+
+def drift(statistics: dict[str, Any], table: Any, settings: "Settings") -> dict[str, Any]:
+    """Each numeric feature's distances from its training histogram, the labels' distance from
+    the training classes, and whether any passes its threshold."""
+    features, moved, missing = {}, [], []
+    for feature, reference in statistics.get("features", {}).items():
+        if "histogram" not in reference:
+            continue  # text (token counts) is judged by its labels alone
         if feature not in table.columns:
             missing.append(feature)
             continue
-        shift = abs(float(table[feature].mean()) - reference["mean"]) / max(reference["std"], 1e-12)
-        if shift > threshold:
-            moved[feature] = round(shift, 3)
-    return {"drifted": bool(moved or missing), "moved": moved, "missing": missing,
-            "threshold": threshold}
+        features[feature] = distances(reference["histogram"], table[feature])
+        if (features[feature]["js_distance"] > settings.drift_threshold
+                or features[feature]["psi"] > settings.psi_threshold):
+            moved.append(feature)
+    labels = statistics.get("labels") or {}
+    label_column = labels.get("column") or settings.label_column
+    label = None
+    if labels.get("counts") and label_column in table.columns:
+        label = label_distance(labels["counts"], table[label_column])
+    label_moved = label is not None and label > settings.label_drift_threshold
+    return {"drifted": bool(moved or missing or label_moved), "moved": moved,
+            "missing": missing, "features": features, "label_linf": label,
+            "thresholds": {"js_distance": settings.drift_threshold, "psi": settings.psi_threshold,
+                           "label_linf": settings.label_drift_threshold}}
 
 
-def read_table(uri: str) -> Any:
+def read_table(uri: str, rows: int) -> Any:
+    """The first `rows` rows of a new table: enough to judge drift, whatever its size."""
     import fsspec
     import pandas as pd
 
     with fsspec.open(uri, "rb") as handle:
-        return pd.read_parquet(handle) if uri.endswith(".parquet") else pd.read_csv(handle)
+        if not uri.endswith(".parquet"):
+            return pd.read_csv(handle, nrows=rows)
+        import pyarrow.parquet as pq
+
+        batch = next(pq.ParquetFile(handle).iter_batches(batch_size=rows), None)
+        return batch.to_pandas() if batch is not None else pd.DataFrame()
+
+
+def read_reference(settings: "Settings") -> dict[str, Any] | None:
+    """The training statistics of what serves now, or None before the first deploying run."""
+    import fsspec
+
+    uri = settings.reference_uri.rstrip("/") + "/statistics.json"
+    try:
+        with fsspec.open(uri, "r") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+
+
+def record(settings: Settings, obj: dict[str, str], decision: dict[str, Any]) -> dict[str, Any]:
+    """Keep the decision next to the reference (one file per event, and latest.json)."""
+    import time
+
+    import fsspec
+
+    decision = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "generation": obj["generation"], **decision}
+    if settings.reference_uri:
+        folder = settings.reference_uri.rstrip("/") + "/decisions"
+        # Named by the clock in nanoseconds: listed in the order they were made.
+        name = f"{time.time_ns()}-{job_id_for(decision['uri'], obj['generation'])}"
+        for path in (f"{folder}/{name}.json", f"{folder}/latest.json"):
+            with fsspec.open(path, "w") as handle:
+                json.dump(decision, handle, indent=1)
+    return decision
 
 
 def handle(obj: dict[str, str], settings: Settings) -> dict[str, Any]:
-    """Decide and, when warranted, submit; returns what was done, for the log."""
-    from google.api_core.exceptions import Conflict  # AlreadyExists (gRPC) is a Conflict too
-
+    """Decide and, when warranted, submit; returns the decision, which is also recorded."""
     uri = f"gs://{obj['bucket']}/{obj['name']}"
     if not uri.startswith(settings.data_prefix):
         return {"status": "ignored", "uri": uri, "reason": f"outside {settings.data_prefix}"}
     if not uri.endswith(SUPPORTED_SUFFIXES):
         return {"status": "ignored", "uri": uri, "reason": "not a .csv or .parquet table"}
-    report = None
-    if settings.statistics_uri:
-        import fsspec
+    return record(settings, obj, _decide(obj, settings, uri))
 
-        with fsspec.open(settings.statistics_uri, "r") as handle_:
-            statistics = json.load(handle_)
-        report = drift(statistics, read_table(uri), settings.drift_threshold)
-        if not report["drifted"]:
-            return {"status": "skipped", "uri": uri, "reason": "no drift", "drift": report}
+
+def _decide(obj: dict[str, str], settings: Settings, uri: str) -> dict[str, Any]:
+    from google.api_core.exceptions import Conflict  # AlreadyExists (gRPC) is a Conflict too
+
+    report, reason = None, "no drift check (REFERENCE_URI not set)"
+    if settings.reference_uri:
+        statistics = read_reference(settings)
+        if statistics is None:
+            reason = "first run: no reference yet"
+        else:
+            report = drift(statistics, read_table(uri, settings.max_rows), settings)
+            if not report["drifted"]:
+                return {"status": "skipped", "uri": uri, "reason": "no drift", "drift": report}
+            reason = "drift: " + ", ".join(
+                report["moved"] + [f"missing {m}" for m in report["missing"]]
+                + (["labels"] if report["label_linf"] is not None
+                   and report["label_linf"] > settings.label_drift_threshold else []))
     job_id = job_id_for(uri, obj["generation"])
     try:
         submit(settings, uri, job_id)
     except Conflict:
-        return {"status": "duplicate", "uri": uri, "job_id": job_id}
-    return {"status": "submitted", "uri": uri, "job_id": job_id, "drift": report}
+        return {"status": "duplicate", "uri": uri, "job_id": job_id,
+                "reason": "this object generation was submitted before"}
+    return {"status": "submitted", "uri": uri, "job_id": job_id, "reason": reason,
+            "drift": report}
 
 
 def submit(settings: Settings, data_uri: str, job_id: str) -> None:
@@ -148,6 +255,9 @@ def submit(settings: Settings, data_uri: str, job_id: str) -> None:
         pipeline_root=settings.pipeline_root,
         parameter_values={"data_source": data_uri, "label_column": settings.label_column},
         labels={"trigger": "new-data"},
+        # New data under an old name must never reuse an old run's prepare-data (or anything
+        # after it): caching is off for the whole run.
+        enable_caching=False,
     )
     job.submit(service_account=settings.service_account)
 
