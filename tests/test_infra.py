@@ -3,12 +3,17 @@
 `terraform validate` needs the providers; what it would catch without them is checked here from
 the parsed HCL: every file parses, every reference names something declared, every module call
 passes exactly its module's variables, the env files set only declared variables, and the
-trigger function is given the settings infra/trigger/main.py reads.
+trigger function is given the settings infra/trigger/main.py reads. The retraining loop's wiring
+(issue 16) is checked the same way: the trigger watches the data bucket only, may be invoked by
+Eventarc, every API is enabled, the schedule passes its parameter values, the reference is kept.
+`terraform fmt -check` runs where the binary is installed.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import hcl2
@@ -87,7 +92,9 @@ def test_every_reference_is_declared(config):
 
 def test_module_calls_pass_exactly_the_module_variables():
     root = Config(TERRAFORM)
-    assert set(root.modules) == {d.name for d in (TERRAFORM / "modules").iterdir()}
+    # Every module is used; a module may be called more than once (the two buckets).
+    assert {root.module_dir(name).name for name in root.modules} == {
+        d.name for d in (TERRAFORM / "modules").iterdir()}
     for name, call in root.modules.items():
         module = Config(root.module_dir(name))
         passed = {key for key in call if not key.startswith("__")} - MODULE_META_ARGUMENTS
@@ -125,3 +132,147 @@ def test_trigger_function_gets_the_settings_its_code_reads():
     assert given <= read, f"the function never reads {given - read}"
     assert unquote(function["build_config"][0]["entry_point"]) in re.findall(
         r"^def (\w+)", code, re.MULTILINE)
+
+
+# The retraining loop's wiring (issue 16).
+
+API_NAMES = {"aiplatform", "cloudfunctions", "run", "eventarc", "pubsub", "artifactregistry",
+             "cloudbuild", "storage", "cloudscheduler", "dataflow", "iam", "logging"}
+
+
+def parsed(config: Config) -> dict:
+    return hcl2.loads(config.text)
+
+
+def resources(config: Config, type_: str) -> dict[str, dict]:
+    """NAME -> body of every resource of TYPE in the module."""
+    return {unquote(name): body for block in parsed(config).get("resource", [])
+            for kind, named in block.items() if unquote(kind) == type_
+            for name, body in named.items()}
+
+
+def root_local(name: str) -> str:
+    (value,) = [block[name] for block in parsed(Config(TERRAFORM)).get("locals", [])
+                if name in block]
+    return value
+
+
+def test_trigger_watches_the_data_bucket_not_the_pipeline_bucket():
+    root = Config(TERRAFORM)
+    trigger, data_bucket, bucket = (root.modules[n] for n in ("trigger", "data_bucket", "bucket"))
+    assert root.module_dir("data_bucket") == root.module_dir("bucket")
+    assert unquote(data_bucket["name"]) != unquote(bucket["name"])
+    assert data_bucket["versioning"] is True  # earlier generations of the data are kept
+    assert "retention_days" not in data_bucket  # no lifecycle deletion of data by default
+    assert "default" in root.variables["data_noncurrent_retention_days"]
+    assert root.variables["data_noncurrent_retention_days"]["default"] == 0
+    assert trigger["data_bucket"] == "${module.data_bucket.name}"
+    assert trigger["pipeline_bucket"] == "${module.bucket.name}"
+
+    module = Config(root.module_dir("trigger"))
+    (function,) = resources(module, "google_cloudfunctions2_function").values()
+    (event_trigger,) = function["event_trigger"]
+    filters = {unquote(f["attribute"]): f["value"] for f in event_trigger["event_filters"]}
+    assert filters == {"bucket": "${var.data_bucket}"}
+    environment = function["service_config"][0]["environment_variables"]
+    assert unquote(environment["DATA_PREFIX"]) == "gs://${var.data_bucket}/${var.data_prefix}"
+    # The function's source is kept in the pipeline bucket: uploading it wakes nothing.
+    (source,) = resources(module, "google_storage_bucket_object").values()
+    assert source["bucket"] == "${var.pipeline_bucket}"
+
+
+def test_trigger_account_may_receive_events_and_invoke_the_function():
+    module = Config(TERRAFORM / "modules" / "trigger")
+    account = "serviceAccount:${google_service_account.trigger.email}"
+    (function,) = resources(module, "google_cloudfunctions2_function").values()
+    assert function["event_trigger"][0]["service_account_email"] == (
+        "${google_service_account.trigger.email}")
+
+    invokers = [body for type_ in ("google_cloud_run_v2_service_iam_member",
+                                   "google_cloud_run_service_iam_member")
+                for body in resources(module, type_).values()
+                if unquote(body["role"]) == "roles/run.invoker"]
+    assert len(invokers) == 1
+    (invoker,) = invokers
+    assert unquote(invoker["member"]) == account
+    service = invoker.get("name", invoker.get("service"))
+    assert service == "${google_cloudfunctions2_function.trigger.service_config[0].service}"
+
+    project_roles = resources(module, "google_project_iam_member")
+    assert "roles/eventarc.eventReceiver" in project_roles["trigger"]["for_each"]
+    assert unquote(project_roles["trigger"]["member"]) == account
+    publisher = project_roles["gcs_publishes"]
+    assert unquote(publisher["role"]) == "roles/pubsub.publisher"
+    assert "data.google_storage_project_service_account.gcs.email_address" in publisher["member"]
+
+
+def test_every_api_is_enabled_before_anything_uses_it():
+    root = Config(TERRAFORM)
+    enabled = set(re.findall(r'"(\w+)\.googleapis\.com"', root_local("apis")))
+    assert API_NAMES <= enabled, f"not enabled: {API_NAMES - enabled}"
+    (service,) = resources(root, "google_project_service").values()
+    assert service["for_each"] == "${toset(local.apis)}"
+    assert service["disable_on_destroy"] is False
+    for name, call in root.modules.items():
+        assert "${google_project_service.apis}" in call.get("depends_on", []), name
+
+
+def test_schedule_posts_its_parameter_values():
+    root = Config(TERRAFORM)
+    assert root.variables["schedule_parameter_values"]["default"] == {}
+    assert root.modules["schedule"]["parameter_values"] == "${var.schedule_parameter_values}"
+    module = Config(root.module_dir("schedule"))
+    (job,) = resources(module, "google_cloud_scheduler_job").values()
+    body = job["http_target"][0]["body"]
+    runtime_config = re.search(r"runtimeConfig = \{(.*?)\}", body)
+    assert runtime_config, body
+    assert "parameterValues = var.parameter_values" in runtime_config[1]
+    assert "gcsOutputDirectory = var.pipeline_root" in runtime_config[1]
+
+
+def test_function_reads_the_reference_and_the_drift_thresholds():
+    root = Config(TERRAFORM)
+    module = Config(root.module_dir("trigger"))
+    (function,) = resources(module, "google_cloudfunctions2_function").values()
+    environment = function["service_config"][0]["environment_variables"]
+    assert {"REFERENCE_URI", "DRIFT_THRESHOLD", "PSI_THRESHOLD",
+            "LABEL_DRIFT_THRESHOLD"} <= set(environment)
+    assert "STATISTICS_URI" not in environment
+    assert environment["REFERENCE_URI"] == "${var.reference_uri}"
+    for name, default in (("drift_threshold", 0.1), ("psi_threshold", 0.2),
+                          ("label_drift_threshold", 0.1)):
+        assert root.variables[name]["default"] == default
+        assert root.modules["trigger"][name] == f"${{var.{name}}}"
+
+    # The reference: one folder per pipeline and deploy target, under the pipeline root.
+    assert unquote(root_local("pipeline_root")) == "gs://${module.bucket.name}/pipeline-root"
+    assert unquote(root_local("reference_uri")) == (
+        "${local.pipeline_root}/torchship-reference/${local.pipeline_name}/${var.deploy_target}/")
+    assert unquote(root_local("pipeline_name")) == "torchship"
+    assert unquote(root.variables["deploy_target"]["default"]) == "vertex"
+    assert root.modules["trigger"]["reference_uri"] == "${local.reference_uri}"
+    assert {"data_bucket", "reference_uri", "decisions_uri", "pipeline_root",
+            "docker_repository", "pipeline_template_host",
+            "pipeline_service_account"} <= root.outputs
+
+
+def test_artifact_expiry_keeps_the_reference():
+    root = Config(TERRAFORM)
+    prefixes = root.modules["bucket"]["expire_prefixes"]
+    generated = re.fullmatch(r'\$\{\[for (\w+) in range\((\d+)\) : "([^"$]*)\$\{\1\}"\]\}',
+                             prefixes) if isinstance(prefixes, str) else None
+    if generated:
+        prefixes = [f"{generated[3]}{i}" for i in range(int(generated[2]))]
+    else:
+        assert isinstance(prefixes, list), f"cannot read expire_prefixes {prefixes}"
+        prefixes = [unquote(p) for p in prefixes]
+    assert prefixes, "nothing expires"
+    assert not [p for p in prefixes if "pipeline-root/torchship-reference/".startswith(p)]
+    assert "pipeline-root/1234567890/torchship-20250101/".startswith(tuple(prefixes))
+
+
+@pytest.mark.skipif(shutil.which("terraform") is None, reason="terraform is not installed")
+def test_terraform_fmt_is_clean():
+    result = subprocess.run(["terraform", "fmt", "-check", "-recursive", str(TERRAFORM)],
+                            check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"terraform fmt would change: {result.stdout}"

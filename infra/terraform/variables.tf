@@ -15,7 +15,7 @@ variable "environment" {
 }
 
 variable "artifact_retention_days" {
-  description = "Pipeline artifacts older than this are deleted."
+  description = "Vertex AI run folders (pipeline-root/PROJECT_NUMBER/) older than this are deleted; the reference is kept."
   type        = number
   default     = 30
 }
@@ -26,10 +26,46 @@ variable "data_prefix" {
   default     = "incoming/"
 }
 
-variable "drift_threshold" {
-  description = "Mean shift, in training standard deviations, that counts as drift (0 = no drift check)."
+variable "data_noncurrent_retention_days" {
+  description = "Days a replaced (noncurrent) generation of a data object is kept; 0 keeps every generation."
   type        = number
-  default     = 0.5
+  default     = 0
+}
+
+variable "deploy_target" {
+  description = "The pipeline's deploy_target whose reference the trigger reads (under pipeline-root/torchship-reference/torchship/DEPLOY_TARGET/)."
+  type        = string
+  default     = "vertex"
+}
+
+variable "drift_threshold" {
+  description = "Jensen-Shannon distance between a numeric feature's binned distribution in the new data and in the training statistics above which the data counts as drifted."
+  type        = number
+  default     = 0.1
+  validation {
+    condition     = var.drift_threshold >= 0
+    error_message = "drift_threshold is a distance: 0 or more."
+  }
+}
+
+variable "psi_threshold" {
+  description = "Population stability index of a numeric feature's binned distribution above which the data counts as drifted."
+  type        = number
+  default     = 0.2
+  validation {
+    condition     = var.psi_threshold >= 0
+    error_message = "psi_threshold is 0 or more."
+  }
+}
+
+variable "label_drift_threshold" {
+  description = "L-infinity distance between the class distribution of the new data and of the training data above which the data counts as drifted."
+  type        = number
+  default     = 0.1
+  validation {
+    condition     = var.label_drift_threshold >= 0
+    error_message = "label_drift_threshold is a distance: 0 or more."
+  }
 }
 
 variable "pipeline_template_uri" {
@@ -47,4 +83,14 @@ variable "schedule_time_zone" {
   description = "Time zone of schedule_cron."
   type        = string
   default     = "Etc/UTC"
+}
+
+variable "schedule_parameter_values" {
+  description = "Pipeline parameter values of the scheduled run (runtimeConfig.parameterValues), e.g. { data_source = \"gs://DATA_BUCKET/incoming/\", deploy_target = \"vertex\", deploy_settings = { ... } }; empty runs the template's defaults."
+  type        = any
+  default     = {}
+  validation {
+    condition     = can(keys(var.schedule_parameter_values))
+    error_message = "schedule_parameter_values is a map of parameter name to value."
+  }
 }

@@ -1,6 +1,13 @@
 # A scheduled retraining run: Cloud Scheduler creates a Vertex AI PipelineJob from the published
-# template on a cron, as the pipeline's service account. (`torchship schedule create` makes a
-# Vertex AI PipelineJobSchedule instead, for teams that manage schedules outside Terraform.)
+# template on a cron, as the pipeline's service account, with the given parameter values
+# (runtimeConfig.parameterValues: data_source, deploy_target, ...). (`torchship schedule create`
+# makes a Vertex AI PipelineJobSchedule instead, for teams that manage schedules outside Terraform.)
+#
+# Caching: the PipelineJob REST resource has no caching field (the SDK's enable_caching rewrites
+# the pipeline spec on the client before it is sent), so a run created from templateUri caches as
+# the template was compiled. A schedule with the same parameter values every time would get a
+# cache hit in prepare-data and train on the old data unless the template turns caching off for
+# its data-dependent steps.
 variable "project" { type = string }
 variable "region" { type = string }
 variable "name" { type = string }
@@ -9,6 +16,11 @@ variable "time_zone" { type = string }
 variable "pipeline_template_uri" { type = string }
 variable "pipeline_root" { type = string }
 variable "pipeline_sa_email" { type = string }
+
+variable "parameter_values" {
+  type    = any
+  default = {}
+}
 
 resource "google_cloud_scheduler_job" "retrain" {
   name      = var.name
@@ -24,8 +36,11 @@ resource "google_cloud_scheduler_job" "retrain" {
       displayName    = "torchship-scheduled"
       templateUri    = var.pipeline_template_uri
       serviceAccount = var.pipeline_sa_email
-      runtimeConfig  = { gcsOutputDirectory = var.pipeline_root }
-      labels         = { trigger = "schedule" }
+      runtimeConfig = {
+        gcsOutputDirectory = var.pipeline_root
+        parameterValues    = var.parameter_values
+      }
+      labels = { trigger = "schedule" }
     }))
     oauth_token {
       service_account_email = var.pipeline_sa_email

@@ -1,8 +1,9 @@
 # The pipeline's service account, with only what a run needs: run Vertex AI jobs and deploy
-# models, read and write its own bucket, pull images, write logs.
+# models, read and write its own bucket, read the data bucket, pull images, write logs.
 variable "project" { type = string }
 variable "name" { type = string }
 variable "bucket" { type = string }
+variable "data_bucket" { type = string }
 
 resource "google_service_account" "pipeline" {
   account_id   = var.name
@@ -11,8 +12,8 @@ resource "google_service_account" "pipeline" {
 
 locals {
   project_roles = [
-    "roles/aiplatform.user",            # pipeline jobs, custom jobs, models, endpoints
-    "roles/artifactregistry.reader",    # pull component images and pipeline templates
+    "roles/aiplatform.user",         # pipeline jobs, custom jobs, models, endpoints
+    "roles/artifactregistry.reader", # pull component images and pipeline templates
     "roles/logging.logWriter",
   ]
 }
@@ -27,6 +28,12 @@ resource "google_project_iam_member" "pipeline" {
 resource "google_storage_bucket_iam_member" "pipeline" {
   bucket = var.bucket
   role   = "roles/storage.objectUser"
+  member = "serviceAccount:${google_service_account.pipeline.email}"
+}
+
+resource "google_storage_bucket_iam_member" "pipeline_reads_data" {
+  bucket = var.data_bucket
+  role   = "roles/storage.objectViewer"
   member = "serviceAccount:${google_service_account.pipeline.email}"
 }
 

@@ -1,16 +1,26 @@
 # The retraining trigger: a Cloud Function (infra/trigger) behind an Eventarc storage-finalize
-# trigger on the pipeline bucket; it submits the pipeline once per new object generation.
+# trigger on the data bucket (never the pipeline bucket, so the pipeline's own artifacts do not
+# wake it); it submits the pipeline once per new object generation under the data prefix, reads
+# the reference (training statistics, serving record) and writes its decisions next to it.
 variable "project" { type = string }
 variable "region" { type = string }
 variable "name" { type = string }
-variable "bucket" { type = string }
+variable "pipeline_bucket" { type = string }
+variable "data_bucket" { type = string }
 variable "data_prefix" { type = string }
+variable "reference_uri" { type = string }
 variable "drift_threshold" { type = number }
+variable "psi_threshold" { type = number }
+variable "label_drift_threshold" { type = number }
 variable "pipeline_template_uri" { type = string }
 variable "pipeline_root" { type = string }
-variable "statistics_uri" { type = string }
 variable "pipeline_sa_email" { type = string }
 variable "source_dir" { type = string }
+
+locals {
+  # The reference folder as an object prefix of the pipeline bucket.
+  reference_prefix = trimprefix(var.reference_uri, "gs://${var.pipeline_bucket}/")
+}
 
 data "archive_file" "source" {
   type        = "zip"
@@ -20,7 +30,7 @@ data "archive_file" "source" {
 
 resource "google_storage_bucket_object" "source" {
   name   = "functions/${var.name}-${data.archive_file.source.output_md5}.zip"
-  bucket = var.bucket
+  bucket = var.pipeline_bucket
   source = data.archive_file.source.output_path
 }
 
@@ -30,16 +40,32 @@ resource "google_service_account" "trigger" {
 }
 
 resource "google_project_iam_member" "trigger" {
-  for_each = toset(["roles/aiplatform.user", "roles/eventarc.eventReceiver"])
-  project  = var.project
-  role     = each.value
-  member   = "serviceAccount:${google_service_account.trigger.email}"
+  for_each = toset([
+    "roles/aiplatform.user",         # submit pipeline jobs
+    "roles/artifactregistry.reader", # the SDK downloads the pipeline template as the caller
+    "roles/eventarc.eventReceiver",  # receive the Eventarc events
+  ])
+  project = var.project
+  role    = each.value
+  member  = "serviceAccount:${google_service_account.trigger.email}"
 }
 
 resource "google_storage_bucket_iam_member" "trigger_reads_data" {
-  bucket = var.bucket
+  bucket = var.data_bucket
   role   = "roles/storage.objectViewer"
   member = "serviceAccount:${google_service_account.trigger.email}"
+}
+
+# Read the reference and write decisions under it; nothing else in the pipeline bucket.
+resource "google_storage_bucket_iam_member" "trigger_uses_reference" {
+  bucket = var.pipeline_bucket
+  role   = "roles/storage.objectUser"
+  member = "serviceAccount:${google_service_account.trigger.email}"
+  condition {
+    title       = "reference-only"
+    description = "Objects under ${local.reference_prefix}"
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${var.pipeline_bucket}/objects/${local.reference_prefix}\") || api.getAttribute(\"storage.googleapis.com/objectListPrefix\", \"\").startsWith(\"${local.reference_prefix}\")"
+  }
 }
 
 # The trigger submits runs as the pipeline's account.
@@ -67,7 +93,7 @@ resource "google_cloudfunctions2_function" "trigger" {
     entry_point = "on_new_data"
     source {
       storage_source {
-        bucket = var.bucket
+        bucket = var.pipeline_bucket
         object = google_storage_bucket_object.source.name
       }
     }
@@ -79,14 +105,16 @@ resource "google_cloudfunctions2_function" "trigger" {
     timeout_seconds       = 300
     service_account_email = google_service_account.trigger.email
     environment_variables = {
-      PROJECT           = var.project
-      REGION            = var.region
-      PIPELINE_TEMPLATE = var.pipeline_template_uri
-      PIPELINE_ROOT     = var.pipeline_root
-      DATA_PREFIX       = "gs://${var.bucket}/${var.data_prefix}"
-      SERVICE_ACCOUNT   = var.pipeline_sa_email
-      STATISTICS_URI    = var.drift_threshold > 0 ? var.statistics_uri : ""
-      DRIFT_THRESHOLD   = tostring(var.drift_threshold)
+      PROJECT               = var.project
+      REGION                = var.region
+      PIPELINE_TEMPLATE     = var.pipeline_template_uri
+      PIPELINE_ROOT         = var.pipeline_root
+      DATA_PREFIX           = "gs://${var.data_bucket}/${var.data_prefix}"
+      SERVICE_ACCOUNT       = var.pipeline_sa_email
+      REFERENCE_URI         = var.reference_uri
+      DRIFT_THRESHOLD       = tostring(var.drift_threshold)
+      PSI_THRESHOLD         = tostring(var.psi_threshold)
+      LABEL_DRIFT_THRESHOLD = tostring(var.label_drift_threshold)
     }
   }
 
@@ -97,9 +125,21 @@ resource "google_cloudfunctions2_function" "trigger" {
     service_account_email = google_service_account.trigger.email
     event_filters {
       attribute = "bucket"
-      value     = var.bucket
+      value     = var.data_bucket
     }
   }
 
   depends_on = [google_project_iam_member.gcs_publishes]
 }
+
+# Eventarc calls the function's Cloud Run service as the trigger's account.
+resource "google_cloud_run_v2_service_iam_member" "trigger_invokes" {
+  project  = var.project
+  location = var.region
+  name     = google_cloudfunctions2_function.trigger.service_config[0].service
+  role     = "roles/run.invoker"
+  member   = "serviceAccount:${google_service_account.trigger.email}"
+}
+
+output "service_account" { value = google_service_account.trigger.email }
+output "function" { value = google_cloudfunctions2_function.trigger.name }
