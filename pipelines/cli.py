@@ -10,6 +10,8 @@ import click
 from torchship.components.benchmark.method import DEFAULT_CONCURRENCY
 from torchship.components.benchmark.method import default as measurement_default
 from torchship.components.data.runners import PIPELINE_PARAMETERS as RUNNER_PARAMETERS
+from torchship.components.deploy.reference import default_reference_uri
+from torchship.components.deploy.stage import DEFAULT_TARGET
 from torchship.components.errors import ParityError, ServingError, UserInputError
 from torchship.pipelines.arguments import concurrency_levels, fail, key_values
 from torchship.pipelines.cli_cloud import data_runner_options, publish, schedule, submit
@@ -154,6 +156,9 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
     arguments.update(key_values(params, "--param", parse_json=True))
     # Each local run adds a version to one repository that `torchship serve` can serve.
     arguments.setdefault("local_repository", str(Path(pipeline_root, "model_repository").resolve()))
+    # A deploying run keeps the retraining reference under the pipeline root.
+    arguments.setdefault("reference_uri", default_reference_uri(
+        str(Path(pipeline_root).resolve()), arguments.get("deploy_target", DEFAULT_TARGET)))
     try:  # everything the input decides is refused here, before any stage runs
         notes = preflight_run(pipeline_yaml, pipeline_root, arguments, RUN_FLAGS)
     except UserInputError as exc:

@@ -100,7 +100,8 @@ def data_runner_options(func: Any) -> Any:
 
 
 def _run_parameters(params: tuple[str, ...], runner_settings: dict[str, Any],
-                    project: str | None, region: str, kfp_host: str | None) -> dict[str, Any]:
+                    project: str | None, region: str, kfp_host: str | None,
+                    pipeline_root: str | None = None) -> dict[str, Any]:
     """The run's parameters: the data runner's options, then each -p NAME=VALUE. On Vertex AI, a
     Dataflow data step runs in the pipeline's project and region unless told otherwise."""
     parameters = {name: value for name, value in runner_settings.items() if value is not None}
@@ -109,6 +110,12 @@ def _run_parameters(params: tuple[str, ...], runner_settings: dict[str, Any],
         parameters.setdefault("dataflow_region", region)
         if project:
             parameters.setdefault("dataflow_project", project)
+    if pipeline_root:  # a deploying run keeps the retraining reference under the root
+        from torchship.components.deploy.reference import default_reference_uri
+        from torchship.components.deploy.stage import DEFAULT_TARGET
+
+        parameters.setdefault("reference_uri", default_reference_uri(
+            pipeline_root, parameters.get("deploy_target", DEFAULT_TARGET)))
     return parameters
 
 
@@ -124,7 +131,8 @@ def submit(template: str, project: str | None, region: str, pipeline_root: str |
            labels: tuple[str, ...], caching: bool | None, kfp_host: str | None,
            wait: bool, **runner_settings: Any) -> None:
     """Submit TEMPLATE (a compiled YAML or an Artifact Registry URI) as a pipeline run."""
-    parameters = _run_parameters(params, runner_settings, project, region, kfp_host)
+    parameters = _run_parameters(params, runner_settings, project, region, kfp_host,
+                                 pipeline_root)
     try:
         _preflight(template, parameters, kfp_host)
         if kfp_host:
@@ -168,7 +176,8 @@ def schedule_create(template: str, display_name: str, cron: str, time_zone: str 
                     labels: tuple[str, ...], caching: bool | None, kfp_host: str | None,
                     **runner_settings: Any) -> None:
     """Create a schedule that runs TEMPLATE on CRON."""
-    parameters = _run_parameters(params, runner_settings, project, region, kfp_host)
+    parameters = _run_parameters(params, runner_settings, project, region, kfp_host,
+                                 pipeline_root)
     try:
         _preflight(template, parameters, kfp_host)  # or every scheduled run fails the same way
         if kfp_host:

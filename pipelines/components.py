@@ -65,19 +65,11 @@ def prepare_data(
     write_statistics(meta["statistics"], statistics.path)
     if statistics_uri:
         write_statistics(meta["statistics"], statistics_uri)
+    shared = {key: meta[key] for key in ("source", "contract", "n_features", "n_classes",
+                                         "schema", "warnings")}
     for split, artifact in (("train", train), ("val", val), ("test", test)):
-        artifact.metadata.update(
-            {
-                "source": meta["source"],
-                "contract": meta["contract"],
-                "n_features": meta["n_features"],
-                "n_classes": meta["n_classes"],
-                "n_rows": meta["n_rows"][split],
-                "class_counts": meta["class_counts"][split],
-                "schema": meta["schema"],
-                "warnings": meta["warnings"],
-            }
-        )
+        artifact.metadata.update({**shared, "n_rows": meta["n_rows"][split],
+                                  "class_counts": meta["class_counts"][split]})
 
 
 def train(
@@ -317,14 +309,17 @@ def deploy(
     chosen_model: Input[Model],
     test: Input[Dataset],
     serving_record: Input[Artifact],
+    statistics: Input[Artifact],
+    gate_record: Input[Artifact],
     target: str,
     local_repository: str,
     settings: dict,
+    reference_uri: str,
     model_repository: Output[Artifact],
 ):
     """Deploy the chosen model with the serving search's settings: a new version on Triton
     (local), a Vertex AI Endpoint or KServe, smoke-tested against ONNX Runtime; on failure the
-    serving version stays as it was."""
+    serving version stays as it was. Then keep the retraining reference at `reference_uri`."""
     import json
 
     from torchship.components.deploy.stage import deploy_to
@@ -337,6 +332,11 @@ def deploy(
                        serving=serving, progress=report)
     model_repository.metadata.update({"target": target, "serving": serving,
                                       **result.get("summary", {})})
+    if reference_uri:
+        from torchship.components.deploy.reference import keep_reference
+
+        kept = keep_reference(reference_uri, statistics.path, gate_record.path, target, result)
+        report(f"reference: {kept['model']} and its training statistics kept in {reference_uri}")
 
 
 def vertex_worker_pools(

@@ -91,6 +91,9 @@ PARAMETERS: Parameters = (
     ("deploy_target", str, DEFAULT_TARGET),
     ("local_repository", str, ""),
     ("deploy_settings", dict, {}),
+    # Where a deploying run keeps the retraining reference (components/deploy/reference.py);
+    # `torchship run` and `submit` fill in <pipeline root>/torchship-reference/torchship/<target>/.
+    ("reference_uri", str, ""),
 )
 # The vertex platform scales training out over replicas (one process each by default), sized by
 # the parameters it adds.

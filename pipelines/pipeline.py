@@ -80,9 +80,10 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
         )
         ops.deploy(
             chosen_model=decided.outputs["chosen_model"], test=data.outputs["test"],
-            serving_record=tuned.outputs["record"],
+            serving_record=tuned.outputs["record"], statistics=data.outputs["statistics"],
+            gate_record=decided.outputs["record"],
             target=params["deploy_target"], local_repository=params["local_repository"],
-            settings=params["deploy_settings"],
+            settings=params["deploy_settings"], reference_uri=params["reference_uri"],
         )
     return Outputs(summary=measured.outputs["summary"], results=measured.outputs["results"],
                    gate_record=decided.outputs["record"], report=decided.outputs["report_html"])

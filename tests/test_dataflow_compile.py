@@ -95,6 +95,7 @@ def test_submit_sends_the_dataflow_flags_as_parameter_values(fake, vertex_yaml):
         "dataflow_service_account": "dataflow@acme-ml.iam.gserviceaccount.com",
         "dataflow_max_workers": 32, "dataflow_machine_type": "n2-standard-8",
         "dataflow_subnetwork": "regions/europe-west1/subnetworks/ml",
+        "reference_uri": f"{ROOT}/torchship-reference/torchship/local/",
     }
 
 
@@ -120,7 +121,8 @@ def test_a_direct_runner_run_sends_no_dataflow_parameters(fake, vertex_yaml):
                     "--pipeline-root", ROOT, "-p", "epochs=3")
     assert result.exit_code == 0, result.output
     [create] = fake.calls("POST", "pipelineJobs$")
-    assert create.body["runtimeConfig"]["parameterValues"] == {"epochs": 3}
+    assert create.body["runtimeConfig"]["parameterValues"] == {
+        "epochs": 3, "reference_uri": f"{ROOT}/torchship-reference/torchship/local/"}
 
 
 def test_kubeflow_gets_no_vertex_region_for_dataflow():

@@ -86,6 +86,18 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
     assert (f"({serving['settings']['instance_count']} instance" in deployed
             and f"delay {serving['settings']['max_queue_delay_us']} us)" in deployed)
 
+    # The run kept the retraining reference under the pipeline root: the training statistics
+    # (histograms included) the trigger judges drift by, and what serves now.
+    reference = tmp_path / "runs" / "torchship-reference" / "torchship" / "local"
+    kept = json.loads((reference / "serving.json").read_text())
+    assert kept["model"] == gate["variant"] and kept["version"] == 1 and kept["target"] == "local"
+    assert 0.85 < kept["test_accuracy"] <= 1 and kept["p99_ms"] > 0
+    statistics = json.loads((reference / "statistics.json").read_text())
+    assert statistics["labels"]["counts"] and all(
+        sum(f["histogram"]["counts"]) == statistics["n_rows"]
+        for f in statistics["features"].values())
+    assert f"reference: {gate['variant']} and its training statistics kept in" in done.stdout
+
     # The HTML report is self-contained, with its plots embedded.
     html = paths["report"].read_text()
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', html)) >= 2
@@ -195,6 +207,7 @@ def test_gate_that_fails_keeps_the_record_and_does_not_deploy(pipeline_yaml, tmp
     assert "Executing task 'deploy'" not in done.stdout
     assert "Executing task 'tune-serving'" not in done.stdout
     assert not list((tmp_path / "runs").rglob("deploy"))
+    assert not (tmp_path / "runs" / "torchship-reference").exists()  # nothing serves: no reference
 
 
 def assert_refused_in_one_line(pipeline_yaml: Path, tmp_path: Path, case: str, args: list[str],

@@ -14,6 +14,8 @@ from torchship.pipelines.cli import main
 
 PROJECT, REGION = "acme-ml-prod", "europe-west4"
 ROOT = "gs://acme-pipelines/torchship"
+# Where a deploying run keeps the retraining reference (the submit CLI fills it in).
+REFERENCE = f"{ROOT}/torchship-reference/torchship/local/"
 SERVICE_ACCOUNT = "pipelines@acme-ml-prod.iam.gserviceaccount.com"
 NETWORK = "projects/123456/global/networks/ml-vpc"
 
@@ -59,7 +61,7 @@ def test_submit_sends_spec_parameters_root_account_network_and_labels(fake, pipe
     # The gate's target concurrency follows the levels given (4 is not among them).
     assert runtime["parameterValues"] == {"epochs": 20, "benchmark_concurrency": [1, 8],
                                           "data_source": "gs://acme-data/new.csv",
-                                          "target_concurrency": 1}
+                                          "target_concurrency": 1, "reference_uri": REFERENCE}
     assert "target concurrency 1: the largest measured level up to the default 4" in output
     assert job["serviceAccount"] == SERVICE_ACCOUNT and job["network"] == NETWORK
     assert job["labels"]["team"] == "ml" and job["labels"]["trigger"] == "manual"
@@ -90,7 +92,8 @@ def test_schedule_sends_cron_with_zone_and_limits_then_lists_pauses_resumes_dele
     assert body["maxConcurrentRunCount"] == "2" or body["maxConcurrentRunCount"] == 2
     assert body["startTime"].startswith("2027-01-01") and body["endTime"].startswith("2027-12-31")
     request = body["createPipelineJobRequest"]
-    assert request["pipelineJob"]["runtimeConfig"]["parameterValues"] == {"epochs": 30}
+    assert request["pipelineJob"]["runtimeConfig"]["parameterValues"] == {
+        "epochs": 30, "reference_uri": REFERENCE}
     assert request["pipelineJob"]["serviceAccount"] == SERVICE_ACCOUNT
     name = re.search(r"created schedule (\S+)", output).group(1)
 
