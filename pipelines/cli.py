@@ -208,6 +208,23 @@ def _deployed_line(variant: str, arguments: dict[str, Any], defaults: dict[str, 
 
 
 
+@main.command(name="retrain-status")
+@click.option("--reference", "reference_uri", default="runs/torchship-reference/torchship/local/",
+              show_default=True, help="The reference a deploying run keeps (reference_uri).")
+@click.option("--data", help="A new .csv or .parquet table to measure against it.")
+@click.option("--decisions", "newest", default=5, show_default=True,
+              help="How many of the trigger's newest decisions to show.")
+def retrain_status(reference_uri: str, data: str | None, newest: int) -> None:
+    """What serves now, the last retraining decisions, and the drift of --data from the data
+    what serves was trained on."""
+    from torchship.pipelines.retrain import status_lines
+
+    try:
+        click.echo("\n".join(status_lines(reference_uri, data, newest)))
+    except UserInputError as exc:
+        fail(str(exc))
+
+
 @main.command()
 @click.argument("repository_or_url")
 @click.option("--test-data", required=True, type=click.Path(exists=True),

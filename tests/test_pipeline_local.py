@@ -97,6 +97,19 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
         sum(f["histogram"]["counts"]) == statistics["n_rows"]
         for f in statistics["features"].values())
     assert f"reference: {gate['variant']} and its training statistics kept in" in done.stdout
+    # `torchship retrain-status` reads it: what serves, and a new file's drift by feature.
+    from sklearn.datasets import load_digits
+
+    digits = load_digits(as_frame=True).frame
+    digits.assign(pixel_3_3=digits["pixel_3_3"] + 8).to_csv(tmp_path / "new.csv", index=False)
+    status = torchship("retrain-status", "--reference", str(reference),
+                       "--data", str(tmp_path / "new.csv"))
+    assert status.returncode == 0, status.stdout + status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0].startswith(f"serving: {gate['variant']} version 1 (local), test accuracy ")
+    assert "decisions: none yet" in lines and f"{tmp_path / 'new.csv'} against the reference: drifted" in status.stdout
+    moved = [line.split() for line in lines if line.strip().startswith("pixel_")]
+    assert [row[0] for row in moved if row[-1] == "yes"] == ["pixel_3_3"] and len(moved) == 64
 
     # The HTML report is self-contained, with its plots embedded.
     html = paths["report"].read_text()

@@ -105,15 +105,6 @@ def gcs(monkeypatch):
     fsspec.register_implementation("gs", "gcsfs.GCSFileSystem", clobber=True)
 
 
-def load_trigger():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("trigger_main", TRIGGER)
-    trigger = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trigger)
-    return trigger
-
-
 def decisions(folder: str) -> list[dict]:
     import fsspec
 
@@ -179,8 +170,9 @@ def test_drift_trigger_submits_first_then_only_when_the_data_moved(fake, gcs, mo
 
 
 def test_drift_measures_and_names_the_features_that_moved():
-    trigger = load_trigger()
-    settings = trigger.Settings("p", "r", "t", "root", "gs://d/")
+    from torchship.components.data import drift as trigger  # what the function ships
+
+    settings = trigger.Thresholds()
     histogram = {"edges": [-1.0, 0.0, 1.0], "counts": [16, 34, 34, 16]}
     statistics = {"features": {"a": {"histogram": histogram}, "b": {"histogram": histogram},
                                "c": {"histogram": histogram}},

@@ -31,6 +31,10 @@ from typing import Any
 
 import functions_framework
 
+# drift.py is components/data/drift.py (a link, so the function's source folder holds it): the
+# same measures `torchship retrain-status` prints.
+from drift import Thresholds, drift, read_table
+
 SUPPORTED_SUFFIXES = (".csv", ".parquet")
 
 
@@ -95,84 +99,6 @@ def job_id_for(uri: str, generation: str) -> str:
     return f"torchship-data-{digest}"
 
 
-# A bin no row fell in still gets this share, so that the logarithms stay finite.
-EPSILON = 1e-4
-
-
-def _shares(counts: Any) -> Any:
-    import numpy as np
-
-    counts = np.asarray(counts, dtype=np.float64)
-    return np.maximum(counts / max(counts.sum(), 1.0), EPSILON)
-
-
-def distances(histogram: dict[str, Any], values: Any) -> dict[str, float]:
-    """Jensen-Shannon distance (base 2, 0-1) and population stability index of `values` against
-    a reference histogram (inner bin `edges`, `counts`), as Vertex AI Model Monitoring measures a
-    numeric feature."""
-    import numpy as np
-
-    edges = np.asarray(histogram["edges"], dtype=np.float64)
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    new = np.bincount(np.searchsorted(edges, values, side="left"), minlength=len(edges) + 1)
-    p, q = _shares(histogram["counts"]), _shares(new)
-    m = (p + q) / 2
-    divergence = 0.5 * (p * np.log2(p / m)).sum() + 0.5 * (q * np.log2(q / m)).sum()
-    return {"js_distance": round(float(np.sqrt(max(divergence, 0.0))), 4),
-            "psi": round(float(((q - p) * np.log(q / p)).sum()), 4)}
-
-
-def label_distance(reference: dict[str, int], labels: Any) -> float:
-    """L-infinity distance of the class distributions (the largest change of one class's
-    share), as Vertex AI Model Monitoring measures a categorical feature."""
-    new = {str(k): int(v) for k, v in labels.astype(str).value_counts().items()}
-    total_ref, total_new = max(sum(reference.values()), 1), max(sum(new.values()), 1)
-    classes = set(reference) | set(new)
-    return round(max(abs(reference.get(c, 0) / total_ref - new.get(c, 0) / total_new)
-                     for c in classes), 4)
-
-
-def drift(statistics: dict[str, Any], table: Any, settings: "Settings") -> dict[str, Any]:
-    """Each numeric feature's distances from its training histogram, the labels' distance from
-    the training classes, and whether any passes its threshold."""
-    features, moved, missing = {}, [], []
-    for feature, reference in statistics.get("features", {}).items():
-        if "histogram" not in reference:
-            continue  # text (token counts) is judged by its labels alone
-        if feature not in table.columns:
-            missing.append(feature)
-            continue
-        features[feature] = distances(reference["histogram"], table[feature])
-        if (features[feature]["js_distance"] > settings.drift_threshold
-                or features[feature]["psi"] > settings.psi_threshold):
-            moved.append(feature)
-    labels = statistics.get("labels") or {}
-    label_column = labels.get("column") or settings.label_column
-    label = None
-    if labels.get("counts") and label_column in table.columns:
-        label = label_distance(labels["counts"], table[label_column])
-    label_moved = label is not None and label > settings.label_drift_threshold
-    return {"drifted": bool(moved or missing or label_moved), "moved": moved,
-            "missing": missing, "features": features, "label_linf": label,
-            "thresholds": {"js_distance": settings.drift_threshold, "psi": settings.psi_threshold,
-                           "label_linf": settings.label_drift_threshold}}
-
-
-def read_table(uri: str, rows: int) -> Any:
-    """The first `rows` rows of a new table: enough to judge drift, whatever its size."""
-    import fsspec
-    import pandas as pd
-
-    with fsspec.open(uri, "rb") as handle:
-        if not uri.endswith(".parquet"):
-            return pd.read_csv(handle, nrows=rows)
-        import pyarrow.parquet as pq
-
-        batch = next(pq.ParquetFile(handle).iter_batches(batch_size=rows), None)
-        return batch.to_pandas() if batch is not None else pd.DataFrame()
-
-
 def read_reference(settings: "Settings") -> dict[str, Any] | None:
     """The training statistics of what serves now, or None before the first deploying run."""
     import fsspec
@@ -222,7 +148,9 @@ def _decide(obj: dict[str, str], settings: Settings, uri: str) -> dict[str, Any]
         if statistics is None:
             reason = "first run: no reference yet"
         else:
-            report = drift(statistics, read_table(uri, settings.max_rows), settings)
+            report = drift(statistics, read_table(uri, settings.max_rows), Thresholds(
+                settings.drift_threshold, settings.psi_threshold,
+                settings.label_drift_threshold, settings.label_column))
             if not report["drifted"]:
                 return {"status": "skipped", "uri": uri, "reason": "no drift", "drift": report}
             reason = "drift: " + ", ".join(

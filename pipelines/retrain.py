@@ -1,0 +1,68 @@
+"""`torchship retrain-status`: what serves now, the trigger's last decisions, and how far a data
+file is from the training data of what serves, read from the reference a deploying run keeps
+(components/deploy/reference.py) with the trigger's own measures (components/data/drift.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from torchship.components.data.drift import Thresholds, drift, read_table
+from torchship.components.deploy.reference import SERVING, STATISTICS
+from torchship.components.errors import UserInputError
+from torchship.components.files import read_json
+
+__all__ = ["status_lines"]
+
+
+def _decisions(reference_uri: str, newest: int) -> list[dict[str, Any]]:
+    import fsspec
+
+    fs, folder = fsspec.core.url_to_fs(reference_uri.rstrip("/") + "/decisions")
+    if not fs.exists(folder):
+        return []
+    names = sorted(path for path in fs.ls(folder, detail=False)
+                   if path.endswith(".json") and not path.endswith("latest.json"))
+    return [json.loads(fs.cat_file(path)) for path in names[-newest:]] if newest else []
+
+
+def status_lines(reference_uri: str, data: str | None = None, newest: int = 5,
+                 thresholds: Thresholds | None = None, rows: int = 100_000) -> list[str]:
+    """The lines `retrain-status` prints."""
+    base = reference_uri.rstrip("/")
+    serving, statistics = read_json(f"{base}/{SERVING}"), read_json(f"{base}/{STATISTICS}")
+    if serving is None or statistics is None:
+        raise UserInputError(
+            f"reference '{reference_uri}' holds no {SERVING} and {STATISTICS}: no run has deployed "
+            "there yet; pass the folder a deploying run printed ('reference: ... kept in ...')")
+    p99 = (f", p99 {serving['p99_ms']:.2f} ms at concurrency {serving['target_concurrency']}"
+           if serving.get("p99_ms") is not None else "")
+    lines = [(f"serving: {serving['model']} version {serving['version']} ({serving['target']}), "
+             f"test accuracy {serving['test_accuracy']:.4f}{p99}; trained on "
+             f"{serving['training_rows']:,} rows of {serving['data_source']} "
+             f"(kept {serving['kept_at']})")]
+    made = _decisions(reference_uri, newest)
+    lines.append(f"decisions: {len(made)} shown (newest last)" if made else "decisions: none yet")
+    lines += [f"  {d['time']} {d['status']} {d['uri']}: {d.get('reason', '')}" for d in made]
+    if data:
+        thresholds = thresholds or Thresholds(
+            label_column=(statistics.get("labels") or {}).get("column") or "label")
+        try:
+            table = read_table(data, rows)
+        except (OSError, ValueError) as error:
+            raise UserInputError(f"data '{data}' could not be read as a table ({error}); pass a "
+                                 ".csv or .parquet file") from error
+        report = drift(statistics, table, thresholds)
+        lines.append(f"{data} against the reference: "
+                     f"{'drifted' if report['drifted'] else 'no drift'} (thresholds: JS distance "
+                     f"{thresholds.drift_threshold}, PSI {thresholds.psi_threshold}, labels "
+                     f"L-inf {thresholds.label_drift_threshold})")
+        lines.append(f"  {'feature':<20} {'JS distance':>11} {'PSI':>8}  moved")
+        for name, measured in report["features"].items():
+            lines.append(f"  {name:<20} {measured['js_distance']:>11.4f} {measured['psi']:>8.4f}  "
+                         f"{'yes' if name in report['moved'] else ''}")
+        if report["missing"]:
+            lines.append(f"  missing in the data: {', '.join(report['missing'])}")
+        if report["label_linf"] is not None:
+            lines.append(f"  labels L-inf {report['label_linf']:.4f}")
+    return lines
