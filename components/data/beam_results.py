@@ -61,11 +61,10 @@ def merge_results(parts) -> dict[str, Any]:
                 merged[label] = merged.get(label, 0) + count
         for key in ("shapes", "dtypes"):
             total[key] = total[key] or part.get(key, {})
-        if part.get("histograms"):
-            mine = total.setdefault("histograms", [])
-            total["histograms"] = [
-                [a + b for a, b in zip(column, mine[i] if i < len(mine) else [0] * len(column))]
-                for i, column in enumerate(part["histograms"])]
+        if part.get("histograms"):  # counts per bin of each column, added bin by bin
+            mine = total.get("histograms") or [[0] * len(c) for c in part["histograms"]]
+            total["histograms"] = [[a + b for a, b in zip(kept, added)]
+                                   for kept, added in zip(mine, part["histograms"])]
         largest = part.get("extra", {}).get("largest_token")
         if largest is not None:
             total["extra"]["largest_token"] = max(largest,

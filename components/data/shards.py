@@ -133,6 +133,7 @@ class ShardIndex:
         self.n_rows = int(document["n_rows"])
         standardise = document.get("standardise") or {}
         self._scale: tuple[str, np.ndarray, np.ndarray, tuple] | None = None
+        self._classes = None  # the class names as a pyarrow array, for mapping labels
         if standardise:
             name = standardise["input"]
             ndim = len(self.shapes[name])
@@ -140,7 +141,6 @@ class ShardIndex:
             reshape = (1, -1) if standardise["per"] == "feature" else (1, -1) + (1,) * (ndim - 1)
             self._scale = (name, np.asarray(standardise["mean"], np.float32).reshape(reshape),
                            np.asarray(standardise["std"], np.float32).reshape(reshape), reshape)
-        self._lookup = {name: i for i, name in enumerate(self.class_names)}
 
     def pieces(self) -> list[Piece]:
         return [Piece(shard, group, int(rows))
@@ -206,7 +206,9 @@ class ShardIndex:
             labels = table.column(LABEL)
             import pyarrow as pa
 
-            codes = pc.index_in(labels, value_set=pa.array(self.class_names))
+            if self._classes is None:  # built once, not for every row group read
+                self._classes = pa.array(self.class_names)
+            codes = pc.index_in(labels, value_set=self._classes)
             y = codes.to_numpy(zero_copy_only=False)
             if codes.null_count:
                 raise UserInputError(f"{self.what} '{self.folder}' has labels outside its index's "

@@ -51,6 +51,9 @@ __all__ = ["DEFAULT_LABEL_COLUMN", "DEFAULT_SOURCE", "DIGITS_IMAGES", "KEEP_IMAG
 DEFAULT_LABEL_COLUMN = "label"
 # image_size 0 keeps the images' own size (they must all have one).
 KEEP_IMAGE_SIZE = 0
+# The launcher's own files beside the train split's shards while the pipeline runs: the merged
+# result, and an image folder's file listing for a remote runner. Removed before publishing.
+RESULT, LISTING = ".result.json", ".listing.jsonl"
 # A feature whose training std is below this is (near) constant: dividing by it would blow up
 # rounding noise, so it is left unscaled (std 1) instead.
 STD_FLOOR = 1e-6
@@ -109,12 +112,12 @@ def prepare_data(
     runner.check()
     paths = {"train": train_path, "val": val_path, "test": test_path}
     started = time.perf_counter()
-    tasks = len(plan.tasks)
-    report(f"data: {tasks} read task{'s' if tasks != 1 else ''} on {runner.runner}")
-    with _outputs(paths, runner.local) as (outputs, results_uri):
-        tasks = plan.tasks
+    count = len(plan.tasks)
+    report(f"data: {count} read task{'s' if count != 1 else ''} on {runner.runner}")
+    with _outputs(paths, runner.local) as (outputs, work):
+        results_uri, tasks = f"{work}/{RESULT}", plan.tasks
         if plan.spec.kind == "images" and not runner.local:
-            tasks = write_listing(tasks, results_uri.replace(".result.json", ".listing.jsonl"))
+            tasks = write_listing(tasks, f"{work}/{LISTING}")
         run_pipeline(plan.spec, tasks, outputs, seed, val_fraction, test_fraction, runner,
                      results_uri)
         result = read_json(results_uri)
@@ -132,7 +135,8 @@ def prepare_data(
 
 @contextlib.contextmanager
 def _outputs(paths: dict[str, str], local: bool):
-    """Where the workers write each split, and the pipeline its merged result. Locally each split
+    """Where the workers write each split, and the folder (the train split's) where the launcher
+    keeps its own files (`RESULT`, `LISTING`) until the end. Locally each split
     is built in a staging folder and published whole by one rename; a remote runner's workers
     write to Cloud Storage (a Vertex AI artifact's /gcs/ path, as gs://), where the index, written
     last, is what makes a folder a split. Removed on failure either way."""
@@ -144,8 +148,8 @@ def _outputs(paths: dict[str, str], local: bool):
         created = _missing_parents(paths.values())
         staging = {split: make_staging_dir(path) for split, path in paths.items()}
         try:
-            yield {s: str(p) for s, p in staging.items()}, str(staging["train"] / ".result.json")
-            for name in (".result.json", ".listing.jsonl"):
+            yield {s: str(p) for s, p in staging.items()}, str(staging["train"])
+            for name in (RESULT, LISTING):
                 (staging["train"] / name).unlink(missing_ok=True)
             for split, path in paths.items():
                 publish_dir(staging[split], path)
@@ -159,9 +163,9 @@ def _outputs(paths: dict[str, str], local: bool):
         return
     remote = {split: _as_uri(path) for split, path in paths.items()}  # refused before a write
     try:
-        yield remote, remote["train"].rstrip("/") + "/.result.json"
+        yield remote, remote["train"].rstrip("/")
         fs, train = fsspec.core.url_to_fs(remote["train"])
-        for name in (".result.json", ".listing.jsonl"):
+        for name in (RESULT, LISTING):
             if fs.exists(f"{train.rstrip('/')}/{name}"):
                 fs.rm(f"{train.rstrip('/')}/{name}")
     except BaseException:
