@@ -1,7 +1,8 @@
 """The KFP components, one per stage: thin wrappers whose bodies import and call a stage function.
 
 Each body runs inside the project's image on Vertex AI / Kubeflow, and in the local environment
-under `kfp.local.SubprocessRunner`; the image is chosen when the pipeline is compiled.
+under `kfp.local.SubprocessRunner`; the image is chosen when the pipeline is compiled. The
+gate, the serving search and the deploy are in pipelines/components_release.py.
 """
 
 from collections.abc import Callable
@@ -9,9 +10,7 @@ from dataclasses import dataclass, replace
 
 from kfp import dsl
 from kfp.dsl import (
-    HTML,
     Artifact,
-    ClassificationMetrics,
     Dataset,
     Input,
     Markdown,
@@ -19,6 +18,8 @@ from kfp.dsl import (
     Model,
     Output,
 )
+
+from torchship.pipelines.components_release import deploy, gate, tune_serving
 
 
 def prepare_data(
@@ -201,142 +202,6 @@ def benchmark(
     write_csv(measured, results_csv.path)
     for key, value in metrics_for_kfp(measured).items():
         metrics.log_metric(key, value)
-
-
-def gate(
-    onnx_models: Input[Model],
-    results: Input[Artifact],
-    test: Input[Dataset],
-    max_accuracy_drop_pt: float,
-    max_size_bytes: int,
-    optimise: str,
-    accuracy_floor: float,
-    baseline_uri: str,
-    latency_budget_p99_ms: float,
-    target_concurrency: int,
-    previous_results_uri: str,
-    max_p99_regression_pct: float,
-    deploy_target: str,
-    local_repository: str,
-    record: Output[Artifact],
-    report_html: Output[HTML],
-    chosen_model: Output[Model],
-    metrics: Output[Metrics],
-    confusion: Output[ClassificationMetrics],
-) -> bool:
-    """One record decides promotion: the chosen variant, its accuracy (against the model the
-    local repository serves now, when there is one, and against always guessing the majority
-    class), parity and p99 on Triton. The chosen variant's confusion matrix on the test split
-    goes to the UI's classification view."""
-    import json
-
-    from torchship.components.contracts import limit
-    from torchship.components.gate.checks import gate_metrics
-    from torchship.components.gate.stage import decide, write_reports
-    from torchship.components.progress import report
-
-    with open(results.path) as handle:
-        summary = json.load(handle)
-    decision = decide(
-        onnx_models.path, summary, chosen_model.path,
-        max_accuracy_drop_pt=max_accuracy_drop_pt, max_size_bytes=limit(max_size_bytes),
-        optimise=optimise, accuracy_floor=accuracy_floor, baseline_uri=baseline_uri,
-        latency_budget_p99_ms=limit(latency_budget_p99_ms),
-        target_concurrency=target_concurrency,
-        previous_results_uri=previous_results_uri,
-        max_p99_regression_pct=max_p99_regression_pct, test_path=test.path,
-        serving_repository=local_repository if deploy_target == "local" else "",
-        progress=report,
-    )
-    write_reports(decision, summary, record.path, report_html.path)
-    record.metadata.update({"passed": decision["passed"], "variant": decision["variant"],
-                            "reason": decision["reason"]})
-    metrics.log_metric("gate_passed", float(decision["passed"]))
-    if decision["variant"] is not None:
-        for key, value in gate_metrics(decision).items():
-            metrics.log_metric(key, value)
-        matrix = decision["confusion_matrix"]
-        confusion.log_confusion_matrix(matrix["categories"], matrix["matrix"])
-        confusion.metadata["variant"] = decision["variant"]
-        confusion.metadata["test_accuracy"] = matrix["accuracy"]
-    return bool(decision["passed"])
-
-
-def tune_serving(
-    chosen_model: Input[Model],
-    test: Input[Dataset],
-    instance_counts: list[int],
-    queue_delays_us: list[int],
-    optimise: str,
-    latency_budget_p99_ms: float,
-    target_concurrency: int,
-    batch_size: int,
-    duration_s: float,
-    warmup_s: float,
-    window_s: float,
-    min_windows: int,
-    max_windows: int,
-    stability_pct: float,
-    record: Output[Artifact],
-    metrics: Output[Metrics],
-    table: Output[Markdown],
-):
-    """The chosen model under each Triton setting (instance_count x max_queue_delay_us) on one
-    local tritonserver, measured like the benchmark stage; the record names the settings to
-    deploy with, chosen by the gate's objective."""
-    from torchship.components.contracts import limit
-    from torchship.components.progress import report
-    from torchship.components.tune_serving.choice import serving_metrics, write_candidate_table
-    from torchship.components.tune_serving.stage import search_serving_config
-
-    searched = search_serving_config(
-        chosen_model.path, test.path, record.path,
-        instance_counts=[int(c) for c in instance_counts],
-        queue_delays_us=[int(d) for d in queue_delays_us],
-        target_concurrency=target_concurrency, latency_budget_p99_ms=limit(latency_budget_p99_ms),
-        optimise=optimise, batch_size=batch_size, duration_s=duration_s, warmup_s=warmup_s,
-        window_s=window_s, min_windows=min_windows, max_windows=max_windows,
-        stability_pct=stability_pct, progress=report,
-    )
-    write_candidate_table(searched, table.path)
-    record.metadata.update({"chosen": searched["chosen"], "settings": searched["settings"],
-                            "reason": searched["reason"]})
-    for key, value in serving_metrics(searched).items():
-        metrics.log_metric(key, value)
-
-
-def deploy(
-    chosen_model: Input[Model],
-    test: Input[Dataset],
-    serving_record: Input[Artifact],
-    statistics: Input[Artifact],
-    gate_record: Input[Artifact],
-    target: str,
-    local_repository: str,
-    settings: dict,
-    reference_uri: str,
-    model_repository: Output[Artifact],
-):
-    """Deploy the chosen model with the serving search's settings: a new version on Triton
-    (local), a Vertex AI Endpoint or KServe, smoke-tested against ONNX Runtime; on failure the
-    serving version stays as it was. Then keep the retraining reference at `reference_uri`."""
-    import json
-
-    from torchship.components.deploy.stage import deploy_to
-    from torchship.components.progress import report
-
-    with open(serving_record.path) as handle:
-        serving = json.load(handle)["settings"]
-    result = deploy_to(target, chosen_model.path, model_repository.path, model_repository.uri,
-                       test.path, local_repository=local_repository, settings=settings,
-                       serving=serving, progress=report)
-    model_repository.metadata.update({"target": target, "serving": serving,
-                                      **result.get("summary", {})})
-    if reference_uri:
-        from torchship.components.deploy.reference import keep_reference
-
-        kept = keep_reference(reference_uri, statistics.path, gate_record.path, target, result)
-        report(f"reference: {kept['model']} and its training statistics kept in {reference_uri}")
 
 
 def vertex_worker_pools(

@@ -64,6 +64,7 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
         max_accuracy_drop_pt=params["max_accuracy_drop_pt"],
         max_size_bytes=params["max_size_bytes"], optimise=params["optimise"],
         accuracy_floor=params["accuracy_floor"], baseline_uri=params["baseline_uri"],
+        reference_uri=params["reference_uri"],
         latency_budget_p99_ms=params["latency_budget_p99_ms"],
         target_concurrency=params["target_concurrency"],
         previous_results_uri=params["previous_results_uri"],
@@ -133,6 +134,10 @@ def _pipeline(ops: Components, parameters: Parameters, train: TrainStep) -> Call
                                 statistics_uri=params["statistics_uri"],
                                 **{name: params[name] for name in RUNNER_PARAMETERS},
                                 sdk_container_image=ops.image)
+        # The data under a name changes (a new object generation, the newest file under a
+        # prefix): every run reads it afresh. Its outputs are then new artifacts, so no task
+        # after it matches an earlier run's cache entry either.
+        data.set_caching_options(False)
         return _after_training(ops, data, train(ops, data, params), params)
 
     torchship_pipeline.__signature__ = signature  # what KFP's compiler reads

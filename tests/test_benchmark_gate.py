@@ -247,3 +247,30 @@ def test_confusion_matrix_of_the_chosen_variant(onnx_dir, test_path):
             expected = np.sum((split["y"] == true) & (predicted == guess))
             assert matrix[true, guess] == expected
     assert result["accuracy"] == pytest.approx(np.mean(predicted == split["y"]))
+
+
+def test_without_a_baseline_the_gate_takes_the_serving_record_the_reference_keeps(tmp_path):
+    from torchship.components.gate.stage import serving_baseline
+
+    reference = tmp_path / "torchship-reference" / "torchship" / "vertex"
+    said: list[str] = []
+    # Nothing deployed yet: a first run, the floor applies.
+    assert serving_baseline("", str(reference), "", None, said.append) == (None, None)
+    reference.mkdir(parents=True)
+    (reference / "serving.json").write_text(json.dumps(
+        {"model": "int8", "version": 3, "test_accuracy": 0.93, "target": "vertex"}))
+    accuracy, source = serving_baseline("", f"{reference}/", "", None, said.append)
+    assert accuracy == 0.93 and source == (
+        f"serving record {reference}/serving.json ('int8' version 3)")
+    assert said == [(f"serving baseline: {source}: test accuracy 0.9300 (on its own test "
+                     "split, when it was deployed)")]
+    gated = evaluate_gate(summary(accuracy=0.9), baseline_accuracy=accuracy,
+                          baseline_source=source, max_accuracy_drop_pt=1.0,
+                          latency_budget_p99_ms=10, target_concurrency=8, variant="fp32")
+    assert not gated["passed"] and gated["baseline"]["source"] == source
+    # A baseline given by hand wins over the reference; one that is not there is refused.
+    given = tmp_path / "gate.json"
+    given.write_text(json.dumps({"test_accuracy": 0.5}))
+    assert serving_baseline(str(given), str(reference), "", None) == (str(given), None)
+    with pytest.raises(UserInputError, match="nothing.json does not exist"):
+        serving_baseline(str(tmp_path / "nothing.json"), str(reference), "", None)

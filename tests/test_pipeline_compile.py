@@ -65,6 +65,12 @@ def test_compiled_yaml_is_a_pipeline_spec_with_one_task_per_stage(tmp_path):
     assert "train" in tasks["compress"].dependent_tasks
     assert "export" in tasks["benchmark"].dependent_tasks
     assert "benchmark" in tasks["gate"].dependent_tasks
+    # The data is read afresh every run (a new generation under the same name is new data); the
+    # gate reads what serves now from the reference a deploying run keeps.
+    assert tasks["prepare-data"].caching_options.enable_cache is False
+    assert tasks["train"].caching_options.enable_cache is True
+    assert tasks["gate"].inputs.parameters["reference_uri"].component_input_parameter == (
+        "reference_uri")
     # Metrics and reports as the Vertex AI and Kubeflow UIs show them.
     gate_outputs = spec.components[tasks["gate"].component_ref.name].output_definitions.artifacts
     assert gate_outputs["confusion"].artifact_type.schema_title == "system.ClassificationMetrics"

@@ -15,7 +15,9 @@ import numpy as np
 
 from torchship.components.contracts import MODEL_ONNX, TARGET_CONCURRENCY, VARIANTS_JSON
 from torchship.components.data.splits import EVALUATION_ROWS, Split, load_split
+from torchship.components.deploy.reference import SERVING
 from torchship.components.errors import UserInputError, one_line
+from torchship.components.files import read_json
 from torchship.components.gate.checks import (
     ACCURACY_FLOOR,
     GATE_SCHEMA,
@@ -45,6 +47,7 @@ def decide(
     optimise: str = OPTIMISE,
     accuracy_floor: float = ACCURACY_FLOOR,
     baseline_uri: str = "",
+    reference_uri: str = "",
     latency_budget_p99_ms: float | None = None,
     target_concurrency: int = TARGET_CONCURRENCY,
     previous_results_uri: str = "",
@@ -57,26 +60,12 @@ def decide(
     With `test_path`, the record also holds the chosen variant's confusion matrix on it, and the
     candidate must beat always predicting the test split's most frequent class.
 
-    None means "no limit" for `max_size_bytes` and `latency_budget_p99_ms`. The serving baseline
-    is the gate record at `baseline_uri` (which must exist) or, without one, the model that
-    `serving_repository` serves now, measured on this run's test split; with neither, the run
-    is a first run and the accuracy floor applies. An empty `previous_results_uri` means no
-    regression check.
+    None means "no limit" for `max_size_bytes` and `latency_budget_p99_ms`; the serving baseline
+    is `serving_baseline`'s. An empty `previous_results_uri` means no regression check.
     """
-    baseline: float | str | None = baseline_uri or None
-    baseline_source = None
     split = load_split(test_path, rows=EVALUATION_ROWS) if test_path else None  # read once, used three times
-    if baseline_uri and read_gate_record(baseline_uri) is None:
-        raise UserInputError(
-            f"baseline_uri: {baseline_uri} does not exist; pass the gate record (gate.json) of "
-            "the run whose model serves now, or leave it out to compare with the serving "
-            "repository")
-    if not baseline_uri and serving_repository and split is not None:
-        serving = serving_model(serving_repository)
-        if serving is not None:
-            baseline = onnx_accuracy(serving.onnx_path, split, f"serving model {serving}")
-            baseline_source = f"serving model {serving}, on this run's test split"
-            progress(f"serving baseline: {serving} has test accuracy {baseline:.4f}")
+    baseline, baseline_source = serving_baseline(baseline_uri, reference_uri, serving_repository,
+                                                 split, progress)
     rows = json.loads((Path(onnx_dir) / VARIANTS_JSON).read_text())
     choice = choose_variant(rows, max_acc_drop_pt=max_accuracy_drop_pt,
                             max_size_bytes=max_size_bytes, optimise=optimise)
@@ -107,6 +96,40 @@ def decide(
     progress(f"chose '{variant}': {choice['reason']}")
     progress(f"gate {'passed' if record['passed'] else 'FAILED'}: {record['reason']}")
     return record
+
+
+def serving_baseline(baseline_uri: str, reference_uri: str, serving_repository: str,
+                     split: Split | None, progress: Callable[[str], None] = print,
+                     ) -> tuple[float | str | None, str | None]:
+    """What the candidate must match, and where it came from, first found of:
+    the gate record (or serving record) at `baseline_uri`, which must exist; the model
+    `serving_repository` serves now, measured on this run's test split; the serving record a
+    deploying run kept at `reference_uri` (its test accuracy when it was deployed). None of
+    them: a first run, and the accuracy floor applies."""
+    if baseline_uri:
+        if read_gate_record(baseline_uri) is None:
+            raise UserInputError(
+                f"baseline_uri: {baseline_uri} does not exist; pass the gate record (gate.json) "
+                "of the run whose model serves now, or leave it out to compare with what the "
+                "reference (reference_uri) says serves")
+        return baseline_uri, None
+    kept_at = reference_uri.rstrip("/") + "/" + SERVING if reference_uri else ""
+    kept = read_json(kept_at) if kept_at else None
+    named = (f"serving record {kept_at} ('{kept['model']}' version {kept['version']})"
+             if kept else "")
+    serving = serving_model(serving_repository) if serving_repository and split is not None else None
+    if serving is not None:
+        accuracy = onnx_accuracy(serving.onnx_path, split, f"serving model {serving}")
+        same = kept and (kept["model"], kept["version"]) == (serving.name, serving.version)
+        source = (f"{named if same else f'serving model {serving}'}, measured on this run's "
+                  "test split")
+        progress(f"serving baseline: {source}: test accuracy {accuracy:.4f}")
+        return accuracy, source
+    if kept and kept.get("test_accuracy") is not None:
+        progress(f"serving baseline: {named}: test accuracy {kept['test_accuracy']:.4f} "
+                 "(on its own test split, when it was deployed)")
+        return float(kept["test_accuracy"]), named
+    return None, None
 
 
 def write_reports(record: dict[str, Any], summary: dict[str, Any], record_path: str,
