@@ -24,6 +24,8 @@ __all__ = [
     "MODEL_PT",
     "NOT_SET",
     "OUTPUT_NAME",
+    "REFERENCE_SERVING",
+    "REFERENCE_STATISTICS",
     "SKIPPED_JSON",
     "SPLITS",
     "TARGET_CONCURRENCY",
@@ -60,6 +62,9 @@ MODEL_ONNX = "model.onnx"
 VARIANT_JSON = "variant.json"
 VARIANTS_JSON = "variants.json"
 CHOICE_JSON = "choice.json"
+# The retraining reference a deploying run keeps (components/deploy/reference.py): the training
+# statistics of what serves now, and its serving record, read by the gate and the trigger.
+REFERENCE_STATISTICS, REFERENCE_SERVING = "statistics.json", "serving.json"
 # The variants asked for that do not apply to the model ({"name", "reason"} each), beside
 # variants.json in compress's and export's artifacts.
 SKIPPED_JSON = "skipped.json"

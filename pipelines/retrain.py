@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from torchship.components.contracts import REFERENCE_SERVING as SERVING
+from torchship.components.contracts import REFERENCE_STATISTICS as STATISTICS
 from torchship.components.data.drift import Thresholds, drift, read_table
-from torchship.components.deploy.reference import SERVING, STATISTICS
 from torchship.components.errors import UserInputError
 from torchship.components.files import read_json
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from torchship.components.contracts import REFERENCE_SERVING, REFERENCE_STATISTICS
 from torchship.components.files import read_json, write_json
 
-__all__ = ["PIPELINE", "SERVING", "STATISTICS", "default_reference_uri", "keep_reference"]
+__all__ = ["PIPELINE", "default_reference_uri", "keep_reference"]
 
 PIPELINE = "torchship"
-STATISTICS, SERVING = "statistics.json", "serving.json"
 
 
 def default_reference_uri(pipeline_root: str, deploy_target: str) -> str:
@@ -46,6 +46,6 @@ def keep_reference(uri: str, statistics_path: str, gate_record_path: str, target
         "data_source": statistics.get("source"), "training_rows": statistics.get("n_rows"),
         "kept_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_json(statistics, _join(uri, STATISTICS))
-    write_json(record, _join(uri, SERVING))
+    write_json(statistics, _join(uri, REFERENCE_STATISTICS))
+    write_json(record, _join(uri, REFERENCE_SERVING))
     return record

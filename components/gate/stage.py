@@ -13,9 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from torchship.components.contracts import MODEL_ONNX, TARGET_CONCURRENCY, VARIANTS_JSON
+from torchship.components.contracts import (
+    MODEL_ONNX,
+    REFERENCE_SERVING,
+    TARGET_CONCURRENCY,
+    VARIANTS_JSON,
+)
 from torchship.components.data.splits import EVALUATION_ROWS, Split, load_split
-from torchship.components.deploy.reference import SERVING
 from torchship.components.errors import UserInputError, one_line
 from torchship.components.files import read_json
 from torchship.components.gate.checks import (
@@ -113,7 +117,7 @@ def serving_baseline(baseline_uri: str, reference_uri: str, serving_repository: 
                 "of the run whose model serves now, or leave it out to compare with what the "
                 "reference (reference_uri) says serves")
         return baseline_uri, None
-    kept_at = reference_uri.rstrip("/") + "/" + SERVING if reference_uri else ""
+    kept_at = reference_uri.rstrip("/") + "/" + REFERENCE_SERVING if reference_uri else ""
     kept = read_json(kept_at) if kept_at else None
     named = (f"serving record {kept_at} ('{kept['model']}' version {kept['version']})"
              if kept else "")
