@@ -224,10 +224,36 @@ def test_schedule_posts_its_parameter_values():
     module = Config(root.module_dir("schedule"))
     (job,) = resources(module, "google_cloud_scheduler_job").values()
     body = job["http_target"][0]["body"]
-    runtime_config = re.search(r"runtimeConfig = \{(.*?)\}", body)
+    runtime_config = re.search(r"runtimeConfig = \{(.*?)\}, labels = ", body)
     assert runtime_config, body
-    assert "parameterValues = var.parameter_values" in runtime_config[1]
+    # Every scheduled run keeps the reference where the trigger reads it.
+    assert ("parameterValues = merge(var.parameter_values, {reference_uri = var.reference_uri})"
+            in runtime_config[1])
     assert "gcsOutputDirectory = var.pipeline_root" in runtime_config[1]
+    assert root.modules["schedule"]["reference_uri"] == "${local.reference_uri}"
+    assert "default" not in module.variables["reference_uri"]
+
+
+def test_trigger_submits_the_schedule_parameter_values_but_its_own():
+    """The trigger's runs get the schedule's parameter values (PARAMETER_VALUES), less the two
+    the function sets itself, deploying where the reference it reads is kept."""
+    root = Config(TERRAFORM)
+    assert root.modules["trigger"]["parameter_values"] == "${local.trigger_parameter_values}"
+    values = root_local("trigger_parameter_values")
+    merged = re.fullmatch(r"\$\{merge\(\{for (\w+), (\w+) in var\.schedule_parameter_values : "
+                          r"\1 => \2 if !contains\(\[(.*?)\], \1\)\}, "
+                          r"\{deploy_target = var\.deploy_target\}\)\}", values)
+    assert merged, values
+    assert {unquote(n.strip()) for n in merged[3].split(",")} == {"data_source", "reference_uri"}
+
+    module = Config(root.module_dir("trigger"))
+    assert "default" not in module.variables["parameter_values"]
+    (function,) = resources(module, "google_cloudfunctions2_function").values()
+    environment = function["service_config"][0]["environment_variables"]
+    assert environment["PARAMETER_VALUES"] == "${jsonencode(var.parameter_values)}"
+    # The names the function refuses in PARAMETER_VALUES are the ones left out here.
+    assert re.search(r'TRIGGER_PARAMETERS = \("data_source", "reference_uri"\)',
+                     TRIGGER.read_text())
 
 
 def test_function_reads_the_reference_and_the_drift_thresholds():

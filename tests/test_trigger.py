@@ -185,3 +185,60 @@ def test_drift_measures_and_names_the_features_that_moved():
     assert report["features"]["a"]["js_distance"] < 0.05 and report["features"]["a"]["psi"] < 0.02
     assert report["features"]["b"]["js_distance"] > 0.5 and report["label_linf"] == 0.0
     assert trigger.label_distance({"x": 50, "y": 50}, pd.Series(["x"] * 9 + ["y"])) == 0.4
+
+
+def test_parameter_values_reach_the_run_with_the_new_data_and_the_reference(fake, gcs,
+                                                                           monkeypatch):
+    """PARAMETER_VALUES is every run's base; the trigger adds data_source, label_column and
+    reference_uri, so a triggered run deploys where it should and keeps the reference the next
+    event is judged by. The decision records what was submitted."""
+    import fsspec
+
+    reference = "gs://acme-pipelines/root/torchship-reference/torchship/vertex/"
+    settings = {"deploy_target": "vertex", "epochs": 3,
+                "deploy_settings": {"endpoint": "torchship", "machine_type": "n1-standard-4"}}
+    monkeypatch.setenv("REFERENCE_URI", reference)
+    monkeypatch.setenv("PARAMETER_VALUES", json.dumps(settings))
+    client = create_app("on_new_data", str(TRIGGER), "cloudevent").test_client()
+    storage_event(client, "incoming/2026-11-28.csv", "11")
+    [create] = fake.calls("POST", PIPELINE_JOBS)
+    values = create.body["runtimeConfig"]["parameterValues"]
+    assert values == {**settings, "data_source": "gs://acme-data/incoming/2026-11-28.csv",
+                      "label_column": "label", "reference_uri": reference}
+    latest = json.loads(fsspec.filesystem("gs").cat_file(reference + "decisions/latest.json"))
+    assert latest["status"] == "submitted" and latest["parameters"] == values
+    assert {"status", "uri", "reason", "job_id", "drift", "time", "generation"} <= set(latest)
+
+
+@pytest.mark.parametrize("value, says", [
+    ("{deploy_target: vertex}", "is not valid JSON"),
+    ('["deploy_target", "vertex"]', "is a JSON array, not an object"),
+    ('{"data_source": "gs://elsewhere/x.csv"}', "sets data_source"),
+    ('{"reference_uri": "gs://elsewhere/"}', "sets reference_uri"),
+    ('{"label_column": "target"}', "but LABEL_COLUMN is 'label'"),
+])
+def test_bad_parameter_values_is_one_clear_line(fake, monkeypatch, value, says):
+    import importlib.util
+
+    monkeypatch.setenv("PARAMETER_VALUES", value)
+    monkeypatch.setenv("LABEL_COLUMN", "label")
+    monkeypatch.syspath_prepend(str(TRIGGER.parent))
+    spec = importlib.util.spec_from_file_location("trigger_main", TRIGGER)
+    trigger = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trigger)
+    with pytest.raises(RuntimeError) as raised:
+        trigger.Settings.from_env()
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("PARAMETER_VALUES ") and says in message
+    assert any(fix in message for fix in ("set it to a JSON object",
+                                          "remove it from PARAMETER_VALUES", "both the same"))
+
+    # Under the functions-framework the event fails (and is retried), and nothing is submitted.
+    client = create_app("on_new_data", str(TRIGGER), "cloudevent").test_client()
+    headers = {"ce-id": "1", "ce-specversion": "1.0",
+               "ce-type": "google.cloud.storage.object.v1.finalized",
+               "ce-source": "//storage.googleapis.com/projects/_/buckets/acme-data",
+               "Content-Type": "application/json"}
+    body = {"bucket": "acme-data", "name": "incoming/x.csv", "generation": "1"}
+    assert client.post("/", headers=headers, data=json.dumps(body)).status_code == 500
+    assert not fake.calls("POST", PIPELINE_JOBS)

@@ -8,6 +8,13 @@ locals {
   # serving.json and decisions/ (the trigger's record of each event), written by the pipeline
   # and the trigger, read by the trigger.
   reference_uri = "${local.pipeline_root}/torchship-reference/${local.pipeline_name}/${var.deploy_target}/"
+  # What every triggered run gets: the schedule's parameter values but data_source and
+  # reference_uri (the trigger sets them: the new object, the reference above), deploying to
+  # deploy_target, whose reference the trigger reads.
+  trigger_parameter_values = merge(
+    { for name, value in var.schedule_parameter_values : name => value if !contains(["data_source", "reference_uri"], name) },
+    { deploy_target = var.deploy_target },
+  )
 
   apis = concat([
     "aiplatform.googleapis.com",       # pipelines, training, endpoints
@@ -79,6 +86,7 @@ module "trigger" {
   data_bucket           = module.data_bucket.name
   data_prefix           = var.data_prefix
   reference_uri         = local.reference_uri
+  parameter_values      = local.trigger_parameter_values
   drift_threshold       = var.drift_threshold
   psi_threshold         = var.psi_threshold
   label_drift_threshold = var.label_drift_threshold
@@ -101,6 +109,7 @@ module "schedule" {
   pipeline_root         = local.pipeline_root
   pipeline_sa_email     = module.service_account.email
   parameter_values      = var.schedule_parameter_values
+  reference_uri         = local.reference_uri
   depends_on            = [google_project_service.apis]
 }
 

@@ -9,7 +9,8 @@ Settings (environment variables):
   PIPELINE_ROOT              gs://BUCKET/PATH for the run's artifacts
   DATA_PREFIX                gs://BUCKET/PREFIX/ watched for new data; other objects are ignored
   SERVICE_ACCOUNT            the pipeline's service account (optional)
-  LABEL_COLUMN               label column of the new tables (default: label)
+  LABEL_COLUMN               label column of the new tables (default: PARAMETER_VALUES'
+                             label_column, else label)
   REFERENCE_URI              the folder where a deploying run keeps the reference
                              (statistics.json: the training statistics of what serves now); the
                              decisions go to its decisions/. No reference yet: every new object
@@ -19,6 +20,12 @@ Settings (environment variables):
   PSI_THRESHOLD              population stability index that counts as drift (default 0.2)
   LABEL_DRIFT_THRESHOLD      L-infinity distance of the class distribution (default 0.1)
   MAX_ROWS                   rows of a new table read to judge it (default 100000)
+  PARAMETER_VALUES           JSON object of pipeline parameter values every submitted run gets,
+                             e.g. {"deploy_target": "vertex", "deploy_settings": {...},
+                             "epochs": 20}; the trigger sets data_source (the new object's gs://
+                             URI), label_column (LABEL_COLUMN) and, when REFERENCE_URI is set,
+                             reference_uri on top, so it must not set data_source or
+                             reference_uri itself (default: {})
   VERTEX_API_ENDPOINT        a private API endpoint (optional)
 """
 
@@ -26,7 +33,7 @@ import base64
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import functions_framework
@@ -36,6 +43,32 @@ import functions_framework
 from drift import Thresholds, drift, read_table
 
 SUPPORTED_SUFFIXES = (".csv", ".parquet")
+# Parameters the trigger sets itself from the event and its settings.
+TRIGGER_PARAMETERS = ("data_source", "reference_uri")
+
+
+def parameter_values_from(text: str | None) -> dict[str, Any]:
+    """PARAMETER_VALUES: a JSON object of parameter values, none of them the trigger's own."""
+    if not text or not text.strip():
+        return {}
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RuntimeError(f"PARAMETER_VALUES is not valid JSON ({exc.msg} at character "
+                           f"{exc.pos}); set it to a JSON object such as "
+                           '{"deploy_target": "vertex", "epochs": 20}') from None
+    if not isinstance(values, dict):  # a settings error, like the others: RuntimeError
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+                type(None): "null"}[type(values)]
+        raise RuntimeError(  # noqa: TRY004
+            f"PARAMETER_VALUES is a JSON {kind}, not an object; set it to a JSON "
+            'object such as {"deploy_target": "vertex", "epochs": 20}')
+    own = [name for name in TRIGGER_PARAMETERS if name in values]
+    if own:
+        raise RuntimeError(f"PARAMETER_VALUES sets {', '.join(own)}, which the trigger sets "
+                           "itself (data_source: the new object; reference_uri: REFERENCE_URI); "
+                           "remove it from PARAMETER_VALUES")
+    return values
 
 
 @dataclass(frozen=True)
@@ -53,6 +86,7 @@ class Settings:
     label_drift_threshold: float = 0.1
     max_rows: int = 100_000
     api_endpoint: str | None = None
+    parameter_values: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -62,18 +96,34 @@ class Settings:
         if missing:
             raise RuntimeError(f"trigger settings missing: {', '.join(missing)}; set them on "
                                "the function (see infra/trigger/main.py)")
+        parameter_values = parameter_values_from(env.get("PARAMETER_VALUES"))
+        # One label column: the drift check's and the run's.
+        label_column = env.get("LABEL_COLUMN") or parameter_values.get("label_column", "label")
+        if parameter_values.get("label_column", label_column) != label_column:
+            raise RuntimeError(f"PARAMETER_VALUES sets label_column "
+                               f"{parameter_values['label_column']!r} but LABEL_COLUMN is "
+                               f"{label_column!r}; set one of them, or both the same")
         return cls(
             project=env["PROJECT"], region=env["REGION"], template=env["PIPELINE_TEMPLATE"],
             pipeline_root=env["PIPELINE_ROOT"], data_prefix=env["DATA_PREFIX"],
             service_account=env.get("SERVICE_ACCOUNT") or None,
-            label_column=env.get("LABEL_COLUMN", "label"),
+            label_column=label_column,
             reference_uri=env.get("REFERENCE_URI") or None,
             drift_threshold=float(env.get("DRIFT_THRESHOLD", "0.1")),
             psi_threshold=float(env.get("PSI_THRESHOLD", "0.2")),
             label_drift_threshold=float(env.get("LABEL_DRIFT_THRESHOLD", "0.1")),
             max_rows=int(env.get("MAX_ROWS", "100000")),
             api_endpoint=env.get("VERTEX_API_ENDPOINT") or None,
+            parameter_values=parameter_values,
         )
+
+    def parameters_for(self, data_uri: str) -> dict[str, Any]:
+        """The parameter values of a run on DATA_URI: PARAMETER_VALUES, then the trigger's."""
+        parameters = {**self.parameter_values, "data_source": data_uri,
+                      "label_column": self.label_column}
+        if self.reference_uri:  # the run keeps the reference the next event is judged by
+            parameters["reference_uri"] = self.reference_uri
+        return parameters
 
 
 def object_from_event(data: Any, attributes: dict[str, str] | None = None) -> dict[str, str]:
@@ -158,16 +208,17 @@ def _decide(obj: dict[str, str], settings: Settings, uri: str) -> dict[str, Any]
                 + (["labels"] if report["label_linf"] is not None
                    and report["label_linf"] > settings.label_drift_threshold else []))
     job_id = job_id_for(uri, obj["generation"])
+    parameters = settings.parameters_for(uri)
     try:
-        submit(settings, uri, job_id)
+        submit(settings, parameters, job_id)
     except Conflict:
         return {"status": "duplicate", "uri": uri, "job_id": job_id,
                 "reason": "this object generation was submitted before"}
     return {"status": "submitted", "uri": uri, "job_id": job_id, "reason": reason,
-            "drift": report}
+            "drift": report, "parameters": parameters}
 
 
-def submit(settings: Settings, data_uri: str, job_id: str) -> None:
+def submit(settings: Settings, parameters: dict[str, Any], job_id: str) -> None:
     from google.cloud import aiplatform
 
     credentials = None
@@ -181,7 +232,7 @@ def submit(settings: Settings, data_uri: str, job_id: str) -> None:
     job = aiplatform.PipelineJob(
         display_name="torchship-retrain", template_path=settings.template, job_id=job_id,
         pipeline_root=settings.pipeline_root,
-        parameter_values={"data_source": data_uri, "label_column": settings.label_column},
+        parameter_values=parameters,
         labels={"trigger": "new-data"},
         # New data under an old name must never reuse an old run's prepare-data (or anything
         # after it): caching is off for the whole run.

@@ -3,11 +3,14 @@
 # (runtimeConfig.parameterValues: data_source, deploy_target, ...). (`torchship schedule create`
 # makes a Vertex AI PipelineJobSchedule instead, for teams that manage schedules outside Terraform.)
 #
+# Every run passes reference_uri, so a deploying run keeps the reference (training statistics,
+# serving record) where the trigger reads it.
+#
 # Caching: the PipelineJob REST resource has no caching field (the SDK's enable_caching rewrites
 # the pipeline spec on the client before it is sent), so a run created from templateUri caches as
-# the template was compiled. A schedule with the same parameter values every time would get a
-# cache hit in prepare-data and train on the old data unless the template turns caching off for
-# its data-dependent steps.
+# the template was compiled. The compiled template turns caching off for prepare-data: every run
+# reads its data afresh, so every task after it gets new inputs and runs again. A schedule with the
+# same parameter values every time therefore retrains on the data present when it runs.
 variable "project" { type = string }
 variable "region" { type = string }
 variable "name" { type = string }
@@ -21,6 +24,9 @@ variable "parameter_values" {
   type    = any
   default = {}
 }
+
+# Where a deploying run keeps the reference the trigger reads.
+variable "reference_uri" { type = string }
 
 resource "google_cloud_scheduler_job" "retrain" {
   name      = var.name
@@ -38,7 +44,7 @@ resource "google_cloud_scheduler_job" "retrain" {
       serviceAccount = var.pipeline_sa_email
       runtimeConfig = {
         gcsOutputDirectory = var.pipeline_root
-        parameterValues    = var.parameter_values
+        parameterValues    = merge(var.parameter_values, { reference_uri = var.reference_uri })
       }
       labels = { trigger = "schedule" }
     }))

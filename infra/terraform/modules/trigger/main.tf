@@ -9,6 +9,9 @@ variable "pipeline_bucket" { type = string }
 variable "data_bucket" { type = string }
 variable "data_prefix" { type = string }
 variable "reference_uri" { type = string }
+# Parameter values of every triggered run (PARAMETER_VALUES); the function adds data_source,
+# label_column and reference_uri.
+variable "parameter_values" { type = any }
 variable "drift_threshold" { type = number }
 variable "psi_threshold" { type = number }
 variable "label_drift_threshold" { type = number }
@@ -115,6 +118,7 @@ resource "google_cloudfunctions2_function" "trigger" {
       DRIFT_THRESHOLD       = tostring(var.drift_threshold)
       PSI_THRESHOLD         = tostring(var.psi_threshold)
       LABEL_DRIFT_THRESHOLD = tostring(var.label_drift_threshold)
+      PARAMETER_VALUES      = jsonencode(var.parameter_values)
     }
   }
 
