@@ -138,6 +138,28 @@ def test_fsspec_url_source(tmp_path):
     assert meta["n_classes"] == 3
 
 
+def test_a_prefix_of_tables_reads_the_newest_and_says_which(tmp_path, capsys):
+    """A scheduled run's data_source is the prefix new data lands under: it trains on the table
+    written last (the name breaks a tie), says so, and the statistics (which the reference keeps)
+    name that file."""
+    import os
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    table().to_parquet(incoming / "2026-12-01.parquet")
+    table().assign(petal=table()["petal"] + 100).to_csv(incoming / "2026-12-03.csv", index=False)
+    table().to_csv(incoming / "2026-12-02.csv", index=False)
+    (incoming / "_SUCCESS").write_text("")
+    for day, name in enumerate(["2026-12-01.parquet", "2026-12-02.csv", "2026-12-03.csv"]):
+        os.utime(incoming / name, (1_796_083_200 + 86_400 * day,) * 2)
+    meta = prepare_data(f"file://{incoming}/", "species", *split_paths(tmp_path / "out"))
+    newest = f"file://{incoming}/2026-12-03.csv"
+    assert meta["source"] == meta["statistics"]["source"] == newest
+    assert meta["statistics"]["features"]["petal"]["mean"] > 50  # the shifted table's rows
+    assert (f"data: {newest}, the newest of 3 tables under file://{incoming}/ "
+            "(written 2026-12-03T00:00:00Z)") in capsys.readouterr().out
+
+
 def write(frame: pd.DataFrame, path: Path) -> str:
     frame.to_csv(path, index=False)
     return str(path)

@@ -27,7 +27,7 @@ from torchship.components.data.sanity import (
 from torchship.components.data.sources import TABLE_SUFFIXES, listed, read_table
 from torchship.components.errors import UserInputError, one_line
 
-__all__ = ["Plan", "plan_source", "sample_table"]
+__all__ = ["Plan", "newest_table", "plan_source", "sample_table"]
 
 DEFAULT_SOURCE, DIGITS_IMAGES = "digits", "digits-images"
 SOURCE_KINDS = ("a path to a CSV, Parquet or .npz file, a folder of images with one sub-folder "
@@ -100,6 +100,33 @@ def plan_source(source: str, label_column: str, image_size: int = 0, text_column
     raise UserInputError(
         f"data source '{source}' has unsupported suffix '{suffix}'; "
         f"pass a {', '.join(TABLE_SUFFIXES)} or .npz file, an image folder, or 'digits'")
+
+
+def newest_table(source: str) -> tuple[str, int, str] | None:
+    """For a folder (a bucket prefix) of tables and no sub-folders, as new data lands in:
+    (the newest table's URL, how many tables there are, when it was written), newest by
+    modification time, then by name. None for anything else (a file, an image folder)."""
+    import fsspec
+
+    if source in (DEFAULT_SOURCE, DIGITS_IMAGES) or not isinstance(source, str) or not source:
+        return None
+    try:
+        fs, fs_path = fsspec.core.url_to_fs(source)
+        if Path(fs_path.rstrip("/")).suffix or not fs.isdir(fs_path):
+            return None
+        entries = fs.ls(fs_path, detail=True)
+    except (ValueError, ImportError, OSError):
+        return None  # plan_source says what is wrong with it
+    if any(entry["type"] == "directory" for entry in entries):
+        return None  # one sub-folder per class: an image folder
+    tables = [entry["name"] for entry in entries
+              if Path(entry["name"]).suffix.lower() in TABLE_SUFFIXES]
+    if not tables:
+        return None
+    modified = {name: fs.modified(name) for name in tables}
+    newest = max(tables, key=lambda name: (modified[name], name))
+    url = newest if "://" not in source else fs.unstrip_protocol(newest)
+    return url, len(tables), modified[newest].strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _check_google_credentials(source: str) -> None:

@@ -29,6 +29,7 @@ from torchship.components.data.plan import (
     SOURCE_KINDS,
     Plan,
     class_order,
+    newest_table,
     plan_source,
 )
 from torchship.components.data.sanity import check_spread
@@ -101,6 +102,11 @@ def prepare_data(
                              "32 to resize images to 32 x 32, or 0 to keep their size")
     if text_column and not tokenizer and model_name.startswith(HF_PREFIX):
         tokenizer = model_name[len(HF_PREFIX):]  # the model's own, saved beside it
+    newest = newest_table(source)
+    if newest is not None:  # a prefix new data lands under: the newest table, and which it was
+        report(f"data: {newest[0]}, the newest of {newest[1]} table{'s' if newest[1] != 1 else ''}"
+               f" under {source} (written {newest[2]})")
+        source = newest[0]
     plan = plan_source(source, label_column, image_size, text_column, tokenizer, max_length)
     if image_size and not plan.images:
         raise UserInputError(f"image_size {image_size} is for image folders and digits-images; "
