@@ -74,3 +74,19 @@ def fake(monkeypatch):
     with FakeVertex() as server:
         monkeypatch.setenv("TORCHSHIP_VERTEX_API_ENDPOINT", server.endpoint)
         yield server
+
+
+@pytest.fixture
+def gcs(monkeypatch):
+    """Cloud Storage, stood in for by fsspec's in-memory filesystem under the gs:// scheme."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class InMemoryGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+        store: dict = {}  # noqa: RUF012 - fsspec keeps a filesystem's files on the class
+        pseudo_dirs: list = [""]  # noqa: RUF012
+
+    fsspec.register_implementation("gs", InMemoryGCS, clobber=True)
+    yield InMemoryGCS
+    fsspec.register_implementation("gs", "gcsfs.GCSFileSystem", clobber=True)

@@ -3,12 +3,17 @@
 Deployed as a Cloud Function (functions-framework) behind an Eventarc storage-finalize trigger or
 a Pub/Sub subscription. Self-contained on purpose: the function must not pull in torch.
 
+The run goes to Vertex AI Pipelines, or, with KFP_HOST set, to a Kubeflow Pipelines cluster
+through kfp.Client (the same function, or any container running functions-framework).
+
 Settings (environment variables):
-  PROJECT, REGION            where the pipeline runs
-  PIPELINE_TEMPLATE          compiled YAML (gs:// or local path) or Artifact Registry template URI
+  PROJECT, REGION            where the pipeline runs (Vertex AI; not needed with KFP_HOST)
+  PIPELINE_TEMPLATE          compiled YAML (gs:// or local path) or Artifact Registry template URI;
+                             with KFP_HOST a compiled YAML only
   PIPELINE_ROOT              gs://BUCKET/PATH for the run's artifacts
   DATA_PREFIX                gs://BUCKET/PREFIX/ watched for new data; other objects are ignored
-  SERVICE_ACCOUNT            the pipeline's service account (optional)
+  SERVICE_ACCOUNT            the pipeline's service account (optional; with KFP_HOST the
+                             Kubernetes service account the run's pods use)
   LABEL_COLUMN               label column of the new tables (default: PARAMETER_VALUES'
                              label_column, else label)
   REFERENCE_URI              the folder where a deploying run keeps the reference
@@ -27,12 +32,19 @@ Settings (environment variables):
                              reference_uri on top, so it must not set data_source or
                              reference_uri itself (default: {})
   VERTEX_API_ENDPOINT        a private API endpoint (optional)
+  KFP_HOST                   a Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline-ui.kubeflow
+                             or https://HOST/pipeline: submit there instead of Vertex AI
+  KFP_EXPERIMENT             the Kubeflow experiment the runs go to (default: torchship)
+  KFP_NAMESPACE              the Kubeflow namespace (profile) of a multi-user cluster (optional)
 """
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +83,14 @@ def parameter_values_from(text: str | None) -> dict[str, Any]:
     return values
 
 
+class AlreadySubmitted(Exception):
+    """This object generation's run exists: a redelivered event."""
+
+    def __init__(self, run_id: str | None = None):
+        super().__init__(run_id)
+        self.run_id = run_id
+
+
 @dataclass(frozen=True)
 class Settings:
     project: str
@@ -87,15 +107,28 @@ class Settings:
     max_rows: int = 100_000
     api_endpoint: str | None = None
     parameter_values: dict[str, Any] = field(default_factory=dict)
+    kfp_host: str | None = None
+    kfp_experiment: str = "torchship"
+    kfp_namespace: str | None = None
+
+    @property
+    def platform(self) -> str:
+        return "kubeflow" if self.kfp_host else "vertex"
 
     @classmethod
     def from_env(cls) -> "Settings":
         env = os.environ
+        kubeflow = bool(env.get("KFP_HOST"))  # PROJECT and REGION are Vertex AI's
         missing = [k for k in ("PROJECT", "REGION", "PIPELINE_TEMPLATE", "PIPELINE_ROOT",
-                               "DATA_PREFIX") if not env.get(k)]
+                               "DATA_PREFIX") if not env.get(k)
+                   and not (kubeflow and k in ("PROJECT", "REGION"))]
         if missing:
             raise RuntimeError(f"trigger settings missing: {', '.join(missing)}; set them on "
                                "the function (see infra/trigger/main.py)")
+        if kubeflow and not env["PIPELINE_TEMPLATE"].endswith((".yaml", ".yml")):
+            raise RuntimeError(f"PIPELINE_TEMPLATE {env['PIPELINE_TEMPLATE']} is not a compiled "
+                               "pipeline YAML, which KFP_HOST (Kubeflow) needs: set it to the "
+                               "gs:// or local path of `torchship compile -o PATH.yaml`")
         parameter_values = parameter_values_from(env.get("PARAMETER_VALUES"))
         # One label column: the drift check's and the run's.
         label_column = env.get("LABEL_COLUMN") or parameter_values.get("label_column", "label")
@@ -104,7 +137,8 @@ class Settings:
                                f"{parameter_values['label_column']!r} but LABEL_COLUMN is "
                                f"{label_column!r}; set one of them, or both the same")
         return cls(
-            project=env["PROJECT"], region=env["REGION"], template=env["PIPELINE_TEMPLATE"],
+            project=env.get("PROJECT", ""), region=env.get("REGION", ""),
+            template=env["PIPELINE_TEMPLATE"],
             pipeline_root=env["PIPELINE_ROOT"], data_prefix=env["DATA_PREFIX"],
             service_account=env.get("SERVICE_ACCOUNT") or None,
             label_column=label_column,
@@ -115,6 +149,9 @@ class Settings:
             max_rows=int(env.get("MAX_ROWS", "100000")),
             api_endpoint=env.get("VERTEX_API_ENDPOINT") or None,
             parameter_values=parameter_values,
+            kfp_host=env.get("KFP_HOST") or None,
+            kfp_experiment=env.get("KFP_EXPERIMENT") or "torchship",
+            kfp_namespace=env.get("KFP_NAMESPACE") or None,
         )
 
     def parameters_for(self, data_uri: str) -> dict[str, Any]:
@@ -190,8 +227,6 @@ def handle(obj: dict[str, str], settings: Settings) -> dict[str, Any]:
 
 
 def _decide(obj: dict[str, str], settings: Settings, uri: str) -> dict[str, Any]:
-    from google.api_core.exceptions import Conflict  # AlreadyExists (gRPC) is a Conflict too
-
     report, reason = None, "no drift check (REFERENCE_URI not set)"
     if settings.reference_uri:
         statistics = read_reference(settings)
@@ -209,16 +244,21 @@ def _decide(obj: dict[str, str], settings: Settings, uri: str) -> dict[str, Any]
                    and report["label_linf"] > settings.label_drift_threshold else []))
     job_id = job_id_for(uri, obj["generation"])
     parameters = settings.parameters_for(uri)
+    platform = {"platform": settings.platform}
     try:
-        submit(settings, parameters, job_id)
-    except Conflict:
+        run_id = (submit_kubeflow if settings.kfp_host else submit)(settings, parameters, job_id)
+    except AlreadySubmitted as existing:
         return {"status": "duplicate", "uri": uri, "job_id": job_id,
-                "reason": "this object generation was submitted before"}
+                "reason": "this object generation was submitted before", **platform,
+                **({"run_id": existing.run_id} if existing.run_id else {})}
     return {"status": "submitted", "uri": uri, "job_id": job_id, "reason": reason,
-            "drift": report, "parameters": parameters}
+            "drift": report, "parameters": parameters, **platform,
+            **({"run_id": run_id} if run_id else {})}
 
 
 def submit(settings: Settings, parameters: dict[str, Any], job_id: str) -> None:
+    """A Vertex AI PipelineJob named JOB_ID; AlreadySubmitted when that job exists."""
+    from google.api_core.exceptions import Conflict  # AlreadyExists (gRPC) is a Conflict too
     from google.cloud import aiplatform
 
     credentials = None
@@ -238,7 +278,59 @@ def submit(settings: Settings, parameters: dict[str, Any], job_id: str) -> None:
         # after it): caching is off for the whole run.
         enable_caching=False,
     )
-    job.submit(service_account=settings.service_account)
+    try:
+        job.submit(service_account=settings.service_account)
+    except Conflict:
+        raise AlreadySubmitted from None
+
+
+def runs_named(client: Any, experiment_id: str, name: str) -> list[Any]:
+    """The runs of the experiment whose display name is NAME."""
+    name_filter = json.dumps({"predicates": [
+        {"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+    return client.list_runs(experiment_id=experiment_id, filter=name_filter,
+                            page_size=10).runs or []
+
+
+def uncached_copy(template: str, folder: str) -> str:
+    """The compiled pipeline YAML (local or gs://) with caching off for every task, nested DAGs'
+    too (kfp.Client's enable_caching=False rewrites only the root DAG's tasks); its path."""
+    import fsspec
+    import yaml
+
+    with fsspec.open(template, "r") as handle:
+        documents = list(yaml.safe_load_all(handle))
+    spec = documents[0]
+    if not isinstance(spec, dict) or "root" not in spec:
+        raise RuntimeError(f"PIPELINE_TEMPLATE {template} is not a compiled pipeline YAML; with "
+                           "KFP_HOST it must be one (torchship compile -o PATH), local or gs://")
+    for component in [spec["root"], *spec.get("components", {}).values()]:
+        for task in component.get("dag", {}).get("tasks", {}).values():
+            task["cachingOptions"] = {"enableCache": False}
+    path = os.path.join(folder, "pipeline.yaml")
+    with open(path, "w") as handle:
+        yaml.safe_dump_all(documents, handle, sort_keys=False)
+    return path
+
+
+def submit_kubeflow(settings: Settings, parameters: dict[str, Any], job_id: str) -> str:
+    """A Kubeflow Pipelines run named JOB_ID, caching off; its run ID. Kubeflow has no run-ID
+    idempotency: a run of that name in the experiment means AlreadySubmitted."""
+    import kfp
+
+    # kfp prints links to the UI; the function's own output is the one decision line.
+    with contextlib.redirect_stdout(sys.stderr), tempfile.TemporaryDirectory() as folder:
+        client = kfp.Client(host=settings.kfp_host, namespace=settings.kfp_namespace)
+        experiment = client.create_experiment(settings.kfp_experiment,
+                                              namespace=settings.kfp_namespace)
+        existing = runs_named(client, experiment.experiment_id, job_id)
+        if existing:
+            raise AlreadySubmitted(existing[0].run_id)
+        run = client.create_run_from_pipeline_package(
+            uncached_copy(settings.template, folder), arguments=parameters, run_name=job_id,
+            experiment_id=experiment.experiment_id, pipeline_root=settings.pipeline_root,
+            enable_caching=False, service_account=settings.service_account)
+    return run.run_id
 
 
 @functions_framework.cloud_event

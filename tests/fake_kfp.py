@@ -1,0 +1,210 @@
+"""A local stand-in for the Kubeflow Pipelines API server (v2beta1 REST) that records what the real
+kfp SDK sends it.
+
+There is no Kubernetes cluster here, so this stands for the KFP API server (ml-pipeline) alone:
+the client is the real `kfp.Client(host=fake.endpoint)` with its generated `kfp_server_api`
+client, which deserialises the JSON answered here as it would the server's. It answers the calls
+`kfp.Client` makes for runs and recurring runs from a pipeline package:
+
+  GET  /apis/v2beta1/healthz                    the client asks on start (multi_user: false)
+  POST /apis/v2beta1/experiments                create_experiment, after it looked the name up
+  GET  /apis/v2beta1/experiments[/ID]           get_experiment / list_experiments (filter)
+  POST /apis/v2beta1/runs                       run_pipeline, create_run_from_pipeline_package
+  GET  /apis/v2beta1/runs[/ID]                  list_runs (filter, experiment_id) / get_run
+  POST /apis/v2beta1/recurringruns              create_recurring_run
+  GET  /apis/v2beta1/recurringruns[/ID]         list_recurring_runs / get_recurring_run
+
+A list's `filter` is the JSON Filter message (predicates with key, operation and a value); the
+client sends the operation as a number (get_experiment: 1) or a name ("EQUALS"), as the server's
+protojson accepts both; EQUALS, NOT_EQUALS and IS_SUBSTRING on string values are understood,
+anything else is refused with 400 so a test notices. Nothing runs: a run stays PENDING. Pipeline
+upload (pipelines/upload, multipart) is not served: submit and schedule send the pipeline spec in
+the run itself. A cron of other than six fields (seconds first) is refused, as the scheduled
+workflow's parser would not take it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+from typing_extensions import Self
+
+API = "/apis/v2beta1"
+# filter.proto's Predicate.Operation, by number and name.
+OPERATIONS = {1: "EQUALS", 2: "NOT_EQUALS", 9: "IS_SUBSTRING"}
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    body: dict[str, Any]
+
+
+@dataclass
+class FakeKFP:
+    """Serve on 127.0.0.1; `requests` lists every call; `experiments`, `runs` and
+    `recurring_runs` hold what was created, by ID."""
+
+    multi_user: bool = False
+    requests: list[Request] = field(default_factory=list)
+    experiments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    recurring_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._clock = itertools.count(1)
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None, "start the fake first"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> Self:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                url = urlparse(self.path)
+                body = json.loads(raw) if raw else {}
+                request = Request(self.command, unquote(url.path), parse_qs(url.query), body)
+                status, payload = fake._answer(request)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = _serve
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def calls(self, method: str, pattern: str) -> list[Request]:
+        """Recorded requests with this method whose path matches `pattern` (re.search)."""
+        return [r for r in self.requests if r.method == method and re.search(pattern, r.path)]
+
+    # -- what the API answers -------------------------------------------------------------------
+
+    def _answer(self, request: Request) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            self.requests.append(request)
+            path = request.path.removeprefix(API)
+            if path == request.path:
+                return _error(404, f"no API at {request.path}")
+            collection, _, name = path.strip("/").partition("/")
+            if collection == "healthz" and request.method == "GET":
+                return 200, {"multi_user": self.multi_user, "pipeline_store": "database"}
+            kinds = {"experiments": (self.experiments, "experiment_id", "experiments"),
+                     "runs": (self.runs, "run_id", "runs"),
+                     "recurringruns": (self.recurring_runs, "recurring_run_id",
+                                       "recurringRuns")}
+            if collection not in kinds:
+                return _error(404, f"{request.path} is not served by this fake")
+            store, id_key, list_key = kinds[collection]
+            if name:
+                if request.method == "GET" and name in store:
+                    return 200, store[name]
+                return _error(404, f"{collection[:-1]} {name} not found")
+            if request.method == "POST":
+                return self._create(collection, store, id_key, request.body)
+            if request.method == "GET":
+                return self._list(store, list_key, request.query)
+            return _error(405, f"{request.method} {request.path}")
+
+    def _create(self, collection: str, store: dict[str, dict[str, Any]], id_key: str,
+                body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if not body.get("display_name"):
+            return _error(400, "display_name is required")
+        if collection != "experiments":
+            if not (body.get("pipeline_spec") or body.get("pipeline_version_reference")):
+                return _error(400, "a pipeline_spec or a pipeline_version_reference is required")
+            if body.get("experiment_id") and body["experiment_id"] not in self.experiments:
+                return _error(404, f"experiment {body['experiment_id']} not found")
+        if collection == "recurringruns":
+            cron = (body.get("trigger") or {}).get("cron_schedule", {}).get("cron")
+            interval = (body.get("trigger") or {}).get("periodic_schedule", {})
+            if not cron and not interval:
+                return _error(400, "a trigger (cron_schedule or periodic_schedule) is required")
+            if cron and len(cron.split()) != 6:
+                return _error(400, f"cron {cron!r}: six fields, seconds first")
+        resource = {**body, id_key: str(uuid.uuid4()), "created_at": self._now()}
+        if collection == "experiments":
+            resource["storage_state"] = "AVAILABLE"
+        elif collection == "runs":
+            resource.update(state="PENDING", storage_state="AVAILABLE")
+        else:
+            resource["status"] = "ENABLED" if body.get("mode") != "DISABLE" else "DISABLED"
+        store[resource[id_key]] = resource
+        return 200, resource
+
+    def _list(self, store: dict[str, dict[str, Any]], list_key: str,
+              query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        found = list(store.values())
+        for key in ("experiment_id", "namespace"):
+            if query.get(key) and query[key][0]:
+                found = [r for r in found if r.get(key) == query[key][0]]
+        if query.get("filter") and query["filter"][0]:
+            try:
+                found = [r for r in found if _matches(r, json.loads(query["filter"][0]))]
+            except ValueError as exc:
+                return _error(400, f"filter: {exc}")
+        sort_by = (query.get("sort_by") or [""])[0].split()
+        if sort_by:
+            found.sort(key=lambda r: str(r.get(sort_by[0], "")), reverse=sort_by[-1] == "desc")
+        start = int((query.get("page_token") or ["0"])[0] or 0)
+        size = int((query.get("page_size") or ["0"])[0] or 0) or len(found) or 1
+        page = found[start:start + size]
+        answer: dict[str, Any] = {"total_size": len(found)}
+        if page:
+            answer[list_key] = page
+        if start + size < len(found):
+            answer["next_page_token"] = str(start + size)
+        return 200, answer
+
+    def _now(self) -> str:
+        """Creation times one second apart, in order."""
+        moment = datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=next(self._clock))
+        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _matches(resource: dict[str, Any], filter_: dict[str, Any]) -> bool:
+    for predicate in filter_.get("predicates", []):
+        operation = predicate.get("operation")
+        operation = OPERATIONS.get(operation, operation)
+        value = predicate.get("stringValue", predicate.get("string_value"))
+        if operation not in OPERATIONS.values() or value is None:
+            raise ValueError(f"predicate {predicate} is not understood by this fake")
+        actual = str(resource.get(predicate["key"], ""))
+        if not {"EQUALS": actual == value, "NOT_EQUALS": actual != value,
+                "IS_SUBSTRING": value in actual}[operation]:
+            return False
+    return True
+
+
+def _error(status: int, message: str) -> tuple[int, dict[str, Any]]:
+    return status, {"error": message, "code": status, "message": message}
