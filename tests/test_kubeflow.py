@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from fake_kfp import FakeKFP
 from functions_framework import create_app
@@ -52,9 +53,10 @@ def test_submit_and_schedule_reach_kubeflow_with_their_parameters(kfp_server, pi
     assert run["display_name"] == "by-hand"
     assert run["runtime_config"]["parameters"] == {
         "data_source": "gs://acme-data/incoming/a.csv", "epochs": 3}
-    assert "prepare-data" in root_tasks(run["pipeline_spec"])
-    assert not any(t.get("cachingOptions", {}).get("enableCache")
-                   for t in root_tasks(run["pipeline_spec"]).values())
+    # --no-caching reaches every task, a condition's too (kfp's own override stops at the root).
+    assert {"prepare-data", "deploy"} <= set(all_tasks(run["pipeline_spec"]))
+    assert not [name for name, task in all_tasks(run["pipeline_spec"]).items()
+                if task.get("cachingOptions", {}).get("enableCache")]
     [experiment] = kfp_server.experiments.values()
     assert experiment["display_name"] == "torchship" and run["experiment_id"] == (
         experiment["experiment_id"])
@@ -70,8 +72,12 @@ def test_submit_and_schedule_reach_kubeflow_with_their_parameters(kfp_server, pi
         "data_source": "gs://acme-data/incoming/", "reference_uri": REFERENCE}
     assert recurring["experiment_id"] == experiment["experiment_id"]  # found, not made again
     assert len(kfp_server.experiments) == 1
-    assert root_tasks(recurring["pipeline_spec"]).keys() == root_tasks(
-        run["pipeline_spec"]).keys()
+    # Caching not asked for: each task caches as compiled.
+    compiled = yaml.safe_load(pipeline_yaml.read_text())
+    assert {name: bool(task.get("cachingOptions", {}).get("enableCache"))
+            for name, task in all_tasks(recurring["pipeline_spec"]).items()} == {
+        name: bool(task.get("cachingOptions", {}).get("enableCache"))
+        for name, task in all_tasks(compiled).items()}
 
 
 def test_cli_schedule_create_on_kubeflow_keeps_the_reference(kfp_server, pipeline_yaml):
