@@ -191,6 +191,7 @@ def test_parameter_values_reach_the_run_with_the_new_data_and_the_reference(fake
                       "label_column": "label", "reference_uri": reference}
     latest = json.loads(fsspec.filesystem("gs").cat_file(reference + "decisions/latest.json"))
     assert latest["status"] == "submitted" and latest["parameters"] == values
+    assert latest["platform"] == "vertex" and "run_id" not in latest
     assert {"status", "uri", "reason", "job_id", "drift", "time", "generation"} <= set(latest)
 
 
