@@ -29,7 +29,8 @@ def test_the_default_runs_here_in_one_process():
     runner = BeamRunner()
     assert runner.local and runner.runner == RUNNERS[0] == "DirectRunner"
     options = runner.options("torchship-data")
-    assert options.view_as(StandardOptions).runner == "DirectRunner"
+    # Beam's FnApiRunner, not its DirectRunner, which would download and start Prism first.
+    assert options.view_as(StandardOptions).runner.endswith(".FnApiRunner")
     assert options.view_as(DirectOptions).direct_num_workers == 1
     assert options.view_as(DirectOptions).direct_running_mode == "in_memory"
     assert options.view_as(SetupOptions).save_main_session is False

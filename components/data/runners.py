@@ -19,6 +19,10 @@ __all__ = ["PIPELINE_PARAMETERS", "RUNNERS", "BeamRunner", "dataflow_job_name", 
 
 DIRECT, DATAFLOW, PORTABLE = "DirectRunner", "DataflowRunner", "PortableRunner"
 RUNNERS = (DIRECT, DATAFLOW, PORTABLE)
+# What DirectRunner means here: Beam's own DirectRunner first tries its Prism runner, a Go binary
+# it downloads from GitHub at run time (no download here: it falls back, leaving a temporary
+# folder behind each time); a batch pipeline like ours runs on the FnApiRunner it falls back to.
+FN_API_RUNNER = "apache_beam.runners.portability.fn_api_runner.fn_runner.FnApiRunner"
 # The pipeline parameters that set a runner: parameter -> BeamRunner field. The image is the
 # pipeline's own, set when it is compiled.
 PIPELINE_PARAMETERS = {
@@ -136,7 +140,8 @@ class BeamRunner:
         from apache_beam.options.pipeline_options import PipelineOptions
 
         self.check()
-        flags = [f"--runner={self.runner}", "--no_save_main_session"]
+        flags = [f"--runner={FN_API_RUNNER if self.runner == DIRECT else self.runner}",
+                 "--no_save_main_session"]
         if self.runner == DIRECT:
             flags.append(f"--direct_num_workers={self.direct_num_workers}")
             if self.direct_num_workers != 1:  # processes: the steps decode and write in Python
