@@ -158,3 +158,29 @@ def test_a_remote_runner_is_refused_splits_on_this_machines_disk(tmp_path):
     with pytest.raises(UserInputError, match="cannot write to; set the pipeline root to a bucket"):
         prepare_data("digits", "", *paths(tmp_path / "out"), runner=runner)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_text_table_keeps_its_characters_per_text_and_the_trigger_judges_by_them(tmp_path):
+    """Text drift without a tokenizer: prepare-data keeps the histogram of characters per text
+    (and of tokens); the trigger's measure compares a new table's texts by their characters."""
+    from torchship.components.data.drift import Thresholds, drift
+
+    text = sources(tmp_path)["text"]
+    meta = prepare_data(text["source"], text["label_column"],
+                        *(str(tmp_path / "out" / split) for split in ("train", "val", "test")),
+                        text_column="review", max_length=16, model_name=text["model_name"])
+    statistics = meta["statistics"]
+    assert statistics["kind"] == "text" and statistics["text_column"] == "review"
+    characters = statistics["features"]["characters"]
+    assert sum(characters["histogram"]["counts"]) == statistics["n_rows"]
+    assert 0 < characters["min"] <= characters["mean"] <= characters["max"]
+    assert statistics["features"]["tokens"]["max"] <= 16
+
+    same = pd.read_csv(text["source"])
+    longer = same.assign(review=same["review"] + " and then some more words were written here")
+    judged = {name: drift(statistics, frame, Thresholds())
+              for name, frame in (("same", same), ("longer", longer))}
+    assert list(judged["same"]["features"]) == ["characters"] and not judged["same"]["drifted"]
+    assert judged["longer"]["moved"] == ["characters"] and judged["longer"]["drifted"]
+    assert judged["longer"]["features"]["characters"]["js_distance"] > 0.5
+    assert drift(statistics, same.drop(columns="review"), Thresholds())["missing"] == ["review"]

@@ -260,7 +260,10 @@ def _text_chunk(spec: ReadSpec, frame, labels: np.ndarray, name: str) -> Chunk:
     encoded = tokenizer(texts, max_length=spec.max_length, truncation=True,
                         padding="max_length", return_tensors="np")
     inputs = {key: np.ascontiguousarray(encoded[key], dtype=np.int64) for key in TEXT_INPUTS}
-    lengths = inputs["attention_mask"].sum(axis=1, dtype=np.float64)[:, None]
+    # Tokens per text, and its characters: the summary drift is judged by (the trigger has no
+    # tokenizer, so it compares the characters).
+    lengths = np.stack([inputs["attention_mask"].sum(axis=1, dtype=np.float64),
+                        np.fromiter(map(len, texts), dtype=np.float64, count=len(texts))], axis=1)
     keys = text_key([f"{t}\x00{label}" for t, label in zip(texts, labels)])
     return Chunk(name, inputs, labels, keys, lengths,
                  {"largest_token": int(inputs["input_ids"].max(initial=0))})

@@ -1,7 +1,8 @@
 """Drift of new data from the training statistics prepare-data keeps (each numeric feature's
 histogram, the training classes), by the measures Vertex AI Model Monitoring uses: Jensen-Shannon
 distance and population stability index for a numeric feature, L-infinity distance for the class
-distribution. Self-contained (numpy, pandas, fsspec): the retraining trigger's Cloud Function
+distribution. A text table is judged by the histogram of its characters per text (a summary
+cheap to compute without the tokenizer) and its classes. Self-contained (numpy, pandas, fsspec): the retraining trigger's Cloud Function
 ships this file (infra/trigger/drift.py links here) and `torchship retrain-status` imports it."""
 
 from __future__ import annotations
@@ -64,13 +65,17 @@ def drift(statistics: dict[str, Any], table: Any, settings: Thresholds) -> dict[
     """Each numeric feature's distances from its training histogram, the labels' distance from
     the training classes, and whether any passes its threshold."""
     features, moved, missing = {}, [], []
+    # Text is judged by its characters per row (and its labels): cheap, and no tokenizer needed.
+    text = statistics.get("text_column")
     for feature, reference in statistics.get("features", {}).items():
-        if "histogram" not in reference:
-            continue  # text (token counts) is judged by its labels alone
-        if feature not in table.columns:
-            missing.append(feature)
+        if "histogram" not in reference or (text and feature != "characters"):
             continue
-        features[feature] = distances(reference["histogram"], table[feature])
+        column = text or feature
+        if column not in table.columns:
+            missing.append(column)
+            continue
+        values = table[column].astype(str).str.len() if text else table[feature]
+        features[feature] = distances(reference["histogram"], values)
         if (features[feature]["js_distance"] > settings.drift_threshold
                 or features[feature]["psi"] > settings.psi_threshold):
             moved.append(feature)

@@ -40,7 +40,7 @@ IMAGES_PER_TASK = 512
 class Plan:
     spec: ReadSpec
     tasks: list[ReadTask]
-    feature_names: list[str]  # a table's columns; ["tokens"] for text; images: set from mode
+    feature_names: list[str]  # a table's columns; text: tokens, characters; images: set from mode
     schema: dict[str, str]
     labels_from: str = ""
     row_noun: str = "rows"
@@ -187,7 +187,7 @@ def _plan_table(source: str, fs, fs_path: str, kind: str, label_column: str, tex
     extra: dict[str, Any] = {}
     if text_column:
         extra = _check_text(source, text_column, tokenizer, max_length)
-        features = ["tokens"]
+        features = ["tokens", "characters"]
         schema = {text_column: "text", label_column: str(sample[label_column].dtype)}
         row_bytes = 16 * max_length
     else:
@@ -201,8 +201,9 @@ def _plan_table(source: str, fs, fs_path: str, kind: str, label_column: str, tex
         schema = {c: str(t) for c, t in sample.dtypes.items()}
         row_bytes = 8 * len(features)
     rows = chunk_rows(row_bytes)
-    if text_column:  # token counts of a row, in 10 bins up to max_length
-        edges = (tuple(float(e) for e in np.unique(np.linspace(1, max_length, 11)[1:-1].round())),)
+    if text_column:  # token counts of a row, in 10 bins up to max_length; characters' deciles
+        edges = (tuple(float(e) for e in np.unique(np.linspace(1, max_length, 11)[1:-1].round())),
+                 *quantile_edges(sample[text_column].astype(str).str.len().to_numpy()[:, None]))
     else:  # each feature's deciles in the sample
         edges = quantile_edges(sample[features].to_numpy(dtype=np.float64, na_value=np.nan))
     spec = ReadSpec(source, kind, label_column, tuple(features) if not text_column else (),

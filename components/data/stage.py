@@ -242,11 +242,12 @@ def summarise(plan: Plan, result: dict, val_fraction: float, test_fraction: floa
                                result["extra"].get("largest_token", 0))
         contract = TensorContract.classifier(
             [TensorSpec(name, "int64", (BATCH, "sequence")) for name in shapes], len(class_names))
-        lengths = {key: float(train[key][0]) for key in ("mean", "min", "max")}
-        statistics = {"tokens": {**lengths, "std": float(np.sqrt(train["m2"][0] / train["n"]))}}
+        statistics = {name: {**{key: float(train[key][i]) for key in ("mean", "min", "max")},
+                             "std": float(np.sqrt(train["m2"][i] / train["n"]))}
+                      for i, name in enumerate(("tokens", "characters"))}
         standardise = None
         extra = {**plan.extra, "largest_token": result["extra"].get("largest_token", 0)}
-        feature_names = ["tokens"]
+        feature_names = ["tokens", "characters"]
     else:
         feature_names = plan.feature_names or CHANNELS["L" if shapes[INPUT_NAME][0] == 1 else "RGB"]
         mean, std = train["mean"], np.sqrt(train["m2"] / train["n"])
@@ -292,6 +293,7 @@ def summarise(plan: Plan, result: dict, val_fraction: float, test_fraction: floa
         # Raw training statistics: the drift trigger (infra/trigger) compares new data with them.
         "statistics": {"source": source, "n_rows": indexes["train"]["n_rows"],
                        "kind": "text" if plan.spec.text else "images" if plan.images else "table",
+                       **({"text_column": plan.spec.text_column} if plan.spec.text else {}),
                        "features": statistics,
                        # The training rows' classes: the trigger compares new labels with them.
                        "labels": {"column": plan.spec.label_column,
