@@ -139,7 +139,7 @@ def submit(template: str, project: str | None, region: str, pipeline_root: str |
             from torchship.pipelines import kubeflow
 
             run_id = kubeflow.submit(kfp_host, template, parameters, enable_caching=caching,
-                                     service_account=service_account)
+                                     service_account=service_account, pipeline_root=pipeline_root)
             click.echo(f"submitted run {run_id} to {kfp_host}")
             return
         from torchship.pipelines import vertex
@@ -185,7 +185,7 @@ def schedule_create(template: str, display_name: str, cron: str, time_zone: str 
 
             recurring = kubeflow.schedule(kfp_host, template, parameters, display_name, cron,
                                           max_concurrent_runs, start_time, end_time,
-                                          enable_caching=caching)
+                                          enable_caching=caching, pipeline_root=pipeline_root)
             click.echo(f"created recurring run {recurring} on {kfp_host}")
             return
         from torchship.pipelines import vertex

@@ -39,12 +39,14 @@ def _caching_set(pipeline_yaml: str, enable_caching: bool | None) -> Iterator[st
 def submit(host: str, pipeline_yaml: str, parameters: dict[str, Any],
            run_name: str = "torchship", experiment: str = "torchship",
            enable_caching: bool | None = None, service_account: str | None = None,
-           namespace: str | None = None) -> str:
-    """Start one run of the compiled pipeline on a KFP cluster; return the run ID."""
+           namespace: str | None = None, pipeline_root: str | None = None) -> str:
+    """Start one run of the compiled pipeline on a KFP cluster (its artifacts under
+    `pipeline_root`, or the cluster's default); return the run ID."""
     with _caching_set(pipeline_yaml, enable_caching) as path:
         run = _client(host, namespace).create_run_from_pipeline_package(
             path, arguments=parameters, run_name=run_name, experiment_name=experiment,
             enable_caching=enable_caching, service_account=service_account,
+            pipeline_root=pipeline_root,
         )
     return run.run_id
 
@@ -65,7 +67,8 @@ def check_cron(cron: str) -> str:
 def schedule(host: str, pipeline_yaml: str, parameters: dict[str, Any], name: str, cron: str,
              max_concurrent_runs: int = 1, start_time: str | None = None,
              end_time: str | None = None, experiment: str = "torchship",
-             enable_caching: bool | None = None, namespace: str | None = None) -> str:
+             enable_caching: bool | None = None, namespace: str | None = None,
+             pipeline_root: str | None = None) -> str:
     """A recurring run of the compiled pipeline; return its ID."""
     client = _client(host, namespace)
     experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
@@ -74,6 +77,7 @@ def schedule(host: str, pipeline_yaml: str, parameters: dict[str, Any], name: st
             experiment_id=experiment_id, job_name=name, cron_expression=check_cron(cron),
             max_concurrency=max_concurrent_runs, start_time=start_time, end_time=end_time,
             pipeline_package_path=path, params=parameters, enable_caching=enable_caching,
+            pipeline_root=pipeline_root,
         )
     return recurring.recurring_run_id
 

@@ -93,6 +93,7 @@ def test_cli_schedule_create_on_kubeflow_keeps_the_reference(kfp_server, pipelin
     assert recurring["display_name"] == "nightly-retrain"
     assert recurring["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
     assert recurring["max_concurrency"] in (1, "1")
+    assert recurring["runtime_config"]["pipeline_root"] == ROOT
     parameters = recurring["runtime_config"]["parameters"]
     assert parameters["data_source"] == "gs://acme-data/incoming/"
     assert parameters["reference_uri"] == REFERENCE
