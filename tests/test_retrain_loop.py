@@ -20,6 +20,7 @@ from fake_vertex import FakeVertex
 from functions_framework import create_app
 from google.cloud.aiplatform.utils import gcs_utils
 from processes import torchship
+from test_trigger import storage_event
 
 TRIGGER = Path(__file__).resolve().parents[1] / "infra" / "trigger" / "main.py"
 PIPELINES, DATA = "acme-pipelines", "acme-data"
@@ -74,13 +75,7 @@ def vertex(monkeypatch, pipeline_yaml, storage):
 
 
 def deliver(client, name: str, generation: str, event_id: str) -> None:
-    headers = {"ce-id": event_id, "ce-specversion": "1.0",
-               "ce-type": "google.cloud.storage.object.v1.finalized",
-               "ce-source": f"//storage.googleapis.com/projects/_/buckets/{DATA}",
-               "Content-Type": "application/json"}
-    body = {"bucket": DATA, "name": name, "generation": generation}
-    response = client.post("/", headers=headers, data=json.dumps(body))
-    assert response.status_code == 200, response.data
+    storage_event(client, name, generation, bucket=DATA, event_id=event_id)
 
 
 def jobs(fake: FakeVertex) -> list[dict]:
