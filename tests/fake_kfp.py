@@ -27,16 +27,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
 
-from typing_extensions import Self
+from fake_vertex import LocalServer, Request
 
 API = "/apis/v2beta1"
 # filter.proto's Predicate.Operation, by number and name.
@@ -44,15 +41,7 @@ OPERATIONS = {1: "EQUALS", 2: "NOT_EQUALS", 9: "IS_SUBSTRING"}
 
 
 @dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    body: dict[str, Any]
-
-
-@dataclass
-class FakeKFP:
+class FakeKFP(LocalServer):
     """Serve on 127.0.0.1; `requests` lists every call; `experiments`, `runs` and
     `recurring_runs` hold what was created, by ID."""
 
@@ -65,48 +54,6 @@ class FakeKFP:
     def __post_init__(self) -> None:
         self._clock = itertools.count(1)
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-
-    @property
-    def endpoint(self) -> str:
-        assert self._server is not None, "start the fake first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> Self:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                url = urlparse(self.path)
-                body = json.loads(raw) if raw else {}
-                request = Request(self.command, unquote(url.path), parse_qs(url.query), body)
-                status, payload = fake._answer(request)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_DELETE = _serve
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-
-    def calls(self, method: str, pattern: str) -> list[Request]:
-        """Recorded requests with this method whose path matches `pattern` (re.search)."""
-        return [r for r in self.requests if r.method == method and re.search(pattern, r.path)]
 
     # -- what the API answers -------------------------------------------------------------------
 

@@ -41,28 +41,13 @@ class Request:
     headers: dict[str, str]
 
 
-@dataclass
-class FakeVertex:
-    """Serve on 127.0.0.1; `requests` lists every call, `resources` what now exists."""
+class LocalServer:
+    """A recording HTTP server on 127.0.0.1 (a `with` block starts and stops it): every request is
+    answered by the subclass's `_answer(request)`, which keeps it in `requests`; an answer is
+    (status, JSON body or text[, extra headers])."""
 
-    # States a pipeline job walks through on successive GETs; the last one sticks.
-    pipeline_states: list[str] = field(
-        default_factory=lambda: ["PIPELINE_STATE_RUNNING", "PIPELINE_STATE_SUCCEEDED"])
-    requests: list[Request] = field(default_factory=list)
-    resources: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Paths (regular expressions) that answer with this HTTP status instead, e.g. to fail a deploy.
-    failures: dict[str, int] = field(default_factory=dict)
-    # What a deployed model answers to `:rawPredict`: (request, endpoint, deployed model) ->
-    # (HTTP status, JSON body). Unset: 501.
-    raw_predict: Callable[[Request, dict[str, Any], dict[str, Any]],
-                          tuple[int, dict[str, Any]]] | None = None
-
-    def __post_init__(self) -> None:
-        self._ids = itertools.count(1)
-        self._gets: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._credit: dict[str, dict[str, int]] = {}  # rawPredict routing state per endpoint
+    requests: list[Request]
+    _server: ThreadingHTTPServer | None = None
 
     @property
     def endpoint(self) -> str:
@@ -106,11 +91,34 @@ class FakeVertex:
             self._server.shutdown()
             self._server.server_close()
 
-    # -- what the API answers -------------------------------------------------------------------
-
     def calls(self, method: str, pattern: str) -> list[Request]:
         """Recorded requests with this method whose path matches `pattern` (re.search)."""
         return [r for r in self.requests if r.method == method and re.search(pattern, r.path)]
+
+
+@dataclass
+class FakeVertex(LocalServer):
+    """Serve on 127.0.0.1; `requests` lists every call, `resources` what now exists."""
+
+    # States a pipeline job walks through on successive GETs; the last one sticks.
+    pipeline_states: list[str] = field(
+        default_factory=lambda: ["PIPELINE_STATE_RUNNING", "PIPELINE_STATE_SUCCEEDED"])
+    requests: list[Request] = field(default_factory=list)
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Paths (regular expressions) that answer with this HTTP status instead, e.g. to fail a deploy.
+    failures: dict[str, int] = field(default_factory=dict)
+    # What a deployed model answers to `:rawPredict`: (request, endpoint, deployed model) ->
+    # (HTTP status, JSON body). Unset: 501.
+    raw_predict: Callable[[Request, dict[str, Any], dict[str, Any]],
+                          tuple[int, dict[str, Any]]] | None = None
+
+    def __post_init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._gets: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._credit: dict[str, dict[str, int]] = {}  # rawPredict routing state per endpoint
+
+    # -- what the API answers -------------------------------------------------------------------
 
     def _answer(self, request: Request) -> tuple[int, dict[str, Any]]:
         with self._lock:
