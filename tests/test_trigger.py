@@ -227,3 +227,173 @@ def test_bad_parameter_values_is_one_clear_line(fake, monkeypatch, value, says):
     body = {"bucket": "acme-data", "name": "incoming/x.csv", "generation": "1"}
     assert client.post("/", headers=headers, data=json.dumps(body)).status_code == 500
     assert not fake.calls("POST", PIPELINE_JOBS)
+
+
+# Image batches: a folder of class sub-folders, complete when its _SUCCESS marker lands.
+
+
+def copy_folder(source: Path, url: str, change=None) -> None:
+    """The image files of the class folders under SOURCE, written under URL (any fsspec URL),
+    each pixel array passed through CHANGE first."""
+    import io
+
+    import fsspec
+    from PIL import Image
+
+    fs, root = fsspec.core.url_to_fs(url)
+    for path in sorted(source.glob("*/*")):
+        if any(part.startswith(".") for part in (path.name, path.parent.name)) or (
+                path.suffix not in (".png", ".bmp")):
+            continue
+        data = path.read_bytes()
+        if change is not None:
+            with Image.open(path) as image:
+                changed = Image.fromarray(change(np.asarray(image)).astype(np.uint8), image.mode)
+            buffer = io.BytesIO()
+            changed.save(buffer, format="BMP" if path.suffix == ".bmp" else "PNG")
+            data = buffer.getvalue()
+        fs.pipe_file(f"{root}/{path.parent.name}/{path.name}", data)
+
+
+@pytest.fixture
+def image_reference(gcs, monkeypatch, tmp_path) -> tuple[str, Path]:
+    """REFERENCE_URI holding the statistics prepare-data keeps for a local image folder (8x8
+    greyscale shapes, classes circle, line, square); the folder."""
+    from test_data import write_image_folder
+
+    from torchship.components.data.stage import prepare_data, write_statistics
+
+    reference = "gs://acme-pipelines/root/torchship-reference/torchship/vertex/"
+    monkeypatch.setenv("REFERENCE_URI", reference)
+    folder = tmp_path / "shapes"
+    write_image_folder(str(folder), per_class=30)
+    meta = prepare_data(str(folder), "", *(str(tmp_path / split)
+                                           for split in ("train", "val", "test")))
+    assert meta["statistics"]["kind"] == "images"
+    write_statistics(meta["statistics"], reference + "statistics.json")
+    return reference, folder
+
+
+def test_an_image_batch_is_judged_when_its_marker_lands(fake, image_reference, monkeypatch):
+    """Image files on their own are ignored; a _SUCCESS marker makes its folder the new data:
+    like the training images, it is skipped with each channel's distances; brightness inverted,
+    it is submitted, naming the channel, with the folder as data_source, once per marker."""
+    import fsspec
+
+    reference, folder = image_reference
+    monkeypatch.setenv("MAX_IMAGES", "40")  # a sample of the 90 images
+    client = create_app("on_new_data", str(TRIGGER), "cloudevent").test_client()
+    copy_folder(folder, "gs://acme-data/incoming/batch1")
+    for name in ("incoming/batch1/circle/00.png", "incoming/batch1/line/01.bmp"):
+        storage_event(client, name, "1")
+    assert not fake.calls("POST", PIPELINE_JOBS)
+    assert not fsspec.filesystem("gs").exists(reference + "decisions")  # ignored: not recorded
+
+    fsspec.filesystem("gs").pipe_file("gs://acme-data/incoming/batch1/_SUCCESS", b"")
+    storage_event(client, "incoming/batch1/_SUCCESS", "1")
+    assert not fake.calls("POST", PIPELINE_JOBS)
+    [skipped] = decisions(reference + "decisions")
+    assert skipped["status"] == "skipped" and skipped["reason"] == "no drift"
+    assert skipped["uri"] == "gs://acme-data/incoming/batch1/"
+    report = skipped["drift"]
+    assert set(report["features"]) == {"grey"} and report["features"]["grey"]["js_distance"] < 0.1
+    assert report["features"]["grey"]["psi"] < 0.2 and report["label_linf"] < 0.1
+    assert report["sample"] == {"images": 40, "of": 90, "unreadable": 0}
+
+    copy_folder(folder, "gs://acme-data/incoming/batch2", change=lambda pixels: 255 - pixels)
+    fsspec.filesystem("gs").pipe_file("gs://acme-data/incoming/batch2/_SUCCESS", b"")
+    for delivery in ("1", "2"):  # Eventarc delivers at least once
+        storage_event(client, "incoming/batch2/_SUCCESS", "7", event_id=delivery)
+    assert len([k for k in fake.resources if "/pipelineJobs/" in k]) == 1
+    job = next(r for k, r in fake.resources.items() if "/pipelineJobs/" in k)
+    assert job["runtimeConfig"]["parameterValues"]["data_source"] == (
+        "gs://acme-data/incoming/batch2/")
+    _, submitted, duplicate = decisions(reference + "decisions")
+    assert submitted["status"] == "submitted" and submitted["reason"] == "drift: grey"
+    assert submitted["drift"]["features"]["grey"]["psi"] > 0.2
+    assert submitted["uri"] == "gs://acme-data/incoming/batch2/"
+    assert duplicate["status"] == "duplicate" and duplicate["job_id"] == submitted["job_id"]
+
+
+def test_single_images_and_empty_batches_are_ignored_with_a_hint(fake, gcs, monkeypatch):
+    import importlib.util
+
+    import fsspec
+
+    monkeypatch.setenv("BATCH_MARKER", "READY")
+    monkeypatch.syspath_prepend(str(TRIGGER.parent))
+    spec = importlib.util.spec_from_file_location("trigger_main", TRIGGER)
+    trigger = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trigger)
+    settings = trigger.Settings.from_env()
+    assert settings.batch_marker == "READY" and settings.max_images == 500
+
+    image = trigger.handle({"bucket": "acme-data", "name": "incoming/b/cat/1.JPG",
+                            "generation": "1"}, settings)
+    assert image["status"] == "ignored" and "upload a READY marker" in image["reason"]
+    fsspec.filesystem("gs").pipe_file("gs://acme-data/incoming/b/notes.txt", b"x")
+    empty = trigger.handle({"bucket": "acme-data", "name": "incoming/b/READY",
+                            "generation": "1"}, settings)
+    assert empty["status"] == "ignored" and empty["uri"] == "gs://acme-data/incoming/b/"
+    assert "no class sub-folders of images" in empty["reason"]
+    other = trigger.handle({"bucket": "acme-data", "name": "incoming/b/_SUCCESS",
+                            "generation": "1"}, settings)
+    assert other["status"] == "ignored" and not fake.calls("POST", PIPELINE_JOBS)
+
+
+def test_a_batch_of_tables_is_judged_by_its_newest_table(fake, gcs, monkeypatch, tmp_path):
+    """A marker in a folder of tables: the run gets the folder (its data step trains on the
+    newest table) and the drift check reads that newest table, by modification time."""
+    import time
+
+    import fsspec
+
+    from torchship.components.data.stage import prepare_data, write_statistics
+
+    reference = "gs://acme-pipelines/root/torchship-reference/torchship/vertex/"
+    monkeypatch.setenv("REFERENCE_URI", reference)
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(2000, 2)), columns=["a", "b"])
+    frame["label"] = np.arange(2000) % 2
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    meta = prepare_data(str(tmp_path / "train.csv"), "label",
+                        *(str(tmp_path / split) for split in ("train", "val", "test")))
+    write_statistics(meta["statistics"], reference + "statistics.json")
+    for name, table in (("z-old.csv", frame), ("a-new.csv", frame.assign(b=frame["b"] + 1.0))):
+        with fsspec.open(f"gs://acme-data/incoming/tables/{name}", "w") as handle:
+            table.to_csv(handle, index=False)
+        time.sleep(0.01)
+    fsspec.filesystem("gs").pipe_file("gs://acme-data/incoming/tables/_SUCCESS", b"")
+    client = create_app("on_new_data", str(TRIGGER), "cloudevent").test_client()
+    storage_event(client, "incoming/tables/_SUCCESS", "3")
+    [create] = fake.calls("POST", PIPELINE_JOBS)
+    assert create.body["runtimeConfig"]["parameterValues"]["data_source"] == (
+        "gs://acme-data/incoming/tables/")
+    [decision] = decisions(reference + "decisions")
+    assert decision["reason"] == "drift: b"
+    assert decision["table"] == "gs://acme-data/incoming/tables/a-new.csv"
+
+
+def test_drift_of_an_rgb_image_folder_samples_evenly_and_names_the_channels(tmp_path):
+    from test_data import write_image_folder
+
+    from torchship.components.data import drift as trigger  # what the function ships
+    from torchship.components.data.stage import prepare_data
+
+    write_image_folder(str(tmp_path / "shapes"), per_class=30, colour_every=3)
+    statistics = prepare_data(str(tmp_path / "shapes"), "", *(
+        str(tmp_path / split) for split in ("train", "val", "test")))["statistics"]
+    assert list(statistics["features"]) == ["red", "green", "blue"]
+    files = trigger.image_files(str(tmp_path / "shapes"))
+    assert len(files) == 90 and {name for name, _ in files} == {"circle", "line", "square"}
+    report = trigger.image_drift(statistics, str(tmp_path / "shapes"), trigger.Thresholds(),
+                                 max_images=30)
+    assert not report["drifted"] and report["sample"]["images"] == 30
+    # Ten of each class: the sample is spread over the whole listing, not its first class.
+    assert report["label_linf"] == trigger.label_distance(statistics["labels"]["counts"],
+                                                          ["circle", "line", "square"] * 10)
+    assert max(m["js_distance"] for m in report["features"].values()) < 0.1
+    # A table's reference is not an image folder's: its features are missing, which is drift.
+    table = {"features": {"a": {"histogram": {"edges": [0.0], "counts": [1, 1]}}}}
+    other = trigger.image_drift(table, str(tmp_path / "shapes"), trigger.Thresholds())
+    assert other["drifted"] and other["missing"] == ["a"] and other["features"] == {}

@@ -1,5 +1,10 @@
 """Retraining trigger: submit the torchship pipeline when new data lands under a bucket prefix.
 
+New data is a .csv/.parquet table, or a batch: a folder under the prefix that gets a
+BATCH_MARKER object (`_SUCCESS`, as Hadoop, Spark and Dataflow write) once complete. A batch of
+class sub-folders of images is an image folder; a batch of tables is judged by its newest
+table. Either way the run's data_source is the folder. Image files on their own are ignored.
+
 Deployed as a Cloud Function (functions-framework) behind an Eventarc storage-finalize trigger or
 a Pub/Sub subscription. Self-contained on purpose: the function must not pull in torch.
 
@@ -25,10 +30,14 @@ Settings (environment variables):
   PSI_THRESHOLD              population stability index that counts as drift (default 0.2)
   LABEL_DRIFT_THRESHOLD      L-infinity distance of the class distribution (default 0.1)
   MAX_ROWS                   rows of a new table read to judge it (default 100000)
+  MAX_IMAGES                 image files of a new image folder decoded to judge it, spread
+                             evenly over the folder's sorted listing (default 500)
+  BATCH_MARKER               the object name that marks its folder a complete batch
+                             (default: _SUCCESS)
   PARAMETER_VALUES           JSON object of pipeline parameter values every submitted run gets,
                              e.g. {"deploy_target": "vertex", "deploy_settings": {...},
                              "epochs": 20}; the trigger sets data_source (the new object's gs://
-                             URI), label_column (LABEL_COLUMN) and, when REFERENCE_URI is set,
+                             URI, or the batch folder's), label_column (LABEL_COLUMN) and, when REFERENCE_URI is set,
                              reference_uri on top, so it must not set data_source or
                              reference_uri itself (default: {})
   VERTEX_API_ENDPOINT        a private API endpoint (optional)
@@ -45,6 +54,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +62,16 @@ import functions_framework
 
 # drift.py is components/data/drift.py (a link, so the function's source folder holds it): the
 # same measures `torchship retrain-status` prints.
-from drift import Thresholds, drift, read_table
+from drift import (
+    IMAGE_SUFFIXES,
+    MAX_IMAGES,
+    Thresholds,
+    drift,
+    image_drift,
+    image_files,
+    newest_table,
+    read_table,
+)
 
 SUPPORTED_SUFFIXES = (".csv", ".parquet")
 # Parameters the trigger sets itself from the event and its settings.
@@ -105,6 +124,8 @@ class Settings:
     psi_threshold: float = 0.2
     label_drift_threshold: float = 0.1
     max_rows: int = 100_000
+    max_images: int = MAX_IMAGES
+    batch_marker: str = "_SUCCESS"
     api_endpoint: str | None = None
     parameter_values: dict[str, Any] = field(default_factory=dict)
     kfp_host: str | None = None
@@ -147,6 +168,8 @@ class Settings:
             psi_threshold=float(env.get("PSI_THRESHOLD", "0.2")),
             label_drift_threshold=float(env.get("LABEL_DRIFT_THRESHOLD", "0.1")),
             max_rows=int(env.get("MAX_ROWS", "100000")),
+            max_images=int(env.get("MAX_IMAGES", str(MAX_IMAGES))),
+            batch_marker=env.get("BATCH_MARKER") or "_SUCCESS",
             api_endpoint=env.get("VERTEX_API_ENDPOINT") or None,
             parameter_values=parameter_values,
             kfp_host=env.get("KFP_HOST") or None,
@@ -221,19 +244,50 @@ def handle(obj: dict[str, str], settings: Settings) -> dict[str, Any]:
     uri = f"gs://{obj['bucket']}/{obj['name']}"
     if not uri.startswith(settings.data_prefix):
         return {"status": "ignored", "uri": uri, "reason": f"outside {settings.data_prefix}"}
+    name = uri.rsplit("/", 1)[-1]
+    if name == settings.batch_marker:
+        return _batch(obj, settings, uri[:-len(name)])
+    if uri.lower().endswith(IMAGE_SUFFIXES):
+        return {"status": "ignored", "uri": uri, "reason": (
+            "an image file: images are judged and trained on as a batch, a folder of class "
+            f"sub-folders; upload a {settings.batch_marker} marker to the folder when the batch "
+            "is complete")}
     if not uri.endswith(SUPPORTED_SUFFIXES):
-        return {"status": "ignored", "uri": uri, "reason": "not a .csv or .parquet table"}
-    return record(settings, obj, _decide(obj, settings, uri))
+        return {"status": "ignored", "uri": uri, "reason": (
+            f"not a .csv or .parquet table, nor a {settings.batch_marker} batch marker")}
+    return record(settings, obj, _decide(obj, settings, uri, lambda statistics, thresholds: drift(
+        statistics, read_table(uri, settings.max_rows), thresholds)))
 
 
-def _decide(obj: dict[str, str], settings: Settings, uri: str) -> dict[str, Any]:
+def _batch(obj: dict[str, str], settings: Settings, folder: str) -> dict[str, Any]:
+    """A batch marker: the folder is the new data, an image folder or a folder of tables."""
+    files = image_files(folder)
+    if files:
+        return record(settings, obj, _decide(
+            obj, settings, folder, lambda statistics, thresholds: image_drift(
+                statistics, folder, thresholds, settings.max_images, files)))
+    table = newest_table(folder)
+    if table is None:
+        return {"status": "ignored", "uri": folder, "reason": (
+            f"{settings.batch_marker} marks a folder with no class sub-folders of images "
+            "(.png, .jpg, .jpeg, .bmp, .gif) and no .csv or .parquet table")}
+    # The run's data step trains on the folder's newest table: that is the one judged.
+    decision = _decide(obj, settings, folder, lambda statistics, thresholds: drift(
+        statistics, read_table(table, settings.max_rows), thresholds))
+    return record(settings, obj, {**decision, "table": table})
+
+
+def _decide(obj: dict[str, str], settings: Settings, uri: str,
+            judge: Callable[[dict[str, Any], Thresholds], dict[str, Any]]) -> dict[str, Any]:
+    """Skip data that has not drifted from the reference; else submit a run on URI. `judge`
+    measures the drift of the new data from the reference statistics."""
     report, reason = None, "no drift check (REFERENCE_URI not set)"
     if settings.reference_uri:
         statistics = read_reference(settings)
         if statistics is None:
             reason = "first run: no reference yet"
         else:
-            report = drift(statistics, read_table(uri, settings.max_rows), Thresholds(
+            report = judge(statistics, Thresholds(
                 settings.drift_threshold, settings.psi_threshold,
                 settings.label_drift_threshold, settings.label_column))
             if not report["drifted"]:
