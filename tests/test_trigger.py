@@ -252,6 +252,7 @@ def copy_folder(source: Path, url: str, change=None) -> None:
             buffer = io.BytesIO()
             changed.save(buffer, format="BMP" if path.suffix == ".bmp" else "PNG")
             data = buffer.getvalue()
+        fs.makedirs(f"{root}/{path.parent.name}", exist_ok=True)
         fs.pipe_file(f"{root}/{path.parent.name}/{path.name}", data)
 
 
@@ -397,3 +398,41 @@ def test_drift_of_an_rgb_image_folder_samples_evenly_and_names_the_channels(tmp_
     table = {"features": {"a": {"histogram": {"edges": [0.0], "counts": [1, 1]}}}}
     other = trigger.image_drift(table, str(tmp_path / "shapes"), trigger.Thresholds())
     assert other["drifted"] and other["missing"] == ["a"] and other["features"] == {}
+
+
+def test_retrain_status_measures_an_image_folder_per_channel(tmp_path):
+    """`torchship retrain-status --data FOLDER` on an image folder: each channel's line, the
+    sample it measured, the classes' distance; on a folder of tables, its newest table."""
+    from test_data import write_image_folder
+
+    from torchship.components.data.stage import prepare_data, write_statistics
+    from torchship.components.errors import UserInputError
+    from torchship.pipelines.retrain import status_lines
+
+    write_image_folder(str(tmp_path / "shapes"), per_class=30, colour_every=3)
+    statistics = prepare_data(str(tmp_path / "shapes"), "", *(
+        str(tmp_path / split) for split in ("train", "val", "test")))["statistics"]
+    reference = tmp_path / "reference"
+    write_statistics(statistics, str(reference / "statistics.json"))
+    (reference / "serving.json").write_text(json.dumps({
+        "model": "fp32", "version": 1, "target": "local", "test_accuracy": 0.9, "p99_ms": 1.0,
+        "target_concurrency": 2, "training_rows": 60, "data_source": "x",
+        "kept_at": "2026-12-04T00:00:00Z"}))
+    copy_folder(tmp_path / "shapes", str(tmp_path / "inverted"), change=lambda p: 255 - p)
+
+    same = status_lines(str(reference), str(tmp_path / "shapes"), max_images=45)
+    assert f"{tmp_path / 'shapes'} against the reference: no drift" in same[2]
+    assert same[3].startswith("  a sample of 45 of 90 images (pixel-intensity histogram")
+    assert same[4].split()[:3] == ["channel", "JS", "distance"]
+    rows = [line.split() for line in same[5:8]]
+    assert [row[0] for row in rows] == ["red", "green", "blue"]
+    assert all(float(row[1]) < 0.1 and len(row) == 3 for row in rows)
+    assert same[-1].startswith("  labels L-inf ")
+
+    inverted = status_lines(str(reference), str(tmp_path / "inverted"))
+    assert "drifted" in inverted[2] and "of 90 images" in inverted[3]
+    assert [line.split()[-1] for line in inverted[5:8]] == ["yes", "yes", "yes"]
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserInputError, match="no class sub-folders of images"):
+        status_lines(str(reference), str(tmp_path / "empty"))
