@@ -105,11 +105,12 @@ def decide(
 def serving_baseline(baseline_uri: str, reference_uri: str, serving_repository: str,
                      split: Split | None, progress: Callable[[str], None] = print,
                      ) -> tuple[float | str | None, str | None]:
-    """What the candidate must match, and where it came from, first found of:
-    the gate record (or serving record) at `baseline_uri`, which must exist; the model
-    `serving_repository` serves now, measured on this run's test split; the serving record a
-    deploying run kept at `reference_uri` (its test accuracy when it was deployed). None of
-    them: a first run, and the accuracy floor applies."""
+    """What the candidate must match, and where it came from: the gate record (or serving
+    record) at `baseline_uri`, which must exist; else, deploying to a local repository
+    (`serving_repository`), the model it serves now, measured on this run's test split (the
+    repository is what serves: a reference kept for another repository does not apply); else
+    the serving record a deploying run kept at `reference_uri` (its test accuracy when it was
+    deployed). None of them: a first run, and the accuracy floor applies."""
     if baseline_uri:
         if read_gate_record(baseline_uri) is None:
             raise UserInputError(
@@ -121,8 +122,10 @@ def serving_baseline(baseline_uri: str, reference_uri: str, serving_repository: 
     kept = read_json(kept_at) if kept_at else None
     named = (f"serving record {kept_at} ('{kept['model']}' version {kept['version']})"
              if kept else "")
-    serving = serving_model(serving_repository) if serving_repository and split is not None else None
-    if serving is not None:
+    if serving_repository:
+        serving = serving_model(serving_repository) if split is not None else None
+        if serving is None:
+            return None, None
         accuracy = onnx_accuracy(serving.onnx_path, split, f"serving model {serving}")
         same = kept and (kept["model"], kept["version"]) == (serving.name, serving.version)
         source = (f"{named if same else f'serving model {serving}'}, measured on this run's "
