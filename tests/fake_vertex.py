@@ -9,6 +9,14 @@ versions as on Vertex AI), `deployModel` / `undeployModel` keep the endpoint's t
 `:rawPredict` picks a deployed model by that split (smooth weighted round robin, so a 10% canary
 answers every tenth request) and names it in `X-Vertex-AI-Deployed-Model-Id`. What the deployed
 model answers is the test's to say: set `raw_predict` (the fake runs no models).
+
+Pipeline jobs: each GET moves a job along `pipeline_states` (create, start and end times set as
+it goes), `:cancel` makes it CANCELLED for good, and a list answers newest last (the SDK orders
+it) filtered by `pipeline_name="..."`. Once running, a job has its `system.PipelineRun` context
+in the metadata store (`jobDetail.pipelineRunContext`), as Vertex AI makes one; Vertex AI
+Experiments are contexts too (`system.Experiment`), and `:addContextChildren` puts a run's
+context under an experiment's (the child's `parentContexts`), which is how the SDK associates a
+job with an experiment.
 """
 
 import hashlib
@@ -18,6 +26,7 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -117,6 +126,8 @@ class FakeVertex(LocalServer):
         self._gets: dict[str, int] = {}
         self._lock = threading.Lock()
         self._credit: dict[str, dict[str, int]] = {}  # rawPredict routing state per endpoint
+        self._clock = itertools.count(1)
+        self._cancelled: set[str] = set()
 
     # -- what the API answers -------------------------------------------------------------------
 
@@ -158,7 +169,8 @@ class FakeVertex(LocalServer):
 
     def _create(self, request: Request, collection: str) -> tuple[int, dict[str, Any]]:
         kind = collection.rsplit("/", 1)[-1]
-        given = {"pipelineJobs": "pipelineJobId", "schedules": "scheduleId"}.get(kind)
+        given = {"pipelineJobs": "pipelineJobId", "schedules": "scheduleId",
+                 "contexts": "contextId"}.get(kind)
         resource_id = (request.query.get(given) or [str(next(self._ids))])[0] if given else str(
             next(self._ids))
         resource = {**request.body, "name": f"{collection}/{resource_id}"}
@@ -166,11 +178,11 @@ class FakeVertex(LocalServer):
             return 409, {"error": {"code": 409, "status": "ALREADY_EXISTS",
                                    "message": f"{resource['name']} already exists"}}
         if kind == "pipelineJobs":
-            resource["state"] = "PIPELINE_STATE_PENDING"
+            resource.update(state="PIPELINE_STATE_PENDING", createTime=self._now())
         if kind == "schedules":
             resource["state"] = "ACTIVE"
         self.resources[resource["name"]] = resource
-        if kind in ("pipelineJobs", "schedules"):
+        if kind in ("pipelineJobs", "schedules", "contexts"):
             return 200, resource
         return 200, self._operation(resource["name"], resource, kind)
 
@@ -178,19 +190,26 @@ class FakeVertex(LocalServer):
              ) -> tuple[int, dict[str, Any]]:
         if name in self.resources:
             resource = self.resources[name]
-            if "/pipelineJobs/" in name:
+            if "/pipelineJobs/" in name and name not in self._cancelled:
                 seen = self._gets[name] = self._gets.get(name, -1) + 1
-                resource["state"] = self.pipeline_states[min(seen, len(self.pipeline_states) - 1)]
+                self._walk(resource, self.pipeline_states[min(seen, len(self.pipeline_states) - 1)])
             return 200, resource
         if "/operations/" in name:
             return 200, {"name": name, "done": True}
+        if name.endswith("/metadataStores/default"):  # every location has its default store
+            return 200, {"name": name}
         collection = [r for key, r in self.resources.items()
                       if key.rsplit("/", 1)[0] == name and "@" not in key]  # not model versions
         kind = name.rsplit("/", 1)[-1]
         wanted = re.fullmatch(r'display_name="([^"]*)"', ((query or {}).get("filter") or [""])[0])
         if kind in ("models", "endpoints") and wanted:
             collection = [r for r in collection if r.get("displayName") == wanted.group(1)]
-        if re.fullmatch(r"[a-zA-Z]+", kind):
+        pipeline = re.fullmatch(r'pipeline_name="([^"]*)"',
+                                ((query or {}).get("filter") or [""])[0])
+        if kind == "pipelineJobs" and pipeline:
+            collection = [r for r in collection if r.get("pipelineSpec", {}).get(
+                "pipelineInfo", {}).get("name") == pipeline.group(1)]
+        if re.fullmatch(r"[a-zA-Z]+", kind) and len(name.split("/")) % 2:  # a collection
             return 200, {kind: collection}
         return 404, {"error": {"code": 404, "message": f"{name} not found", "status": "NOT_FOUND"}}
 
@@ -199,6 +218,14 @@ class FakeVertex(LocalServer):
             self.resources[name]["state"] = "PAUSED" if verb == "pause" else "ACTIVE"
             return 200, {}
         if verb == "cancel":
+            if "/pipelineJobs/" in name:
+                self._cancelled.add(name)
+                self._walk(self.resources[name], "PIPELINE_STATE_CANCELLED")
+            return 200, {}
+        if verb == "addContextChildren":
+            for child in request.body.get("childContexts", []):
+                parents = self.resources[child].setdefault("parentContexts", [])
+                parents.append(name)
             return 200, {}
         if verb == "upload":
             model_id = request.body.get("modelId") or str(next(self._ids))
@@ -251,6 +278,26 @@ class FakeVertex(LocalServer):
                                             if k != gone}
             return 200, self._operation(name, {}, verb)
         return 400, {"error": {"code": 400, "message": f"unknown method :{verb}"}}
+
+    def _walk(self, job: dict[str, Any], state: str) -> None:
+        """Move a pipeline job to `state`: started once it runs, with its run context in the
+        metadata store; ended once it is done."""
+        job["state"] = state
+        if state != "PIPELINE_STATE_PENDING" and "startTime" not in job:
+            job["startTime"] = self._now()
+            store = job["name"].split("/pipelineJobs/")[0] + "/metadataStores/default"
+            run_context = f"{store}/contexts/{job['name'].rsplit('/', 1)[-1]}"
+            self.resources[run_context] = {"name": run_context, "displayName": job["name"],
+                                           "schemaTitle": "system.PipelineRun"}
+            job["jobDetail"] = {"pipelineRunContext": self.resources[run_context]}
+        done = ("SUCCEEDED", "FAILED", "CANCELLED")
+        if state.removeprefix("PIPELINE_STATE_") in done and "endTime" not in job:
+            job["endTime"] = self._now()
+
+    def _now(self) -> str:
+        """Times one second apart, in the order asked."""
+        moment = datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=next(self._clock))
+        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def _move_aliases(self, model_name: str, version: str, aliases: list[str]) -> None:
         """An alias names one version at a time: giving it to `version` takes it off the others."""
