@@ -262,7 +262,10 @@ def test_function_reads_the_reference_and_the_drift_thresholds():
     (function,) = resources(module, "google_cloudfunctions2_function").values()
     environment = function["service_config"][0]["environment_variables"]
     assert {"REFERENCE_URI", "DRIFT_THRESHOLD", "PSI_THRESHOLD",
-            "LABEL_DRIFT_THRESHOLD"} <= set(environment)
+            "LABEL_DRIFT_THRESHOLD", "FEATURE_THRESHOLDS"} <= set(environment)
+    assert environment["FEATURE_THRESHOLDS"] == "${jsonencode(var.feature_thresholds)}"
+    assert root.modules["trigger"]["feature_thresholds"] == "${var.feature_drift_thresholds}"
+    assert root.variables["feature_drift_thresholds"]["default"] == {}
     assert "STATISTICS_URI" not in environment
     assert environment["REFERENCE_URI"] == "${var.reference_uri}"
     for name, default in (("drift_threshold", 0.1), ("psi_threshold", 0.2),

@@ -436,3 +436,30 @@ def test_retrain_status_measures_an_image_folder_per_channel(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserInputError, match="no class sub-folders of images"):
         status_lines(str(reference), str(tmp_path / "empty"))
+
+
+def test_a_feature_can_have_its_own_thresholds(monkeypatch):
+    """FEATURE_THRESHOLDS: a feature known to wander gets looser thresholds, the rest the global
+    ones; a malformed value is one line naming the setting."""
+    import importlib.util
+
+    from torchship.components.data import drift as measures
+
+    histogram = {"edges": [-1.0, 0.0, 1.0], "counts": [16, 34, 34, 16]}
+    statistics = {"features": {"a": {"histogram": histogram}, "b": {"histogram": histogram}}}
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"a": rng.normal(size=2000) + 2, "b": rng.normal(size=2000) + 2})
+    assert measures.drift(statistics, table, measures.Thresholds())["moved"] == ["a", "b"]
+    loose = measures.Thresholds(features={"a": {"js_distance": 0.9, "psi": 50.0}})
+    report = measures.drift(statistics, table, loose)
+    assert report["moved"] == ["b"] and report["thresholds"]["features"] == loose.features
+
+    monkeypatch.syspath_prepend(str(TRIGGER.parent))
+    spec = importlib.util.spec_from_file_location("trigger_main", TRIGGER)
+    trigger = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trigger)
+    assert trigger.feature_thresholds_from('{"a": {"psi": 1}}') == {"a": {"psi": 1}}
+    for bad in ('{"a": 0.3}', '{"a": {"jsd": 0.3}}', '{"a": {"psi": -1}}', "[1]", "{"):
+        with pytest.raises(RuntimeError, match="^FEATURE_THRESHOLDS ") as raised:
+            trigger.feature_thresholds_from(bad)
+        assert "\n" not in str(raised.value)

@@ -10,7 +10,7 @@ here) and `torchship retrain-status` imports it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["MAX_IMAGES", "Thresholds", "distances", "drift", "image_drift", "image_files",
@@ -19,12 +19,21 @@ __all__ = ["MAX_IMAGES", "Thresholds", "distances", "drift", "image_drift", "ima
 
 @dataclass(frozen=True)
 class Thresholds:
-    """What counts as drift: a feature's JS distance or PSI, the classes' L-infinity distance."""
+    """What counts as drift: a feature's JS distance or PSI, the classes' L-infinity distance;
+    `features` sets either per feature ({"income": {"js_distance": 0.2, "psi": 0.5}}), the global
+    one applying to the rest."""
 
     drift_threshold: float = 0.1
     psi_threshold: float = 0.2
     label_drift_threshold: float = 0.1
     label_column: str = "label"
+    features: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def of(self, feature: str) -> tuple[float, float]:
+        """The JS distance and PSI thresholds of `feature`."""
+        own = self.features.get(feature, {})
+        return (float(own.get("js_distance", self.drift_threshold)),
+                float(own.get("psi", self.psi_threshold)))
 
 
 # A bin no row fell in still gets this share, so that the logarithms stay finite.
@@ -102,7 +111,7 @@ def drift(statistics: dict[str, Any], table: Any, settings: Thresholds) -> dict[
             continue
         values = table[column].astype(str).str.len() if text else table[feature]
         features[feature] = distances(reference["histogram"], values)
-        if _moved(features[feature], settings):
+        if _moved(features[feature], settings, feature):
             moved.append(feature)
     labels = statistics.get("labels") or {}
     label_column = labels.get("column") or settings.label_column
@@ -112,9 +121,9 @@ def drift(statistics: dict[str, Any], table: Any, settings: Thresholds) -> dict[
     return _report(features, moved, missing, label, settings)
 
 
-def _moved(measured: dict[str, float], settings: Thresholds) -> bool:
-    return (measured["js_distance"] > settings.drift_threshold
-            or measured["psi"] > settings.psi_threshold)
+def _moved(measured: dict[str, float], settings: Thresholds, feature: str) -> bool:
+    js_distance, psi = settings.of(feature)
+    return measured["js_distance"] > js_distance or measured["psi"] > psi
 
 
 def _report(features: dict[str, dict[str, float]], moved: list[str], missing: list[str],
@@ -123,7 +132,8 @@ def _report(features: dict[str, dict[str, float]], moved: list[str], missing: li
     return {"drifted": bool(moved or missing or label_moved), "moved": moved,
             "missing": missing, "features": features, "label_linf": label,
             "thresholds": {"js_distance": settings.drift_threshold, "psi": settings.psi_threshold,
-                           "label_linf": settings.label_drift_threshold}}
+                           "label_linf": settings.label_drift_threshold,
+                           **({"features": settings.features} if settings.features else {})}}
 
 
 def read_table(uri: str, rows: int) -> Any:
@@ -236,7 +246,7 @@ def image_drift(statistics: dict[str, Any], uri: str, settings: Thresholds,
         binned = np.bincount(np.searchsorted(edges, np.arange(256.0), side="left"),
                              weights=values[name], minlength=len(edges) + 1)
         features[name] = _compare(references[name]["counts"], binned)
-        if _moved(features[name], settings):
+        if _moved(features[name], settings, name):
             moved.append(name)
     # Channels the reference has and the sample does not (a table's features, say, or no image
     # could be decoded) count as missing: drift.

@@ -90,6 +90,7 @@ module "trigger" {
   drift_threshold       = var.drift_threshold
   psi_threshold         = var.psi_threshold
   label_drift_threshold = var.label_drift_threshold
+  feature_thresholds    = var.feature_drift_thresholds
   pipeline_template_uri = var.pipeline_template_uri
   pipeline_root         = local.pipeline_root
   pipeline_sa_email     = module.service_account.email

@@ -58,6 +58,16 @@ variable "psi_threshold" {
   }
 }
 
+variable "feature_drift_thresholds" {
+  description = "Per feature, its own drift thresholds, e.g. { income = { js_distance = 0.2, psi = 0.5 } }; other features use drift_threshold and psi_threshold."
+  type        = map(map(number))
+  default     = {}
+  validation {
+    condition     = alltrue([for own in values(var.feature_drift_thresholds) : length(own) > 0 && alltrue([for k, v in own : contains(["js_distance", "psi"], k) && v >= 0])])
+    error_message = "feature_drift_thresholds maps a feature to js_distance and/or psi, each 0 or more."
+  }
+}
+
 variable "label_drift_threshold" {
   description = "L-infinity distance between the class distribution of the new data and of the training data above which the data counts as drifted."
   type        = number

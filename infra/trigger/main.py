@@ -29,6 +29,8 @@ Settings (environment variables):
                              distribution that counts as drift (default 0.1)
   PSI_THRESHOLD              population stability index that counts as drift (default 0.2)
   LABEL_DRIFT_THRESHOLD      L-infinity distance of the class distribution (default 0.1)
+  FEATURE_THRESHOLDS         per feature, its own thresholds as JSON, e.g.
+                             {"income": {"js_distance": 0.2, "psi": 0.5}} (the rest: the above)
   MAX_ROWS                   rows of a new table read to judge it (default 100000)
   MAX_IMAGES                 image files of a new image folder decoded to judge it, spread
                              evenly over the folder's sorted listing (default 500)
@@ -102,6 +104,27 @@ def parameter_values_from(text: str | None) -> dict[str, Any]:
     return values
 
 
+def feature_thresholds_from(text: str | None) -> dict[str, dict[str, float]]:
+    """FEATURE_THRESHOLDS: per feature, its own JS distance and/or PSI threshold."""
+    if not text or not text.strip():
+        return {}
+    example = '{"income": {"js_distance": 0.2, "psi": 0.5}}'
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RuntimeError(f"FEATURE_THRESHOLDS is not valid JSON ({exc.msg} at character "
+                           f"{exc.pos}); set it to a JSON object such as {example}") from None
+    good = isinstance(values, dict) and all(
+        isinstance(own, dict) and own and set(own) <= {"js_distance", "psi"}
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                for v in own.values())
+        for own in values.values())
+    if not good:
+        raise RuntimeError("FEATURE_THRESHOLDS must map each feature to its js_distance and/or "
+                           f"psi threshold (numbers >= 0), e.g. {example}")
+    return values
+
+
 class AlreadySubmitted(Exception):
     """This object generation's run exists: a redelivered event."""
 
@@ -123,6 +146,7 @@ class Settings:
     drift_threshold: float = 0.1
     psi_threshold: float = 0.2
     label_drift_threshold: float = 0.1
+    feature_thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
     max_rows: int = 100_000
     max_images: int = MAX_IMAGES
     batch_marker: str = "_SUCCESS"
@@ -167,6 +191,7 @@ class Settings:
             drift_threshold=float(env.get("DRIFT_THRESHOLD", "0.1")),
             psi_threshold=float(env.get("PSI_THRESHOLD", "0.2")),
             label_drift_threshold=float(env.get("LABEL_DRIFT_THRESHOLD", "0.1")),
+            feature_thresholds=feature_thresholds_from(env.get("FEATURE_THRESHOLDS")),
             max_rows=int(env.get("MAX_ROWS", "100000")),
             max_images=int(env.get("MAX_IMAGES", str(MAX_IMAGES))),
             batch_marker=env.get("BATCH_MARKER") or "_SUCCESS",
@@ -289,7 +314,8 @@ def _decide(obj: dict[str, str], settings: Settings, uri: str,
         else:
             report = judge(statistics, Thresholds(
                 settings.drift_threshold, settings.psi_threshold,
-                settings.label_drift_threshold, settings.label_column))
+                settings.label_drift_threshold, settings.label_column,
+                settings.feature_thresholds))
             if not report["drifted"]:
                 return {"status": "skipped", "uri": uri, "reason": "no drift", "drift": report}
             reason = "drift: " + ", ".join(

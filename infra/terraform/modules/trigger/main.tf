@@ -15,6 +15,10 @@ variable "parameter_values" { type = any }
 variable "drift_threshold" { type = number }
 variable "psi_threshold" { type = number }
 variable "label_drift_threshold" { type = number }
+variable "feature_thresholds" {
+  type    = map(map(number))
+  default = {}
+}
 variable "pipeline_template_uri" { type = string }
 variable "pipeline_root" { type = string }
 variable "pipeline_sa_email" { type = string }
@@ -118,6 +122,7 @@ resource "google_cloudfunctions2_function" "trigger" {
       DRIFT_THRESHOLD       = tostring(var.drift_threshold)
       PSI_THRESHOLD         = tostring(var.psi_threshold)
       LABEL_DRIFT_THRESHOLD = tostring(var.label_drift_threshold)
+      FEATURE_THRESHOLDS    = jsonencode(var.feature_thresholds)
       PARAMETER_VALUES      = jsonencode(var.parameter_values)
     }
   }
