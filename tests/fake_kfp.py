@@ -11,8 +11,16 @@ client, which deserialises the JSON answered here as it would the server's. It a
   GET  /apis/v2beta1/experiments[/ID]           get_experiment / list_experiments (filter)
   POST /apis/v2beta1/runs                       run_pipeline, create_run_from_pipeline_package
   GET  /apis/v2beta1/runs[/ID]                  list_runs (filter, experiment_id) / get_run
+  POST /apis/v2beta1/runs/ID:terminate          terminate_run (the run becomes CANCELING)
   POST /apis/v2beta1/recurringruns              create_recurring_run
   GET  /apis/v2beta1/recurringruns[/ID]         list_recurring_runs / get_recurring_run
+  POST /apis/v2beta1/recurringruns/ID:disable   disable_recurring_run (status DISABLED)
+  POST /apis/v2beta1/recurringruns/ID:enable    enable_recurring_run (status ENABLED)
+  DELETE /apis/v2beta1/recurringruns/ID         delete_recurring_run
+
+With `multi_user`, as the server of a multi-user cluster: an experiment needs a namespace, and a
+list needs a namespace or an experiment (whose namespace runs and recurring runs belong to).
+With `token`, every call must carry `Authorization: Bearer <token>` (else 401).
 
 A list's `filter` is the JSON Filter message (predicates with key, operation and a value); the
 client sends the operation as a number (get_experiment: 1) or a name ("EQUALS"), as the server's
@@ -46,6 +54,7 @@ class FakeKFP(LocalServer):
     `recurring_runs` hold what was created, by ID."""
 
     multi_user: bool = False
+    token: str | None = None
     requests: list[Request] = field(default_factory=list)
     experiments: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -66,6 +75,8 @@ class FakeKFP(LocalServer):
             collection, _, name = path.strip("/").partition("/")
             if collection == "healthz" and request.method == "GET":
                 return 200, {"multi_user": self.multi_user, "pipeline_store": "database"}
+            if self.token and request.header("Authorization") != f"Bearer {self.token}":
+                return _error(401, "Unauthenticated: no valid bearer token")
             kinds = {"experiments": (self.experiments, "experiment_id", "experiments"),
                      "runs": (self.runs, "run_id", "runs"),
                      "recurringruns": (self.recurring_runs, "recurring_run_id",
@@ -73,20 +84,39 @@ class FakeKFP(LocalServer):
             if collection not in kinds:
                 return _error(404, f"{request.path} is not served by this fake")
             store, id_key, list_key = kinds[collection]
+            name, _, verb = name.partition(":")
             if name:
-                if request.method == "GET" and name in store:
-                    return 200, store[name]
-                return _error(404, f"{collection[:-1]} {name} not found")
+                if name not in store:
+                    return _error(404, f"{collection[:-1]} {name} not found")
+                return self._change(collection, store, name, verb, request.method)
             if request.method == "POST":
                 return self._create(collection, store, id_key, request.body)
             if request.method == "GET":
                 return self._list(store, list_key, request.query)
             return _error(405, f"{request.method} {request.path}")
 
+    def _change(self, collection: str, store: dict[str, dict[str, Any]], name: str, verb: str,
+                method: str) -> tuple[int, dict[str, Any]]:
+        """GET one resource, or what a custom verb or DELETE does to it."""
+        if method == "GET" and not verb:
+            return 200, store[name]
+        if method == "DELETE" and not verb and collection == "recurringruns":
+            del store[name]
+            return 200, {}
+        if method == "POST" and (collection, verb) == ("runs", "terminate"):
+            store[name]["state"] = "CANCELING"
+            return 200, {}
+        if method == "POST" and collection == "recurringruns" and verb in ("enable", "disable"):
+            store[name]["status"] = f"{verb.upper()}D"
+            return 200, {}
+        return _error(405, f"{method} {collection}/{name}{':' + verb if verb else ''}")
+
     def _create(self, collection: str, store: dict[str, dict[str, Any]], id_key: str,
                 body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         if not body.get("display_name"):
             return _error(400, "display_name is required")
+        if collection == "experiments" and self.multi_user and not body.get("namespace"):
+            return _error(400, "in multi-user mode an experiment needs a namespace")
         if collection != "experiments":
             if not (body.get("pipeline_spec") or body.get("pipeline_version_reference")):
                 return _error(400, "a pipeline_spec or a pipeline_version_reference is required")
@@ -112,9 +142,15 @@ class FakeKFP(LocalServer):
     def _list(self, store: dict[str, dict[str, Any]], list_key: str,
               query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
         found = list(store.values())
-        for key in ("experiment_id", "namespace"):
-            if query.get(key) and query[key][0]:
-                found = [r for r in found if r.get(key) == query[key][0]]
+        experiment, namespace = ((query.get(key) or [""])[0] for key in ("experiment_id",
+                                                                          "namespace"))
+        if self.multi_user and not (experiment or namespace):
+            return _error(400, "in multi-user mode, list by namespace or experiment")
+        if experiment:
+            found = [r for r in found if r.get("experiment_id") == experiment]
+        if namespace:  # runs and recurring runs are in their experiment's namespace
+            found = [r for r in found if (r.get("namespace") or self.experiments.get(
+                r.get("experiment_id"), {}).get("namespace")) == namespace]
         if query.get("filter") and query["filter"][0]:
             try:
                 found = [r for r in found if _matches(r, json.loads(query["filter"][0]))]

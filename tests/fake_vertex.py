@@ -49,6 +49,11 @@ class Request:
     body: dict[str, Any]
     headers: dict[str, str]
 
+    def header(self, name: str) -> str | None:
+        """A header's value, its name in any case (as HTTP has it)."""
+        return next((value for key, value in self.headers.items()
+                     if key.lower() == name.lower()), None)
+
 
 class LocalServer:
     """A recording HTTP server on 127.0.0.1 (a `with` block starts and stops it): every request is
