@@ -19,6 +19,7 @@ from torchship.components.deploy.targets.kserve_api import (
     render_inference_service,
 )
 from torchship.components.errors import ServingError, UserInputError
+from torchship.components.triton.versions import version_variant
 
 EXAMPLE = Path(__file__).parents[1] / "infra" / "kserve" / "inferenceservice.yaml"
 STORAGE = "gs://bucket/root/run/deploy/model_repository"
@@ -139,12 +140,28 @@ def test_deploy_to_kserve_builds_the_repository_with_the_serving_search_settings
     write_onnx_dir(tmp_path / "onnx")
     kubeconfig, _ = _dead_kubeconfig(tmp_path)
     repository = tmp_path / "model_repository"
-    settings = {"name": "torchship", "namespace": "models", "kubeconfig": str(kubeconfig),
-                "api_timeout_s": 5}
-    with pytest.raises(ServingError, match="unreachable"):
+    # No name setting: the InferenceService is named after the serving model name.
+    settings = {"namespace": "models", "kubeconfig": str(kubeconfig), "api_timeout_s": 5}
+    with pytest.raises(ServingError, match="unreachable") as failed:
         deploy_to("kserve", tmp_path / "onnx", repository, STORAGE, test_path, settings=settings,
                   serving={"instance_count": 2, "max_queue_delay_us": 2000},
-                  progress=lambda _line: None)
-    config = read_model_config(repository / "fp32" / "config.pbtxt")
-    assert config.platform == "onnxruntime_onnx" and config.instance_group[0].count == 2
+                  model_name="digits-classifier", progress=lambda _line: None)
+    assert "models/digits-classifier" in str(failed.value)
+    # The Triton model inside is that name too, whichever variant; its version says which.
+    assert [p.name for p in repository.iterdir()] == ["digits-classifier"]
+    config = read_model_config(repository / "digits-classifier" / "config.pbtxt")
+    assert config.name == "digits-classifier" and config.platform == "onnxruntime_onnx"
+    assert config.instance_group[0].count == 2
     assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert version_variant(repository / "digits-classifier", 1) == "fp32"
+
+
+def test_a_serving_model_name_kserve_would_refuse_is_refused_up_front():
+    from torchship.components.deploy.stage import check_serving_model_name
+
+    with pytest.raises(UserInputError, match=r"^parameter serving_model_name='Digits_v2' also "
+                       r"names the kserve target's name, .* or give deploy_settings name$"):
+        check_serving_model_name("Digits_v2", "kserve", {"namespace": "models"})
+    # With its own InferenceService name, any Triton model name will do.
+    check_serving_model_name("Digits_v2", "kserve", {"namespace": "models", "name": "digits"})
+    check_serving_model_name("Digits_v2", "local")

@@ -2,9 +2,9 @@
 folder (pipeline parameter `reference_uri`, by default `<pipeline root>/torchship-reference/
 <pipeline>/<deploy target>/`), the training statistics of the data it was trained on
 (`statistics.json`, read by the trigger to judge drift) and the serving record (`serving.json`:
-which model, version, accuracy, p99). Each file is written whole (a local file by rename; an
-object store writes whole objects); the statistics go first, so a serving record never names
-statistics that are not there."""
+which model name, version and variant, accuracy, p99). Each file is written whole (a local
+file by rename; an object store writes whole objects); the statistics go first, so a serving
+record never names statistics that are not there."""
 
 from __future__ import annotations
 
@@ -30,16 +30,19 @@ def _join(folder: str, name: str) -> str:
 
 def keep_reference(uri: str, statistics_path: str, gate_record_path: str, target: str,
                    deployed: dict[str, Any]) -> dict[str, Any]:
-    """Write the reference of the model just deployed; return the serving record."""
+    """Write the reference of the model just deployed; return the serving record: `model` is the
+    served name (the same across retrains), `variant` the gate's choice it now serves."""
     statistics = read_json(statistics_path)
     gate = read_json(gate_record_path)
     chosen = gate["variant"]
     row = next(entry for entry in gate["choice"]["table"] if entry["name"] == chosen)
     p99 = next((check["value"] for check in gate["checks"]
                 if check["name"] == "p99 latency" and check.get("variant") == chosen), None)
+    model = deployed.get("serving_model_name") or chosen
+    versions = deployed.get("versions") or {}
     record = {
-        "pipeline": PIPELINE, "target": target, "model": chosen,
-        "version": (deployed.get("versions") or {}).get(chosen),
+        "pipeline": PIPELINE, "target": target, "model": model, "variant": chosen,
+        "version": versions.get(model, deployed.get("model_version")),
         "deployed": deployed.get("summary", {}),
         "test_accuracy": row.get("onnx_test_accuracy", row.get("test_accuracy")),
         "p99_ms": p99, "target_concurrency": gate["settings"].get("target_concurrency"),

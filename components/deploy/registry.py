@@ -26,6 +26,9 @@ class DeployRequest:
     settings: dict[str, Any]  # the target's own settings (pipeline parameter deploy_settings)
     serving: ServingSettings  # Triton's settings: the serving search's, with settings' overrides
     progress: Callable[[str], None]
+    # The stable name clients use whichever variant serves (pipeline parameter
+    # serving_model_name): the Triton model's name, and the default of a target's own name.
+    model_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,13 @@ class DeployTarget:
     required_settings: tuple[str, ...] = ()
     # Keyword arguments of `settings_of` that the stage fills in, which are not settings.
     filled_by_stage: tuple[str, ...] = ("repository_dir", "test_path", "onnx_dir", "serving",
-                                        "progress")
+                                        "progress", "model_name")
+    # The setting naming what the target deploys (a Vertex AI model, an InferenceService), which
+    # defaults to the serving model name; "" for none.
+    name_setting: str = ""
+    # The name_setting's rule, when the target's own name can be the serving model name:
+    # whether a name passes, and the fix to say when it does not.
+    name_rule: tuple[Callable[[str], bool], str] | None = None
     description: str = ""
 
 
@@ -65,14 +74,15 @@ def remote_deploy(deploy: Callable[..., dict], uri_setting: str,
                   summary_keys: tuple[str, ...]) -> Callable[[DeployRequest], dict]:
     """The `DeployTarget.deploy` of a target that builds its repository from the chosen model and
     serves it from a URI: `deploy(repository_dir, test_path, onnx_dir=..., <uri_setting>=...,
-    serving=..., progress=..., **settings)`, the artifact's URI unless the settings give
-    `uri_setting`; the result's `summary_keys` are its summary."""
+    serving=..., progress=..., model_name=..., **settings)`, the artifact's URI unless the
+    settings give `uri_setting`; the result's `summary_keys` are its summary."""
 
     def run(request: DeployRequest) -> dict:
         settings = dict(request.settings)
         uri = settings.pop(uri_setting, request.repository_uri)
         result = deploy(request.repository_dir, request.test_path, onnx_dir=request.onnx_dir,
                         serving=request.serving, progress=request.progress,
+                        model_name=request.model_name or None,
                         **{uri_setting: uri}, **settings)
         result["summary"] = {key: result[key] for key in summary_keys}
         return result

@@ -5,6 +5,7 @@ Layout (what ``tritonserver`` loads)::
     <repository>/<model>/config.pbtxt        # ModelConfig in text format; its version_policy
                                              # lists the versions that are served
     <repository>/<model>/<version>/model.onnx (+ model.py for the local Python backend)
+    <repository>/<model>/<version>/torchship-version.json  # {"variant": ...}: what it holds
     <repository>/<model>/warmup/<file>       # a real sample row, fed to the model when it loads
     <repository>/.torchship-deploy.lock      # flock'ed by whoever adds a version
 
@@ -46,11 +47,16 @@ from torchship.components.triton.config import (
     read_model_config,
     write_config,
 )
-from torchship.components.triton.versions import served_versions, version_dirs
+from torchship.components.triton.versions import (
+    served_versions,
+    version_dirs,
+    write_version_record,
+)
 
 __all__ = [
     "WARMUP_DIR",
     "build_model_repository",
+    "is_model_name",
     "onnx_variants",
     "validate_model_repository",
     "write_model",
@@ -59,7 +65,12 @@ __all__ = [
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("python_model.py")
 WARMUP_DIR = "warmup"
 
-_MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def is_model_name(name: str) -> bool:
+    """Whether Triton can load and address a model of this name (a folder, a URL segment)."""
+    return isinstance(name, str) and bool(_MODEL_NAME.fullmatch(name))
 
 
 # -- writing a model ------------------------------------------------------------------------------
@@ -115,20 +126,23 @@ def write_model(
     versions: list[int],
     sample: dict[str, np.ndarray] | None = None,
     serving: ServingSettings | None = None,
+    variant: str | None = None,
 ) -> tuple[dict, object]:
     """Write ``<model_dir>/config.pbtxt``, ``warmup/`` and ``<version>/`` for ``source`` (an ONNX
-    file), served with ``serving`` (default: ``ServingSettings()``). ``model_dir`` is expected to
-    be a staging directory nobody serves yet. Returns the plain description (with ``version``
-    and ``versions``) and the ``ModelConfig``."""
+    file), served with ``serving`` (default: ``ServingSettings()``); the version folder records
+    ``variant`` (default: the source's folder name). ``model_dir`` is expected to be a staging
+    directory nobody serves yet. Returns the plain description (with ``version``, ``versions``
+    and ``variant``) and the ``ModelConfig``."""
     serving = serving or ServingSettings()
     if backend == "python" and not PYTHON_MODEL_SOURCE.is_file():
         raise ServingError(f"the Python-backend model source {PYTHON_MODEL_SOURCE} is missing")
     name = model_dir.name
-    if not _MODEL_NAME.fullmatch(name):
+    if not is_model_name(name):
         raise UserInputError(
-            f"onnx_dir: '{name}' is not a usable Triton model name; name the variant directory "
-            "with letters, digits, '_', '-' or '.' (not starting with '.')"
+            f"onnx_dir: '{name}' is not a usable Triton model name; name the model with up to "
+            "128 letters, digits, '_', '-' or '.' (not starting with '.' or '-')"
         )
+    variant = variant or source.parent.name
     inputs, outputs, external = onnx_io(source)
     warmup = _warmup_sample(inputs, sample, serving.max_batch_size, name)
     warmup_files = {k: _warmup_filename(k) for k in warmup}
@@ -143,11 +157,13 @@ def write_model(
         shutil.copy2(source.parent / location, target_file)
     if backend == "python":
         shutil.copy2(PYTHON_MODEL_SOURCE, version_dir / "model.py")
+    write_version_record(version_dir, variant)
     for input_name, data in warmup.items():
         write_bytes(model_dir / WARMUP_DIR / warmup_files[input_name], data)
     write_config(config, model_dir / "config.pbtxt")
     description = describe_config(config, backend)
-    description.update({"version": int(version), "versions": sorted(versions)})
+    description.update({"version": int(version), "versions": sorted(versions),
+                        "variant": variant})
     return description, config
 
 
@@ -171,8 +187,11 @@ def build_model_repository(
     *,
     warmup_path: str | os.PathLike | None = None,
     version: int = 1,
+    model_name: str | None = None,
 ) -> list[dict]:
-    """Write a fresh Triton model repository for every ``onnx_dir/<variant>/model.onnx``.
+    """Write a fresh Triton model repository for every ``onnx_dir/<variant>/model.onnx``, each
+    model named after its variant, or, with ``model_name``, the one variant of ``onnx_dir`` (the
+    gate's chosen model) served as ``model_name`` (its version folder records the variant).
 
     Each model gets ``config.pbtxt`` (a ``ModelConfig`` proto in text format, with ``serving``'s
     batching and instances), ``<version>/model.onnx`` (plus ``model.py`` for the python
@@ -180,16 +199,22 @@ def build_model_repository(
     ``warmup/``. The repository is built in a staging directory beside ``repository_dir``,
     validated, and renamed into place, replacing a previous one. Returns one dict per model:
     ``name``, ``inputs``, ``outputs`` (each ``name``, ``data_type``, ``dims``),
-    ``max_batch_size``, ``backend``, ``version``, ``versions``.
+    ``max_batch_size``, ``backend``, ``version``, ``versions``, ``variant``.
     """
     check_backend(backend)
     variants = onnx_variants(Path(onnx_dir))
+    names = [model_name or variant.name for variant in variants]
+    if model_name and len(variants) > 1:
+        raise UserInputError(
+            f"onnx_dir: {onnx_dir} holds {len(variants)} variants, but one model name "
+            f"'{model_name}' serves one; pass the gate's chosen model (one <variant>/model.onnx)"
+        )
     sample = load_inputs(warmup_path, "warmup_path", 1) if warmup_path is not None else None
     with staged_dir(repository_dir) as staging:
         models = [
-            write_model(variant / MODEL_ONNX, staging / variant.name, version, backend=backend,
+            write_model(variant / MODEL_ONNX, staging / name, version, backend=backend,
                         versions=[version], sample=sample, serving=serving)[0]
-            for variant in variants
+            for variant, name in zip(variants, names)
         ]
         validate_model_repository(staging, backend=backend)
     return models

@@ -17,6 +17,7 @@ from pathlib import Path
 from torchship.components.errors import ServingError, UserInputError
 from torchship.components.triton.repository import validate_model_repository
 from torchship.components.triton.server import TritonServer
+from torchship.components.triton.versions import version_variant
 
 __all__ = ["serve"]
 
@@ -78,7 +79,8 @@ def serve(
         try:
             server.start()
             state["starting"] = False
-            served = ", ".join(f"{m['name']} (versions {m['versions']})" for m in models)
+            served = ", ".join(f"{m['name']} ({_versions(Path(repository) / m['name'], m)})"
+                               for m in models)
             say(f"serving {served} from {server.repository}")
             say(f"  HTTP http://{server.http_url}  gRPC {server.grpc_url}  (Ctrl-C to stop)")
             if on_ready is not None:
@@ -101,3 +103,11 @@ def serve(
             signal.signal(sig, handler)
     say(f"stopped ({signal.Signals(state['signal']).name})")
     return int(state["signal"])
+
+
+def _versions(model_dir: Path, model: dict) -> str:
+    """A model's served versions and the variant each holds: "versions 1 (fp32), 2 (int8)";
+    a request without a version gets the last."""
+    return "versions " + ", ".join(
+        f"{v} ({version_variant(model_dir, v) or 'variant not recorded'})"
+        for v in model["versions"])

@@ -16,12 +16,16 @@ from torchship.components.contracts import MODEL_ONNX
 from torchship.components.errors import ServingError
 from torchship.components.files import read_json, write_json
 
-__all__ = ["LOCK_NAME", "SERVING_RECORD", "ServingModel", "repository_lock", "served_versions",
-           "serving_model", "version_dirs", "write_serving_record"]
+__all__ = ["LOCK_NAME", "SERVING_RECORD", "VERSION_RECORD", "ServingModel", "repository_lock",
+           "served_versions", "serving_model", "version_dirs", "version_variant",
+           "write_serving_record", "write_version_record"]
 
 LOCK_NAME = ".torchship-deploy.lock"
 # Which model the last deploy promoted, at the repository's top (Triton loads folders only).
 SERVING_RECORD = "torchship-serving.json"
+# In each version folder: which compressed variant that version is. The model's name stays the
+# same across retrains (pipeline parameter serving_model_name), so the variant is per version.
+VERSION_RECORD = "torchship-version.json"
 
 
 @dataclass(frozen=True)
@@ -31,18 +35,32 @@ class ServingModel:
     repository: Path
     name: str
     version: int
+    variant: str | None = None
 
     @property
     def onnx_path(self) -> Path:
         return self.repository / self.name / str(self.version) / MODEL_ONNX
 
     def __str__(self) -> str:
-        return f"'{self.name}' version {self.version} in {self.repository}"
+        variant = f" ({self.variant})" if self.variant else ""
+        return f"'{self.name}' version {self.version}{variant} in {self.repository}"
 
 
-def write_serving_record(repository: Path, name: str, version: int) -> None:
-    """Say (atomically) which model version the deploy just promoted."""
-    write_json({"model": name, "version": int(version)}, Path(repository) / SERVING_RECORD)
+def write_serving_record(repository: Path, name: str, version: int,
+                         variant: str | None = None) -> None:
+    """Say (atomically) which model version the deploy just promoted, and its variant."""
+    write_json({"model": name, "version": int(version), "variant": variant},
+               Path(repository) / SERVING_RECORD)
+
+
+def write_version_record(version_dir: Path, variant: str) -> None:
+    """Record in a version folder which variant it holds (Triton ignores the file)."""
+    write_json({"variant": variant}, Path(version_dir) / VERSION_RECORD)
+
+
+def version_variant(model_dir: Path, version: int) -> str | None:
+    """The variant a version folder holds; None for one written before versions said so."""
+    return (read_json(Path(model_dir) / str(version) / VERSION_RECORD) or {}).get("variant")
 
 
 def serving_model(repository: str | os.PathLike) -> ServingModel | None:
@@ -61,7 +79,8 @@ def serving_model(repository: str | os.PathLike) -> ServingModel | None:
         model_dir = config_path.parent
         versions = served_versions(read_model_config(config_path), version_dirs(model_dir))
         if versions and (model_dir / str(versions[-1]) / MODEL_ONNX).is_file():
-            return ServingModel(repository, model_dir.name, versions[-1])
+            return ServingModel(repository, model_dir.name, versions[-1],
+                                version_variant(model_dir, versions[-1]))
     return None
 
 

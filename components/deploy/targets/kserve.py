@@ -27,6 +27,7 @@ from torchship.components.deploy.targets.kserve_api import (
     delete_inference_service,
     get_inference_service,
     inference_service_yaml,
+    is_service_name,
     ready,
     render_inference_service,
     revision_url,
@@ -60,6 +61,7 @@ def deploy_kserve(
     context: str | None = None,
     onnx_dir: str | os.PathLike | None = None,
     serving: ServingSettings | None = None,
+    model_name: str | None = None,
     manifest_path: str | os.PathLike | None = None,
     smoke_url: str | None = None,
     ready_timeout_s: float = 900.0,
@@ -70,7 +72,8 @@ def deploy_kserve(
     progress: Callable[[str], None] | None = print,
 ) -> dict:
     """Roll the repository at ``storage_uri`` (a local copy at ``repository_dir``, built from
-    ``onnx_dir`` when given, with ``serving``'s batching and instances in its model config) out
+    ``onnx_dir`` when given, with ``serving``'s batching and instances in its model config, the
+    model named ``model_name`` when given, else after its variant) out
     as an ``InferenceService``: a canary of
     ``canary_percent`` when the service exists, else a new service; wait until ready, smoke-test
     the new revision, then promote it (``promote``) or leave the canary; on failure roll back (see
@@ -83,7 +86,7 @@ def deploy_kserve(
         serving = (serving or ServingSettings()).with_values(
             {"instance_kind": "KIND_GPU" if gpu else "KIND_CPU"})
         build_model_repository(onnx_dir, repository_dir, "onnxruntime", serving,
-                               warmup_path=test_path)
+                               warmup_path=test_path, model_name=model_name)
     models = validate_model_repository(repository_dir, backend="onnxruntime")
     x_all = load_samples(test_path, n_samples)
     kube = {"kubeconfig": kubeconfig, "context": context, "timeout_s": api_timeout_s}
@@ -154,7 +157,9 @@ def deploy_kserve(
 TARGET = register(DeployTarget(
     name="kserve", settings_of=deploy_kserve,
     deploy=remote_deploy(deploy_kserve, "storage_uri", ("name", "url", "promoted")),
-    required_settings=("name", "namespace"),
+    required_settings=("namespace",), name_setting="name",
+    name_rule=(is_service_name,
+               "at most 63 lower-case letters, digits and '-', starting with a letter"),
     description="a KServe InferenceService (kserve-tritonserver runtime) rolled out as a canary, "
                 "smoke-tested, then promoted or rolled back",
 ))

@@ -19,6 +19,7 @@ __all__ = [
     "example_inference_service",
     "get_inference_service",
     "inference_service_yaml",
+    "is_service_name",
     "ready",
     "render_inference_service",
     "revision_url",
@@ -34,6 +35,11 @@ STORAGE_SCHEMES = ("gs", "s3", "pvc", "http", "https", "hdfs", "webhdfs", "oci")
 _DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?")
+
+
+def is_service_name(name: str) -> bool:
+    """Whether Kubernetes takes `name` as an InferenceService's name (a DNS-1035 label)."""
+    return len(name) <= 63 and bool(_DNS_1035.fullmatch(name))
 
 
 def render_inference_service(
@@ -57,7 +63,7 @@ def render_inference_service(
     new revision also answers at its own ``latest-`` URL for the smoke test. Raises
     ``UserInputError`` naming the field that KServe or Kubernetes would reject.
     """
-    if not (len(name) <= 63 and _DNS_1035.fullmatch(name)):
+    if not is_service_name(name):
         raise UserInputError(
             f"name: '{name}' is not a valid InferenceService name; use at most 63 lower-case "
             "letters, digits and '-', starting with a letter"

@@ -5,7 +5,10 @@ The repository layout and validation live in ``triton.repository``, configs in `
 versions and the lock in ``triton.versions``; the checks in ``deploy.smoke``.
 
 ``deploy_local`` adds the next version of every model to a repository (a persistent one, when
-given, else the stage's artifact directory), never overwriting one:
+given, else the stage's artifact directory), never overwriting one. With ``model_name`` (the
+pipeline's ``serving_model_name``) the one chosen variant becomes the next version of that model,
+whichever variant it is, so clients keep one name across retrains; the version folder
+(``torchship-version.json``) and the repository's serving record say which variant it is:
 
 1. under the repository lock, each new version is written to a staging directory beside the
    repository (config listing only that version, ``model.onnx``, ``model.py``, a warmup sample)
@@ -15,7 +18,9 @@ given, else the stage's artifact directory), never overwriting one:
    Runtime on held-out rows;
 3. only then is each version directory renamed into the repository and the model's
    ``config.pbtxt`` rewritten (temporary name, rename) with a ``version_policy`` listing the last
-   ``keep_versions`` versions, the new one included.
+   ``keep_versions`` versions, the new one included. Triton answers a request that names no
+   version with the highest version loaded, so the new one; the one before stays loaded for an
+   instant rollback (``/versions/<previous>``, or a config listing it last).
 
 Any failure before step 3 changes nothing in the repository: the versions served before stay the
 ones served, and the stage raises with the reason. A deploy killed half-way leaves at most a staging
@@ -66,6 +71,7 @@ def deploy_local(
     atol: float = 1e-4,
     *,
     persistent_repository: str | os.PathLike | None = None,
+    model_name: str | None = None,
     keep_versions: int = 2,
     serving: ServingSettings | None = None,
     startup_timeout_s: float = 120.0,
@@ -78,6 +84,8 @@ def deploy_local(
 
     The repository that gains the version is ``persistent_repository`` when given (it outlives the
     run; ``torchship serve`` serves it), else ``repository_dir``. With ``persistent_repository``,
+    ``model_name``: serve the one variant of ``onnx_dir`` under that name (see the module
+    docstring); without it each variant is a model of its own name.
     ``repository_dir`` (the stage's artifact) receives a copy of what was deployed: each model's
     config listing only its new version, that version and the warmup sample, so the benchmark
     stage measures exactly the new version. The smoke test sends ``n_samples`` held-out rows of
@@ -85,9 +93,10 @@ def deploy_local(
     ONNX Runtime within ``atol``.
 
     Raises ``ServingError`` (or ``UserInputError`` for bad inputs) with the reason; the repository
-    is then as before. Returns ``{"models": {name: {"version", "served_versions",
+    is then as before. Returns ``{"models": {name: {"version", "variant", "served_versions",
     "previous_versions", "max_abs_diff_grpc", "max_abs_diff_http", "ready", "n_samples", ...}},
-    "versions": {name: version}, "repository", "artifact_repository", "target", "n_samples",
+    "versions": {name: version}, "variants": {name: variant}, "repository",
+    "artifact_repository", "target", "n_samples",
     "atol", "server_startup_s", "passed"}``.
     """
     if int(keep_versions) < 1:
@@ -96,6 +105,10 @@ def deploy_local(
     served = Path(persistent_repository) if persistent_repository else artifact
     x_all = load_samples(test_path, n_samples)
     variants = onnx_variants(Path(onnx_dir))
+    if model_name and len(variants) > 1:
+        raise UserInputError(
+            f"onnx_dir: {onnx_dir} holds {len(variants)} variants, but model '{model_name}' "
+            "serves one; pass the gate's chosen model (one <variant>/model.onnx)")
     serving = serving or ServingSettings()
     say = progress or (lambda _message: None)
 
@@ -107,7 +120,8 @@ def deploy_local(
         try:
             try:
                 for variant in variants:
-                    plans.append(_stage_version(variant, served, staging, x_all, serving))
+                    plans.append(_stage_version(variant, model_name or variant.name, served,
+                                                staging, x_all, serving))
                 validate_model_repository(staging, backend="python")
                 with TritonServer(staging, startup_timeout_s=startup_timeout_s) as server:
                     smoke = smoke_test_server(
@@ -122,17 +136,19 @@ def deploy_local(
                     )
                     startup_s = server.startup_s
             except (ServingError, UserInputError) as exc:
-                raise _not_promoted(exc, served, [v.name for v in variants]) from exc
+                raise _not_promoted(exc, served, [p["name"] for p in plans]
+                                    or [model_name or v.name for v in variants]) from exc
             for plan in plans:
                 _promote(plan, served, staging, int(keep_versions))
                 say(
-                    f"{plan['name']}: version {plan['version']} promoted in {served} "
-                    f"(serving versions {plan['served_versions']})"
+                    f"{plan['name']}: version {plan['version']} ({plan['variant']}) promoted in "
+                    f"{served} (serving versions {plan['served_versions']})"
                 )
             validate_model_repository(
                 served, backend="python", models=[p["name"] for p in plans], load_onnx=False
             )
-            write_serving_record(served, plans[-1]["name"], plans[-1]["version"])
+            write_serving_record(served, plans[-1]["name"], plans[-1]["version"],
+                                 plans[-1]["variant"])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if artifact.resolve() != served.resolve():
@@ -142,6 +158,7 @@ def deploy_local(
         plan["name"]: {
             **smoke[plan["name"]],
             "version": plan["version"],
+            "variant": plan["variant"],
             "served_versions": plan["served_versions"],
             "previous_versions": plan["previous_versions"],
         }
@@ -150,6 +167,7 @@ def deploy_local(
     return {
         "models": results,
         "versions": {plan["name"]: plan["version"] for plan in plans},
+        "variants": {plan["name"]: plan["variant"] for plan in plans},
         "repository": str(served),
         "artifact_repository": str(artifact),
         "target": "local",
@@ -161,10 +179,10 @@ def deploy_local(
 
 
 def _stage_version(
-    variant: Path, repository: Path, staging: Path, x_all, serving: ServingSettings
+    variant: Path, name: str, repository: Path, staging: Path, x_all, serving: ServingSettings
 ) -> dict:
-    """Write the next version of ``variant`` into ``staging/<name>/``; plan its promotion."""
-    name = variant.name
+    """Write ``variant`` as the next version of model ``name`` into ``staging/<name>/``; plan its
+    promotion."""
     model_dir = repository / name
     existing = None
     if (model_dir / "config.pbtxt").is_file():
@@ -179,7 +197,7 @@ def _stage_version(
     previous = served_versions(existing, available) if existing is not None else []
     model, config = write_model(
         variant / MODEL_ONNX, staging / name, version, backend="python", versions=[version],
-        sample=x_all, serving=serving,
+        sample=x_all, serving=serving, variant=variant.name,
     )
     if existing is not None:
         _check_compatible(existing, config, model_dir)
@@ -187,6 +205,7 @@ def _stage_version(
     return {
         "name": name,
         "version": version,
+        "variant": variant.name,
         "previous_versions": previous,
         "config": config,
         "model": model,
@@ -201,7 +220,7 @@ def _check_compatible(existing, new, model_dir: Path) -> None:
             raise UserInputError(
                 f"onnx_dir: model '{new.name}' has {key} {fresh[key]}, but {model_dir} serves "
                 f"{old[key]}; versions of one model must agree, so deploy to a new repository or "
-                "under a new variant name"
+                "under another serving_model_name"
             )
 
 
@@ -264,8 +283,10 @@ def _export_versions(repository: Path, versions: dict[str, int], destination: Pa
 def _deploy(request: DeployRequest) -> dict:
     result = deploy_local(request.onnx_dir, request.repository_dir, request.test_path,
                           persistent_repository=request.local_repository or None,
+                          model_name=request.model_name or None,
                           serving=request.serving, progress=request.progress)
-    result["summary"] = {"versions": result.get("versions", {})}
+    result["summary"] = {"versions": result.get("versions", {}),
+                         "variants": result.get("variants", {})}
     return result
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,7 @@ from torchship.components.triton.repository import (
     build_model_repository,
     validate_model_repository,
 )
+from torchship.components.triton.versions import version_variant
 
 __all__ = ["DEPLOYED_MODEL_HEADER", "TRITON_REDIRECT_HEADER", "deploy_vertex", "gcs_uri"]
 
@@ -90,6 +92,7 @@ def deploy_vertex(
     repository_uri: str | None = None,
     onnx_dir: str | os.PathLike | None = None,
     serving: ServingSettings | None = None,
+    model_name: str | None = None,
     parent_model: str | None = None,
     labels: dict[str, str] | None = None,
     n_samples: int = 32,
@@ -141,10 +144,14 @@ def deploy_vertex(
         serving = (serving or ServingSettings()).with_values(
             {"instance_kind": "KIND_GPU" if accelerator_type else "KIND_CPU"})
         build_model_repository(onnx_dir, repository_dir, "onnxruntime", serving,
-                               warmup_path=test_path)
+                               warmup_path=test_path, model_name=model_name)
     models = validate_model_repository(repository_dir, backend="onnxruntime")
     x_all = load_samples(test_path, n_samples)
     where = {"project": project, "location": location}
+    # The Model Registry version says which variant it is (a label value: [a-z0-9_-], 63 long).
+    variant = version_variant(Path(repository_dir) / models[0]["name"], models[0]["version"])
+    if variant:
+        labels = {"variant": re.sub(r"[^a-z0-9_-]", "-", variant.lower())[:63], **(labels or {})}
 
     parent = parent_model or _find_parent(aiplatform, model_display_name, where)
     model = aiplatform.Model.upload(
@@ -363,7 +370,8 @@ TARGET = register(DeployTarget(
     name="vertex", settings_of=deploy_vertex,
     deploy=remote_deploy(deploy_vertex, "repository_uri",
                          ("endpoint", "deployed_model_id", "promoted")),
-    required_settings=("project", "location", "model_display_name", "serving_image_uri"),
+    required_settings=("project", "location", "serving_image_uri"),
+    name_setting="model_display_name",
     description="a new Model Registry version on a Vertex AI Endpoint (Triton serving image), "
                 "as a canary that is smoke-tested and rolled back on failure",
 ))
