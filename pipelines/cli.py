@@ -11,7 +11,7 @@ from torchship.components.benchmark.method import DEFAULT_CONCURRENCY
 from torchship.components.benchmark.method import default as measurement_default
 from torchship.components.data.runners import PIPELINE_PARAMETERS as RUNNER_PARAMETERS
 from torchship.components.deploy.reference import default_reference_uri
-from torchship.components.deploy.stage import DEFAULT_TARGET
+from torchship.components.deploy.stage import DEFAULT_SERVING_NAME, DEFAULT_TARGET
 from torchship.components.errors import ParityError, ServingError, UserInputError
 from torchship.pipelines.arguments import concurrency_levels, fail, key_values
 from torchship.pipelines.cli_cloud import data_runner_options, publish, schedule, submit
@@ -45,6 +45,7 @@ RUN_PARAMETERS = {
     "baseline": "baseline_uri",
     "previous_results": "previous_results_uri",
     "local_repository": "local_repository",
+    "serving_model_name": "serving_model_name",
     **{name: name for name in RUNNER_PARAMETERS},  # --data-runner, --dataflow-region, ...
 }
 
@@ -120,6 +121,9 @@ def compile(output: str, image: str | None, platform: str | None,
 @click.option("--local-repository",
               help="Persistent Triton repository the deploy adds a version to "
                    "[default: PIPELINE_ROOT/model_repository].")
+@click.option("--serving-model-name",
+              help="The model name clients call, whichever variant a run deploys; each run adds "
+                   "a version under it [default: torchship].")
 @data_runner_options
 @click.option("--param", "-p", "params", multiple=True,
               help="Any pipeline parameter NAME=VALUE (JSON values typed), repeatable.")
@@ -188,22 +192,25 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
 
 
 def _deployed_line(variant: str, arguments: dict[str, Any], defaults: dict[str, Any]) -> str:
-    """What was deployed; for the local target, which version of which repository, with which
-    serving settings, and how to serve it."""
+    """What was deployed under which model name; for the local target, which version of which
+    repository, with which serving settings, and how to serve it."""
     from torchship.components.triton.config import read_model_config
     from torchship.components.triton.versions import served_versions, version_dirs
 
     target = arguments.get("deploy_target", defaults.get("deploy_target", "local"))
+    name = arguments.get("serving_model_name",
+                         defaults.get("serving_model_name", DEFAULT_SERVING_NAME))
     if target != "local":
-        return f"deployed: {variant} ({target})"
+        return f"deployed: {variant} as model '{name}' ({target})"
     repository = Path(arguments["local_repository"])
-    model_dir = repository / variant
+    model_dir = repository / name
     config = read_model_config(model_dir / "config.pbtxt")
     version = served_versions(config, version_dirs(model_dir))[-1]
     instances = sum(group.count for group in config.instance_group)
     delay = config.dynamic_batching.max_queue_delay_microseconds
-    return (f"deployed: {variant} as version {version} of {repository} ({instances} "
-            f"instance{'s' if instances != 1 else ''}, dynamic batching delay {delay} us); "
+    return (f"deployed: {variant} as version {version} of model '{name}' in {repository} "
+            f"({instances} instance{'s' if instances != 1 else ''}, dynamic batching delay "
+            f"{delay} us); "
             f"serve it with: torchship serve {repository}")
 
 

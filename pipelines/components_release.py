@@ -129,11 +129,13 @@ def deploy(
     local_repository: str,
     settings: dict,
     reference_uri: str,
+    serving_model_name: str,
     model_repository: Output[Artifact],
 ):
-    """Deploy the chosen model with the serving search's settings: a new version on Triton
-    (local), a Vertex AI Endpoint or KServe, smoke-tested against ONNX Runtime; on failure the
-    serving version stays as it was. Then keep the retraining reference at `reference_uri`."""
+    """Deploy the chosen model with the serving search's settings as a new version of
+    `serving_model_name` (whichever variant it is) on Triton (local), a Vertex AI Endpoint or
+    KServe, smoke-tested against ONNX Runtime; on failure the serving version stays as it was.
+    Then keep the retraining reference at `reference_uri`."""
     import json
 
     from torchship.components.deploy.stage import deploy_to
@@ -143,11 +145,14 @@ def deploy(
         serving = json.load(handle)["settings"]
     result = deploy_to(target, chosen_model.path, model_repository.path, model_repository.uri,
                        test.path, local_repository=local_repository, settings=settings,
-                       serving=serving, progress=report)
+                       serving=serving, model_name=serving_model_name, progress=report)
     model_repository.metadata.update({"target": target, "serving": serving,
+                                      "model_name": serving_model_name,
+                                      "variant": result["variant"],
                                       **result.get("summary", {})})
     if reference_uri:
         from torchship.components.deploy.reference import keep_reference
 
         kept = keep_reference(reference_uri, statistics.path, gate_record.path, target, result)
-        report(f"reference: {kept['model']} and its training statistics kept in {reference_uri}")
+        report(f"reference: {kept['model']} version {kept['version']} ({kept['variant']}) and "
+               f"its training statistics kept in {reference_uri}")

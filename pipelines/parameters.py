@@ -18,7 +18,12 @@ from torchship.components.data.stage import (
     KEEP_IMAGE_SIZE,
 )
 from torchship.components.data.text import DEFAULT_MAX_LENGTH
-from torchship.components.deploy.stage import DEFAULT_TARGET, check_deploy_settings
+from torchship.components.deploy.stage import (
+    DEFAULT_SERVING_NAME,
+    DEFAULT_TARGET,
+    check_deploy_settings,
+    check_serving_model_name,
+)
 from torchship.components.errors import UserInputError
 from torchship.components.gate.checks import ACCURACY_FLOOR, MAX_ACCURACY_DROP_PT
 from torchship.components.gate.choice import OPTIMISE, optimise_metric
@@ -94,6 +99,9 @@ PARAMETERS: Parameters = (
     # Where a deploying run keeps the retraining reference (components/deploy/reference.py);
     # `torchship run` and `submit` fill in <pipeline root>/torchship-reference/torchship/<target>/.
     ("reference_uri", str, ""),
+    # The one name clients call whichever variant a run deploys (the Triton model, and the default
+    # Vertex AI model display name and InferenceService name); versions accumulate under it.
+    ("serving_model_name", str, DEFAULT_SERVING_NAME),
 )
 # The vertex platform scales training out over replicas (one process each by default), sized by
 # the parameters it adds.
@@ -139,6 +147,10 @@ def check_parameters(arguments: dict[str, Any], defaults: dict[str, Any] | None 
             refuse("deploy_settings", "is not a JSON object",
                    "pass e.g. -p deploy_settings='{\"project\": \"my-project\"}'")
         check_deploy_settings(values.get("deploy_target", DEFAULT_TARGET), settings)
+    if "serving_model_name" in values:
+        check_serving_model_name(values["serving_model_name"],
+                                 values.get("deploy_target", DEFAULT_TARGET),
+                                 values.get("deploy_settings") or {})
     if "target_concurrency" in values and "benchmark_concurrency" in values:
         levels = [int(level) for level in values["benchmark_concurrency"]]
         if int(values["target_concurrency"]) not in levels:

@@ -85,6 +85,7 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
             gate_record=decided.outputs["record"],
             target=params["deploy_target"], local_repository=params["local_repository"],
             settings=params["deploy_settings"], reference_uri=params["reference_uri"],
+            serving_model_name=params["serving_model_name"],
         )
     return Outputs(summary=measured.outputs["summary"], results=measured.outputs["results"],
                    gate_record=decided.outputs["record"], report=decided.outputs["report_html"])

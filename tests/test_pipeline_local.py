@@ -51,21 +51,25 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
                    for line in done.stdout.splitlines() if line.strip())
     assert rows["int8"]["onnx_size_bytes"] < rows["fp32"]["onnx_size_bytes"] / 2
 
-    # One record decided, and the variant it chose is what was deployed, as version 1.
+    # One record decided, and the variant it chose is what was deployed, as version 1 of the
+    # serving name (the default, torchship), the version saying which variant it is.
     gate = json.loads(paths["gate"].read_text())
     assert gate["passed"] and gate["variant"] in rows
     [deployed] = [line for line in done.stdout.splitlines() if line.startswith("deployed: ")]
     persistent_repo = tmp_path / "runs" / "model_repository"
-    assert deployed.startswith(f"deployed: {gate['variant']} as version 1 of {persistent_repo} (")
+    assert deployed.startswith(
+        f"deployed: {gate['variant']} as version 1 of model 'torchship' in {persistent_repo} (")
     assert deployed.endswith(f"serve it with: torchship serve {persistent_repo}")
     [repository] = list((tmp_path / "runs").rglob("deploy/model_repository"))
-    assert [p.name for p in repository.iterdir() if p.is_dir()] == [gate["variant"]]
-    assert (repository / gate["variant"] / "config.pbtxt").is_file()
-    assert (repository / gate["variant"] / "1" / "model.onnx").is_file()
+    assert [p.name for p in repository.iterdir() if p.is_dir()] == ["torchship"]
+    assert (repository / "torchship" / "config.pbtxt").is_file()
+    assert (repository / "torchship" / "1" / "model.onnx").is_file()
+    assert json.loads((repository / "torchship" / "1" / "torchship-version.json").read_text()) == {
+        "variant": gate["variant"]}
     # The same version was added to the persistent repository `torchship serve` serves.
-    persistent = tmp_path / "runs" / "model_repository" / gate["variant"]
+    persistent = tmp_path / "runs" / "model_repository" / "torchship"
     assert (persistent / "1" / "model.onnx").read_bytes() == (
-        repository / gate["variant"] / "1" / "model.onnx").read_bytes()
+        repository / "torchship" / "1" / "model.onnx").read_bytes()
 
     # The serving search measured each candidate setting of the chosen model, printed a line
     # each and its choice, and the deployed config carries the chosen settings.
@@ -78,7 +82,7 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
         assert any(line.strip().startswith(candidate["model"] + " ")
                    for line in done.stdout.splitlines()), candidate["model"]
     assert f"serving: instance_count {serving['settings']['instance_count']}," in done.stdout
-    for config in (read_model_config(repository / gate["variant"] / "config.pbtxt"),
+    for config in (read_model_config(repository / "torchship" / "config.pbtxt"),
                    read_model_config(persistent / "config.pbtxt")):
         assert config.instance_group[0].count == serving["settings"]["instance_count"]
         assert config.dynamic_batching.max_queue_delay_microseconds == (
@@ -90,13 +94,15 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
     # (histograms included) the trigger judges drift by, and what serves now.
     reference = tmp_path / "runs" / "torchship-reference" / "torchship" / "local"
     kept = json.loads((reference / "serving.json").read_text())
-    assert kept["model"] == gate["variant"] and kept["version"] == 1 and kept["target"] == "local"
+    assert (kept["model"], kept["variant"], kept["version"], kept["target"]) == (
+        "torchship", gate["variant"], 1, "local")
     assert 0.85 < kept["test_accuracy"] <= 1 and kept["p99_ms"] > 0
     statistics = json.loads((reference / "statistics.json").read_text())
     assert statistics["labels"]["counts"] and all(
         sum(f["histogram"]["counts"]) == statistics["n_rows"]
         for f in statistics["features"].values())
-    assert f"reference: {gate['variant']} and its training statistics kept in" in done.stdout
+    assert (f"reference: torchship version 1 ({gate['variant']}) and its training statistics "
+            "kept in") in done.stdout
     # `torchship retrain-status` reads it: what serves, and a new file's drift by feature.
     from sklearn.datasets import load_digits
 
@@ -106,7 +112,7 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
                        "--data", str(tmp_path / "new.csv"))
     assert status.returncode == 0, status.stdout + status.stderr
     lines = status.stdout.splitlines()
-    assert lines[0].startswith(f"serving: {gate['variant']} version 1 (local), test accuracy ")
+    assert lines[0].startswith("serving: torchship version 1 (local), test accuracy ")
     assert "decisions: none yet" in lines and f"{tmp_path / 'new.csv'} against the reference: drifted" in status.stdout
     moved = [line.split() for line in lines if line.strip().startswith("pixel_")]
     assert [row[0] for row in moved if row[-1] == "yes"] == ["pixel_3_3"] and len(moved) == 64
@@ -147,8 +153,8 @@ def test_an_rgb_image_folder_goes_through_as_images_to_a_resnet_on_triton(pipeli
         grpc = grpcclient.InferenceServerClient(server.grpc_url)
         http = httpclient.InferenceServerClient(server.http_url)
         try:
-            for metadata in (grpc.get_model_metadata(gate["variant"], as_json=True),
-                             http.get_model_metadata(gate["variant"])):
+            for metadata in (grpc.get_model_metadata("torchship", as_json=True),
+                             http.get_model_metadata("torchship")):
                 assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]])
                         for t in metadata["inputs"]] == [("input", "FP32", [-1, 3, 32, 32])]
                 assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]])
@@ -187,7 +193,7 @@ def test_a_text_table_goes_through_as_token_ids_to_a_bert_on_triton(pipeline_yam
     with TritonServer(tmp_path / "runs" / "model_repository") as server:
         client = grpcclient.InferenceServerClient(server.grpc_url)
         try:
-            metadata = client.get_model_metadata(gate["variant"], as_json=True)
+            metadata = client.get_model_metadata("torchship", as_json=True)
         finally:
             client.close()
     assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]])
@@ -204,7 +210,7 @@ def test_a_text_table_goes_through_as_token_ids_to_a_bert_on_triton(pipeline_yam
     assert measured.returncode == 0, measured.stdout[-2000:] + measured.stderr[-2000:]
     levels = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [(row["model"], row["concurrency"], row["errors"]) for row in levels] == [
-        (gate["variant"], 2, 0)]
+        ("torchship", 2, 0)]
     assert levels[0]["throughput_rps"] > 0
 
 
