@@ -65,22 +65,27 @@ def main() -> None:
               help="Where to write the pipeline YAML.")
 @click.option("--image", default=None,
               help="Component image URI (default: $TORCHSHIP_IMAGE, else torchship-cpu:VERSION).")
+@click.option("--gpu-image", default=None,
+              help="The train stage's image on Vertex AI machines with GPUs (default: "
+                   "$TORCHSHIP_GPU_IMAGE, else --image with torchship-cpu made torchship-cuda).")
 @click.option("--platform", type=click.Choice(["kfp", "vertex"]), default=None,
               help="kfp [default]: kfp.local and Kubeflow Pipelines, training as N processes in "
                    "one task; vertex: Vertex AI Pipelines, training as a multi-replica custom "
                    "job.")
 @click.option("--target", "old_platform", type=click.Choice(["local", "vertex"]), default=None,
               hidden=True)  # the earlier name of --platform (local: kfp)
-def compile(output: str, image: str | None, platform: str | None,
+def compile(output: str, image: str | None, gpu_image: str | None, platform: str | None,
             old_platform: str | None) -> None:
     """Compile the pipeline to a KFP v2 YAML: the file every runner executes."""
-    from torchship.pipelines.pipeline import compile_pipeline, default_image
+    from torchship.pipelines.pipeline import compile_pipeline, default_gpu_image, default_image
 
     if platform and old_platform:
         fail("--target is the earlier name of --platform; pass only --platform")
     platform = platform or {"local": "kfp", "vertex": "vertex", None: "kfp"}[old_platform]
-    path = compile_pipeline(output, image=image, platform=platform)
-    click.echo(f"wrote {path} (platform {platform}, image {image or default_image()})")
+    path = compile_pipeline(output, image=image, platform=platform, gpu_image=gpu_image)
+    image = image or default_image()
+    gpu_line = f", GPU image {gpu_image or default_gpu_image(image)}" if platform == "vertex" else ""
+    click.echo(f"wrote {path} (platform {platform}, image {image}{gpu_line})")
 
 
 @main.command()

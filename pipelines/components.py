@@ -7,6 +7,7 @@ gate, the serving search and the deploy are in pipelines/components_release.py.
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import (
@@ -210,17 +211,43 @@ def vertex_worker_pools(
     machine_type: str,
     accelerator_type: str,
     accelerator_count: int,
+    cpu_image: str,
+    gpu_image: str,
 ) -> list:
-    """Vertex AI worker pool specs for the train custom job, sized by pipeline parameters."""
+    """Vertex AI worker pool specs for the train custom job, sized by pipeline parameters: the
+    GPU image on machines with accelerators, the CPU image otherwise (decided at run time)."""
     from torchship.pipelines.vertex import worker_pool_specs
 
     return worker_pool_specs(template, replica_count, machine_type, accelerator_type,
-                             accelerator_count)
+                             accelerator_count, cpu_image=cpu_image, gpu_image=gpu_image)
+
+
+def vertex_job_settings(
+    location: str,
+    service_account: str,
+    network: str,
+    encryption_spec_key_name: str,
+    pipeline_location: str,
+    pipeline_service_account: str,
+    pipeline_network: str,
+    pipeline_encryption_spec_key_name: str,
+) -> NamedTuple("CustomJobSettings", location=str, service_account=str,
+                network=str, encryption_spec_key_name=str):
+    """Where and as whom the train custom job runs: a setting left empty is the pipeline job's
+    own (`pipeline_*`, which Vertex AI fills in at run time). Left empty on the CustomJob
+    itself, the service account would be Vertex AI's Custom Code Service Agent instead."""
+    from collections import namedtuple
+
+    settings = namedtuple("CustomJobSettings",
+                          "location service_account network encryption_spec_key_name")
+    return settings(location or pipeline_location,
+                    service_account or pipeline_service_account, network or pipeline_network,
+                    encryption_spec_key_name or pipeline_encryption_spec_key_name)
 
 
 @dataclass(frozen=True)
 class Components:
-    """The stages as KFP components built for one image (and, for Vertex AI, the custom job)."""
+    """The stages as KFP components built for the images (and, for Vertex AI, the custom job)."""
 
     image: str  # the base image of every component, and the data step's Dataflow workers'
     prepare_data: Callable
@@ -232,19 +259,24 @@ class Components:
     gate: Callable
     tune_serving: Callable
     vertex_worker_pools: Callable
+    vertex_job_settings: Callable
+    # The train stage's image on machines with GPUs (the Vertex AI custom job's worker pools).
+    gpu_image: str = ""
     # The train component wrapped as a Vertex AI custom job, and its container as JSON.
     train_custom_job: Callable | None = None
     train_custom_job_template: str = ""
 
 
-def build_components(image: str, vertex: bool = False) -> Components:
-    """Make the components with `image` as their base image (the image has torchship and kfp)."""
+def build_components(image: str, vertex: bool = False, gpu_image: str = "") -> Components:
+    """Make the components with `image` as their base image (the image has torchship and kfp);
+    `gpu_image` (default: `image`) is the train stage's on machines with accelerators."""
 
     def make(func: Callable) -> Callable:
         return dsl.component(func, base_image=image, install_kfp_package=False)
 
     ops = Components(
         image=image,
+        gpu_image=gpu_image or image,
         prepare_data=make(prepare_data),
         train=make(train),
         compress=make(compress),
@@ -254,6 +286,7 @@ def build_components(image: str, vertex: bool = False) -> Components:
         gate=make(gate),
         tune_serving=make(tune_serving),
         vertex_worker_pools=make(vertex_worker_pools),
+        vertex_job_settings=make(vertex_job_settings),
     )
     if not vertex:
         return ops

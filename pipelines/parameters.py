@@ -30,7 +30,6 @@ from torchship.components.gate.choice import OPTIMISE, optimise_metric
 from torchship.components.gate.regression import MAX_P99_REGRESSION_PCT
 from torchship.components.train.config import default as training_default
 from torchship.components.tune_serving.stage import INSTANCE_COUNTS, QUEUE_DELAYS_US
-from torchship.pipelines.vertex import DEFAULT_REGION
 
 __all__ = ["MEASUREMENT_PARAMETERS", "PARAMETERS", "RUNNER_PARAMETERS", "TRAINING_PARAMETERS",
            "VERTEX_PARAMETERS", "Parameters", "check_parameters", "compiled_defaults",
@@ -111,7 +110,15 @@ VERTEX_PARAMETERS: Parameters = (
     ("train_machine_type", str, "n1-standard-8"),
     ("train_accelerator_type", str, ""),
     ("train_accelerator_count", int, 0),
-    ("vertex_location", str, DEFAULT_REGION),
+    # The custom job's CustomJobSpec: where it runs and as whom. Empty location, service account,
+    # network and CMEK key: the pipeline job's own (not the CustomJob API's defaults); empty
+    # TensorBoard (a Vertex AI TensorBoard resource) and output directory (gs://): none.
+    ("vertex_location", str, ""),
+    ("train_service_account", str, ""),
+    ("train_network", str, ""),
+    ("train_encryption_spec_key_name", str, ""),
+    ("train_tensorboard", str, ""),
+    ("train_base_output_directory", str, ""),
 )
 
 

@@ -26,6 +26,7 @@ from torchship.pipelines.parameters import (
 
 PIPELINE_NAME = "torchship"
 IMAGE_ENV = "TORCHSHIP_IMAGE"
+GPU_IMAGE_ENV = "TORCHSHIP_GPU_IMAGE"
 STAGES = ("prepare-data", "train", "compress", "export", "benchmark", "gate", "tune-serving",
           "deploy")
 
@@ -35,11 +36,55 @@ def default_image() -> str:
     return os.environ.get(IMAGE_ENV) or f"torchship-cpu:{version('torchship')}"
 
 
+def default_gpu_image(image: str) -> str:
+    """The train stage's image on machines with GPUs: $TORCHSHIP_GPU_IMAGE, else the CPU `image`
+    by the images' tag scheme, REGISTRY/torchship-cpu:VERSION -> REGISTRY/torchship-cuda:VERSION
+    (Makefile `images`, containers/cloudbuild.yaml). An image named otherwise, or pinned by
+    digest, is its own GPU image: pass --gpu-image."""
+    if os.environ.get(GPU_IMAGE_ENV):
+        return os.environ[GPU_IMAGE_ENV]
+    registry, slash, name = image.rpartition("/")
+    if "@" in name or name.partition(":")[0] != "torchship-cpu":
+        return image
+    return registry + slash + "torchship-cuda" + name.removeprefix("torchship-cpu")
+
+
 Outputs = NamedTuple(  # noqa: UP014 - KFP's form
     "Outputs", summary=Markdown, results=Artifact, gate_record=Artifact, report=HTML)
 # Where the compiled pipeline runs. `kfp`: kfp.local and Kubeflow Pipelines, training as N
 # processes in one task; `vertex`: Vertex AI Pipelines, training as a multi-replica custom job.
 PLATFORMS = ("kfp", "vertex")
+# What each task asks of its node: (CPU request, CPU limit, memory request, memory limit).
+# Vertex AI picks a task's machine by its limits; Kubernetes schedules by the requests, which
+# fit a 4-CPU, 16 GB node. The benchmark and the serving search ask for all they may use, so
+# that what they measure does not depend on their neighbours. kfp.local ignores both.
+RESOURCES = {
+    "prepare-data": ("1", "4", "4G", "16G"),
+    "train": ("2", "8", "8G", "32G"),  # the kfp platform's one task (on Vertex AI: the job's)
+    "compress": ("2", "4", "4G", "16G"),
+    "export": ("1", "4", "4G", "16G"),
+    "benchmark": ("3", "3", "8G", "8G"),
+    "gate": ("1", "2", "2G", "8G"),
+    "tune-serving": ("3", "3", "8G", "8G"),
+    "deploy": ("0.5", "1", "1G", "4G"),
+    "vertex-job-setup": ("0.5", "1", "512M", "1G"),  # the custom job's pools and settings
+}
+# Retries of a failed task, where a failure is often passing (storage or Dataflow hiccups, a
+# Triton port taken, a node reclaimed) and a retry redoes little. Not train (hours, and the
+# custom job restarts its own workers), not gate (it decides from what it reads), not deploy
+# (it changes what serves).
+RETRIES = {"prepare-data": 2, "benchmark": 2, "tune-serving": 1, "vertex-job-setup": 2}
+
+
+def _settle(task: dsl.PipelineTask, stage: str, requests: bool = True) -> dsl.PipelineTask:
+    """Set the task's resources (`requests`: the Kubernetes requests too) and retries."""
+    cpu_request, cpu_limit, memory_request, memory_limit = RESOURCES[stage]
+    task.set_cpu_limit(cpu_limit).set_memory_limit(memory_limit)
+    if requests:
+        task.set_cpu_request(cpu_request).set_memory_request(memory_request)
+    if RETRIES.get(stage):
+        task.set_retry(RETRIES[stage], backoff_duration="30s", backoff_factor=2.0)
+    return task
 
 
 def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.PipelineTask,
@@ -79,7 +124,7 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
             latency_budget_p99_ms=params["latency_budget_p99_ms"],
             target_concurrency=params["target_concurrency"], **_measurement(params),
         )
-        ops.deploy(
+        deployed = ops.deploy(
             chosen_model=decided.outputs["chosen_model"], test=data.outputs["test"],
             serving_record=tuned.outputs["record"], statistics=data.outputs["statistics"],
             gate_record=decided.outputs["record"],
@@ -87,6 +132,11 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
             settings=params["deploy_settings"], reference_uri=params["reference_uri"],
             serving_model_name=params["serving_model_name"],
         )
+        # Deploying changes what serves: never skipped for an earlier run's cached result.
+        deployed.set_caching_options(False)
+    for stage, task in (("compress", variants), ("export", exported), ("benchmark", measured),
+                        ("gate", decided), ("tune-serving", tuned), ("deploy", deployed)):
+        _settle(task, stage, requests=ops.train_custom_job is None)
     return Outputs(summary=measured.outputs["summary"], results=measured.outputs["results"],
                    gate_record=decided.outputs["record"], report=decided.outputs["report_html"])
 
@@ -99,13 +149,15 @@ def _measurement(params: dict[str, Any]) -> dict[str, Any]:
     return {name: params[f"benchmark_{name}"] for name in MEASUREMENT_PARAMETERS}
 
 
-def build_pipeline(image: str, platform: str = "kfp") -> Callable:
+def build_pipeline(image: str, platform: str = "kfp", gpu_image: str | None = None) -> Callable:
     """The pipeline function for `platform` (see PLATFORMS), with every component's base image
-    set to `image`."""
+    set to `image`; on Vertex AI, training on machines with GPUs runs `gpu_image` (default:
+    `default_gpu_image(image)`). The kfp platform trains in one task of `image`."""
     if platform not in PLATFORMS:
         raise UserInputError(
             f"platform {platform!r} is unknown; pass one of {', '.join(PLATFORMS)}")
-    ops = build_components(image, vertex=platform == "vertex")
+    ops = build_components(image, vertex=platform == "vertex",
+                           gpu_image=gpu_image or default_gpu_image(image))
     if platform == "kfp":
         return _pipeline(ops, PARAMETERS, _train_in_one_task)
     return _pipeline(ops, VERTEX_PARAMETERS, _train_as_vertex_job)
@@ -139,6 +191,7 @@ def _pipeline(ops: Components, parameters: Parameters, train: TrainStep) -> Call
         # prefix): every run reads it afresh. Its outputs are then new artifacts, so no task
         # after it matches an earlier run's cache entry either.
         data.set_caching_options(False)
+        _settle(data, "prepare-data", requests=ops.train_custom_job is None)
         return _after_training(ops, data, train(ops, data, params), params)
 
     torchship_pipeline.__signature__ = signature  # what KFP's compiler reads
@@ -147,32 +200,57 @@ def _pipeline(ops: Components, parameters: Parameters, train: TrainStep) -> Call
 
 def _train_in_one_task(ops: Components, data: dsl.PipelineTask,
                        params: dict[str, Any]) -> dsl.PipelineTask:
-    """DDP over `num_workers` processes in one task (kfp.local, one Kubeflow pod)."""
-    return ops.train(train=data.outputs["train"], val=data.outputs["val"],
-                     model_options=params[MODEL_OPTIONS],
-                     **{name: params[name] for name in TRAINING_PARAMETERS})
+    """DDP over `num_workers` processes in one task (kfp.local, one Kubeflow pod) of the CPU
+    image: which image a task runs is fixed when the pipeline is compiled, and GPUs by run
+    parameters are the vertex platform's custom job."""
+    trained = ops.train(train=data.outputs["train"], val=data.outputs["val"],
+                        model_options=params[MODEL_OPTIONS],
+                        **{name: params[name] for name in TRAINING_PARAMETERS})
+    return _settle(trained, "train")
 
 
 def _train_as_vertex_job(ops: Components, data: dsl.PipelineTask,
                          params: dict[str, Any]) -> dsl.PipelineTask:
-    """A Vertex AI custom job of `train_replica_count` machines, sized at run time."""
+    """A Vertex AI custom job of `train_replica_count` machines, sized at run time, in the GPU
+    image on machines with accelerators; where and as whom it runs, from pipeline parameters."""
+    from google_cloud_pipeline_components import _placeholders as pipeline_job
+
     pools = ops.vertex_worker_pools(
         template=ops.train_custom_job_template, replica_count=params["train_replica_count"],
         machine_type=params["train_machine_type"],
         accelerator_type=params["train_accelerator_type"],
         accelerator_count=params["train_accelerator_count"],
+        cpu_image=ops.image, gpu_image=ops.gpu_image,
     )
+    settings = ops.vertex_job_settings(
+        location=params["vertex_location"], service_account=params["train_service_account"],
+        network=params["train_network"],
+        encryption_spec_key_name=params["train_encryption_spec_key_name"],
+        # Vertex AI's placeholders for the running pipeline job's own settings.
+        pipeline_location=pipeline_job.LOCATION_PLACEHOLDER,
+        pipeline_service_account=pipeline_job.SERVICE_ACCOUNT_PLACEHOLDER,
+        pipeline_network=pipeline_job.NETWORK_PLACEHOLDER,
+        pipeline_encryption_spec_key_name=pipeline_job.ENCRYPTION_SPEC_KMS_KEY_NAME_PLACEHOLDER,
+    )
+    for helper in (pools, settings):
+        _settle(helper, "vertex-job-setup", requests=False)
+    # Its inputs are placeholders that each run fills in: a cached result is another run's.
+    settings.set_caching_options(False)
     return ops.train_custom_job(
         train=data.outputs["train"], val=data.outputs["val"],
         **{name: params[name] for name in TRAINING_PARAMETERS},
-        model_options=params[MODEL_OPTIONS],
-        worker_pool_specs=pools.output, location=params["vertex_location"],
+        model_options=params[MODEL_OPTIONS], worker_pool_specs=pools.output,
+        **{name: settings.outputs[name] for name in
+           ("location", "service_account", "network", "encryption_spec_key_name")},
+        tensorboard=params["train_tensorboard"],
+        base_output_directory=params["train_base_output_directory"],
     )
 
 
 def compile_pipeline(output: str | Path, image: str | None = None,
-                     platform: str = "kfp") -> Path:
+                     platform: str = "kfp", gpu_image: str | None = None) -> Path:
     """Write the pipeline YAML (the contract every runner executes) and return its path."""
     with atomic_path(output) as tmp:  # the temporary name keeps .yaml, which kfp checks
-        compiler.Compiler().compile(build_pipeline(image or default_image(), platform), str(tmp))
+        compiler.Compiler().compile(
+            build_pipeline(image or default_image(), platform, gpu_image), str(tmp))
     return Path(output)

@@ -33,9 +33,12 @@ def worker_pool_specs(
     machine_type: str,
     accelerator_type: str = "",
     accelerator_count: int = 0,
+    cpu_image: str = "",
+    gpu_image: str = "",
 ) -> list[dict[str, Any]]:
     """Pool 0 holds the chief (node 0), pool 1 the other `replica_count - 1` nodes, as Vertex
-    sets them in CLUSTER_SPEC; every node has the same machine and accelerators."""
+    sets them in CLUSTER_SPEC; every node has the same machine and accelerators, and runs
+    `gpu_image` when it has accelerators, `cpu_image` otherwise (empty: the template's image)."""
     if int(replica_count) < 1:
         raise UserInputError(
             f"train_replica_count {replica_count} is below 1; pass the number of machines (>= 1)"
@@ -45,6 +48,11 @@ def worker_pool_specs(
             f"train_accelerator_type {accelerator_type!r} needs train_accelerator_count >= 1 "
             f"(got {accelerator_count}); pass the GPUs per machine"
         )
+    if int(accelerator_count) > 0 and not accelerator_type:
+        raise UserInputError(
+            f"train_accelerator_count {accelerator_count} needs train_accelerator_type; pass "
+            "one, e.g. NVIDIA_L4 or NVIDIA_TESLA_A100, or 0 GPUs"
+        )
     chief = json.loads(template)
     chief["replica_count"] = 1
     chief["machine_spec"] = {"machine_type": machine_type}
@@ -52,6 +60,9 @@ def worker_pool_specs(
         chief["machine_spec"].update(
             accelerator_type=accelerator_type, accelerator_count=int(accelerator_count)
         )
+    image = gpu_image if accelerator_type else cpu_image
+    if image:
+        chief["container_spec"]["image_uri"] = image
     pools = [chief]
     if int(replica_count) > 1:
         workers = copy.deepcopy(chief)

@@ -130,6 +130,14 @@ def test_worker_pool_specs_put_the_chief_in_pool_0_and_the_rest_in_pool_1():
         worker_pool_specs(template, 0, "n1-standard-8")
     with pytest.raises(UserInputError, match="train_accelerator_count"):
         worker_pool_specs(template, 2, "n1-standard-8", "NVIDIA_L4", 0)
+    with pytest.raises(UserInputError, match="train_accelerator_count 2 needs train_acc"):
+        worker_pool_specs(template, 2, "n1-standard-8", "", 2)
+    # Every node runs the GPU image on machines with accelerators, the CPU image otherwise.
+    images = {"cpu_image": "r/torchship-cpu:1", "gpu_image": "r/torchship-cuda:1"}
+    on_gpus = worker_pool_specs(template, 3, "g2-standard-8", "NVIDIA_L4", 1, **images)
+    assert {pool["container_spec"]["image_uri"] for pool in on_gpus} == {"r/torchship-cuda:1"}
+    on_cpus = worker_pool_specs(template, 3, "n1-standard-8", "", 0, **images)
+    assert {pool["container_spec"]["image_uri"] for pool in on_cpus} == {"r/torchship-cpu:1"}
 
 
 def declared(spec: pipeline_spec_pb2.PipelineSpec, names) -> dict[str, tuple]:
@@ -170,7 +178,9 @@ def test_both_targets_take_the_same_parameters_but_vertex_adds_the_custom_job_si
     vertex = compile_spec(tmp_path / "vertex", "--target", "vertex").root.input_definitions
     added = set(vertex.parameters) - set(local.parameters)
     assert added == {"train_replica_count", "train_machine_type", "train_accelerator_type",
-                     "train_accelerator_count", "vertex_location"}
+                     "train_accelerator_count", "vertex_location", "train_service_account",
+                     "train_network", "train_encryption_spec_key_name", "train_tensorboard",
+                     "train_base_output_directory"}
     assert set(local.parameters) <= set(vertex.parameters)
     for name, parameter in local.parameters.items():
         if name != "num_workers":  # one process per replica on Vertex AI

@@ -1,0 +1,240 @@
+"""Production wiring in the compiled YAML: which image trains, where and as whom the Vertex AI
+custom job runs, and each task's resources, retries and caching."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from torchship.pipelines import components
+from torchship.pipelines.pipeline import RESOURCES, RETRIES, compile_pipeline, default_gpu_image
+
+REGISTRY = "europe-west4-docker.pkg.dev/acme-ml/ml"
+CPU_IMAGE, GPU_IMAGE = f"{REGISTRY}/torchship-cpu:0.1.0", f"{REGISTRY}/torchship-cuda:0.1.0"
+# The custom job's settings that come from pipeline parameters, by CustomJob field.
+JOB_SETTINGS = {"location": "vertex_location", "service_account": "train_service_account",
+                "network": "train_network",
+                "encryption_spec_key_name": "train_encryption_spec_key_name"}
+PASSED_THROUGH = {"tensorboard": "train_tensorboard",
+                  "base_output_directory": "train_base_output_directory"}
+
+
+def compiled(path: Path, platform: str, **images: str) -> dict:
+    compile_pipeline(path, platform=platform, **images)
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def vertex(tmp_path_factory) -> dict:
+    return compiled(tmp_path_factory.mktemp("vertex") / "pipeline.yaml", "vertex",
+                    image=CPU_IMAGE)
+
+
+@pytest.fixture(scope="module")
+def kfp(tmp_path_factory) -> dict:
+    return compiled(tmp_path_factory.mktemp("kfp") / "pipeline.yaml", "kfp", image=CPU_IMAGE)
+
+
+def constant(task: dict, name: str):
+    return task["inputs"]["parameters"][name]["runtimeValue"]["constant"]
+
+
+def all_tasks(spec: dict) -> dict[str, dict]:
+    """Every task of the pipeline, the ones under the gate's condition too, by name."""
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+def resources(spec: dict, task: str) -> dict:
+    executor = all_tasks(spec)[task]["componentRef"]["name"].replace("comp-", "exec-", 1)
+    return spec["deploymentSpec"]["executors"][executor]["container"].get("resources", {})
+
+
+# -- which image trains ------------------------------------------------------------------------
+
+def test_gpu_image_follows_the_tag_scheme_unless_given(monkeypatch):
+    monkeypatch.delenv("TORCHSHIP_GPU_IMAGE", raising=False)
+    assert default_gpu_image(CPU_IMAGE) == GPU_IMAGE
+    assert default_gpu_image("torchship-cpu:0.1.0") == "torchship-cuda:0.1.0"
+    assert default_gpu_image("localhost:5000/torchship-cpu") == "localhost:5000/torchship-cuda"
+    # Named otherwise, or pinned by digest: no CUDA sibling to derive; the image is its own.
+    assert default_gpu_image("example.local/trainer:1") == "example.local/trainer:1"
+    assert default_gpu_image(f"{REGISTRY}/torchship-cpu@sha256:ab") == (
+        f"{REGISTRY}/torchship-cpu@sha256:ab")
+    monkeypatch.setenv("TORCHSHIP_GPU_IMAGE", "example.local/cuda:2")
+    assert default_gpu_image(CPU_IMAGE) == "example.local/cuda:2"
+
+
+def test_the_worker_pools_task_takes_both_images_and_decides_at_run_time(vertex):
+    pools = vertex["root"]["dag"]["tasks"]["vertex-worker-pools"]
+    assert constant(pools, "cpu_image") == CPU_IMAGE
+    assert constant(pools, "gpu_image") == GPU_IMAGE
+    for name in ("accelerator_type", "accelerator_count"):
+        assert pools["inputs"]["parameters"][name] == {
+            "componentInputParameter": f"train_{name}"}
+    # What that task computes, from the compiled template and images, for either run.
+    arguments = {name: constant(pools, name) for name in ("template", "cpu_image", "gpu_image")}
+    on_gpus = components.vertex_worker_pools(**arguments, replica_count=2,
+                                             machine_type="g2-standard-8",
+                                             accelerator_type="NVIDIA_L4", accelerator_count=1)
+    assert [p["container_spec"]["image_uri"] for p in on_gpus] == [GPU_IMAGE, GPU_IMAGE]
+    assert on_gpus[0]["machine_spec"] == {"machine_type": "g2-standard-8",
+                                          "accelerator_type": "NVIDIA_L4", "accelerator_count": 1}
+    on_cpus = components.vertex_worker_pools(**arguments, replica_count=2,
+                                             machine_type="n1-standard-8", accelerator_type="",
+                                             accelerator_count=0)
+    assert [p["container_spec"]["image_uri"] for p in on_cpus] == [CPU_IMAGE, CPU_IMAGE]
+    # The train component's own command and executor placeholder, on either image.
+    assert on_gpus[0]["container_spec"]["args"] == on_cpus[0]["container_spec"]["args"]
+    assert "{{$.json_escape[1]}}" in on_gpus[0]["container_spec"]["args"]
+
+
+def test_an_explicit_gpu_image_is_the_one_compiled_in(tmp_path):
+    spec = compiled(tmp_path / "pipeline.yaml", "vertex", image="example.local/trainer:1",
+                    gpu_image="example.local/trainer-cuda:1")
+    pools = spec["root"]["dag"]["tasks"]["vertex-worker-pools"]
+    assert constant(pools, "gpu_image") == "example.local/trainer-cuda:1"
+    assert constant(pools, "cpu_image") == "example.local/trainer:1"
+
+
+def test_compile_takes_gpu_image_and_says_which_images_it_compiled(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "torchship.pipelines.cli", "compile", "--platform", "vertex",
+         "--image", CPU_IMAGE, "--gpu-image", f"{REGISTRY}/custom-cuda:3", "-o",
+         str(tmp_path / "pipeline.yaml")], check=True, capture_output=True, text=True)
+    assert done.stdout.strip().endswith(
+        f"(platform vertex, image {CPU_IMAGE}, GPU image {REGISTRY}/custom-cuda:3)")
+    spec = yaml.safe_load((tmp_path / "pipeline.yaml").read_text())
+    assert constant(spec["root"]["dag"]["tasks"]["vertex-worker-pools"], "gpu_image") == (
+        f"{REGISTRY}/custom-cuda:3")
+
+
+def test_the_kfp_platform_trains_in_one_task_of_the_cpu_image(kfp):
+    train = kfp["deploymentSpec"]["executors"]["exec-train"]["container"]
+    assert train["image"] == CPU_IMAGE
+    assert {e["container"]["image"] for e in kfp["deploymentSpec"]["executors"].values()} == {
+        CPU_IMAGE}
+
+
+# -- where and as whom the custom job runs --------------------------------------------------------
+
+def test_the_custom_job_runs_where_and_as_whom_the_pipeline_parameters_say(vertex):
+    declared = vertex["root"]["inputDefinitions"]["parameters"]
+    for name in (*JOB_SETTINGS.values(), *PASSED_THROUGH.values()):
+        assert declared[name] == {"defaultValue": "", "isOptional": True,
+                                  "parameterType": "STRING"}, name
+    tasks = vertex["root"]["dag"]["tasks"]
+    settings = tasks["vertex-job-settings"]["inputs"]["parameters"]
+    train = tasks["train"]["inputs"]["parameters"]
+    for field, parameter in JOB_SETTINGS.items():
+        assert settings[field] == {"componentInputParameter": parameter}, field
+        # The CustomJob's field is that task's output: the parameter, or the pipeline job's own.
+        assert train[field] == {"taskOutputParameter": {
+            "outputParameterKey": field, "producerTask": "vertex-job-settings"}}, field
+    for field, parameter in PASSED_THROUGH.items():
+        assert train[field] == {"componentInputParameter": parameter}, field
+    # Vertex AI fills in the running pipeline job's own settings.
+    job = tasks["vertex-job-settings"]
+    assert constant(job, "pipeline_location") == "{{$.pipeline_google_cloud_location}}"
+    assert constant(job, "pipeline_service_account") == "{{$.pipeline_service_account}}"
+    assert constant(job, "pipeline_network") == "{{$.pipeline_network}}"
+    assert constant(job, "pipeline_encryption_spec_key_name") == (
+        "{{$.pipeline_encryption_key_name}}")
+    assert job["cachingOptions"].get("enableCache") is not True  # placeholders differ by run
+    # The train task is GCPC's CustomJob launcher: these inputs are CustomJobSpec fields.
+    launcher = vertex["deploymentSpec"]["executors"]["exec-train"]["container"]
+    assert "custom_job.launcher" in " ".join(launcher["command"])
+    payload = " ".join(launcher["args"])
+    for field in ("service_account", "network", "tensorboard", "kms_key_name",
+                  "output_uri_prefix"):
+        assert f'"{field}"' in payload, field
+
+
+def test_an_empty_setting_is_the_pipeline_jobs_own():
+    pipeline_job = {"pipeline_location": "europe-west4",
+                    "pipeline_service_account": "pipelines@acme.iam.gserviceaccount.com",
+                    "pipeline_network": "projects/1/global/networks/ml",
+                    "pipeline_encryption_spec_key_name": "projects/acme/locations/eu/keyRings/r/"
+                                                         "cryptoKeys/k"}
+    inherited = components.vertex_job_settings("", "", "", "", **pipeline_job)
+    assert tuple(inherited) == tuple(pipeline_job.values())
+    assert inherited._fields == tuple(JOB_SETTINGS)
+    chosen = components.vertex_job_settings(
+        "us-central1", "trainer@acme.iam.gserviceaccount.com", "projects/1/global/networks/gpu",
+        "projects/acme/locations/us/keyRings/r/cryptoKeys/train", **pipeline_job)
+    assert chosen.location == "us-central1"
+    assert chosen.service_account == "trainer@acme.iam.gserviceaccount.com"
+    assert chosen.network == "projects/1/global/networks/gpu"
+    assert chosen.encryption_spec_key_name.endswith("/cryptoKeys/train")
+
+
+@pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
+def test_the_custom_job_helpers_run_as_kfp_components(tmp_path):
+    """Both helpers under kfp.local, as Vertex AI runs them: typed outputs, a list and a tuple."""
+    from kfp import local
+
+    from torchship.pipelines.components import build_components
+
+    local.init(runner=local.SubprocessRunner(use_venv=False),
+               pipeline_root=str(tmp_path / "runs"))
+    ops = build_components(CPU_IMAGE, gpu_image=GPU_IMAGE)
+    template = json.dumps({"container_spec": {"image_uri": CPU_IMAGE, "args": ["x"]}})
+    pools = ops.vertex_worker_pools(template=template, replica_count=3,
+                                    machine_type="g2-standard-8", accelerator_type="NVIDIA_L4",
+                                    accelerator_count=1, cpu_image=CPU_IMAGE,
+                                    gpu_image=GPU_IMAGE)
+    assert [p["replica_count"] for p in pools.output] == [1, 2]
+    assert {p["container_spec"]["image_uri"] for p in pools.output} == {GPU_IMAGE}
+    settings = ops.vertex_job_settings(
+        location="", service_account="trainer@acme.iam.gserviceaccount.com", network="",
+        encryption_spec_key_name="", pipeline_location="europe-west4",
+        pipeline_service_account="pipelines@acme.iam.gserviceaccount.com",
+        pipeline_network="", pipeline_encryption_spec_key_name="")
+    assert settings.outputs["location"] == "europe-west4"
+    assert settings.outputs["service_account"] == "trainer@acme.iam.gserviceaccount.com"
+    assert settings.outputs["network"] == ""
+
+
+# -- resources, retries, caching ------------------------------------------------------------------
+
+@pytest.mark.parametrize("platform", ["kfp", "vertex"])
+def test_every_stage_asks_for_its_resources_and_retries_where_a_retry_helps(
+        platform, kfp, vertex):
+    spec = {"kfp": kfp, "vertex": vertex}[platform]
+    tasks = all_tasks(spec)
+    stages = ["prepare-data", "compress", "export", "benchmark", "gate", "tune-serving", "deploy"]
+    if platform == "kfp":
+        stages.append("train")
+    for stage in stages:
+        cpu_request, cpu_limit, memory_request, memory_limit = RESOURCES[stage]
+        asked = resources(spec, stage)
+        assert asked["resourceCpuLimit"] == cpu_limit, stage
+        assert asked["resourceMemoryLimit"] == memory_limit, stage
+        if platform == "kfp":  # Kubernetes schedules by the requests
+            assert asked["resourceCpuRequest"] == cpu_request, stage
+            assert asked["resourceMemoryRequest"] == memory_request, stage
+        else:  # Vertex AI picks the machine by the limits
+            assert "resourceCpuRequest" not in asked, stage
+        retry = tasks[stage].get("retryPolicy", {}).get("maxRetryCount", 0)
+        assert retry == RETRIES.get(stage, 0), stage
+    assert tasks["prepare-data"]["retryPolicy"]["backoffDuration"] == "30s"
+    # Never retried: training (hours), the gate (a decision), the deploy (it changes what serves).
+    for stage in ("train", "gate", "deploy"):
+        assert "retryPolicy" not in tasks[stage], stage
+    if platform == "vertex":
+        for helper in ("vertex-worker-pools", "vertex-job-settings"):
+            assert tasks[helper]["retryPolicy"]["maxRetryCount"] == 2
+            assert resources(spec, helper)["resourceCpuLimit"] == "1"
+
+
+@pytest.mark.parametrize("platform", ["kfp", "vertex"])
+def test_deploy_and_prepare_data_are_never_cached(platform, kfp, vertex):
+    tasks = all_tasks({"kfp": kfp, "vertex": vertex}[platform])
+    assert tasks["deploy"]["cachingOptions"].get("enableCache") is not True
+    assert tasks["prepare-data"]["cachingOptions"].get("enableCache") is not True
+    assert tasks["train"]["cachingOptions"]["enableCache"] is True
