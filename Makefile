@@ -60,11 +60,19 @@ lint: install
 	$(BIN)/ruff check components pipelines tests
 
 # The component images (CPU, CUDA) and the Triton serving image; needs a Docker engine.
+# One tag scheme for all three, as containers/cloudbuild.yaml tags them:
+# [REGISTRY/]torchship-{cpu,cuda,tritonserver}:VERSION, VERSION from pyproject.toml
+# (e.g. make images REGISTRY=europe-west4-docker.pkg.dev/PROJECT/REPO).
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+REGISTRY ?=
+IMAGE_PREFIX = $(if $(REGISTRY),$(REGISTRY)/)torchship
+CPU_IMAGE = $(IMAGE_PREFIX)-cpu:$(VERSION)
+CUDA_IMAGE = $(IMAGE_PREFIX)-cuda:$(VERSION)
+TRITON_IMAGE = $(IMAGE_PREFIX)-tritonserver:$(VERSION)
 images:
-	docker build -f containers/Dockerfile.cpu -t torchship-cpu:$(VERSION) .
-	docker build -f containers/Dockerfile.cuda -t torchship-cuda:$(VERSION) .
-	docker build -f containers/Dockerfile.triton -t torchship-tritonserver:$(VERSION) .
+	docker build -f containers/Dockerfile.cpu -t $(CPU_IMAGE) .
+	docker build -f containers/Dockerfile.cuda -t $(CUDA_IMAGE) .
+	docker build -f containers/Dockerfile.triton -t $(TRITON_IMAGE) .
 
 clean:
 	rm -rf $(VENV) out runs

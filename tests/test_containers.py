@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 from packaging.requirements import Requirement
@@ -109,3 +110,165 @@ def test_the_entry_point_hands_harness_flags_to_beam_and_runs_commands_as_given(
     assert start("--id=1", "--control_endpoint=localhost:1") == (
         "beam boot --id=1 --control_endpoint=localhost:1")
     assert start("echo", "--not-for-beam") == "--not-for-beam"
+
+
+# -- the Dockerfiles' shape, read statically (no Docker engine here) ----------------------------
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (KEYWORD, arguments), continuation lines joined."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
+            for line in lines if line and not line.startswith("#")]
+
+
+def stages(dockerfile: Path) -> list[list[tuple[str, str]]]:
+    """The instructions of each stage, in order (ARGs before the first FROM left out)."""
+    found: list[list[tuple[str, str]]] = []
+    for keyword, arguments in instructions(dockerfile):
+        if keyword == "FROM":
+            found.append([])
+        if found:
+            found[-1].append((keyword, arguments))
+    return found
+
+
+PYTHON_IMAGES = ("Dockerfile.cpu", "Dockerfile.cuda")
+
+
+@pytest.mark.parametrize("name", [d.name for d in DOCKERFILES])
+def test_every_image_runs_as_a_numeric_user_that_is_not_root(name):
+    final = stages(ROOT / "containers" / name)[-1]
+    users = [arguments for keyword, arguments in final if keyword == "USER"]
+    assert users, f"{name}: the final stage sets no USER, so it runs as root"
+    assert users[-1].isdigit() and int(users[-1]) != 0, users[-1]  # runAsNonRoot checks a number
+
+
+@pytest.mark.parametrize("name", PYTHON_IMAGES)
+def test_python_images_build_in_one_stage_and_run_from_a_slim_one(name):
+    build, runtime = stages(ROOT / "containers" / name)
+    assert build[0][1].endswith(" AS build")
+    # The runtime takes the built environment, not the source tree or pip's build leftovers.
+    assert ("COPY", "--from=build /opt/venv /opt/venv") in runtime
+    assert not any(k == "COPY" and ("components" in a or "pipelines" in a) for k, a in runtime)
+    assert not any("pip install" in a for _, a in runtime)
+
+
+@pytest.mark.parametrize("name", PYTHON_IMAGES)
+def test_dependencies_are_installed_before_the_source_is_copied(name, tmp_path):
+    """Editing components/ rebuilds only the last layers: pyproject.toml alone is copied before
+    the dependency layer, which installs exactly pyproject's dependencies."""
+    import shlex
+    import subprocess
+    import sys
+
+    build = stages(ROOT / "containers" / name)[0]
+    steps = [f"{k} {a}" for k, a in build]
+    requirements = next(i for i, s in enumerate(steps) if "pip install -r requirements.txt" in s)
+    source = next(i for i, s in enumerate(steps) if s.startswith("COPY components"))
+    assert requirements < source
+    copied_before = [s for s in steps[:requirements] if s.startswith("COPY ")]
+    assert copied_before == ["COPY pyproject.toml ./"]
+    # The dependency layer's own command, run here on pyproject.toml.
+    command = steps[requirements].removeprefix("RUN ").split(" > requirements.txt")[0]
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "-c"]
+    printed = subprocess.run([sys.executable, "-c", argv[2]], cwd=tmp_path, check=True,
+                             capture_output=True, text=True).stdout.split()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    expected = list(project["dependencies"])
+    if name == "Dockerfile.cpu":
+        expected += project["optional-dependencies"]["dataflow"]
+    assert printed == [r.replace(" ", "") for r in expected]
+
+
+def dockerignored(path: str) -> bool:
+    """Whether .dockerignore keeps `path` (relative to the repository root) out of the build
+    context: a pattern matches it or a folder above it; `**/` matches at any depth."""
+    from fnmatch import fnmatch
+
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    parts = path.split("/")
+    return any(fnmatch("/".join(parts[:depth]), pattern)
+               or (pattern.startswith("**/") and fnmatch(parts[depth - 1], pattern[3:]))
+               for depth in range(1, len(parts) + 1) for pattern in patterns)
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build_context():
+    for local in (".venv/bin/python", ".git/HEAD", "runs/torchship-1/x", "out/pipeline.yaml",
+                  "components/train/__pycache__/stage.cpython-311.pyc", ".pytest_cache/v",
+                  ".ruff_cache/x", "torchship.egg-info/PKG-INFO"):
+        assert dockerignored(local), local
+    # Everything an image copies from the context is still sent.
+    copied = {arguments.split()[-2] for d in DOCKERFILES for keyword, arguments in instructions(d)
+              if keyword == "COPY" and not arguments.startswith("--from")}
+    assert copied == {"pyproject.toml", "README.md", "components", "pipelines",
+                      "containers/beam-entrypoint.sh"}
+    for path in (*copied, "components/train/stage.py", "pipelines/cli.py"):
+        assert not dockerignored(path), path
+
+
+# -- one tag scheme: Makefile, Cloud Build, and the GPU image compile derives ----------------------
+
+REGISTRY = "europe-west4-docker.pkg.dev/acme/ml"
+
+
+def makefile_tags() -> dict[str, str]:
+    """Dockerfile -> tag, as `make images REGISTRY=...` would build them."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    done = subprocess.run(["make", "-n", "images", f"REGISTRY={REGISTRY}"], cwd=ROOT,
+                          check=True, capture_output=True, text=True)
+    builds = [line.split() for line in done.stdout.splitlines() if "docker build" in line]
+    return {b[b.index("-f") + 1]: b[b.index("-t") + 1] for b in builds}
+
+
+def cloud_build() -> dict:
+    return yaml.safe_load((ROOT / "containers" / "cloudbuild.yaml").read_text())
+
+
+def cloud_build_tags() -> dict[str, str]:
+    """Dockerfile -> tag, as Cloud Build builds them for the same registry and pyproject's
+    version."""
+    build = cloud_build()
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert build["substitutions"]["_VERSION"] == version  # bump it with pyproject's
+
+    def resolve(text: str) -> str:
+        return (text.replace("${_REGION}-docker.pkg.dev/${PROJECT_ID}/${_REPOSITORY}", REGISTRY)
+                .replace("${_VERSION}", version))
+
+    tags = {}
+    for step in build["steps"]:
+        args = step.get("args", [])
+        if args[:1] == ["build"]:
+            tags[args[args.index("-f") + 1]] = resolve(args[args.index("-t") + 1])
+    assert {resolve(image) for image in build["images"]} == set(tags.values())
+    return tags
+
+
+def test_makefile_and_cloud_build_tag_every_image_alike():
+    tags = makefile_tags()
+    assert tags == cloud_build_tags()
+    assert set(tags) == {f"containers/{d.name}" for d in DOCKERFILES}
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert tags["containers/Dockerfile.cpu"] == f"{REGISTRY}/torchship-cpu:{version}"
+    assert tags["containers/Dockerfile.cuda"] == f"{REGISTRY}/torchship-cuda:{version}"
+    assert tags["containers/Dockerfile.triton"] == f"{REGISTRY}/torchship-tritonserver:{version}"
+
+
+def test_cloud_build_compiles_against_both_component_images_it_pushed():
+    from torchship.pipelines.pipeline import default_gpu_image
+
+    [script] = [step["args"][-1] for step in cloud_build()["steps"]
+                if step.get("id") == "compile-and-publish"]
+    cpu = re.search(r"--image (\S+)", script)[1]
+    gpu = re.search(r"--gpu-image (\S+)", script)[1]
+    assert cpu.endswith("/torchship-cpu:${_VERSION}") and gpu.endswith("/torchship-cuda:${_VERSION}")
+    # The tag scheme gives the same GPU image when --gpu-image is left out.
+    assert default_gpu_image(cpu) == gpu
