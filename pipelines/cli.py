@@ -15,6 +15,7 @@ from torchship.components.deploy.stage import DEFAULT_SERVING_NAME, DEFAULT_TARG
 from torchship.components.errors import ParityError, ServingError, UserInputError
 from torchship.pipelines.arguments import concurrency_levels, fail, key_values
 from torchship.pipelines.cli_cloud import data_runner_options, publish, schedule, submit
+from torchship.pipelines.cli_runs import runs  # and schedule list|pause|resume|delete
 
 DEFAULT_PIPELINE = "out/torchship-pipeline.yaml"
 
@@ -315,7 +316,7 @@ def serve(repository: str, host: str, http_port: int | None, grpc_port: int | No
         fail(str(exc))
 
 
-for _command in (submit, schedule, publish):
+for _command in (submit, schedule, runs, publish):
     main.add_command(_command)
 
 

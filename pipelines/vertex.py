@@ -101,8 +101,10 @@ def console_link(resource_name: str) -> str:
 
 def pipeline_job(project: VertexProject, template: str, parameters: dict[str, Any],
                  enable_caching: bool | None, labels: dict[str, str],
-                 job_id: str | None = None, display_name: str = "torchship"):
-    """An `aiplatform.PipelineJob` for a compiled YAML or an Artifact Registry template URI."""
+                 job_id: str | None = None, display_name: str = "torchship",
+                 encryption_spec_key_name: str | None = None):
+    """An `aiplatform.PipelineJob` for a compiled YAML or an Artifact Registry template URI;
+    `encryption_spec_key_name`, a Cloud KMS key, encrypts what the job makes (CMEK)."""
     from google.cloud import aiplatform
 
     if not (project.pipeline_root or "").startswith("gs://"):
@@ -115,20 +117,30 @@ def pipeline_job(project: VertexProject, template: str, parameters: dict[str, An
         display_name=display_name, template_path=template, job_id=job_id,
         pipeline_root=project.pipeline_root, parameter_values=parameters,
         enable_caching=enable_caching, labels=labels or None,
+        encryption_spec_key_name=encryption_spec_key_name,
     )
 
 
 def submit(project: VertexProject, template: str, parameters: dict[str, Any],
            enable_caching: bool | None = None, labels: dict[str, str] | None = None,
            job_id: str | None = None, wait: bool = False,
-           progress: Callable[[str], None] = print) -> str:
+           progress: Callable[[str], None] = print, display_name: str = "torchship",
+           experiment: str | None = None, encryption_spec_key_name: str | None = None) -> str:
     """Submit the pipeline to Vertex AI Pipelines; return the job's resource name.
 
-    With `wait`, follow the run to its end and raise if it did not succeed.
+    With `experiment`, the job is a run of that Vertex AI Experiment (made if missing). With
+    `wait`, follow the run to its end and raise if it did not succeed.
     """
-    job = pipeline_job(project, template, parameters, enable_caching, labels or {}, job_id)
-    job.submit(service_account=project.service_account, network=project.network)
+    job = pipeline_job(project, template, parameters, enable_caching, labels or {}, job_id,
+                       display_name, encryption_spec_key_name)
+    try:
+        job.submit(service_account=project.service_account, network=project.network,
+                   experiment=experiment)
+    except RuntimeError as exc:  # the SDK's own line on the experiment; the cause says why
+        raise RuntimeError(f"{exc}: {exc.__cause__}" if exc.__cause__ else str(exc)) from exc
     progress(f"submitted {job.resource_name}")
+    if experiment:
+        progress(f"experiment: {experiment}")
     progress(f"console: {console_link(job.resource_name)}")
     if wait:
         job.wait()
@@ -144,7 +156,8 @@ def create_schedule(project: VertexProject, template: str, parameters: dict[str,
                     max_concurrent_runs: int = 1, start_time: str | None = None,
                     end_time: str | None = None, max_runs: int | None = None,
                     enable_caching: bool | None = None,
-                    labels: dict[str, str] | None = None) -> str:
+                    labels: dict[str, str] | None = None,
+                    encryption_spec_key_name: str | None = None) -> str:
     """A `PipelineJobSchedule` running the pipeline on a cron (5 fields, optional time zone)."""
     from google.cloud import aiplatform
 
@@ -153,7 +166,9 @@ def create_schedule(project: VertexProject, template: str, parameters: dict[str,
             f"cron {cron!r} does not have 5 fields (minute hour day month weekday); "
             "pass e.g. '0 3 * * *' and the zone with --time-zone"
         )
-    job = pipeline_job(project, template, parameters, enable_caching, labels or {})
+    job = pipeline_job(project, template, parameters, enable_caching, labels or {},
+                       display_name=display_name,
+                       encryption_spec_key_name=encryption_spec_key_name)
     schedule = aiplatform.PipelineJobSchedule(pipeline_job=job, display_name=display_name)
     schedule.create(
         cron=f"TZ={time_zone} {cron}" if time_zone else cron,
@@ -174,6 +189,65 @@ def schedules(project: VertexProject) -> list[dict[str, str]]:
          "state": s.state.name if s.state is not None else "", "cron": s.cron}
         for s in aiplatform.PipelineJobSchedule.list()
     ]
+
+
+def _when(moment: Any) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else "-"
+
+
+def _state(job: Any) -> str:
+    return job.state.name.removeprefix("PIPELINE_STATE_") if job.state is not None else "UNKNOWN"
+
+
+def _plain(value: Any) -> Any:
+    """A parameter value as it was given: Vertex AI keeps numbers as doubles (3 reads 3.0)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def runs(project: VertexProject, pipeline_name: str, limit: int = 20) -> list[dict[str, str]]:
+    """The newest `limit` jobs of the pipeline named `pipeline_name`, newest first: ID, state,
+    creation time, display name."""
+    from google.cloud import aiplatform
+
+    project.init()
+    jobs = aiplatform.PipelineJob.list(filter=f'pipeline_name="{pipeline_name}"',
+                                       order_by="create_time desc")
+    # The listed resources as they came: an SDK job's `state` would ask for each job again.
+    listed = [job.gca_resource for job in jobs[:limit]]
+    return [{"name": job.name.rsplit("/", 1)[-1], "state": _state(job),
+             "created": _when(job.create_time), "display_name": job.display_name}
+            for job in listed]
+
+
+def run_details(project: VertexProject, name: str) -> dict[str, Any]:
+    """One pipeline job by resource name or ID: what `torchship runs get` shows."""
+    from google.cloud import aiplatform
+
+    project.init()
+    job = aiplatform.PipelineJob.get(name).gca_resource
+    return {"name": job.name.rsplit("/", 1)[-1], "display_name": job.display_name,
+            "state": _state(job),
+            "created": _when(job.create_time), "started": _when(job.start_time),
+            "ended": _when(job.end_time),
+            "parameters": _plain(type(job.runtime_config).to_dict(job.runtime_config).get(
+                "parameter_values", {})),
+            "link": console_link(job.name)}
+
+
+def cancel_run(project: VertexProject, name: str) -> str:
+    """Ask Vertex AI to cancel one pipeline job; return its resource name."""
+    from google.cloud import aiplatform
+
+    project.init()
+    job = aiplatform.PipelineJob.get(name)
+    job.cancel()
+    return job.resource_name
 
 
 def change_schedule(project: VertexProject, name: str, action: str) -> None:

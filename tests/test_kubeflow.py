@@ -4,6 +4,7 @@ stand-in for the KFP API server (tests/fake_kfp.py)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,116 @@ print(json.dumps(loaded))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1]) == []
     assert len(kfp_server.runs) == 1
+
+
+# Multi-user clusters: namespaces, experiments, a bearer token; following and stopping runs.
+
+TOKEN = "kfp-token-of-ml-team"
+
+
+@pytest.fixture
+def kfp_cluster(monkeypatch):
+    """A multi-user cluster's API server that takes only calls carrying TOKEN."""
+    monkeypatch.setenv("KFP_TOKEN", TOKEN)
+    with FakeKFP(multi_user=True, token=TOKEN) as server:
+        yield server
+
+
+def on(cluster: FakeKFP) -> list[str]:
+    return ["--kfp-host", cluster.endpoint, "--namespace", "ml-team"]
+
+
+def fails(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 2, result.output
+    [line] = result.output.splitlines()
+    assert line.startswith("error: ")
+    return line
+
+
+def test_cli_submit_to_a_namespace_and_experiment_with_a_token(kfp_cluster, pipeline_yaml,
+                                                               tmp_path):
+    values = tmp_path / "p.yaml"
+    values.write_text("epochs: 4\ndata_source: gs://acme-data/incoming/a.csv\n")
+    output = cli("submit", str(pipeline_yaml), *on(kfp_cluster), "--experiment", "tuning",
+                 "--job-id", "digits-by-hand", "--param-file", str(values), "-p", "epochs=6")
+    [experiment] = kfp_cluster.experiments.values()
+    assert experiment["display_name"] == "tuning" and experiment["namespace"] == "ml-team"
+    [run] = kfp_cluster.runs.values()
+    assert f"submitted run {run['run_id']}" in output
+    assert run["experiment_id"] == experiment["experiment_id"]
+    assert run["display_name"] == "digits-by-hand"
+    assert run["runtime_config"]["parameters"] == {
+        "epochs": 6, "data_source": "gs://acme-data/incoming/a.csv"}
+    assert {r.header("Authorization") for r in kfp_cluster.requests} == {f"Bearer {TOKEN}"}
+
+    # Without the namespace the multi-user server refuses to look the experiment up; without
+    # the token, everything: one line each, nothing made.
+    line = fails("submit", str(pipeline_yaml), "--kfp-host", kfp_cluster.endpoint)
+    assert line == (f"error: Kubeflow Pipelines at {kfp_cluster.endpoint} answered 400 Bad "
+                    "Request: in multi-user mode, list by namespace or experiment")
+    line = fails("submit", str(pipeline_yaml), *on(kfp_cluster), "--kfp-token", "stale")
+    assert " answered 401 Unauthorized: " in line
+    assert len(kfp_cluster.runs) == 1 and len(kfp_cluster.experiments) == 1
+
+
+def test_cli_runs_list_get_and_cancel_on_kubeflow(kfp_cluster, pipeline_yaml):
+    run_ids = []
+    for name in ("first", "second"):
+        cli("submit", str(pipeline_yaml), *on(kfp_cluster), "--job-id", name, "-p", "epochs=2")
+        run_ids.append(next(r["run_id"] for r in kfp_cluster.runs.values()
+                            if r["display_name"] == name))
+    first, second = run_ids
+    cli("submit", str(pipeline_yaml), *on(kfp_cluster), "--experiment", "elsewhere")
+
+    lines = cli("runs", "list", *on(kfp_cluster)).splitlines()
+    # The experiment's runs (default: torchship), newest first: ID, state, created, name.
+    assert [line.split()[0] for line in lines] == [second, first]
+    assert re.fullmatch(rf"{second}  PENDING  2026-01-01T00:00:\d\dZ  second", lines[0])
+    listed = kfp_cluster.calls("GET", r"/runs$")[-1]
+    torchship = next(e["experiment_id"] for e in kfp_cluster.experiments.values()
+                     if e["display_name"] == "torchship")
+    assert listed.query["experiment_id"] == [torchship]
+    assert listed.query["sort_by"] == ["created_at desc"]
+    assert cli("runs", "list", *on(kfp_cluster), "--experiment", "elsewhere").count("\n") == 1
+
+    shown = cli("runs", "get", first, *on(kfp_cluster))
+    assert shown.splitlines()[0] == f"{first}  PENDING  first"
+    assert "    epochs = 2\n" in shown and "ended -" in shown
+    assert shown.rstrip().endswith(f"{kfp_cluster.endpoint}/#/runs/details/{first}")
+
+    assert cli("runs", "cancel", first, *on(kfp_cluster)) == (
+        f"terminating run {first} on {kfp_cluster.endpoint}\n")
+    assert len(kfp_cluster.calls("POST", rf"/runs/{first}:terminate$")) == 1
+    assert kfp_cluster.runs[first]["state"] == "CANCELING"
+    assert kfp_cluster.runs[second]["state"] == "PENDING"
+    line = fails("runs", "get", "no-such-run", *on(kfp_cluster))
+    assert " answered 404 Not Found: run no-such-run not found" in line
+
+
+def test_cli_recurring_runs_in_a_namespace_and_experiment_paused_resumed_deleted(
+        kfp_cluster, pipeline_yaml):
+    where = [*on(kfp_cluster), "--experiment", "retraining"]
+    cli("schedule", "create", str(pipeline_yaml), *where, "--display-name", "nightly",
+        "--cron", "0 3 * * *", "-p", "epochs=5")
+    [experiment] = kfp_cluster.experiments.values()
+    assert experiment["display_name"] == "retraining" and experiment["namespace"] == "ml-team"
+    [recurring] = kfp_cluster.recurring_runs.values()
+    assert recurring["experiment_id"] == experiment["experiment_id"]
+    assert recurring["runtime_config"]["parameters"] == {"epochs": 5}
+    recurring_id = recurring["recurring_run_id"]
+
+    assert cli("schedule", "list", *where) == f"{recurring_id}  ENABLED  0 0 3 * * *  nightly\n"
+    assert cli("schedule", "pause", recurring_id, *where) == f"paused {recurring_id}\n"
+    assert kfp_cluster.recurring_runs[recurring_id]["status"] == "DISABLED"
+    assert len(kfp_cluster.calls("POST", rf"/recurringruns/{recurring_id}:disable$")) == 1
+    assert "  DISABLED  " in cli("schedule", "list", *where)
+    cli("schedule", "resume", recurring_id, *where)
+    assert kfp_cluster.recurring_runs[recurring_id]["status"] == "ENABLED"
+    cli("schedule", "delete", recurring_id, *where)
+    assert len(kfp_cluster.calls("DELETE", rf"/recurringruns/{recurring_id}$")) == 1
+    assert not kfp_cluster.recurring_runs and cli("schedule", "list", *where) == ""
+    # Another experiment, or one that does not exist: said in one line.
+    line = fails("schedule", "list", *on(kfp_cluster))
+    assert line == (f"error: experiment 'torchship' not found on {kfp_cluster.endpoint} "
+                    "(namespace ml-team); pass --experiment with the one the runs went to")

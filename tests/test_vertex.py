@@ -72,6 +72,95 @@ def test_submit_sends_spec_parameters_root_account_network_and_labels(fake, pipe
     assert "finished: PIPELINE_STATE_SUCCEEDED" in output
 
 
+KEY = f"projects/{PROJECT}/locations/{REGION}/keyRings/ml/cryptoKeys/pipelines"
+STORE = f"projects/{PROJECT}/locations/{REGION}/metadataStores/default"
+
+
+def test_submit_with_a_parameter_file_an_experiment_and_a_key(fake, pipeline_yaml, tmp_path):
+    values = tmp_path / "p.yaml"
+    values.write_text("epochs: 7\nbenchmark_concurrency: [1, 2]\n"
+                      "data_source: gs://acme-data/a.csv\n")
+    output = cli("submit", str(pipeline_yaml), *WHERE, "--param-file", str(values),
+                 "-p", "epochs=9", "--experiment", "digits-tuning",
+                 "--encryption-spec-key-name", KEY, "--display-name", "tuning-by-hand",
+                 "--job-id", "digits-run-1")
+
+    [create] = fake.calls("POST", rf"^/v1/projects/{PROJECT}/locations/{REGION}/pipelineJobs$")
+    assert create.query["pipelineJobId"] == ["digits-run-1"]
+    job = create.body
+    assert job["displayName"] == "tuning-by-hand"
+    assert job["encryptionSpec"] == {"kmsKeyName": KEY}
+    # The file's values, -p winning over it; typed as the file wrote them.
+    assert job["runtimeConfig"]["parameterValues"] == {
+        "epochs": 9, "benchmark_concurrency": [1, 2], "data_source": "gs://acme-data/a.csv",
+        "target_concurrency": 2, "reference_uri": REFERENCE}
+    # The experiment is a metadata context the SDK made, and the job's run context is its child.
+    experiment = fake.resources[f"{STORE}/contexts/digits-tuning"]
+    assert experiment["schemaTitle"] == "system.Experiment"
+    run_context = fake.resources[f"{STORE}/contexts/digits-run-1"]
+    assert run_context["schemaTitle"] == "system.PipelineRun"
+    assert run_context["parentContexts"] == [experiment["name"]]
+    [add] = fake.calls("POST", r"/contexts/digits-tuning:addContextChildren$")
+    assert add.body == {"childContexts": [run_context["name"]]}
+    assert "experiment: digits-tuning" in output
+
+    # A second run joins the same experiment; the experiment is not made again.
+    cli("submit", str(pipeline_yaml), *WHERE, "--experiment", "digits-tuning",
+        "--job-id", "digits-run-2")
+    assert len(fake.calls("POST", r"/metadataStores/default/contexts$")) == 1
+    assert fake.resources[f"{STORE}/contexts/digits-run-2"]["parentContexts"] == [
+        experiment["name"]]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("list.yaml", "- epochs\n- 3\n", "holds a list, not a mapping"),
+    ("broken.json", '{"epochs": 3,', "does not parse as YAML or JSON at line 1"),
+    ("missing.yaml", None, "cannot read it (No such file or directory)"),
+])
+@pytest.mark.parametrize("command", [["submit"], ["schedule", "create", "--cron", "0 3 * * *"]])
+def test_a_parameter_file_that_is_not_a_mapping_is_one_error_line(fake, pipeline_yaml, tmp_path,
+                                                                  command, name, content,
+                                                                  message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    result = CliRunner().invoke(main, [*command[:2], str(pipeline_yaml), *WHERE, *command[2:],
+                                       "--param-file", str(path)])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.splitlines()
+    assert line.startswith(f"error: --param-file {path}") and message in line
+    assert not fake.calls("POST", "pipelineJobs") and not fake.calls("POST", "schedules")
+
+
+def test_schedule_takes_a_json_parameter_file_and_a_key_but_no_experiment(fake, pipeline_yaml,
+                                                                         tmp_path):
+    values = tmp_path / "p.json"
+    values.write_text(json.dumps({"epochs": 30, "max_accuracy_drop_pt": 0.5}))
+    cli("schedule", "create", str(pipeline_yaml), *WHERE, "--display-name", "nightly",
+        "--cron", "0 3 * * *", "--param-file", str(values), "--encryption-spec-key-name", KEY)
+    [create] = fake.calls("POST", rf"^/v1/projects/{PROJECT}/locations/{REGION}/schedules$")
+    assert create.body["displayName"] == "nightly"
+    job = create.body["createPipelineJobRequest"]["pipelineJob"]
+    assert job["encryptionSpec"] == {"kmsKeyName": KEY}
+    assert job["runtimeConfig"]["parameterValues"] == {
+        "epochs": 30, "max_accuracy_drop_pt": 0.5, "reference_uri": REFERENCE}
+
+    result = CliRunner().invoke(main, ["schedule", "create", str(pipeline_yaml), *WHERE,
+                                       "--cron", "0 3 * * *", "--experiment", "nightly"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: --experiment: a Vertex AI schedule's runs cannot")
+    assert len(fake.calls("POST", "schedules")) == 1
+
+
+def test_options_of_the_other_platform_are_refused(fake, pipeline_yaml):
+    for extra, message in [(["--namespace", "ml-team"], "--namespace is a Kubeflow namespace"),
+                           (["--kfp-host", "http://127.0.0.1:1", "--encryption-spec-key-name",
+                             KEY], "--encryption-spec-key-name is for Vertex AI")]:
+        result = CliRunner().invoke(main, ["submit", str(pipeline_yaml), *WHERE, *extra])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {message}")
+    assert not fake.requests
+
+
 def test_submit_fails_clearly_on_a_root_that_is_not_gcs(fake, pipeline_yaml):
     result = CliRunner().invoke(main, ["submit", str(pipeline_yaml), "--project", PROJECT,
                                        "--pipeline-root", "/tmp/root"])
@@ -119,7 +208,7 @@ VERTEX_DEPLOY = {"project": PROJECT, "location": REGION, "model_display_name": "
 
 @pytest.mark.parametrize(("parameters", "message"), [
     (["deploy_target=vertex"],
-     "needs deploy_settings project, location, model_display_name, serving_image_uri"),
+     "needs deploy_settings project, location, serving_image_uri"),
     (["deploy_target=vertex", "deploy_settings=" + json.dumps({**VERTEX_DEPLOY, "replicas": 2})],
      "deploy_settings replicas are not settings of the 'vertex' target; use any of "),
     (["deploy_settings={\"name\": \"digits\"}"], "are for remote targets"),
