@@ -176,9 +176,10 @@ def data_runner_options(func: Any) -> Any:
     return func
 
 
-def _run_parameters(params: tuple[str, ...], param_file: str | None,
-                    runner_settings: dict[str, Any], project: str | None, region: str,
-                    kfp_host: str | None, pipeline_root: str | None = None) -> dict[str, Any]:
+def _run_parameters(params: tuple[str, ...], runner_settings: dict[str, Any],
+                    project: str | None, region: str, kfp_host: str | None,
+                    pipeline_root: str | None = None,
+                    param_file: str | None = None) -> dict[str, Any]:
     """The run's parameters: --param-file, then the data runner's options, then each -p
     NAME=VALUE. On Vertex AI, a Dataflow data step runs in the pipeline's project and region
     unless told otherwise."""
@@ -217,8 +218,8 @@ def submit(template: str, project: str | None, region: str, pipeline_root: str |
            job_id: str | None, wait: bool, **runner_settings: Any) -> None:
     """Submit TEMPLATE (a compiled YAML or an Artifact Registry URI) as a pipeline run."""
     _platform_check(kfp_host, namespace, kms_key)
-    parameters = _run_parameters(params, param_file, runner_settings, project, region, kfp_host,
-                                 pipeline_root)
+    parameters = _run_parameters(params, runner_settings, project, region, kfp_host,
+                                 pipeline_root, param_file)
     with cloud_errors(kfp_host):
         _preflight(template, parameters, kfp_host)
         if kfp_host:
@@ -276,8 +277,8 @@ def schedule_create(template: str, display_name: str, cron: str, time_zone: str 
         # created by Vertex AI itself, so nothing would.
         fail("--experiment: a Vertex AI schedule's runs cannot join an experiment; leave it out, "
              "or submit runs with `torchship submit --experiment`")
-    parameters = _run_parameters(params, param_file, runner_settings, project, region, kfp_host,
-                                 pipeline_root)
+    parameters = _run_parameters(params, runner_settings, project, region, kfp_host,
+                                 pipeline_root, param_file)
     with cloud_errors(kfp_host):
         _preflight(template, parameters, kfp_host)  # or every scheduled run fails the same way
         if kfp_host:
