@@ -102,7 +102,7 @@ def run_pipeline(
 
 def _run(pipeline_yaml: str | Path, pipeline_root: str | Path, arguments: dict[str, Any],
          verbose: bool) -> dict[str, Any]:
-    pipeline = components.load_component_from_file(str(pipeline_yaml))
+    pipeline = components.load_component_from_text(_without_retries(Path(pipeline_yaml)))
     root = Path(pipeline_root)
     made_root = not root.exists()
     before = set(_run_dirs(root))
@@ -133,6 +133,20 @@ def _run(pipeline_yaml: str | Path, pipeline_root: str | Path, arguments: dict[s
                         "gate": task.outputs["gate_record"].path,
                         "report": task.outputs["report"].path}
     return summary
+
+
+def _without_retries(pipeline_yaml: Path) -> str:
+    """The compiled pipeline with no task retried: retries are for a cluster's passing faults
+    (a node reclaimed, storage hiccups); on this machine a failure is real, and kfp.local would
+    run a refused data step again after a back-off, printing its error each time."""
+    import yaml
+
+    documents = list(yaml.safe_load_all(pipeline_yaml.read_text()))
+    spec = documents[0]
+    for component in [spec.get("root", {}), *spec.get("components", {}).values()]:
+        for task in component.get("dag", {}).get("tasks", {}).values():
+            task.pop("retryPolicy", None)
+    return yaml.safe_dump_all(documents, sort_keys=False)
 
 
 def prune_runs(pipeline_root: str | Path, keep: int) -> list[Path]:

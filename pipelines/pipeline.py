@@ -57,7 +57,8 @@ PLATFORMS = ("kfp", "vertex")
 # What each task asks of its node: (CPU request, CPU limit, memory request, memory limit).
 # Vertex AI picks a task's machine by its limits; Kubernetes schedules by the requests, which
 # fit a 4-CPU, 16 GB node. The benchmark and the serving search ask for all they may use, so
-# that what they measure does not depend on their neighbours. kfp.local ignores both.
+# that what they measure does not depend on their neighbours. kfp.local ignores the resources, and
+# `torchship run` drops the retries (pipelines/local.py).
 RESOURCES = {
     "prepare-data": ("1", "4", "4G", "16G"),
     "train": ("2", "8", "8G", "32G"),  # the kfp platform's one task (on Vertex AI: the job's)
