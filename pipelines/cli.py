@@ -224,7 +224,8 @@ def _deployed_line(variant: str, arguments: dict[str, Any], defaults: dict[str, 
 @main.command(name="retrain-status")
 @click.option("--reference", "reference_uri", default="runs/torchship-reference/torchship/local/",
               show_default=True, help="The reference a deploying run keeps (reference_uri).")
-@click.option("--data", help="A new .csv or .parquet table to measure against it.")
+@click.option("--data", help="New data to measure against it: a .csv or .parquet table, an "
+              "image folder (a sample of its images) or a folder of tables (its newest).")
 @click.option("--decisions", "newest", default=5, show_default=True,
               help="How many of the trigger's newest decisions to show.")
 def retrain_status(reference_uri: str, data: str | None, newest: int) -> None:

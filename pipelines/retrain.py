@@ -87,7 +87,9 @@ def status_lines(reference_uri: str, data: str | None = None, newest: int = 5,
             "there yet; pass the folder a deploying run printed ('reference: ... kept in ...')")
     p99 = (f", p99 {serving['p99_ms']:.2f} ms at concurrency {serving['target_concurrency']}"
            if serving.get("p99_ms") is not None else "")
-    lines = [(f"serving: {serving['model']} version {serving['version']} ({serving['target']}), "
+    variant = f", variant {serving['variant']}" if serving.get("variant") else ""
+    lines = [(f"serving: {serving['model']} version {serving['version']} ({serving['target']}"
+              f"{variant}), "
              f"test accuracy {serving['test_accuracy']:.4f}{p99}; trained on "
              f"{serving['training_rows']:,} rows of {serving['data_source']} "
              f"(kept {serving['kept_at']})")]

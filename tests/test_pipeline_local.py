@@ -112,7 +112,8 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
                        "--data", str(tmp_path / "new.csv"))
     assert status.returncode == 0, status.stdout + status.stderr
     lines = status.stdout.splitlines()
-    assert lines[0].startswith("serving: torchship version 1 (local), test accuracy ")
+    assert lines[0].startswith(
+        f"serving: torchship version 1 (local, variant {gate['variant']}), test accuracy ")
     assert "decisions: none yet" in lines and f"{tmp_path / 'new.csv'} against the reference: drifted" in status.stdout
     moved = [line.split() for line in lines if line.strip().startswith("pixel_")]
     assert [row[0] for row in moved if row[-1] == "yes"] == ["pixel_3_3"] and len(moved) == 64
