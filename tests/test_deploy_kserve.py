@@ -165,3 +165,32 @@ def test_a_serving_model_name_kserve_would_refuse_is_refused_up_front():
     # With its own InferenceService name, any Triton model name will do.
     check_serving_model_name("Digits_v2", "kserve", {"namespace": "models", "name": "digits"})
     check_serving_model_name("Digits_v2", "local")
+
+
+def test_the_rbac_lets_the_pipeline_pod_make_every_call_the_deploy_step_makes():
+    """infra/kserve/rbac.yaml: the pipeline's service account, bound in the serving namespace to
+    a Role whose verbs cover each Kubernetes call in kserve_api.py, on InferenceServices only."""
+    import re
+
+    import yaml
+
+    from torchship.components.deploy.targets import kserve_api
+
+    documents = {doc["kind"]: doc for doc in yaml.safe_load_all(
+        (EXAMPLE.parent / "rbac.yaml").read_text())}
+    account, role, binding = (documents[k] for k in ("ServiceAccount", "Role", "RoleBinding"))
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                    "namespace": account["metadata"]["namespace"]}]
+    assert binding["metadata"]["namespace"] == role["metadata"]["namespace"]
+    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    assert {group for group, _, _ in granted} == {kserve_api.GROUP}
+    calls = set(re.findall(r"api\.(\w+?)_namespaced_custom_object",
+                           Path(kserve_api.__file__).read_text()))
+    assert calls and calls <= {"get", "create", "patch", "delete", "list", "replace"}
+    verbs = {"get": "get", "create": "create", "patch": "patch", "delete": "delete",
+             "list": "list", "replace": "update"}
+    for call in calls:
+        assert (kserve_api.GROUP, kserve_api.PLURAL, verbs[call]) in granted, call
