@@ -17,6 +17,10 @@ from torchship.pipelines.arguments import concurrency_levels, fail, key_values
 from torchship.pipelines.cli_cloud import data_runner_options, publish, schedule, submit
 from torchship.pipelines.cli_runs import runs  # and schedule list|pause|resume|delete
 
+# `compile --platform`: the two pipelines (pipelines/pipeline.py PLATFORMS), the kfp one also by
+# where it runs.
+PLATFORM_NAMES = {"kfp": "kfp", "local": "kfp", "kubeflow": "kfp", "vertex": "vertex"}
+
 DEFAULT_PIPELINE = "out/torchship-pipeline.yaml"
 
 # `torchship run` options that set pipeline parameters: option -> pipeline parameter.
@@ -69,10 +73,10 @@ def main() -> None:
 @click.option("--gpu-image", default=None,
               help="The train stage's image on Vertex AI machines with GPUs (default: "
                    "$TORCHSHIP_GPU_IMAGE, else --image with torchship-cpu made torchship-cuda).")
-@click.option("--platform", type=click.Choice(["kfp", "vertex"]), default=None,
+@click.option("--platform", type=click.Choice(list(PLATFORM_NAMES)), default=None,
               help="kfp [default]: kfp.local and Kubeflow Pipelines, training as N processes in "
-                   "one task; vertex: Vertex AI Pipelines, training as a multi-replica custom "
-                   "job.")
+                   "one task (`local` and `kubeflow` name it by where it runs: the same YAML); "
+                   "vertex: Vertex AI Pipelines, training as a multi-replica custom job.")
 @click.option("--target", "old_platform", type=click.Choice(["local", "vertex"]), default=None,
               hidden=True)  # the earlier name of --platform (local: kfp)
 def compile(output: str, image: str | None, gpu_image: str | None, platform: str | None,
@@ -82,11 +86,13 @@ def compile(output: str, image: str | None, gpu_image: str | None, platform: str
 
     if platform and old_platform:
         fail("--target is the earlier name of --platform; pass only --platform")
-    platform = platform or {"local": "kfp", "vertex": "vertex", None: "kfp"}[old_platform]
+    named = platform or {"local": "local", "vertex": "vertex", None: "kfp"}[old_platform]
+    platform = PLATFORM_NAMES[named]
     path = compile_pipeline(output, image=image, platform=platform, gpu_image=gpu_image)
     image = image or default_image()
     gpu_line = f", GPU image {gpu_image or default_gpu_image(image)}" if platform == "vertex" else ""
-    click.echo(f"wrote {path} (platform {platform}, image {image}{gpu_line})")
+    alias = f" (the {platform} pipeline)" if named != platform else ""
+    click.echo(f"wrote {path} (platform {named}{alias}, image {image}{gpu_line})")
 
 
 @main.command()

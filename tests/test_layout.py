@@ -209,7 +209,21 @@ def test_target_means_only_the_deploy_target():
     assert set(target_names()) == {"local", "vertex", "kserve"}
     done = subprocess.run([*TORCHSHIP, "compile", "--help"], capture_output=True, text=True,
                           check=True)
-    assert "--platform [kfp|vertex]" in done.stdout and "--target" not in done.stdout
+    assert "--platform [kfp|local|kubeflow|vertex]" in done.stdout
+    assert "--target" not in done.stdout
+
+
+def test_local_and_kubeflow_name_the_kfp_pipeline_by_where_it_runs(tmp_path):
+    outputs, said = {}, {}
+    for platform in ("kfp", "kubeflow", "local"):
+        said[platform] = subprocess.run([*TORCHSHIP, "compile", "--platform", platform, "-o",
+                                         str(tmp_path / f"{platform}.yaml")],
+                                        capture_output=True, text=True, check=True).stdout
+        outputs[platform] = (tmp_path / f"{platform}.yaml").read_text()
+    assert outputs["kubeflow"] == outputs["kfp"] == outputs["local"]
+    assert "(platform kubeflow (the kfp pipeline), image " in said["kubeflow"]
+    assert "(platform local (the kfp pipeline), image " in said["local"]
+    assert "(platform kfp, image " in said["kfp"]
 
 
 def test_the_worker_entry_point_is_the_train_package():
