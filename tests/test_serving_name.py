@@ -16,6 +16,7 @@ import tritonclient.http as httpclient
 from artifacts import export_linear, write_onnx_dir
 from processes import error_lines, torchship
 
+from torchship.components.data.splits import load_split
 from torchship.components.deploy.reference import keep_reference
 from torchship.components.deploy.stage import deploy_to
 from torchship.components.errors import UserInputError
@@ -171,3 +172,32 @@ def test_a_bad_serving_model_name_is_refused_before_the_run_in_one_line(pipeline
                "e.g. 'torchship'")
     assert error_lines(done.stderr) == [refusal]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("prepare-data"))
+
+
+def test_two_pipeline_runs_choosing_different_variants_serve_under_one_name(pipeline_yaml,
+                                                                           tmp_path):
+    """Two kfp.local runs of the pipeline, the first choosing fp32 and the second int8: one
+    model, `digits`, versions 1 and 2, each saying its variant; a request naming no version is
+    answered by version 2."""
+    quick = ["--epochs", "3", "--finetune-epochs", "1", "--bench-duration", "1",
+             "--concurrency", "1", "--max-accuracy-drop", "5", "--serving-model-name", NAME,
+             "-p", "serving_instance_counts=[]", "-p", "serving_queue_delays_us=[]"]
+    root = tmp_path / "runs"
+    for version, variant in ((1, "fp32"), (2, "int8")):
+        done = torchship("run", str(pipeline_yaml), "--pipeline-root", str(root),
+                         "--variants", variant, *quick, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert f"deployed: {variant} as version {version} of model '{NAME}'" in done.stdout
+    repository = root / "model_repository"
+    assert [p.name for p in repository.iterdir() if p.is_dir()] == [NAME]
+    assert {v: version_variant(repository / NAME, v) for v in (1, 2)} == {1: "fp32", 2: "int8"}
+    x = load_split(str(next(root.rglob("prepare-data/test")))).inputs["input"][:4]
+    with TritonServer(repository) as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        try:
+            infer_input = httpclient.InferInput("input", list(x.shape), "FP32")
+            infer_input.set_data_from_numpy(x)
+            answer = client.infer(NAME, [infer_input]).get_response()
+        finally:
+            client.close()
+    assert answer["model_name"] == NAME and answer["model_version"] == "2"
