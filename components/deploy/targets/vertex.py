@@ -49,7 +49,8 @@ from torchship.components.triton.repository import (
 )
 from torchship.components.triton.versions import version_variant
 
-__all__ = ["DEPLOYED_MODEL_HEADER", "TRITON_REDIRECT_HEADER", "deploy_vertex", "gcs_uri"]
+__all__ = ["DEPLOYED_MODEL_HEADER", "TRITON_REDIRECT_HEADER", "deploy_vertex", "gcs_uri",
+           "resource_uri"]
 
 DEPLOYED_MODEL_HEADER = "X-Vertex-AI-Deployed-Model-Id"
 TRITON_REDIRECT_HEADER = "X-Vertex-Ai-Triton-Redirect"
@@ -118,9 +119,10 @@ def deploy_vertex(
 
     On failure the new deployed model is undeployed with the endpoint's previous traffic split
     restored, the alias is taken off the new version, and ``ServingError`` says why. Returns
-    ``{"model", "model_version", "alias", "endpoint", "deployed_model_id", "traffic_split",
-    "previous_traffic_split", "promoted", "models": {name: smoke results}, "repository_uri",
-    "passed"}``.
+    ``{"model", "model_version", "model_version_name", "alias", "endpoint", "deployed_model_id",
+    "traffic_split", "previous_traffic_split", "promoted", "models": {name: smoke results},
+    "repository_uri", "passed"}``; ``model_version_name`` is the new version's resource name
+    (``<model>@<version>``) and ``endpoint`` the endpoint's.
     """
     from google.cloud import aiplatform
 
@@ -235,6 +237,7 @@ def deploy_vertex(
     return {
         "model": model.resource_name,
         "model_version": version,
+        "model_version_name": f"{model.resource_name}@{version}",
         "alias": alias,
         "endpoint": endpoint.resource_name,
         "deployed_model_id": new_id,
@@ -246,6 +249,14 @@ def deploy_vertex(
         "target": "vertex",
         "passed": True,
     }
+
+
+def resource_uri(resource_name: str) -> str:
+    """The URI of a Vertex AI resource (``projects/P/locations/L/...``) as the Google Cloud
+    Pipeline Components write it in a ``google.VertexModel`` or ``google.VertexEndpoint``
+    artifact: the resource's REST URL in its region."""
+    location = resource_name.split("/")[3]
+    return f"https://{location}-aiplatform.googleapis.com/v1/{resource_name}"
 
 
 def _find_parent(aiplatform, display_name: str, where: dict) -> str | None:
