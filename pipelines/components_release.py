@@ -2,6 +2,10 @@
 the rest (pipelines/components.py), thin wrappers whose bodies import and call a stage function.
 """
 
+# Vertex AI's own artifact types, so that its console links a run to the model version and the
+# endpoint it deployed. KFP adds this import to the component's executor command; the image has
+# google-cloud-pipeline-components (pyproject.toml).
+from google_cloud_pipeline_components.types.artifact_types import VertexEndpoint, VertexModel
 from kfp.dsl import (
     HTML,
     Artifact,
@@ -131,11 +135,17 @@ def deploy(
     reference_uri: str,
     serving_model_name: str,
     model_repository: Output[Artifact],
+    vertex_model: Output[VertexModel],
+    vertex_endpoint: Output[VertexEndpoint],
 ):
     """Deploy the chosen model with the serving search's settings as a new version of
     `serving_model_name` (whichever variant it is) on Triton (local), a Vertex AI Endpoint or
     KServe, smoke-tested against ONNX Runtime; on failure the serving version stays as it was.
-    Then keep the retraining reference at `reference_uri`."""
+    Then keep the retraining reference at `reference_uri`.
+
+    `vertex_model` and `vertex_endpoint` name the Model Registry version and the Endpoint a
+    vertex deploy made, as Google Cloud Pipeline Components' ops do (metadata `resourceName`, the
+    resource's REST URL as URI); for another target they stay empty but for `target`."""
     import json
 
     from torchship.components.deploy.stage import deploy_to
@@ -150,6 +160,15 @@ def deploy(
                                       "model_name": serving_model_name,
                                       "variant": result["variant"],
                                       **result.get("summary", {})})
+    for artifact in (vertex_model, vertex_endpoint):
+        artifact.metadata["target"] = target
+    if target == "vertex":
+        from torchship.components.deploy.targets.vertex import resource_uri
+
+        for artifact, name in ((vertex_model, result["model_version_name"]),
+                               (vertex_endpoint, result["endpoint"])):
+            artifact.uri = resource_uri(name)
+            artifact.metadata["resourceName"] = name
     if reference_uri:
         from torchship.components.deploy.reference import keep_reference
 

@@ -189,3 +189,42 @@ def test_bad_inputs_fail_before_any_call(fake, tmp_path, test_path):
         deploy_vertex(local, test_path, repository_uri=BUCKET, **common)
     assert fake.requests == []
     assert gcs_uri("/gcs/bucket/run/model_repository") == "gs://bucket/run/model_repository"
+
+
+def test_deploy_component_names_the_model_version_and_endpoint_for_lineage(fake, tmp_path,
+                                                                           test_path):
+    """The pipeline's deploy component, called as KFP's executor would: its google.VertexModel
+    and google.VertexEndpoint outputs name what the deploy created, as GCPC's ops write them."""
+    import json
+
+    from google_cloud_pipeline_components.types.artifact_types import VertexEndpoint, VertexModel
+    from kfp.dsl import Artifact, Dataset, Model
+
+    from torchship.pipelines.components_release import deploy
+
+    triton = TritonOnVertex(fake)
+    fake.raw_predict = triton
+    uri = f"{BUCKET}/run1/model_repository"
+    model_repository = Artifact(name="model_repository", uri=str(tmp_path / "model_repository"))
+    triton.local[uri] = Path(model_repository.path)
+    serving_record = tmp_path / "serving_record.json"
+    serving_record.write_text(json.dumps({"settings": {}}))
+    outputs = {name: kind(name=name, uri=f"{BUCKET}/run1/{name}", metadata={})
+               for name, kind in (("vertex_model", VertexModel),
+                                  ("vertex_endpoint", VertexEndpoint))}
+    deploy(chosen_model=Model(uri=str(write_onnx_dir(tmp_path / "onnx", 1))),
+           test=Dataset(uri=str(test_path)), serving_record=Artifact(uri=str(serving_record)),
+           statistics=Artifact(uri=""), gate_record=Artifact(uri=""), target="vertex",
+           local_repository="", reference_uri="", serving_model_name="torchship",
+           settings={"project": PROJECT, "location": REGION, "serving_image_uri": IMAGE,
+                     "repository_uri": uri},
+           model_repository=model_repository, **outputs)
+
+    [version] = [name for name in fake.resources if "/models/" in name and "@" in name]
+    [endpoint] = [name for name in fake.resources if "/endpoints/" in name]
+    assert version.endswith("@1")
+    for artifact, name in ((outputs["vertex_model"], version),
+                           (outputs["vertex_endpoint"], endpoint)):
+        assert artifact.metadata == {"target": "vertex", "resourceName": name}
+        assert artifact.uri == f"https://{REGION}-aiplatform.googleapis.com/v1/{name}"
+    assert model_repository.metadata["endpoint"] == endpoint
