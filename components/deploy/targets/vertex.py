@@ -8,7 +8,9 @@ express the decisions a safe canary needs between them: find the parent model to
 create the endpoint only when absent, remember the traffic split before the deploy, send requests
 until the *new* deployed model has answered, and on a failed check undeploy it so the traffic goes
 back to the models that served before. Here those steps are plain code with one error path, and the
-same function is tested against a recorded fake of the Vertex AI REST API.
+same function is tested against a recorded fake of the Vertex AI REST API. The pipeline's deploy
+task still outputs those ops' artifact types (``google.VertexModel``, ``google.VertexEndpoint``,
+filled from the result) for Vertex AI's lineage.
 
 The serving container is Triton (an NGC ``tritonserver`` image pushed to Artifact Registry; its
 URI is a parameter). Vertex AI copies the model's ``artifact_uri`` (the repository's ``gs://``
