@@ -37,25 +37,26 @@ def test_compiled_deploy_outputs_vertex_ai_artifact_types(tmp_path, platform):
 
 
 def test_other_targets_leave_the_vertex_ai_artifacts_empty_but_for_the_target(tmp_path,
-                                                                             monkeypatch):
-    from torchship.components.deploy import stage
+                                                                             test_path):
+    """A real local deploy (Triton started, smoke-tested) through the deploy component: the
+    Vertex AI artifacts say only the target, and nothing is written to them."""
+    from artifacts import write_onnx_dir
+
     from torchship.pipelines.components_release import deploy
 
-    def deploy_to(target, *args, **kwargs):  # what a local deploy returns, without Triton
-        return {"target": target, "variant": "fp32", "summary": {"version": 3},
-                "endpoint": "http://localhost:8000"}
-
-    monkeypatch.setattr(stage, "deploy_to", deploy_to)
     serving_record = tmp_path / "serving_record.json"
     serving_record.write_text(json.dumps({"settings": {}}))
     outputs = {name: kind(name=name, uri=str(tmp_path / name), metadata={})
                for name, kind in (("vertex_model", VertexModel),
                                   ("vertex_endpoint", VertexEndpoint))}
-    deploy(chosen_model=Model(uri=str(tmp_path / "onnx")), test=Dataset(uri=""),
-           serving_record=Artifact(uri=str(serving_record)), statistics=Artifact(uri=""),
-           gate_record=Artifact(uri=""), target="local", local_repository="", settings={},
-           reference_uri="", serving_model_name="torchship",
-           model_repository=Artifact(uri=str(tmp_path / "model_repository")), **outputs)
+    model_repository = Artifact(name="model_repository", uri=str(tmp_path / "model_repository"))
+    deploy(chosen_model=Model(uri=str(write_onnx_dir(tmp_path / "onnx", 1))),
+           test=Dataset(uri=str(test_path)), serving_record=Artifact(uri=str(serving_record)),
+           statistics=Artifact(uri=""), gate_record=Artifact(uri=""), target="local",
+           local_repository=str(tmp_path / "served"), settings={}, reference_uri="",
+           serving_model_name="torchship", model_repository=model_repository, **outputs)
+    assert model_repository.metadata["target"] == "local"
+    assert (tmp_path / "served" / "torchship" / "1").is_dir()
     for name, artifact in outputs.items():
         assert artifact.metadata == {"target": "local"}
-        assert artifact.uri == str(tmp_path / name)
+        assert artifact.uri == str(tmp_path / name) and not (tmp_path / name).exists()
