@@ -77,10 +77,13 @@ def main() -> None:
               help="kfp [default]: kfp.local and Kubeflow Pipelines, training as N processes in "
                    "one task (`local` and `kubeflow` name it by where it runs: the same YAML); "
                    "vertex: Vertex AI Pipelines, training as a multi-replica custom job.")
+@click.option("--train-gpus", type=click.IntRange(min=0), default=0, show_default=True,
+              help="kfp platform: train in the GPU image on this many GPUs (nvidia.com/gpu); "
+                   "on Vertex AI GPUs are the run parameters train_accelerator_type/count.")
 @click.option("--target", "old_platform", type=click.Choice(["local", "vertex"]), default=None,
               hidden=True)  # the earlier name of --platform (local: kfp)
 def compile(output: str, image: str | None, gpu_image: str | None, platform: str | None,
-            old_platform: str | None) -> None:
+            train_gpus: int, old_platform: str | None) -> None:
     """Compile the pipeline to a KFP v2 YAML: the file every runner executes."""
     from torchship.pipelines.pipeline import compile_pipeline, default_gpu_image, default_image
 
@@ -88,9 +91,15 @@ def compile(output: str, image: str | None, gpu_image: str | None, platform: str
         fail("--target is the earlier name of --platform; pass only --platform")
     named = platform or {"local": "local", "vertex": "vertex", None: "kfp"}[old_platform]
     platform = PLATFORM_NAMES[named]
-    path = compile_pipeline(output, image=image, platform=platform, gpu_image=gpu_image)
+    try:
+        path = compile_pipeline(output, image=image, platform=platform, gpu_image=gpu_image,
+                                train_gpus=train_gpus)
+    except UserInputError as exc:
+        fail(str(exc))
     image = image or default_image()
-    gpu_line = f", GPU image {gpu_image or default_gpu_image(image)}" if platform == "vertex" else ""
+    gpus = f" on {train_gpus} GPU{'s' if train_gpus != 1 else ''}" if train_gpus else ""
+    gpu_line = (f", GPU image {gpu_image or default_gpu_image(image)}{gpus}"
+                if platform == "vertex" or train_gpus else "")
     alias = f" (the {platform} pipeline)" if named != platform else ""
     click.echo(f"wrote {path} (platform {named}{alias}, image {image}{gpu_line})")
 

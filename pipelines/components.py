@@ -267,18 +267,20 @@ class Components:
     train_custom_job_template: str = ""
 
 
-def build_components(image: str, vertex: bool = False, gpu_image: str = "") -> Components:
+def build_components(image: str, vertex: bool = False, gpu_image: str = "",
+                     train_on_gpu: bool = False) -> Components:
     """Make the components with `image` as their base image (the image has torchship and kfp);
-    `gpu_image` (default: `image`) is the train stage's on machines with accelerators."""
+    `gpu_image` (default: `image`) is the train stage's on machines with accelerators: on
+    Vertex AI chosen at run time, on the kfp platform `train_on_gpu` when compiled."""
 
-    def make(func: Callable) -> Callable:
-        return dsl.component(func, base_image=image, install_kfp_package=False)
+    def make(func: Callable, base: str = image) -> Callable:
+        return dsl.component(func, base_image=base, install_kfp_package=False)
 
     ops = Components(
         image=image,
         gpu_image=gpu_image or image,
         prepare_data=make(prepare_data),
-        train=make(train),
+        train=make(train, (gpu_image or image) if train_on_gpu and not vertex else image),
         compress=make(compress),
         export=make(export),
         deploy=make(deploy),

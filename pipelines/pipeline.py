@@ -1,6 +1,7 @@
 """The torchship DAG (data -> train -> compress -> export -> benchmark -> gate -> tune-serving ->
 deploy) and its compiler."""
 
+import functools
 import inspect
 import os
 from collections.abc import Callable
@@ -150,17 +151,28 @@ def _measurement(params: dict[str, Any]) -> dict[str, Any]:
     return {name: params[f"benchmark_{name}"] for name in MEASUREMENT_PARAMETERS}
 
 
-def build_pipeline(image: str, platform: str = "kfp", gpu_image: str | None = None) -> Callable:
+def build_pipeline(image: str, platform: str = "kfp", gpu_image: str | None = None,
+                   train_gpus: int = 0) -> Callable:
     """The pipeline function for `platform` (see PLATFORMS), with every component's base image
-    set to `image`; on Vertex AI, training on machines with GPUs runs `gpu_image` (default:
-    `default_gpu_image(image)`). The kfp platform trains in one task of `image`."""
+    set to `image`; training on GPUs runs `gpu_image` (default: `default_gpu_image(image)`): on
+    Vertex AI on machines with accelerators (run parameters), on the kfp platform, which trains
+    in one task whose image is fixed when compiled, when `train_gpus` (that task's
+    nvidia.com/gpu limit) is set."""
     if platform not in PLATFORMS:
         raise UserInputError(
             f"platform {platform!r} is unknown; pass one of {', '.join(PLATFORMS)}")
+    if isinstance(train_gpus, bool) or not isinstance(train_gpus, int) or train_gpus < 0:
+        raise UserInputError(f"train_gpus {train_gpus!r} is not a whole number >= 0; pass the "
+                             "GPUs of the train task, e.g. 2, or 0 to train on CPUs")
+    if train_gpus and platform == "vertex":
+        raise UserInputError(
+            "train_gpus is for the kfp platform; on Vertex AI pass the run parameters "
+            "train_accelerator_type and train_accelerator_count instead")
     ops = build_components(image, vertex=platform == "vertex",
-                           gpu_image=gpu_image or default_gpu_image(image))
+                           gpu_image=gpu_image or default_gpu_image(image),
+                           train_on_gpu=bool(train_gpus))
     if platform == "kfp":
-        return _pipeline(ops, PARAMETERS, _train_in_one_task)
+        return _pipeline(ops, PARAMETERS, functools.partial(_train_in_one_task, gpus=train_gpus))
     return _pipeline(ops, VERTEX_PARAMETERS, _train_as_vertex_job)
 
 
@@ -200,13 +212,15 @@ def _pipeline(ops: Components, parameters: Parameters, train: TrainStep) -> Call
 
 
 def _train_in_one_task(ops: Components, data: dsl.PipelineTask,
-                       params: dict[str, Any]) -> dsl.PipelineTask:
-    """DDP over `num_workers` processes in one task (kfp.local, one Kubeflow pod) of the CPU
-    image: which image a task runs is fixed when the pipeline is compiled, and GPUs by run
-    parameters are the vertex platform's custom job."""
+                       params: dict[str, Any], gpus: int = 0) -> dsl.PipelineTask:
+    """DDP in one task (kfp.local, one Kubeflow pod): `num_workers` processes of the CPU image
+    or, compiled with `gpus`, one per GPU of the GPU image, which asks for that many
+    nvidia.com/gpu (kfp.local runs it on this machine as it is)."""
     trained = ops.train(train=data.outputs["train"], val=data.outputs["val"],
                         model_options=params[MODEL_OPTIONS],
                         **{name: params[name] for name in TRAINING_PARAMETERS})
+    if gpus:
+        trained.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
     return _settle(trained, "train")
 
 
@@ -249,9 +263,10 @@ def _train_as_vertex_job(ops: Components, data: dsl.PipelineTask,
 
 
 def compile_pipeline(output: str | Path, image: str | None = None,
-                     platform: str = "kfp", gpu_image: str | None = None) -> Path:
+                     platform: str = "kfp", gpu_image: str | None = None,
+                     train_gpus: int = 0) -> Path:
     """Write the pipeline YAML (the contract every runner executes) and return its path."""
+    pipeline = build_pipeline(image or default_image(), platform, gpu_image, train_gpus)
     with atomic_path(output) as tmp:  # the temporary name keeps .yaml, which kfp checks
-        compiler.Compiler().compile(
-            build_pipeline(image or default_image(), platform, gpu_image), str(tmp))
+        compiler.Compiler().compile(pipeline, str(tmp))
     return Path(output)

@@ -116,9 +116,36 @@ def test_compile_takes_gpu_image_and_says_which_images_it_compiled(tmp_path):
 
 def test_the_kfp_platform_trains_in_one_task_of_the_cpu_image(kfp):
     train = kfp["deploymentSpec"]["executors"]["exec-train"]["container"]
-    assert train["image"] == CPU_IMAGE
+    assert train["image"] == CPU_IMAGE and "accelerator" not in train["resources"]
     assert {e["container"]["image"] for e in kfp["deploymentSpec"]["executors"].values()} == {
         CPU_IMAGE}
+
+
+def test_the_kfp_platform_compiled_with_gpus_trains_in_the_gpu_image_on_them(tmp_path):
+    """`compile --train-gpus N` (kfp, kubeflow): the one train task runs the GPU image and asks
+    for N nvidia.com/gpu; every other task keeps the CPU image. On Vertex AI GPUs are run
+    parameters, so the option is refused there in one line."""
+    done = subprocess.run(
+        [sys.executable, "-m", "torchship.pipelines.cli", "compile", "--platform", "kubeflow",
+         "--image", CPU_IMAGE, "--train-gpus", "2", "-o", str(tmp_path / "pipeline.yaml")],
+        check=True, capture_output=True, text=True)
+    assert done.stdout.strip().endswith(f"GPU image {GPU_IMAGE} on 2 GPUs)")
+    spec = yaml.safe_load((tmp_path / "pipeline.yaml").read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    train = executors["exec-train"]["container"]
+    assert train["image"] == GPU_IMAGE
+    assert train["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert train["resources"]["accelerator"]["resourceCount"] == "2"
+    assert {e["container"]["image"] for name, e in executors.items() if name != "exec-train"} == {
+        CPU_IMAGE}
+    refused = subprocess.run(
+        [sys.executable, "-m", "torchship.pipelines.cli", "compile", "--platform", "vertex",
+         "--train-gpus", "1", "-o", str(tmp_path / "vertex.yaml")],
+        check=False, capture_output=True, text=True)
+    assert refused.returncode == 2 and not (tmp_path / "vertex.yaml").exists()
+    assert refused.stderr.strip().splitlines() == [(
+        "error: train_gpus is for the kfp platform; on Vertex AI pass the run parameters "
+        "train_accelerator_type and train_accelerator_count instead")]
 
 
 # -- where and as whom the custom job runs --------------------------------------------------------
