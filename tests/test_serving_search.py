@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from torchship.components.deploy.stage import deploy_to
+from torchship.components.deploy.stage import DEFAULT_SERVING_NAME, deploy_to
 from torchship.components.gate.choice import publish_chosen_variant
 from torchship.components.triton.config import read_model_config
 from torchship.components.tune_serving.choice import (
@@ -167,7 +167,7 @@ def test_deploy_serves_the_chosen_settings(searched, chosen, test_path, tmp_path
     repository = tmp_path / "model_repository"
     deploy_to("local", chosen, repository, str(repository), test_path,
               serving=record["settings"], progress=lambda _line: None)
-    config = read_model_config(repository / "fp32" / "config.pbtxt")
+    config = read_model_config(repository / DEFAULT_SERVING_NAME / "config.pbtxt")  # fp32's
     assert config.instance_group[0].count == record["settings"]["instance_count"]
     assert config.dynamic_batching.max_queue_delay_microseconds == (
         record["settings"]["max_queue_delay_us"])

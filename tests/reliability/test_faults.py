@@ -90,7 +90,7 @@ def test_sigkill_of_the_run_during_the_benchmark_leaves_nothing_and_the_next_run
     first = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     before = digest(served)
-    assert any(path.startswith("fp32/1/") for path in before), sorted(before)
+    assert any(path.startswith("torchship/1/") for path in before), sorted(before)
     temporary = sorted(p.name for p in tmp.iterdir())
     # A run that ends leaves no temporary file either: kfp.local's workspace and task scripts
     # went under the run's own scratch folder.
@@ -122,9 +122,9 @@ def test_sigkill_of_the_run_during_the_benchmark_leaves_nothing_and_the_next_run
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert "deployed: fp32 as version 2 of" in third.stdout, third.stdout[-3000:]
     after = digest(served)
-    assert {p: sha for p, sha in after.items() if p.startswith("fp32/1/")} == {
-        p: sha for p, sha in before.items() if p.startswith("fp32/1/")}
-    assert any(path.startswith("fp32/2/") for path in after)
+    assert {p: sha for p, sha in after.items() if p.startswith("torchship/1/")} == {
+        p: sha for p, sha in before.items() if p.startswith("torchship/1/")}
+    assert any(path.startswith("torchship/2/") for path in after)
     assert triton_processes(str(tmp_path)) == [] and watchdogs(tmp) == []
     assert scratch_left(tmp) == []
 
