@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from torchship.components.errors import UserInputError
+from torchship.pipelines.spec import with_every_task
 
 
 def _client(host: str, namespace: str | None, token: str | None = None):
@@ -28,16 +29,11 @@ def _caching_set(pipeline_yaml: str, enable_caching: bool | None) -> Iterator[st
     if enable_caching is None or not pipeline_yaml.endswith((".yaml", ".yml")):
         yield pipeline_yaml
         return
-    import yaml
-
-    documents = list(yaml.safe_load_all(Path(pipeline_yaml).read_text()))
-    spec = documents[0]
-    for component in [spec["root"], *spec.get("components", {}).values()]:
-        for task in component.get("dag", {}).get("tasks", {}).values():
-            task["cachingOptions"] = {"enableCache": enable_caching}
+    text = with_every_task(pipeline_yaml, lambda task: task.update(
+        cachingOptions={"enableCache": enable_caching}))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "pipeline.yaml"
-        path.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+        path.write_text(text)
         yield str(path)
 
 

@@ -16,6 +16,7 @@ from kfp import components, local
 from torchship.components.progress import PREFIX
 from torchship.components.scratch import make_scratch_dir, sweep_stale
 from torchship.components.watchdog import Watchdog
+from torchship.pipelines.spec import with_every_task
 
 # The last line of a stage's traceback when the user's input was at fault, or a check failed.
 _STAGE_ERROR = re.compile(
@@ -139,14 +140,7 @@ def _without_retries(pipeline_yaml: Path) -> str:
     """The compiled pipeline with no task retried: retries are for a cluster's passing faults
     (a node reclaimed, storage hiccups); on this machine a failure is real, and kfp.local would
     run a refused data step again after a back-off, printing its error each time."""
-    import yaml
-
-    documents = list(yaml.safe_load_all(pipeline_yaml.read_text()))
-    spec = documents[0]
-    for component in [spec.get("root", {}), *spec.get("components", {}).values()]:
-        for task in component.get("dag", {}).get("tasks", {}).values():
-            task.pop("retryPolicy", None)
-    return yaml.safe_dump_all(documents, sort_keys=False)
+    return with_every_task(pipeline_yaml, lambda task: task.pop("retryPolicy", None))
 
 
 def prune_runs(pipeline_root: str | Path, keep: int) -> list[Path]:
