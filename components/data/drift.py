@@ -13,8 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MAX_IMAGES", "Thresholds", "distances", "drift", "image_drift", "image_files",
-           "label_distance", "newest_table", "read_table"]
+__all__ = [
+    "MAX_IMAGES",
+    "Thresholds",
+    "distances",
+    "drift",
+    "folder_tables",
+    "image_drift",
+    "image_files",
+    "label_distance",
+    "newest_table",
+    "read_table",
+]
 
 
 @dataclass(frozen=True)
@@ -180,18 +190,23 @@ def image_files(uri: str) -> list[tuple[str, str]]:
     return sorted(files)
 
 
-def newest_table(uri: str) -> str | None:
-    """The newest .csv/.parquet table directly in the folder `uri` (by modification time, then
-    name), as the data step picks the one it trains on from a folder of tables; None when there
-    is none."""
+def folder_tables(uri: str) -> list[tuple[str, Any]]:
+    """(URL, modification time) of each .csv/.parquet table directly in the folder `uri`,
+    hidden ones left out, oldest first (by modification time, then name): the last is the one
+    the data step trains on from a folder of tables."""
     fs, root = _folder(uri)
-    tables = [path for path in fs.ls(root, detail=False)
+    tables = [(path, fs.modified(path)) for path in fs.ls(root, detail=False)
               if _visible(path.rstrip("/").rsplit("/", 1)[-1])
               and path.lower().endswith(TABLE_SUFFIXES)]
-    if not tables:
-        return None
-    newest = max(tables, key=lambda path: (fs.modified(path), path))
-    return fs.unstrip_protocol(newest) if "://" in uri else newest
+    return [(fs.unstrip_protocol(path) if "://" in uri else path, modified)
+            for path, modified in sorted(tables, key=lambda table: (table[1], table[0]))]
+
+
+def newest_table(uri: str) -> str | None:
+    """The table of the folder `uri` the data step trains on (see folder_tables); None when
+    there is none."""
+    tables = folder_tables(uri)
+    return tables[-1][0] if tables else None
 
 
 def image_drift(statistics: dict[str, Any], uri: str, settings: Thresholds,

@@ -104,9 +104,12 @@ def plan_source(source: str, label_column: str, image_size: int = 0, text_column
 
 def newest_table(source: str) -> tuple[str, int, str] | None:
     """For a folder (a bucket prefix) of tables and no sub-folders, as new data lands in:
-    (the newest table's URL, how many tables there are, when it was written), newest by
-    modification time, then by name. None for anything else (a file, an image folder)."""
+    (the table to train on, how many tables there are, when it was written); the pick is the
+    trigger's own (drift.folder_tables: the newest, by modification time, then name). None for
+    anything else (a file, an image folder)."""
     import fsspec
+
+    from torchship.components.data.drift import folder_tables
 
     if source in (DEFAULT_SOURCE, DIGITS_IMAGES) or not isinstance(source, str) or not source:
         return None
@@ -114,19 +117,15 @@ def newest_table(source: str) -> tuple[str, int, str] | None:
         fs, fs_path = fsspec.core.url_to_fs(source)
         if Path(fs_path.rstrip("/")).suffix or not fs.isdir(fs_path):
             return None
-        entries = fs.ls(fs_path, detail=True)
+        if any(entry["type"] == "directory" for entry in fs.ls(fs_path, detail=True)):
+            return None  # one sub-folder per class: an image folder
+        tables = folder_tables(source)
     except (ValueError, ImportError, OSError):
         return None  # plan_source says what is wrong with it
-    if any(entry["type"] == "directory" for entry in entries):
-        return None  # one sub-folder per class: an image folder
-    tables = [entry["name"] for entry in entries
-              if Path(entry["name"]).suffix.lower() in TABLE_SUFFIXES]
     if not tables:
         return None
-    modified = {name: fs.modified(name) for name in tables}
-    newest = max(tables, key=lambda name: (modified[name], name))
-    url = newest if "://" not in source else fs.unstrip_protocol(newest)
-    return url, len(tables), modified[newest].strftime("%Y-%m-%dT%H:%M:%SZ")
+    newest, written = tables[-1]
+    return newest, len(tables), written.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _check_google_credentials(source: str) -> None:
