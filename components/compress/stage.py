@@ -13,7 +13,7 @@ import torch
 
 from torchship.components.compress.context import Context
 from torchship.components.compress.registry import Made, Variant
-from torchship.components.compress.training import torch_accuracy, weight_sparsity
+from torchship.components.compress.training import torch_accuracy, tuning_device, weight_sparsity
 from torchship.components.compress.variants import check_request
 from torchship.components.contracts import (
     BASELINE,
@@ -89,6 +89,7 @@ def compress_model(
             for variant in wanted:  # checks that need the model, before any work
                 if variant.prepare is not None:
                     variant.prepare(ctx)
+            progress(f"fine-tuning on {_device_name()}")
             rows: list[dict[str, Any]] = []
             skipped: list[dict[str, str]] = []
             for variant in wanted:
@@ -160,6 +161,11 @@ def _record(ctx: Context, variant: Variant, made: Made,
     record["settings"] = made.settings
     write_json(record, directory / VARIANT_JSON)
     return record
+
+
+def _device_name() -> str:
+    device = tuning_device()
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
 
 
 def _summary(variant: dict[str, Any]) -> str:
