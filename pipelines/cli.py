@@ -71,8 +71,8 @@ def main() -> None:
 @click.option("--image", default=None,
               help="Component image URI (default: $TORCHSHIP_IMAGE, else torchship-cpu:VERSION).")
 @click.option("--gpu-image", default=None,
-              help="The train stage's image on Vertex AI machines with GPUs (default: "
-                   "$TORCHSHIP_GPU_IMAGE, else --image with torchship-cpu made torchship-cuda).")
+              help="The image of stages on GPUs (default: $TORCHSHIP_GPU_IMAGE, else --image "
+                   "with torchship-cpu made torchship-cuda).")
 @click.option("--platform", type=click.Choice(list(PLATFORM_NAMES)), default=None,
               help="kfp [default]: kfp.local and Kubeflow Pipelines, training as N processes in "
                    "one task (`local` and `kubeflow` name it by where it runs: the same YAML); "
@@ -80,10 +80,19 @@ def main() -> None:
 @click.option("--train-gpus", type=click.IntRange(min=0), default=0, show_default=True,
               help="kfp platform: train in the GPU image on this many GPUs (nvidia.com/gpu); "
                    "on Vertex AI GPUs are the run parameters train_accelerator_type/count.")
+@click.option("--compress-gpus", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Fine-tune the compressed variants in the GPU image on this many GPUs.")
+@click.option("--benchmark-gpus", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Run the Triton benchmark and serving search in the GPU image on this many "
+                   "GPUs (KIND_GPU instances).")
+@click.option("--gpu-type", default="",
+              help="The GPU those tasks ask for: kfp default nvidia.com/gpu; on Vertex AI the "
+                   "chip, e.g. NVIDIA_L4 (required there with --compress/--benchmark-gpus).")
 @click.option("--target", "old_platform", type=click.Choice(["local", "vertex"]), default=None,
               hidden=True)  # the earlier name of --platform (local: kfp)
 def compile(output: str, image: str | None, gpu_image: str | None, platform: str | None,
-            train_gpus: int, old_platform: str | None) -> None:
+            train_gpus: int, compress_gpus: int, benchmark_gpus: int, gpu_type: str,
+            old_platform: str | None) -> None:
     """Compile the pipeline to a KFP v2 YAML: the file every runner executes."""
     from torchship.pipelines.pipeline import compile_pipeline, default_gpu_image, default_image
 
@@ -93,13 +102,17 @@ def compile(output: str, image: str | None, gpu_image: str | None, platform: str
     platform = PLATFORM_NAMES[named]
     try:
         path = compile_pipeline(output, image=image, platform=platform, gpu_image=gpu_image,
-                                train_gpus=train_gpus)
+                                train_gpus=train_gpus, compress_gpus=compress_gpus,
+                                benchmark_gpus=benchmark_gpus, gpu_type=gpu_type)
     except UserInputError as exc:
         fail(str(exc))
     image = image or default_image()
-    gpus = f" on {train_gpus} GPU{'s' if train_gpus != 1 else ''}" if train_gpus else ""
+    on_gpus = [f"{stage} on {count} GPU{'s' if count != 1 else ''}" for stage, count in
+               (("train", train_gpus), ("compress", compress_gpus),
+                ("benchmark", benchmark_gpus)) if count]
+    gpus = f" ({', '.join(on_gpus)})" if on_gpus else ""
     gpu_line = (f", GPU image {gpu_image or default_gpu_image(image)}{gpus}"
-                if platform == "vertex" or train_gpus else "")
+                if platform == "vertex" or on_gpus else "")
     alias = f" (the {platform} pipeline)" if named != platform else ""
     click.echo(f"wrote {path} (platform {named}{alias}, image {image}{gpu_line})")
 

@@ -6,7 +6,7 @@ gate, the serving search and the deploy are in pipelines/components_release.py.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from kfp import dsl
@@ -262,31 +262,40 @@ class Components:
     vertex_job_settings: Callable
     # The train stage's image on machines with GPUs (the Vertex AI custom job's worker pools).
     gpu_image: str = ""
+    # The GPUs each stage's task asks for when compiled (compile --train-gpus, --compress-gpus,
+    # --benchmark-gpus), of `gpu_type`; such a task runs `gpu_image`.
+    gpus: dict[str, int] = field(default_factory=dict)
+    gpu_type: str = ""
     # The train component wrapped as a Vertex AI custom job, and its container as JSON.
     train_custom_job: Callable | None = None
     train_custom_job_template: str = ""
 
 
 def build_components(image: str, vertex: bool = False, gpu_image: str = "",
-                     train_on_gpu: bool = False) -> Components:
+                     gpus: dict[str, int] | None = None, gpu_type: str = "") -> Components:
     """Make the components with `image` as their base image (the image has torchship and kfp);
-    `gpu_image` (default: `image`) is the train stage's on machines with accelerators: on
-    Vertex AI chosen at run time, on the kfp platform `train_on_gpu` when compiled."""
+    `gpu_image` (default: `image`) is the image of a stage on machines with accelerators: the
+    Vertex AI train job's, chosen at run time, and that of every stage given GPUs in `gpus`
+    (stage name -> count of `gpu_type`) when compiled."""
+    gpus = {stage: count for stage, count in (gpus or {}).items() if count}
 
-    def make(func: Callable, base: str = image) -> Callable:
+    def make(func: Callable, stage: str = "") -> Callable:
+        base = (gpu_image or image) if gpus.get(stage) else image
         return dsl.component(func, base_image=base, install_kfp_package=False)
 
     ops = Components(
         image=image,
         gpu_image=gpu_image or image,
+        gpus=gpus,
+        gpu_type=gpu_type,
         prepare_data=make(prepare_data),
-        train=make(train, (gpu_image or image) if train_on_gpu and not vertex else image),
-        compress=make(compress),
+        train=make(train, "train"),
+        compress=make(compress, "compress"),
         export=make(export),
         deploy=make(deploy),
-        benchmark=make(benchmark),
+        benchmark=make(benchmark, "benchmark"),
         gate=make(gate),
-        tune_serving=make(tune_serving),
+        tune_serving=make(tune_serving, "tune-serving"),
         vertex_worker_pools=make(vertex_worker_pools),
         vertex_job_settings=make(vertex_job_settings),
     )

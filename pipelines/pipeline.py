@@ -1,7 +1,6 @@
 """The torchship DAG (data -> train -> compress -> export -> benchmark -> gate -> tune-serving ->
 deploy) and its compiler."""
 
-import functools
 import inspect
 import os
 from collections.abc import Callable
@@ -78,10 +77,14 @@ RESOURCES = {
 RETRIES = {"prepare-data": 2, "benchmark": 2, "tune-serving": 1, "vertex-job-setup": 2}
 
 
-def _settle(task: dsl.PipelineTask, stage: str, requests: bool = True) -> dsl.PipelineTask:
-    """Set the task's resources (`requests`: the Kubernetes requests too) and retries."""
+def _settle(task: dsl.PipelineTask, stage: str, requests: bool = True,
+            ops: Components | None = None) -> dsl.PipelineTask:
+    """Set the task's resources (`requests`: the Kubernetes requests too; `ops`: the GPUs it was
+    compiled with) and retries."""
     cpu_request, cpu_limit, memory_request, memory_limit = RESOURCES[stage]
     task.set_cpu_limit(cpu_limit).set_memory_limit(memory_limit)
+    if ops is not None and ops.gpus.get(stage):
+        task.set_accelerator_type(ops.gpu_type).set_accelerator_limit(ops.gpus[stage])
     if requests:
         task.set_cpu_request(cpu_request).set_memory_request(memory_request)
     if RETRIES.get(stage):
@@ -138,7 +141,7 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
         deployed.set_caching_options(False)
     for stage, task in (("compress", variants), ("export", exported), ("benchmark", measured),
                         ("gate", decided), ("tune-serving", tuned), ("deploy", deployed)):
-        _settle(task, stage, requests=ops.train_custom_job is None)
+        _settle(task, stage, requests=ops.train_custom_job is None, ops=ops)
     return Outputs(summary=measured.outputs["summary"], results=measured.outputs["results"],
                    gate_record=decided.outputs["record"], report=decided.outputs["report_html"])
 
@@ -151,28 +154,46 @@ def _measurement(params: dict[str, Any]) -> dict[str, Any]:
     return {name: params[f"benchmark_{name}"] for name in MEASUREMENT_PARAMETERS}
 
 
+# The accelerator a task compiled with GPUs asks for on the kfp platform (Kubernetes' resource);
+# Vertex AI names the chip (NVIDIA_L4, NVIDIA_TESLA_T4, ...): compile --gpu-type.
+KFP_GPU_TYPE = "nvidia.com/gpu"
+
+
 def build_pipeline(image: str, platform: str = "kfp", gpu_image: str | None = None,
-                   train_gpus: int = 0) -> Callable:
+                   train_gpus: int = 0, compress_gpus: int = 0, benchmark_gpus: int = 0,
+                   gpu_type: str = "") -> Callable:
     """The pipeline function for `platform` (see PLATFORMS), with every component's base image
-    set to `image`; training on GPUs runs `gpu_image` (default: `default_gpu_image(image)`): on
-    Vertex AI on machines with accelerators (run parameters), on the kfp platform, which trains
-    in one task whose image is fixed when compiled, when `train_gpus` (that task's
-    nvidia.com/gpu limit) is set."""
+    set to `image`; a stage on GPUs runs `gpu_image` (default: `default_gpu_image(image)`).
+    Training: on Vertex AI on machines with accelerators (run parameters), on the kfp platform,
+    which trains in one task whose image is fixed when compiled, when `train_gpus` (that task's
+    GPU limit) is set. Compression's fine-tuning (`compress_gpus`) and the Triton measurements,
+    benchmark and serving search (`benchmark_gpus`), on both platforms, each task asking for
+    that many GPUs of `gpu_type` (kfp default: nvidia.com/gpu; Vertex AI: required)."""
     if platform not in PLATFORMS:
         raise UserInputError(
             f"platform {platform!r} is unknown; pass one of {', '.join(PLATFORMS)}")
-    if isinstance(train_gpus, bool) or not isinstance(train_gpus, int) or train_gpus < 0:
-        raise UserInputError(f"train_gpus {train_gpus!r} is not a whole number >= 0; pass the "
-                             "GPUs of the train task, e.g. 2, or 0 to train on CPUs")
+    for name, value in (("train_gpus", train_gpus), ("compress_gpus", compress_gpus),
+                        ("benchmark_gpus", benchmark_gpus)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserInputError(f"{name} {value!r} is not a whole number >= 0; pass a count of "
+                                 "GPUs, e.g. 1, or 0 for CPUs")
     if train_gpus and platform == "vertex":
         raise UserInputError(
             "train_gpus is for the kfp platform; on Vertex AI pass the run parameters "
             "train_accelerator_type and train_accelerator_count instead")
-    ops = build_components(image, vertex=platform == "vertex",
-                           gpu_image=gpu_image or default_gpu_image(image),
-                           train_on_gpu=bool(train_gpus))
+    if (compress_gpus or benchmark_gpus) and platform == "vertex" and not gpu_type:
+        raise UserInputError(
+            "gpu_type is not set; Vertex AI tasks with GPUs need the chip, e.g. --gpu-type "
+            "NVIDIA_L4 (or NVIDIA_TESLA_T4)")
+    gpus = {"compress": compress_gpus, "benchmark": benchmark_gpus,
+            "tune-serving": benchmark_gpus}
     if platform == "kfp":
-        return _pipeline(ops, PARAMETERS, functools.partial(_train_in_one_task, gpus=train_gpus))
+        gpus["train"] = train_gpus
+    ops = build_components(image, vertex=platform == "vertex",
+                           gpu_image=gpu_image or default_gpu_image(image), gpus=gpus,
+                           gpu_type=gpu_type or KFP_GPU_TYPE)
+    if platform == "kfp":
+        return _pipeline(ops, PARAMETERS, _train_in_one_task)
     return _pipeline(ops, VERTEX_PARAMETERS, _train_as_vertex_job)
 
 
@@ -212,16 +233,14 @@ def _pipeline(ops: Components, parameters: Parameters, train: TrainStep) -> Call
 
 
 def _train_in_one_task(ops: Components, data: dsl.PipelineTask,
-                       params: dict[str, Any], gpus: int = 0) -> dsl.PipelineTask:
+                       params: dict[str, Any]) -> dsl.PipelineTask:
     """DDP in one task (kfp.local, one Kubeflow pod): `num_workers` processes of the CPU image
-    or, compiled with `gpus`, one per GPU of the GPU image, which asks for that many
+    or, compiled with train GPUs, one per GPU of the GPU image, which asks for that many
     nvidia.com/gpu (kfp.local runs it on this machine as it is)."""
     trained = ops.train(train=data.outputs["train"], val=data.outputs["val"],
                         model_options=params[MODEL_OPTIONS],
                         **{name: params[name] for name in TRAINING_PARAMETERS})
-    if gpus:
-        trained.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
-    return _settle(trained, "train")
+    return _settle(trained, "train", ops=ops)
 
 
 def _train_as_vertex_job(ops: Components, data: dsl.PipelineTask,
@@ -264,9 +283,11 @@ def _train_as_vertex_job(ops: Components, data: dsl.PipelineTask,
 
 def compile_pipeline(output: str | Path, image: str | None = None,
                      platform: str = "kfp", gpu_image: str | None = None,
-                     train_gpus: int = 0) -> Path:
+                     train_gpus: int = 0, compress_gpus: int = 0, benchmark_gpus: int = 0,
+                     gpu_type: str = "") -> Path:
     """Write the pipeline YAML (the contract every runner executes) and return its path."""
-    pipeline = build_pipeline(image or default_image(), platform, gpu_image, train_gpus)
+    pipeline = build_pipeline(image or default_image(), platform, gpu_image, train_gpus,
+                              compress_gpus, benchmark_gpus, gpu_type)
     with atomic_path(output) as tmp:  # the temporary name keeps .yaml, which kfp checks
         compiler.Compiler().compile(pipeline, str(tmp))
     return Path(output)

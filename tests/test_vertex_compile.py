@@ -129,7 +129,7 @@ def test_the_kfp_platform_compiled_with_gpus_trains_in_the_gpu_image_on_them(tmp
         [sys.executable, "-m", "torchship.pipelines.cli", "compile", "--platform", "kubeflow",
          "--image", CPU_IMAGE, "--train-gpus", "2", "-o", str(tmp_path / "pipeline.yaml")],
         check=True, capture_output=True, text=True)
-    assert done.stdout.strip().endswith(f"GPU image {GPU_IMAGE} on 2 GPUs)")
+    assert done.stdout.strip().endswith(f"GPU image {GPU_IMAGE} (train on 2 GPUs))")
     spec = yaml.safe_load((tmp_path / "pipeline.yaml").read_text())
     executors = spec["deploymentSpec"]["executors"]
     train = executors["exec-train"]["container"]
@@ -146,6 +146,41 @@ def test_the_kfp_platform_compiled_with_gpus_trains_in_the_gpu_image_on_them(tmp
     assert refused.stderr.strip().splitlines() == [(
         "error: train_gpus is for the kfp platform; on Vertex AI pass the run parameters "
         "train_accelerator_type and train_accelerator_count instead")]
+
+
+@pytest.mark.parametrize("platform", ["kubeflow", "vertex"])
+def test_compression_and_benchmarks_on_gpus_when_requested(tmp_path, platform):
+    """`--compress-gpus` and `--benchmark-gpus`: compress, benchmark and tune-serving run the GPU
+    image and ask for the GPUs (Kubernetes' nvidia.com/gpu on kfp, the named chip on Vertex AI);
+    export, gate and deploy keep the CPU image and ask for none. Vertex AI needs the chip."""
+    gpu_type = ["--gpu-type", "NVIDIA_L4"] if platform == "vertex" else []
+    done = subprocess.run(
+        [sys.executable, "-m", "torchship.pipelines.cli", "compile", "--platform", platform,
+         "--image", CPU_IMAGE, "--compress-gpus", "1", "--benchmark-gpus", "2", *gpu_type,
+         "-o", str(tmp_path / "pipeline.yaml")], check=True, capture_output=True, text=True)
+    assert done.stdout.strip().endswith(
+        f"GPU image {GPU_IMAGE} (compress on 1 GPU, benchmark on 2 GPUs))")
+    executors = yaml.safe_load((tmp_path / "pipeline.yaml").read_text())[
+        "deploymentSpec"]["executors"]
+    wanted = {"exec-compress": "1", "exec-benchmark": "2", "exec-tune-serving": "2"}
+    for name, count in wanted.items():
+        container = executors[name]["container"]
+        assert container["image"] == GPU_IMAGE, name
+        accelerator = container["resources"]["accelerator"]
+        assert accelerator["resourceType"] == ("NVIDIA_L4" if gpu_type else "nvidia.com/gpu")
+        assert accelerator["resourceCount"] == count, name
+    for name in ("exec-export", "exec-gate", "exec-deploy", "exec-prepare-data"):
+        container = executors[name]["container"]
+        assert container["image"] == CPU_IMAGE and "accelerator" not in container["resources"]
+    if platform == "vertex":
+        refused = subprocess.run(
+            [sys.executable, "-m", "torchship.pipelines.cli", "compile", "--platform", platform,
+             "--compress-gpus", "1", "-o", str(tmp_path / "untyped.yaml")],
+            check=False, capture_output=True, text=True)
+        assert refused.returncode == 2 and not (tmp_path / "untyped.yaml").exists()
+        assert refused.stderr.strip().splitlines() == [(
+            "error: gpu_type is not set; Vertex AI tasks with GPUs need the chip, e.g. "
+            "--gpu-type NVIDIA_L4 (or NVIDIA_TESLA_T4)")]
 
 
 # -- where and as whom the custom job runs --------------------------------------------------------
