@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from torchship.components.errors import UserInputError
@@ -83,6 +83,18 @@ NOT_SET = 0
 TARGET_CONCURRENCY = 4
 
 
+def local_instance_kind() -> str:
+    """KIND_GPU where this process sees a CUDA GPU and its ONNX Runtime has the CUDA execution
+    provider (onnxruntime-gpu, in the CUDA image), else KIND_CPU."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return "KIND_CPU"
+    import torch
+
+    return "KIND_GPU" if torch.cuda.is_available() else "KIND_CPU"
+
+
 def limit(value: float | None) -> float | None:
     """A pipeline parameter's limit as the stages take it: None when it is NOT_SET (or None)."""
     return None if value is None or value == NOT_SET else float(value)
@@ -96,7 +108,10 @@ class ServingSettings:
     max_batch_size: int = 64
     max_queue_delay_us: int = 100
     instance_count: int = 1
-    instance_kind: str = "KIND_CPU"
+    # Where Triton runs an instance: on a GPU where this process has one that its ONNX Runtime can
+    # use (the GPU image, compile --benchmark-gpus), else on the CPU. Deploy targets set it from
+    # the serving machine.
+    instance_kind: str = field(default_factory=local_instance_kind)
     preferred_batch_sizes: tuple[int, ...] = ()
     tensorrt_fp16: bool = False
 

@@ -14,7 +14,9 @@ DOCKERFILES = sorted((ROOT / "containers").glob("Dockerfile.*"))
 
 def pyproject_requirements() -> dict[str, Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = [Requirement(r) for r in project["dependencies"]]
+    # The optional groups too: the CUDA image installs the `gpu` one's onnxruntime-gpu itself.
+    requirements = [Requirement(r) for r in project["dependencies"]] + [
+        Requirement(r) for group in project["optional-dependencies"].values() for r in group]
     return {r.name.lower(): r for r in requirements}
 
 

@@ -142,11 +142,11 @@ def model_config(
 
     serving = serving or ServingSettings()
     check_backend(backend)
-    if backend == "python" and serving.instance_kind != "KIND_CPU":
+    if backend == "python" and serving.instance_kind == "KIND_GPU" and not _onnxruntime_gpu():
         raise UserInputError(
-            f"instance_kind: the python backend runs ONNX Runtime on CPU; "
-            f"'{serving.instance_kind}' needs backend='onnxruntime' (the Triton container with "
-            "a GPU)"
+            "instance_kind: KIND_GPU with the python backend runs ONNX Runtime's CUDA provider, "
+            "which this environment's onnxruntime lacks; serve on KIND_CPU, or from the GPU "
+            "image (onnxruntime-gpu), or with backend='onnxruntime' (the Triton container)"
         )
     if serving.tensorrt_fp16 and (backend != "onnxruntime" or serving.instance_kind != "KIND_GPU"):
         raise UserInputError(
@@ -269,3 +269,9 @@ def describe_config(config, backend: str | None = None) -> dict:
         "max_batch_size": config.max_batch_size,
         "backend": backend or backend_of(config),
     }
+
+
+def _onnxruntime_gpu() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()

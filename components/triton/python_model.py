@@ -1,4 +1,5 @@
-"""Triton Python-backend model that serves the ``model.onnx`` next to it with ONNX Runtime (CPU).
+"""Triton Python-backend model that serves the ``model.onnx`` next to it with ONNX Runtime: on the
+CPU, or, for a KIND_GPU instance, with the CUDA execution provider on the instance's GPU.
 
 ``repository.write_model(backend="python")`` copies this file to ``<repo>/<model>/<v>/model.py``.
 It runs only inside Triton's Python-backend stub, where ``triton_python_backend_utils`` exists; it
@@ -25,9 +26,15 @@ class TritonPythonModel:
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(
-            model_path, sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        providers = ["CPUExecutionProvider"]
+        if args.get("model_instance_kind") == "GPU":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RuntimeError(
+                    "KIND_GPU instance, but this onnxruntime has no CUDAExecutionProvider; "
+                    "install onnxruntime-gpu (the CUDA image) or serve on KIND_CPU")
+            device = int(args.get("model_instance_device_id", 0))
+            providers = [("CUDAExecutionProvider", {"device_id": device}), *providers]
+        self.session = ort.InferenceSession(model_path, sess_options=options, providers=providers)
         self.batched = int(self.model_config.get("max_batch_size", 0)) > 0
         self.inputs = [
             (cfg["name"], pb_utils.triton_string_to_numpy(cfg["data_type"]))
