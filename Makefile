@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIN)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# NVIDIA perf_analyzer 2.51.0 (only the binary of the tritonclient wheel) into $(VENV)/perf_analyzer
+	$(BIN)/python -m torchship.components.benchmark.perf_analyzer --install
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,6 +15,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from torchship.components.benchmark.display import ProgressBar
+from torchship.components.benchmark.perf_analyzer import find_perf_analyzer
 from torchship.components.benchmark.results import SCHEMA, find_level, metrics_for_kfp, write_csv
 from torchship.components.benchmark.stage import benchmark_endpoint, benchmark_repository
 from torchship.components.errors import ServingError, UserInputError
@@ -54,7 +55,9 @@ def server(local_repo):
 MISBEHAVING = {
     "failing": "if self.count > 40:\n            return self.error('injected failure')",
     "flaky": "if self.count % 5 == 0:\n            return self.error('injected flaky failure')",
-    "stalling": "if self.count == 41:\n            time.sleep(3)",
+    # Stuck from the 41st request on: perf_analyzer sees a window without an answer and hands
+    # the level to the Python client, whose request timeout ends the run.
+    "stalling": "if self.count >= 41:\n            time.sleep(3)",
 }
 MODEL_TEMPLATE = """
 import time
@@ -115,8 +118,18 @@ def test_local_sweep_numbers_are_consistent(local_result):
         assert 0 < row["min_ms"] <= row["p50_ms"] <= row["p90_ms"] <= row["p95_ms"] \
             <= row["p99_ms"] <= row["max_ms"], where
         assert row["min_ms"] <= row["mean_ms"] <= row["max_ms"], where
-        # Throughput is requests over the judged windows' time, exactly.
-        assert row["duration_s"] == pytest.approx(SHORT["min_windows"] * SHORT["window_s"])
+        # Throughput is requests over the judged windows' time, exactly: the Python client's
+        # windows are window_s long; perf_analyzer's a little longer, as it measured them.
+        client = row["client"]
+        assert client["name"] == ("perf_analyzer" if find_perf_analyzer() else "python"), where
+        if client["name"] == "python":
+            assert row["duration_s"] == pytest.approx(SHORT["min_windows"] * SHORT["window_s"])
+        else:
+            assert client["version"] == "2.51.0" and client["fallback"] is None, where
+            assert 1 <= row["duration_s"] / (SHORT["min_windows"] * SHORT["window_s"]) < 2
+            breakdown = row["perf_analyzer"]
+            assert breakdown["server_compute_infer_us"] > 0 and breakdown["p99_us"] > 0, where
+        assert client["shares_host"] is True and client["cpu_s_per_request"] > 0, where
         assert row["throughput_rps"] == pytest.approx(row["requests"] / row["duration_s"])
         assert row["throughput_sps"] == pytest.approx(row["batch_size"] * row["throughput_rps"])
         judged = [w for w in row["windows"] if w["index"] in row["stability"]["judged_windows"]]
@@ -126,7 +139,7 @@ def test_local_sweep_numbers_are_consistent(local_result):
         assert isinstance(row["stable"], bool), where
         assert row["stability"]["band_pct"] == 15.0
         assert len(row["stability"]["judged_windows"]) == SHORT["min_windows"]
-        if not row["stable"]:
+        if not row["stable"] and client["name"] == "python":
             assert len(row["windows"]) == SHORT["max_windows"], where
         assert sum(row["histogram"]["counts"]) == row["requests"], where
         assert len(row["histogram"]["edges_ms"]) == len(row["histogram"]["counts"]) + 1
@@ -197,10 +210,16 @@ def test_progress_bar_renders_events(local_result):
 
 
 def test_local_http_and_bad_arguments(local_repo, test_path):
+    # The Python client, asked for by name, whether perf_analyzer is present or not.
     result = benchmark_repository(local_repo, test_path, concurrency=2, batch_size=3, protocol="http",
-                                  models=["pruned"], progress=None, **SHORT)
+                                  models=["pruned"], progress=None, engine="python", **SHORT)
     (row,) = result["results"]
     assert row["model"] == "pruned" and row["errors"] == 0 and row["server"]["failures"] == 0
+    assert row["client"]["name"] == "python" and result["clients"][0][0] == "python"
+    assert row["duration_s"] == pytest.approx(SHORT["min_windows"] * SHORT["window_s"])
+    assert result["host"]["cpu_count"] >= 1 and "cpu_model" in result["host"]
+    with pytest.raises(UserInputError, match="engine: 'ab' is not one of"):
+        benchmark_repository(local_repo, test_path, engine="ab", progress=None)
     assert result["endpoint"].startswith("http://127.0.0.1:")
     with pytest.raises(UserInputError, match="batch_size"):
         benchmark_repository(local_repo, test_path, batch_size=1000, progress=None)

@@ -43,6 +43,9 @@ class Measurement:
     stability_metrics: Sequence[str] = STABILITY_METRICS
     request_timeout_s: float = 10.0
     client_processes: int | None = None  # default: one per 16 requests in flight, up to the cores
+    # Who measures: "auto" (perf_analyzer where present, else the Python client),
+    # "perf_analyzer" or "python" (see engine.py).
+    engine: str = "auto"
 
 
 # The settings the pipeline exposes, as parameters `benchmark_<name>`; the benchmark and the
@@ -71,6 +74,7 @@ class Method:
     stability_metrics: tuple[str, ...]
     request_timeout_s: float
     client_processes: int
+    engine: str = "auto"
 
 
 def _clients_for(concurrency: int, requested: int | None) -> int:
@@ -114,6 +118,8 @@ def measurement_method(**settings: Any) -> Method:
         raise UserInputError(f"stability_pct: {m.stability_pct} must be > 0, e.g. 15")
     if not m.request_timeout_s > 0:
         raise UserInputError(f"request_timeout_s: {m.request_timeout_s} must be > 0")
+    if m.engine not in ("auto", "perf_analyzer", "python"):
+        raise UserInputError(f"engine: '{m.engine}' is not one of auto, perf_analyzer, python")
     levels = [int(c) for c in levels]
     return Method(
         concurrency=levels,
@@ -127,4 +133,5 @@ def measurement_method(**settings: Any) -> Method:
         stability_metrics=tuple(m.stability_metrics),
         request_timeout_s=float(m.request_timeout_s),
         client_processes=_clients_for(max(levels), m.client_processes),
+        engine=m.engine,
     )

@@ -37,6 +37,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,9 @@ import numpy as np
 
 from torchship.components.benchmark.client import ClientPool, WindowReport
 from torchship.components.benchmark.display import level_line
+from torchship.components.benchmark.engine import annotate, cpu_model, engine_for, measure_level
 from torchship.components.benchmark.method import Method, measurement_method
+from torchship.components.benchmark.perf_analyzer import PerfAnalyzerFailed
 from torchship.components.benchmark.requests import payloads, preflight, rows_for
 from torchship.components.benchmark.results import SCHEMA
 from torchship.components.benchmark.server import (
@@ -93,25 +96,39 @@ def _plan(models: list[Model], x: dict[str, np.ndarray], method: Method) -> list
 
 def _sweep(endpoint: Endpoint, plan: list[tuple], method: Method,
            progress: Callable[[str], None], on_window: Callable[[dict], None] | None,
-           client=None) -> list[dict]:
+           client=None, local: bool = False) -> list[dict]:
     for model, rows, sizes in plan:  # every model answers once before the clock starts
         for size in sizes:
             preflight(endpoint, client, model, rows, size, method.request_timeout_s)
 
+    engine = engine_for(method, endpoint, local)
     levels_total = sum(len(sizes) * len(method.concurrency) for _, _, sizes in plan)
     results = []
-    with ClientPool(method.client_processes) as pool:
+    with ExitStack() as stack:
+        pool = None  # the Python client's processes, started when a level needs them
         level_no = 0
         for model, rows, sizes in plan:
             for size in sizes:
                 for concurrency in method.concurrency:
                     level_no += 1
-                    row = _measure_level(
-                        pool, endpoint, model, rows, size, concurrency, method, on_window,
-                        level_no, levels_total,
-                    )
-                    results.append(row)
-                    progress(level_line(row))
+                    row, why = None, engine.usable(endpoint, rows, size)
+                    if why is None:
+                        try:
+                            row = measure_level(engine, endpoint, model, rows, size,
+                                                concurrency, method, on_window, level_no,
+                                                levels_total)
+                        except PerfAnalyzerFailed as exc:
+                            why = f"perf_analyzer failed: {exc}"
+                    if row is None:
+                        if pool is None:
+                            pool = stack.enter_context(ClientPool(method.client_processes))
+                        row = _measure_level(
+                            pool, endpoint, model, rows, size, concurrency, method, on_window,
+                            level_no, levels_total,
+                        )
+                    name = "perf_analyzer" if why is None else "python"
+                    results.append(annotate(row, engine, name, why))
+                    progress(level_line(results[-1]))
     return results
 
 
@@ -212,7 +229,9 @@ def _result(mode: str, endpoint: Endpoint, method: Method, models: list[Model],
         "request_timeout_s": method.request_timeout_s,
         "client_processes": method.client_processes,
         "host": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                 "python": platform.python_version()},
+                 "python": platform.python_version(), "cpu_model": cpu_model()},
+        "engine": method.engine,
+        "clients": sorted({(r["client"]["name"], r["client"]["version"]) for r in results}),
         "started_at": started_at,
         "wall_s": time.monotonic() - started,
         "results": results,
@@ -280,7 +299,7 @@ def benchmark_repository(
         progress(f"tritonserver ready in {server.startup_s:.1f} s ({endpoint.describe()})")
         client = triton_client(protocol, url, False, method.request_timeout_s)
         try:
-            results = _sweep(endpoint, plan, method, progress, on_window, client)
+            results = _sweep(endpoint, plan, method, progress, on_window, client, local=True)
         except _ServerExited:
             raise
         except ServingError as exc:
