@@ -1,5 +1,7 @@
-"""The serving search on a real tritonserver: every candidate measured, the choice by the gate's
-objective and its noise band, the record whole, and the chosen settings in the deployed config."""
+"""The joint serving search (variant x Triton settings) on a real tritonserver: rounds of
+successive halving, a candidate discarded early by the p99 budget, the choice by the objective and
+its spread band (a tie said so), the Pareto front and report, and the chosen variant and settings
+in what deploy serves."""
 
 from __future__ import annotations
 
@@ -9,166 +11,242 @@ from pathlib import Path
 import pytest
 
 from torchship.components.deploy.stage import DEFAULT_SERVING_NAME, deploy_to
-from torchship.components.gate.choice import publish_chosen_variant
+from torchship.components.errors import UserInputError
 from torchship.components.triton.config import read_model_config
+from torchship.components.triton.versions import version_variant
 from torchship.components.tune_serving.choice import (
     DEFAULT_SETTINGS,
     choose_settings,
     format_candidate_table,
+    pareto_front,
     serving_metrics,
     serving_objective,
     write_candidate_table,
 )
+from torchship.components.tune_serving.halving import schedule
 from torchship.components.tune_serving.stage import (
     SCHEMA,
     candidate_settings,
     search_serving_config,
+    searched_variants,
 )
 
-# Short levels: the tiny model answers in well under a millisecond.
-QUICK = {"duration_s": 0.6, "warmup_s": 0.2, "min_windows": 2, "max_windows": 3}
+# Short levels: the tiny model answers in well under a millisecond. The last round's windows are
+# 0.6 s / 2; earlier rounds' a third and a ninth of that.
+QUICK = {"duration_s": 1.2, "warmup_s": 0.2, "min_windows": 2, "max_windows": 3}
+# A 20 ms batching delay (batches never fill to 64 at concurrency 2) puts p99 near 20 ms: over
+# a 12 ms budget even allowing for the short windows' spread.
+BUDGET_MS = 12.0
+
+
+def gate_record(eligible: dict[str, bool], chosen: str = "fp32") -> dict:
+    """A passing gate's record, as the gate writes its choice table."""
+    return {"variant": chosen, "passed": True, "choice": {"table": [
+        {"name": name, "meets_constraints": meets} for name, meets in eligible.items()]}}
 
 
 @pytest.fixture(scope="module")
-def chosen(onnx_dir, tmp_path_factory) -> Path:
-    """The gate's chosen model, as the gate publishes it: one variant, fp32."""
-    directory = tmp_path_factory.mktemp("gate") / "chosen_model"
-    publish_chosen_variant(onnx_dir, "fp32", directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def searched(chosen, test_path, tmp_path_factory) -> tuple[dict, Path, list[str]]:
-    record_path = tmp_path_factory.mktemp("search") / "record.json"
+def searched(onnx_dir, test_path, tmp_path_factory) -> tuple[dict, Path, list[str]]:
+    out = tmp_path_factory.mktemp("search")
     lines: list[str] = []
     record = search_serving_config(
-        chosen, test_path, record_path, instance_counts=[1, 2], queue_delays_us=[100, 2000],
-        target_concurrency=2, optimise="size", progress=lines.append, **QUICK)
-    return record, record_path, lines
+        onnx_dir, test_path, out / "record.json",
+        gate_record=gate_record({"fp32": True, "pruned": True}),
+        chosen_dir=out / "chosen_model", report_path=out / "report.html",
+        instance_counts=[1, 2], queue_delays_us=[100, 20000], target_concurrency=2,
+        latency_budget_p99_ms=BUDGET_MS, progress=lines.append, **QUICK)
+    return record, out, lines
 
 
 def test_every_candidate_is_measured_and_the_record_is_whole(searched):
-    record, record_path, lines = searched
-    assert json.loads(record_path.read_text()) == json.loads(json.dumps(record))
-    assert record["schema"] == SCHEMA and record["variant"] == "fp32"
-    assert record["concurrency"] == [1, 2]
-    assert record["objective"]["metric"] == "throughput"  # size is the same for every setting
+    record, out, lines = searched
+    assert json.loads((out / "record.json").read_text()) == json.loads(json.dumps(record))
+    assert record["schema"] == SCHEMA and record["variants"] == ["fp32", "pruned"]
+    assert record["objective"]["metric"] == "throughput_per_core"  # under a p99 budget
+    assert record["concurrency"] == [2] and len(record["schedule"]) == 3
     models = [c["model"] for c in record["candidates"]]
-    assert models == ["fp32__i1_q100", "fp32__i1_q2000", "fp32__i2_q100", "fp32__i2_q2000"]
+    assert models == ["fp32__i1_q100_b64", "fp32__i1_q20000_b64", "pruned__i1_q100_b64",
+                      "pruned__i1_q20000_b64", "fp32__i2_q100_b64", "fp32__i2_q20000_b64",
+                      "pruned__i2_q100_b64", "pruned__i2_q20000_b64"]
     for candidate in record["candidates"]:
-        for level in ("c1", "c2"):
-            measured = candidate["levels"][level]
-            assert measured["throughput_rps"] > 0 and measured["errors"] == 0, candidate["model"]
-            assert measured["p50_ms"] <= measured["p99_ms"]
-        assert candidate["qualifies"] and candidate["why_not"] is None
-    assert record["chosen"] in models and record["reason"]
+        assert candidate["rounds"] and candidate["rounds"][0]["round"] == 0, candidate["model"]
+        measured = candidate["levels"]["c2"]
+        assert measured["throughput_rps"] > 0 and measured["errors"] == 0, candidate["model"]
+        assert candidate["outcome"], candidate["model"]
+    # Later rounds measure fewer candidates with longer windows.
+    counts = [sum(len(c["rounds"]) > r for c in record["candidates"]) for r in range(3)]
+    assert counts[0] == 8 and counts[0] > counts[1] >= counts[2] >= 1
+    windows = [step["window_s"] for step in record["schedule"]]
+    assert windows == sorted(windows) and windows[-1] == pytest.approx(0.6)
     chosen = next(c for c in record["candidates"] if c["model"] == record["chosen"])
-    assert record["settings"] == chosen["settings"]
-    # One progress line per candidate and level from the benchmark, a row each, then the choice.
-    for model in models:
-        assert sum(f"{model} b=1" in line for line in lines) == 2, model
-        assert any(line.startswith(model) for line in lines), model
-    assert lines[-1].startswith("serving: instance_count ")
+    assert chosen["outcome"] == "chosen" and len(chosen["rounds"]) == 3
+    assert (record["variant"], record["settings"]) == (chosen["variant"], chosen["settings"])
+    assert record["settings"]["max_queue_delay_us"] == 100
+    assert record["could_not_tell_apart"] == bool(record["tied"])
+    assert lines[-1].startswith(f"serving: {record['variant']} with instance_count ")
+    assert any(line.startswith("serving search round 3 of 3") for line in lines)
     metrics = serving_metrics(record)
-    assert metrics["serving_instance_count"] == record["settings"]["instance_count"]
-    assert metrics["serving_throughput_rps_c2"] == chosen["levels"]["c2"]["throughput_rps"]
+    assert metrics["serving_max_batch_size"] == 64
+    assert metrics["serving_throughput_per_core_c2"] == pytest.approx(
+        chosen["levels"]["c2"]["throughput_rps"] / chosen["settings"]["instance_count"])
+
+
+def test_a_candidate_over_the_budget_is_discarded_in_the_first_round(searched):
+    record, _, lines = searched
+    slow = [c for c in record["candidates"] if c["settings"]["max_queue_delay_us"] == 20000]
+    for candidate in slow:
+        assert len(candidate["rounds"]) == 1 and not candidate["qualifies"], candidate["model"]
+        assert candidate["outcome"].startswith("discarded in round 1: p99 "), candidate["outcome"]
+        assert f"over the budget of {BUDGET_MS:g} ms" in candidate["outcome"]
+    [line] = [line for line in lines if line.startswith("serving search round 1: ")]
+    assert int(line.split()[4]) >= len(slow) and "discarded (cannot meet the constraints)" in line
 
 
 def test_the_choice_is_the_simplest_within_the_band_of_the_best(searched):
     record, _, _ = searched
-    candidates = record["candidates"]
+    finalists = [c for c in record["candidates"] if len(c["rounds"]) == 3 and c["qualifies"]]
 
-    def throughput(candidate: dict) -> float:
-        return candidate["levels"]["c2"]["throughput_rps"]
+    def per_core(candidate: dict) -> float:
+        return candidate["levels"]["c2"]["throughput_rps"] / candidate["settings"][
+            "instance_count"]
 
-    best = max(throughput(c) for c in candidates)
-    chosen = next(c for c in candidates if c["model"] == record["chosen"])
-    assert (best - throughput(chosen)) / throughput(chosen) * 100 <= record["band_pct"]
-    for simpler in candidates[:chosen["simplicity"]]:
-        assert (best - throughput(simpler)) / throughput(simpler) * 100 > max(
-            5.0, simpler["levels"]["c2"]["spread_pct"]["throughput_rps"])
+    best = max(finalists, key=per_core)
+    chosen = next(c for c in finalists if c["model"] == record["chosen"])
+    assert (per_core(best) - per_core(chosen)) / per_core(chosen) * 100 <= record["band_pct"]
+    assert all(c["simplicity"] > chosen["simplicity"] for c in finalists
+               if c["model"] in record["tied"] and c is not chosen)
 
 
-def test_an_impossible_budget_keeps_the_default_settings_and_says_so(chosen, test_path,
-                                                                     tmp_path):
+def test_the_pareto_front_and_the_report(searched):
+    record, out, _ = searched
+    front = record["pareto_front"]
+    assert front and set(front) <= {c["model"] for c in record["candidates"]}
+    levels = {c["model"]: c["levels"]["c2"] for c in record["candidates"]}
+    for model in front:  # no candidate is better on both axes
+        assert not any(o["p99_ms"] < levels[model]["p99_ms"]
+                       and o["throughput_rps"] > levels[model]["throughput_rps"]
+                       for o in levels.values())
+    page = (out / "report.html").read_text()
+    assert "<svg" in page and "Pareto front" in page and "p99 &le; 12 ms" in page
+    for candidate in record["candidates"]:
+        assert candidate["model"] in page
+    assert 'class="chosen"' in page and "discarded in round 1" in page
+    write_candidate_table(record, out / "table.md")
+    table = (out / "table.md").read_text()
+    assert "| fp32__i1_q20000_b64 |" in table and "chosen:" in table
+
+
+def test_deploy_serves_the_chosen_variant_and_settings(searched, test_path, tmp_path):
+    record, out, _ = searched
+    chosen_dir = out / "chosen_model"
+    assert [p.name for p in chosen_dir.iterdir() if p.is_dir()] == [record["variant"]]
+    assert json.loads((chosen_dir / "variants.json").read_text())[0]["name"] == record["variant"]
+    repository = tmp_path / "model_repository"
+    deploy_to("local", chosen_dir, repository, str(repository), test_path,
+              serving=record["settings"], progress=lambda _line: None)
+    model_dir = repository / DEFAULT_SERVING_NAME
+    config = read_model_config(model_dir / "config.pbtxt")
+    assert config.instance_group[0].count == record["settings"]["instance_count"]
+    assert config.dynamic_batching.max_queue_delay_microseconds == (
+        record["settings"]["max_queue_delay_us"])
+    assert config.max_batch_size == record["settings"]["max_batch_size"]
+    assert version_variant(model_dir, 1) == record["variant"]
+
+
+def test_an_impossible_budget_keeps_the_gates_variant_with_the_default_settings(
+        onnx_dir, test_path, tmp_path):
     # An empty axis is not searched: instance_count stays at its default.
     record = search_serving_config(
-        chosen, test_path, tmp_path / "record.json", instance_counts=[],
-        queue_delays_us=[100, 1000], target_concurrency=2, latency_budget_p99_ms=0.001,
-        progress=None, **QUICK)
-    assert [c["settings"] for c in record["candidates"]] == [
-        {"instance_count": 1, "max_queue_delay_us": 100},
-        {"instance_count": 1, "max_queue_delay_us": 1000}]
-    assert all(c["levels"]["c2"]["throughput_rps"] > 0 for c in record["candidates"])
-    assert not any(c["qualifies"] for c in record["candidates"])
-    assert all("over the budget of 0.001 ms" in c["why_not"] for c in record["candidates"])
+        onnx_dir, test_path, tmp_path / "record.json",
+        gate_record=gate_record({"fp32": True, "pruned": False}), chosen_dir=tmp_path / "chosen",
+        instance_counts=[], queue_delays_us=[100], target_concurrency=2,
+        latency_budget_p99_ms=0.001, progress=None, **QUICK)
+    assert [c["model"] for c in record["candidates"]] == ["fp32__i1_q100_b64"]  # pruned: not eligible
+    [candidate] = record["candidates"]
+    assert not candidate["qualifies"] and "over the budget of 0.001 ms" in candidate["why_not"]
     assert record["chosen"] is None and record["settings"] == DEFAULT_SETTINGS
-    assert record["reason"].startswith("no candidate qualifies")
-    assert "keeping the default settings (instance_count 1, max_queue_delay_us 100)" in (
-        record["reason"])
-    write_candidate_table(record, tmp_path / "table.md")
-    table = (tmp_path / "table.md").read_text()
-    assert "| fp32__i1_q1000 |" in table and "no: p99" in table
+    assert record["variant"] == "fp32" and record["reason"].startswith("no candidate qualifies")
+    assert (tmp_path / "chosen" / "fp32" / "model.onnx").is_file()
 
 
-def test_no_axis_means_no_search_and_no_server(chosen, test_path, tmp_path):
-    record = search_serving_config(chosen, test_path, tmp_path / "record.json",
-                                   instance_counts=[], queue_delays_us=[], progress=None)
+def test_no_axis_means_no_search_and_no_server(onnx_dir, test_path, tmp_path):
+    record = search_serving_config(onnx_dir, test_path, tmp_path / "record.json",
+                                   instance_counts=[], queue_delays_us=[], max_batch_sizes=[],
+                                   progress=None)
     assert record["candidates"] == [] and record["settings"] == DEFAULT_SETTINGS
     assert record["server_startup_s"] is None and "no search" in record["reason"]
-    assert candidate_settings([2], []) == [{"instance_count": 2, "max_queue_delay_us": 100}]
+    assert candidate_settings([2], [], []) == [
+        {"instance_count": 2, "max_queue_delay_us": 100, "max_batch_size": 64}]
+    # Each axis: its default first (the simplest), then ascending.
+    assert [s["max_batch_size"] for s in candidate_settings([], [], [1, 64, 8])] == [64, 1, 8]
 
 
-def test_several_models_are_refused_in_one_line(onnx_dir, test_path, tmp_path):
-    from torchship.components.errors import UserInputError
-
-    with pytest.raises(UserInputError, match="holds 2 models .*pass the gate's chosen_model"):
-        search_serving_config(onnx_dir, test_path, tmp_path / "r.json", progress=None)
+def test_the_variants_searched_come_from_the_gate(onnx_dir, tmp_path):
+    both = gate_record({"fp32": True, "pruned": True}, chosen="pruned")
+    assert searched_variants(onnx_dir, both)[0] == ["pruned", "fp32"]  # the gate's first
+    # A property of the model file (size): the gate already chose by it.
+    names, why = searched_variants(onnx_dir, both, optimise="size")
+    assert names == ["pruned"] and "property of the model" in why
+    assert searched_variants(onnx_dir, None)[0] == ["fp32", "pruned"]
+    lacking = gate_record({"fp32": True, "int8": True})
+    with pytest.raises(UserInputError, match="lacks the eligible variants int8 .*onnx_models"):
+        searched_variants(onnx_dir, lacking)
+    with pytest.raises(UserInputError, match="gate_record: .* does not exist"):
+        search_serving_config(onnx_dir, "t", tmp_path / "r.json",
+                              gate_record=tmp_path / "none.json", progress=None)
     assert not (tmp_path / "r.json").exists()
 
 
+def test_successive_halving_schedule():
+    plan = schedule(20, 1.0)
+    assert [round(step["window_s"], 3) for step in plan] == [0.111, 0.333, 1.0]
+    assert [step["keep"] for step in plan] == [7, 3, None]
+    assert schedule(2, 1.0) == [{"round": 0, "window_s": 1.0, "keep": None}]
+    assert len(schedule(20, 1.0, rounds=1)) == 1  # the exhaustive sweep
+
+
 def _candidate(model: str, rank: int, p99: float, rps: float, spread: float = 1.0) -> dict:
-    count, delay = (int(part[1:]) for part in model.split("__")[1].split("_"))
-    return {"model": model, "settings": {"instance_count": count, "max_queue_delay_us": delay},
-            "simplicity": rank, "qualifies": True, "why_not": None,
-            "levels": {"c4": {"p99_ms": p99, "throughput_rps": rps,
+    variant, settings = model.split("__")
+    count, delay = (int(part[1:]) for part in settings.split("_")[:2])
+    return {"model": model, "variant": variant, "simplicity": rank, "qualifies": True,
+            "why_not": None, "settings": {"instance_count": count, "max_queue_delay_us": delay,
+                                          "max_batch_size": 64},
+            "levels": {"c4": {"p99_ms": p99, "throughput_rps": rps, "errors": 0,
                               "spread_pct": {"p99_ms": spread, "throughput_rps": spread}}}}
 
 
 def _objective(metric: str, budget: float | None = None) -> dict:
-    return {"metric": metric, "optimise": metric, "latency_budget_p99_ms": budget,
+    return {"metric": metric, "optimise": "latency", "latency_budget_p99_ms": budget,
             "target_concurrency": 4, "margin_pct": 5.0}
 
 
-def test_choice_rules_on_given_measurements():
-    simple, delayed = _candidate("m__i1_q100", 0, 4.0, 1000), _candidate("m__i1_q2000", 1, 3.0, 1040)
-    doubled = _candidate("m__i2_q100", 2, 3.9, 1300)
-    candidates = [simple, delayed, doubled]
-    # Throughput: the winner is 30% better, beyond the band.
-    choice = choose_settings(candidates, _objective("throughput"))
-    assert choice["chosen"] == "m__i2_q100" and "beyond the 5.0% band" in choice["reason"]
-    # 4% better is within the band: the simpler one is kept, and the reason says why.
-    choice = choose_settings([simple, delayed], _objective("throughput"))
-    assert choice["chosen"] == "m__i1_q100" and "within the 5.0% band" in choice["reason"]
-    # A noisy level widens the band to its measured spread.
-    noisy = _candidate("m__i1_q100", 0, 4.0, 1000, spread=40.0)
-    assert choose_settings([noisy, doubled], _objective("throughput"))["chosen"] == "m__i1_q100"
-    # Latency: the lowest p99, 25% better than the simplest.
-    assert choose_settings(candidates, _objective("latency"))["chosen"] == "m__i1_q2000"
+def test_choice_rules_and_ties_on_given_measurements():
+    simple = _candidate("fp32__i1_q100", 0, 4.0, 1000)
+    other = _candidate("int8__i1_q100", 1, 3.0, 1400)
+    doubled = _candidate("int8__i2_q100", 2, 2.0, 2400)  # 1200 req/s per core
+    per_core = _objective("throughput_per_core", 5.0)
+    # Per core, int8 on one instance is 40% better than fp32, beyond the band; no tie.
+    choice = choose_settings([simple, other, doubled], per_core)
+    assert (choice["chosen"], choice["variant"], choice["tied"]) == ("int8__i1_q100", "int8", [])
+    assert "beyond the" in choice["reason"]
+    # Differences within the measured spread: a tie, said so, and the simplest chosen.
+    noisy = [_candidate("fp32__i1_q100", 0, 4.0, 1000, spread=30.0),
+             _candidate("int8__i1_q100", 1, 3.0, 1150, spread=30.0)]
+    choice = choose_settings(noisy, per_core)
+    assert choice["chosen"] == "fp32__i1_q100" and choice["tied"] == [
+        "fp32__i1_q100", "int8__i1_q100"]
+    assert choice["reason"].startswith("could not tell apart 2 candidates")
+    # Latency: the lowest p99.
+    assert choose_settings([simple, other, doubled], _objective("latency"))["chosen"] == (
+        "int8__i2_q100")
+    assert pareto_front([simple, other, doubled], 4) == ["int8__i2_q100"]
     # The objective follows the gate's parameters.
     assert serving_objective("latency", None) == "latency"
     assert serving_objective("latency_b64_ms", None) == "latency"
-    assert serving_objective("latency", 5.0) == "throughput"
-    assert serving_objective("size", None) == "throughput"
-
-
-def test_deploy_serves_the_chosen_settings(searched, chosen, test_path, tmp_path):
-    record, _, _ = searched
-    repository = tmp_path / "model_repository"
-    deploy_to("local", chosen, repository, str(repository), test_path,
-              serving=record["settings"], progress=lambda _line: None)
-    config = read_model_config(repository / DEFAULT_SERVING_NAME / "config.pbtxt")  # fp32's
-    assert config.instance_group[0].count == record["settings"]["instance_count"]
-    assert config.dynamic_batching.max_queue_delay_microseconds == (
-        record["settings"]["max_queue_delay_us"])
-    assert "fp32__" in format_candidate_table(record)
+    assert serving_objective("latency", 5.0) == "throughput_per_core"
+    assert serving_objective("latency", None, 900.0) == "throughput_per_core"
+    assert serving_objective("size", None) == "throughput_per_core"
+    record = {"objective": per_core, "candidates": noisy, "chosen": "fp32__i1_q100",
+              "variant": "fp32", "settings": noisy[0]["settings"], "reason": "r",
+              "pareto_front": []}
+    assert "fp32__i1_q100 (chosen)" in format_candidate_table(record)

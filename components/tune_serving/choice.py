@@ -1,5 +1,7 @@
-"""Choosing among measured serving settings by the gate's objective, and showing the candidates
-(text, Markdown, KFP metrics). The search that measures them is `stage`."""
+"""Judging measured serving candidates (variant x Triton settings) by the objective: which
+qualify, their value, the spread band within which two cannot be told apart, the choice, the
+Pareto front, and the candidates shown as text, Markdown and KFP metrics. The search that
+measures them is `stage` (rounds: `halving`)."""
 
 from __future__ import annotations
 
@@ -12,106 +14,192 @@ from torchship.components.contracts import ServingSettings
 from torchship.components.files import write_text
 from torchship.components.report.tables import cell, markdown_table, text_table
 
-__all__ = ["DEFAULT_SETTINGS", "MARGIN_PCT", "choose_settings", "format_candidate_table",
-           "serving_metrics", "serving_objective", "write_candidate_table"]
+__all__ = ["DEFAULT_SETTINGS", "MARGIN_PCT", "TUNED", "choose_settings", "cores",
+           "format_candidate_table", "gain_pct", "level_of", "pareto_front", "serving_metrics",
+           "serving_objective", "spread_of", "value_of", "variant_property", "why_not",
+           "write_candidate_table"]
 
 # The settings searched, with the defaults every deploy starts from.
-DEFAULT_SETTINGS = ServingSettings().tuned()
+TUNED = ("instance_count", "max_queue_delay_us", "max_batch_size")
+DEFAULT_SETTINGS = {name: int(getattr(ServingSettings, name)) for name in TUNED}
 # A candidate must beat a simpler one by more than this (or the windows' spread) to be chosen.
 MARGIN_PCT = 5.0
-_LATENCY_OBJECTIVE = re.compile(r"latency|latency_b\d+_ms")
+_LATENCY_OBJECTIVE = re.compile(r"latency|latency_b\d+_ms|speedup_b\d+")
 
 
-def serving_objective(optimise: str, latency_budget_p99_ms: float | None) -> str:
-    """``throughput`` (highest req/s, within the budget when there is one) or ``latency``
-    (lowest p99), from the gate's parameters."""
-    if latency_budget_p99_ms:
-        return "throughput"
-    return "latency" if _LATENCY_OBJECTIVE.fullmatch(optimise) else "throughput"
+def serving_objective(optimise: str, latency_budget_p99_ms: float | None,
+                      throughput_target_rps: float | None = None) -> str:
+    """``throughput_per_core`` (highest req/s per core: under a p99 budget or a throughput
+    target, and for an `optimise` that serving does not change) or ``latency`` (lowest p99, for
+    a latency `optimise` with neither)."""
+    if latency_budget_p99_ms or throughput_target_rps:
+        return "throughput_per_core"
+    return "latency" if _LATENCY_OBJECTIVE.fullmatch(optimise) else "throughput_per_core"
 
 
-def choose_settings(candidates: list[dict[str, Any]], objective: dict[str, Any]) -> dict[str, Any]:
-    """``{"chosen", "settings", "reason", "band_pct"}`` for measured ``candidates`` (simplest
-    first) under ``objective`` (as in the record): the simplest qualifying candidate that the
-    best one does not beat by more than the band; the default settings when none qualifies."""
-    level = f"c{objective['target_concurrency']}"
-    key = "throughput_rps" if objective["metric"] == "throughput" else "p99_ms"
-    qualifying = sorted((c for c in candidates if c["qualifies"]), key=lambda c: c["simplicity"])
+def variant_property(optimise: str) -> bool:
+    """Whether `optimise` is a property of the model file (size, accuracy, parameters), which
+    the gate already chose the variant by, not something serving settings change."""
+    return not _LATENCY_OBJECTIVE.fullmatch(optimise)
+
+
+def cores(candidate: dict[str, Any]) -> int:
+    """The cores a candidate holds: one per instance (each runs ONNX Runtime on one thread)."""
+    return int(candidate["settings"]["instance_count"])
+
+
+def level_of(candidate: dict[str, Any], objective: dict[str, Any]) -> dict[str, Any] | None:
+    """The candidate's latest measurement at the target concurrency (None: never measured)."""
+    return candidate["levels"].get(f"c{objective['target_concurrency']}")
+
+
+def value_of(candidate: dict[str, Any], objective: dict[str, Any]) -> float:
+    """The objective's value (higher is better for throughput per core, lower for p99)."""
+    level = level_of(candidate, objective)
+    if objective["metric"] == "latency":
+        return float(level["p99_ms"])
+    return float(level["throughput_rps"]) / cores(candidate)
+
+
+def spread_of(candidate: dict[str, Any], objective: dict[str, Any]) -> float:
+    """The measured spread (%) of the windows on the objective's metric."""
+    key = "p99_ms" if objective["metric"] == "latency" else "throughput_rps"
+    return float((level_of(candidate, objective)["spread_pct"] or {}).get(key) or 0.0)
+
+
+def why_not(candidate: dict[str, Any], objective: dict[str, Any],
+            allow_spread: bool) -> str | None:
+    """Why the candidate's latest measurement fails a constraint (None: it meets them). With
+    `allow_spread`, only a failure beyond the windows' measured spread counts (an early round's
+    short windows: a candidate is dropped only when it cannot meet the constraint)."""
+    level, target = level_of(candidate, objective), objective["target_concurrency"]
+    if level["errors"]:
+        return f"{level['errors']} failed requests at concurrency {target}"
+    budget, floor = objective.get("latency_budget_p99_ms"), objective.get("throughput_target_rps")
+    spread = (level["spread_pct"] or {}) if allow_spread else {}
+    p99_low = level["p99_ms"] * (1 - float(spread.get("p99_ms") or 0) / 100)
+    if budget and p99_low > budget:
+        return (f"p99 {level['p99_ms']:.2f} ms at concurrency {target} is over the budget of "
+                f"{budget:g} ms")
+    rps_high = level["throughput_rps"] * (1 + float(spread.get("throughput_rps") or 0) / 100)
+    if floor and rps_high < floor:
+        return (f"{level['throughput_rps']:.0f} req/s at concurrency {target} is under the "
+                f"target of {floor:g} req/s")
+    return None
+
+
+def gain_pct(better: dict[str, Any], than: dict[str, Any], objective: dict[str, Any]) -> float:
+    """How much ``better`` beats ``than`` on the objective, in % of ``than``'s value."""
+    a, b = value_of(better, objective), value_of(than, objective)
+    change = a - b if objective["metric"] != "latency" else b - a
+    return change / b * 100.0 if b > 0 else float("inf")
+
+
+def choose_settings(candidates: list[dict[str, Any]], objective: dict[str, Any],
+                    default: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"chosen", "variant", "settings", "reason", "band_pct", "tied"}`` for the finalists
+    among ``candidates`` (those measured in the last round that meet the constraints): the best
+    on the objective; every finalist the best does not beat by more than the band (the margin,
+    or the windows' measured spread of either, whichever is larger) is tied with it, and of the
+    tied the simplest (lowest ``simplicity``) is chosen. None qualifying: ``default``
+    (``{"variant", "settings"}``) is kept."""
+    qualifying = sorted((c for c in candidates if c.get("qualifies")),
+                        key=lambda c: c["simplicity"])
     if not qualifying:
-        reasons = "; ".join(f"{c['model']}: {c['why_not']}" for c in candidates)
-        return {"chosen": None, "settings": dict(DEFAULT_SETTINGS), "band_pct": None, "reason": (
-            f"no candidate qualifies ({reasons}); keeping the default settings "
-            f"({describe(DEFAULT_SETTINGS)}) under which the gate passed the model")}
-
-    def value(candidate: dict[str, Any]) -> float:
-        return float(candidate["levels"][level][key])
-
-    def spread(candidate: dict[str, Any]) -> float:
-        return float(candidate["levels"][level]["spread_pct"].get(key) or 0.0)
-
-    def gain_pct(better: dict[str, Any], than: dict[str, Any]) -> float:
-        """How much ``better`` beats ``than`` on the metric, in % of ``than``'s value."""
-        change = value(better) - value(than) if key == "throughput_rps" else (
-            value(than) - value(better))
-        return change / value(than) * 100.0 if value(than) > 0 else float("inf")
+        default = default or {"variant": None, "settings": dict(DEFAULT_SETTINGS)}
+        lost = "; ".join(f"{c['model']}: {c['why_not']}" for c in candidates)
+        return {"chosen": None, "variant": default["variant"],
+                "settings": dict(default["settings"]), "band_pct": None, "tied": [],
+                "reason": (f"no candidate qualifies ({lost}); keeping "
+                           f"{default['variant'] or 'the model'} with the default settings "
+                           f"({describe(default['settings'])}) under which the gate passed it")}
 
     def band(candidate: dict[str, Any]) -> float:
-        return max(float(objective["margin_pct"]), spread(best), spread(candidate))
+        return max(float(objective["margin_pct"]), spread_of(best, objective),
+                   spread_of(candidate, objective))
 
-    pick = max if key == "throughput_rps" else min
-    best = pick(qualifying, key=value)  # ties go to the simpler, the first in the list
-    candidate = next(c for c in qualifying if gain_pct(best, c) <= band(c))  # best ends it
-    unit = "req/s" if key == "throughput_rps" else "ms p99"
-    shown = f"{value(best):.1f} {unit}" if key == "throughput_rps" else f"{value(best):.2f} {unit}"
-    at = f"at concurrency {objective['target_concurrency']}"
-    word = "highest throughput" if key == "throughput_rps" else "lowest p99"
-    within = (f" within the p99 budget of {objective['latency_budget_p99_ms']:g} ms"
-              if objective.get("latency_budget_p99_ms") else "")
-    of = f"of the {len(qualifying)} of {len(candidates)} candidates that qualify{within}"
-    if candidate is best:
-        simplest = qualifying[0]
-        reason = f"{best['model']} has the {word} ({shown} {at}) {of}"
-        if simplest is not best:
-            reason += (f", {gain_pct(best, simplest):.1f}% better than the simplest "
-                       f"({simplest['model']}), beyond the {band(simplest):.1f}% band")
+    pick = min if objective["metric"] == "latency" else max
+    best = pick(qualifying, key=lambda c: value_of(c, objective))  # ties: the simpler
+    tied = [c for c in qualifying if gain_pct(best, c, objective) <= band(c)]
+    chosen = tied[0]
+    shown = _shown(best, objective)
+    of = f"of the {len(qualifying)} finalists that meet the constraints"
+    if len(tied) > 1:
+        reason = (f"could not tell apart {len(tied)} candidates ({', '.join(c['model'] for c in tied)}):"
+                  f" the best, {best['model']} ({shown}), beats none of them by more than the "
+                  f"band (margin {objective['margin_pct']:g}% or the windows' spread, up to "
+                  f"{max(band(c) for c in tied):.1f}%), so the simplest, {chosen['model']}, is "
+                  "chosen")
     else:
-        reason = (f"{candidate['model']} kept as the simpler setting: the best, {best['model']} "
-                  f"({shown} {at}), is only {gain_pct(best, candidate):.1f}% better, within the "
-                  f"{band(candidate):.1f}% band (margin {objective['margin_pct']:g}% or the "
-                  "windows' spread)")
-    return {"chosen": candidate["model"], "settings": dict(candidate["settings"]),
-            "band_pct": band(candidate), "reason": reason}
+        reason = f"{best['model']} has the best {shown} {of}"
+        others = [c for c in qualifying if c is not best]
+        if others:
+            closest = min(others, key=lambda c: gain_pct(best, c, objective))
+            reason += (f", {gain_pct(best, closest, objective):.1f}% better than the next "
+                       f"({closest['model']}), beyond the {band(closest):.1f}% band")
+    return {"chosen": chosen["model"], "variant": chosen["variant"],
+            "settings": dict(chosen["settings"]), "band_pct": band(chosen),
+            "tied": [c["model"] for c in tied] if len(tied) > 1 else [], "reason": reason}
 
+
+def pareto_front(candidates: list[dict[str, Any]], target: int) -> list[str]:
+    """The measured candidates no other beats on both throughput and p99 at the target
+    concurrency (each by its latest measurement), lowest p99 first."""
+    points = [(c["model"], c["levels"][f"c{target}"]) for c in candidates
+              if c["levels"].get(f"c{target}") and not c["levels"][f"c{target}"]["errors"]]
+    front = [
+        (level["p99_ms"], name) for name, level in points
+        if not any(o["p99_ms"] <= level["p99_ms"] and o["throughput_rps"] >= level["throughput_rps"]
+                   and (o["p99_ms"], o["throughput_rps"]) != (level["p99_ms"], level["throughput_rps"])
+                   for _, o in points)
+    ]
+    return [name for _, name in sorted(front)]
+
+
+def _shown(candidate: dict[str, Any], objective: dict[str, Any]) -> str:
+    at = f"at concurrency {objective['target_concurrency']}"
+    if objective["metric"] == "latency":
+        return f"p99 {value_of(candidate, objective):.2f} ms {at}"
+    return f"{value_of(candidate, objective):.0f} req/s per core {at}"
 
 
 def format_candidate_table(record: dict[str, Any], markdown: bool = False) -> str:
-    """One row per candidate: settings, p99 and throughput per level, whether it qualifies; the
-    chosen one marked, the reason below (Markdown: with a title)."""
-    levels = [f"c{c}" for c in record["concurrency"]]
-    header = ["candidate", "instances", "delay us"]
-    for level in levels:
-        header += [f"p50 ms {level}", f"p99 ms {level}", f"req/s {level}"]
-    header.append("qualifies")
+    """One row per candidate: variant, settings, the rounds it was measured in, p50, p99 and
+    throughput (per core) of its latest measurement, and its outcome; the chosen one marked,
+    Pareto-optimal ones starred, the reason below (Markdown: with a title)."""
+    level = f"c{record['objective']['target_concurrency']}"
+    header = ["candidate", "variant", "instances", "delay us", "max batch", "rounds",
+              f"p50 ms {level}", f"p99 ms {level}", f"req/s {level}", "req/s/core", "outcome"]
+    front = set(record.get("pareto_front") or [])
     body = []
     for candidate in record["candidates"]:
         mark = " (chosen)" if candidate["model"] == record["chosen"] else ""
-        line = [candidate["model"] + mark,
-                str(candidate["settings"]["instance_count"]),
-                str(candidate["settings"]["max_queue_delay_us"])]
-        for level in levels:
-            measured = candidate["levels"][level]
-            unstable = "" if measured["stable"] else "*"
-            line += [cell(measured["p50_ms"], "{:.2f}"),
+        settings = candidate["settings"]
+        line = [candidate["model"] + mark + (" *" if candidate["model"] in front else ""),
+                candidate["variant"], str(settings["instance_count"]),
+                str(settings["max_queue_delay_us"]), str(settings["max_batch_size"]),
+                str(len(candidate.get("rounds") or []))]
+        measured = candidate["levels"].get(level)
+        if measured:
+            unstable = "" if measured.get("stable", True) else "~"
+            line += [cell(measured.get("p50_ms"), "{:.2f}"),
                      cell(measured["p99_ms"], "{:.2f}") + unstable,
-                     cell(measured["throughput_rps"], "{:.0f}")]
-        line.append("yes" if candidate["qualifies"] else f"no: {candidate['why_not']}")
+                     cell(measured["throughput_rps"], "{:.0f}"),
+                     cell(measured["throughput_rps"] / cores(candidate), "{:.0f}")]
+        else:
+            line += ["-"] * 4
+        line.append(candidate.get("outcome") or ("yes" if candidate.get("qualifies")
+                                                 else f"no: {candidate.get('why_not')}"))
         body.append(line)
-    left = (0, len(header) - 1)
+    left = (0, 1, len(header) - 1)
     if not markdown:
         return "\n".join(text_table(header, body, left))
-    chosen = f"chosen: {describe(record['settings'])}: {record['reason']}"
+    chosen = (f"chosen: {record['variant']} with {describe(record['settings'])}: "
+              f"{record['reason']}")
     return "\n".join(["# Serving search", "", objective_text(record["objective"]), "",
-                      *markdown_table(header, body, left), "", chosen]) + "\n"
+                      *markdown_table(header, body, left), "",
+                      "`*`: on the Pareto front (throughput vs p99); `~`: windows disagreed", "",
+                      chosen]) + "\n"
 
 
 def write_candidate_table(record: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -120,13 +208,16 @@ def write_candidate_table(record: dict[str, Any], path: str | os.PathLike) -> Pa
 
 
 def serving_metrics(record: dict[str, Any]) -> dict[str, float]:
-    """The chosen settings and, when measured, their p99 and throughput per level, for KFP."""
+    """The chosen settings and, when measured, their p99 and throughput, for KFP."""
     metrics = {f"serving_{name}": float(value) for name, value in record["settings"].items()}
     metrics["serving_candidates"] = float(len(record["candidates"]))
+    metrics["serving_tied"] = float(len(record.get("tied") or []))
     chosen = next((c for c in record["candidates"] if c["model"] == record["chosen"]), None)
     for level, measured in (chosen["levels"] if chosen else {}).items():
         metrics[f"serving_p99_ms_{level}"] = float(measured["p99_ms"])
         metrics[f"serving_throughput_rps_{level}"] = float(measured["throughput_rps"])
+        metrics[f"serving_throughput_per_core_{level}"] = (
+            float(measured["throughput_rps"]) / cores(chosen))
     return metrics
 
 
@@ -136,10 +227,12 @@ def describe(settings: dict[str, int]) -> str:
 
 def objective_text(objective: dict[str, Any]) -> str:
     at = f"at concurrency {objective['target_concurrency']}"
+    limits = []
     if objective.get("latency_budget_p99_ms"):
-        return f"highest throughput {at} with p99 within {objective['latency_budget_p99_ms']:g} ms"
+        limits.append(f"p99 within {objective['latency_budget_p99_ms']:g} ms")
+    if objective.get("throughput_target_rps"):
+        limits.append(f"at least {objective['throughput_target_rps']:g} req/s")
+    under = f" with {' and '.join(limits)}" if limits else ""
     if objective["metric"] == "latency":
         return f"lowest p99 {at} (optimise '{objective['optimise']}')"
-    return (f"highest throughput {at} (optimise '{objective['optimise']}' is the same for every "
-            "setting)")
-
+    return f"highest throughput per core {at}{under} (optimise '{objective['optimise']}')"

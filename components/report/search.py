@@ -1,0 +1,164 @@
+"""The serving search's own HTML report, self-contained (the plot inline as SVG, nothing fetched):
+objective and constraints, the choice and why, whether the search could tell the best apart,
+the Pareto front of throughput against p99, and every candidate with why it lost.
+
+``write_search_report(record, path)`` renders a ``torchship.serving-search`` record (see
+``tune_serving.stage``); it reads only the record.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from torchship.components.files import write_text
+
+__all__ = ["render_search_report", "write_search_report"]
+
+_STYLE = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px;
+       color: #1f2328; max-width: 1200px; }
+h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; }
+table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
+th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: right; }
+td.l, th.l { text-align: left; }
+th { background: #f6f8fa; } tr.chosen td { background: #dafbe1; font-weight: 600; }
+.note { color: #57606a; font-size: 13px; } .warn { color: #9a6700; font-weight: 600; }
+svg { max-width: 100%; height: auto; }
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _objective(record: dict[str, Any]) -> list[str]:
+    objective = record["objective"]
+    at = f"at concurrency {objective['target_concurrency']}"
+    lines = [("lowest p99 " if objective["metric"] == "latency" else
+              "highest throughput per core (one core per instance) ") + at
+             + f" (optimise '{objective['optimise']}')"]
+    if objective.get("latency_budget_p99_ms"):
+        lines.append(f"constraint: p99 &le; {objective['latency_budget_p99_ms']:g} ms {at}")
+    if objective.get("throughput_target_rps"):
+        lines.append(f"constraint: throughput &ge; {objective['throughput_target_rps']:g} req/s")
+    lines.append(f"a candidate beats another only by more than {objective['margin_pct']:g}% or "
+                 "the windows' measured spread, whichever is larger")
+    return lines
+
+
+def _level(candidate: dict[str, Any], record: dict[str, Any]) -> dict[str, Any] | None:
+    return candidate["levels"].get(f"c{record['objective']['target_concurrency']}")
+
+
+def _plot(record: dict[str, Any]) -> str:
+    """Throughput against p99 of every measured candidate, the Pareto front joined, the chosen
+    one ringed and the budget drawn; inline SVG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    front = record.get("pareto_front") or []
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    try:
+        by_variant: dict[str, list[tuple[float, float]]] = {}
+        for candidate in record["candidates"]:
+            level = _level(candidate, record)
+            if level and not level["errors"]:
+                by_variant.setdefault(candidate["variant"], []).append(
+                    (level["p99_ms"], level["throughput_rps"]))
+        for variant, points in by_variant.items():
+            ax.scatter(*zip(*points), label=variant, s=28, alpha=0.8)
+        points = {c["model"]: _level(c, record) for c in record["candidates"]}
+        line = [(points[m]["p99_ms"], points[m]["throughput_rps"]) for m in front if points.get(m)]
+        if line:
+            ax.plot(*zip(*line), color="#1f2328", linewidth=1, label="Pareto front")
+        chosen = points.get(record.get("chosen") or "")
+        if chosen:
+            ax.scatter([chosen["p99_ms"]], [chosen["throughput_rps"]], s=180,
+                       facecolors="none", edgecolors="#cf222e", linewidths=2, label="chosen")
+        budget = record["objective"].get("latency_budget_p99_ms")
+        if budget:
+            ax.axvline(budget, color="#cf222e", linestyle="--", linewidth=1, label="p99 budget")
+        ax.set_xlabel(f"p99 latency (ms) at concurrency "
+                      f"{record['objective']['target_concurrency']}")
+        ax.set_ylabel("throughput (req/s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        buffer = io.StringIO()
+        fig.savefig(buffer, format="svg", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    svg = buffer.getvalue()
+    return svg[svg.index("<svg"):]
+
+
+def _table(record: dict[str, Any]) -> str:
+    target = record["objective"]["target_concurrency"]
+    front = set(record.get("pareto_front") or [])
+    header = ["candidate", "variant", "instances", "delay us", "max batch", "rounds",
+              f"p50 ms c{target}", f"p99 ms c{target}", "spread %", f"req/s c{target}",
+              "req/s per core", "Pareto", "outcome"]
+    rows = []
+    for candidate in record["candidates"]:
+        level = _level(candidate, record)
+        settings = candidate["settings"]
+        numbers = (["-"] * 5 if level is None else [
+            f"{level['p50_ms']:.2f}", f"{level['p99_ms']:.2f}",
+            f"{max((level['spread_pct'] or {}).values(), default=0) or 0:.0f}",
+            f"{level['throughput_rps']:.0f}",
+            f"{level['throughput_rps'] / settings['instance_count']:.0f}"])
+        cells = [candidate["model"], candidate["variant"], settings["instance_count"],
+                 settings["max_queue_delay_us"], settings["max_batch_size"],
+                 len(candidate.get("rounds") or []), *numbers,
+                 "yes" if candidate["model"] in front else "",
+                 candidate.get("outcome") or candidate.get("why_not") or ""]
+        mark = ' class="chosen"' if candidate["model"] == record.get("chosen") else ""
+        rows.append(f"<tr{mark}>" + "".join(
+            f'<td{" class=l" if i in (0, 1, len(cells) - 1) else ""}>{_esc(c)}</td>'
+            for i, c in enumerate(cells)) + "</tr>")
+    head = "".join(f'<th{" class=l" if i in (0, 1, len(header) - 1) else ""}>{_esc(h)}</th>'
+                   for i, h in enumerate(header))
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def render_search_report(record: dict[str, Any]) -> str:
+    """The report as one HTML page."""
+    settings = ", ".join(f"{k} {v}" for k, v in record["settings"].items())
+    parts = [f"<h1>Serving search: {_esc(record['variant'])} with {_esc(settings)}</h1>",
+             "<h2>Objective and constraints</h2><ul>"
+             + "".join(f"<li>{line}</li>" for line in _objective(record)) + "</ul>",
+             (f"<p><b>chosen:</b> {_esc(record.get('chosen') or 'none (default settings kept)')}"
+             f": {_esc(record['reason'])}</p>")]
+    if record.get("tied"):
+        parts.append(f'<p class="warn">The search could not tell apart {len(record["tied"])} '
+                     f"candidates ({_esc(', '.join(record['tied']))}): their differences are "
+                     "within the measured spread; the simplest is chosen.</p>")
+    method = record.get("method") or {}
+    searched = record.get("searched") or {}
+    parts.append(
+        f'<p class="note">searched: variants {_esc(", ".join(record.get("variants") or []))} '
+        f"({_esc(record.get('variants_from', ''))}) x "
+        + " x ".join(f"{_esc(k)} {_esc(v)}" for k, v in searched.items() if k != "variant")
+        + f"; {len(record['candidates'])} candidates on one tritonserver (started in "
+        f"{record.get('server_startup_s') or 0:.1f} s), {method.get('rounds', 0)} rounds of "
+        f"successive halving, {method.get('windows', 0)} windows per level, the last "
+        f"{method.get('window_s', 0):.2f} s long; search wall time "
+        f"{record.get('wall_s') or 0:.1f} s</p>")
+    if record["candidates"]:
+        parts += ["<h2>Throughput against p99 (Pareto front)</h2>", _plot(record),
+                  ('<p class="note">each candidate at its latest round; the front: no other '
+                  "candidate has both a lower p99 and a higher throughput</p>"),
+                  "<h2>Candidates</h2>", _table(record)]
+    body = "\n".join(parts)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Serving search</title>"
+            f"<style>{_STYLE}</style></head><body>{body}</body></html>\n")
+
+
+def write_search_report(record: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write the report to ``path``, whole or not at all."""
+    return write_text(path, render_search_report(record))
