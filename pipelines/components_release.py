@@ -81,10 +81,12 @@ def gate(
 
 
 def tune_serving(
-    chosen_model: Input[Model],
+    onnx_models: Input[Model],
+    gate_record: Input[Artifact],
     test: Input[Dataset],
     instance_counts: list[int],
     queue_delays_us: list[int],
+    max_batch_sizes: list[int],
     optimise: str,
     latency_budget_p99_ms: float,
     target_concurrency: int,
@@ -96,29 +98,36 @@ def tune_serving(
     max_windows: int,
     stability_pct: float,
     record: Output[Artifact],
+    chosen_model: Output[Model],
+    report_html: Output[HTML],
     metrics: Output[Metrics],
     table: Output[Markdown],
 ):
-    """The chosen model under each Triton setting (instance_count x max_queue_delay_us) on one
-    local tritonserver, measured like the benchmark stage; the record names the settings to
-    deploy with, chosen by the gate's objective."""
+    """One search over the variants the gate found eligible x Triton settings (instance_count x
+    max_queue_delay_us x max_batch_size) on one local tritonserver, by successive halving at the
+    target concurrency under the gate's p99 budget; the record names the variant and settings to
+    deploy with, `chosen_model` holds that variant as the gate's `chosen_model` does."""
     from torchship.components.contracts import limit
     from torchship.components.progress import report
     from torchship.components.tune_serving.choice import serving_metrics, write_candidate_table
     from torchship.components.tune_serving.stage import search_serving_config
 
     searched = search_serving_config(
-        chosen_model.path, test.path, record.path,
+        onnx_models.path, test.path, record.path, gate_record=gate_record.path,
+        chosen_dir=chosen_model.path, report_path=report_html.path,
         instance_counts=[int(c) for c in instance_counts],
         queue_delays_us=[int(d) for d in queue_delays_us],
+        max_batch_sizes=[int(b) for b in max_batch_sizes],
         target_concurrency=target_concurrency, latency_budget_p99_ms=limit(latency_budget_p99_ms),
         optimise=optimise, batch_size=batch_size, duration_s=duration_s, warmup_s=warmup_s,
         window_s=window_s, min_windows=min_windows, max_windows=max_windows,
         stability_pct=stability_pct, progress=report,
     )
     write_candidate_table(searched, table.path)
-    record.metadata.update({"chosen": searched["chosen"], "settings": searched["settings"],
-                            "reason": searched["reason"]})
+    record.metadata.update({"chosen": searched["chosen"], "variant": searched["variant"],
+                            "settings": searched["settings"], "reason": searched["reason"],
+                            "tied": searched["tied"]})
+    chosen_model.metadata["variant"] = searched["variant"]
     for key, value in serving_metrics(searched).items():
         metrics.log_metric(key, value)
 
@@ -152,7 +161,8 @@ def deploy(
     from torchship.components.progress import report
 
     with open(serving_record.path) as handle:
-        serving = json.load(handle)["settings"]
+        searched = json.load(handle)
+    serving = searched["settings"]
     result = deploy_to(target, chosen_model.path, model_repository.path, model_repository.uri,
                        test.path, local_repository=local_repository, settings=settings,
                        serving=serving, model_name=serving_model_name, progress=report)
@@ -172,6 +182,10 @@ def deploy(
     if reference_uri:
         from torchship.components.deploy.reference import keep_reference
 
-        kept = keep_reference(reference_uri, statistics.path, gate_record.path, target, result)
+        chosen = next((c for c in searched.get("candidates", [])
+                       if c["model"] == searched.get("chosen")), None)
+        measured = [level["p99_ms"] for level in (chosen or {}).get("levels", {}).values()]
+        kept = keep_reference(reference_uri, statistics.path, gate_record.path, target,
+                              {**result, **({"p99_ms": measured[0]} if measured else {})})
         report(f"reference: {kept['model']} version {kept['version']} ({kept['variant']}) and "
                f"its training statistics kept in {reference_uri}")

@@ -13,6 +13,7 @@ from kfp.dsl import HTML, Artifact, Markdown
 
 from torchship.components.errors import UserInputError
 from torchship.components.files import atomic_path
+from torchship.components.tune_serving.stage import MAX_BATCH_SIZES
 from torchship.pipelines.components import Components, build_components
 from torchship.pipelines.parameters import (
     MEASUREMENT_PARAMETERS,
@@ -122,15 +123,18 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
         deploy_target=params["deploy_target"], local_repository=params["local_repository"],
     )
     with dsl.If(decided.outputs["Output"] == True, name="gate-passed"):
+        # One search over the variants the gate found eligible x the serving settings; deploy
+        # takes the variant it chose (in the gate's chosen_model layout) and its settings.
         tuned = ops.tune_serving(
-            chosen_model=decided.outputs["chosen_model"], test=data.outputs["test"],
-            instance_counts=params["serving_instance_counts"],
-            queue_delays_us=params["serving_queue_delays_us"], optimise=params["optimise"],
+            onnx_models=exported.outputs["onnx_models"], gate_record=decided.outputs["record"],
+            test=data.outputs["test"], instance_counts=params["serving_instance_counts"],
+            queue_delays_us=params["serving_queue_delays_us"],
+            max_batch_sizes=list(MAX_BATCH_SIZES), optimise=params["optimise"],
             latency_budget_p99_ms=params["latency_budget_p99_ms"],
             target_concurrency=params["target_concurrency"], **_measurement(params),
         )
         deployed = ops.deploy(
-            chosen_model=decided.outputs["chosen_model"], test=data.outputs["test"],
+            chosen_model=tuned.outputs["chosen_model"], test=data.outputs["test"],
             serving_record=tuned.outputs["record"], statistics=data.outputs["statistics"],
             gate_record=decided.outputs["record"],
             target=params["deploy_target"], local_repository=params["local_repository"],

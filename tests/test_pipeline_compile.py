@@ -54,6 +54,9 @@ def test_compiled_yaml_is_a_pipeline_spec_with_one_task_per_stage(tmp_path):
     assert "tune-serving" in branch["deploy"].dependent_tasks
     record = branch["deploy"].inputs.artifacts["serving_record"].task_output_artifact
     assert (record.producer_task, record.output_artifact_key) == ("tune-serving", "record")
+    # Deploy serves the variant the serving search chose, not the gate's first pick.
+    model = branch["deploy"].inputs.artifacts["chosen_model"].task_output_artifact
+    assert (model.producer_task, model.output_artifact_key) == ("tune-serving", "chosen_model")
     images = {executor.container.image for executor in executors(spec)}
     assert images == {"registry.example/team/torchship-cpu:1.2.3"}
     parameters = set(spec.root.input_definitions.parameters)
@@ -249,7 +252,8 @@ def test_serving_search_is_set_by_pipeline_parameters_and_reads_the_gates_object
         assert inputs[name].component_input_parameter == f"pipelinechannel--{parameter}", name
     outputs = spec.components[branch["tune-serving"].component_ref.name].output_definitions
     assert {name: a.artifact_type.schema_title for name, a in outputs.artifacts.items()} == {
-        "record": "system.Artifact", "metrics": "system.Metrics", "table": "system.Markdown"}
+        "record": "system.Artifact", "chosen_model": "system.Model",
+        "report_html": "system.HTML", "metrics": "system.Metrics", "table": "system.Markdown"}
 
 
 @pytest.mark.parametrize(("arguments", "expected"), [

@@ -55,17 +55,24 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
     # serving name (the default, torchship), the version saying which variant it is.
     gate = json.loads(paths["gate"].read_text())
     assert gate["passed"] and gate["variant"] in rows
+    # The serving search chose among the variants the gate found eligible; deploy serves its
+    # choice.
+    [record_path] = list((tmp_path / "runs").rglob("tune-serving/record"))
+    serving = json.loads(record_path.read_text())
+    chosen = serving["variant"]
+    eligible = [row["name"] for row in gate["choice"]["table"] if row["meets_constraints"]]
+    assert chosen in eligible and serving["variants"][0] == gate["variant"]
     [deployed] = [line for line in done.stdout.splitlines() if line.startswith("deployed: ")]
     persistent_repo = tmp_path / "runs" / "model_repository"
     assert deployed.startswith(
-        f"deployed: {gate['variant']} as version 1 of model 'torchship' in {persistent_repo} (")
+        f"deployed: {chosen} as version 1 of model 'torchship' in {persistent_repo} (")
     assert deployed.endswith(f"serve it with: torchship serve {persistent_repo}")
     [repository] = list((tmp_path / "runs").rglob("deploy/model_repository"))
     assert [p.name for p in repository.iterdir() if p.is_dir()] == ["torchship"]
     assert (repository / "torchship" / "config.pbtxt").is_file()
     assert (repository / "torchship" / "1" / "model.onnx").is_file()
     assert json.loads((repository / "torchship" / "1" / "torchship-version.json").read_text()) == {
-        "variant": gate["variant"]}
+        "variant": chosen}
     # The same version was added to the persistent repository `torchship serve` serves.
     persistent = tmp_path / "runs" / "model_repository" / "torchship"
     assert (persistent / "1" / "model.onnx").read_bytes() == (
@@ -74,14 +81,13 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
     # The serving search measured each candidate setting of the chosen model, printed a line
     # each and its choice, and the deployed config carries the chosen settings.
     assert "Task 'tune-serving' finished with status SUCCESS" in done.stdout
-    [record_path] = list((tmp_path / "runs").rglob("tune-serving/record"))
-    serving = json.loads(record_path.read_text())
-    assert serving["variant"] == gate["variant"] and len(serving["candidates"]) == 4
+    assert len(serving["candidates"]) == 4 * len(eligible)
     for candidate in serving["candidates"]:
         assert candidate["levels"]["c2"]["throughput_rps"] > 0, candidate["model"]
         assert any(line.strip().startswith(candidate["model"] + " ")
                    for line in done.stdout.splitlines()), candidate["model"]
-    assert f"serving: instance_count {serving['settings']['instance_count']}," in done.stdout
+    assert (f"serving: {chosen} with instance_count {serving['settings']['instance_count']},"
+            in done.stdout)
     for config in (read_model_config(repository / "torchship" / "config.pbtxt"),
                    read_model_config(persistent / "config.pbtxt")):
         assert config.instance_group[0].count == serving["settings"]["instance_count"]
@@ -95,13 +101,13 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
     reference = tmp_path / "runs" / "torchship-reference" / "torchship" / "local"
     kept = json.loads((reference / "serving.json").read_text())
     assert (kept["model"], kept["variant"], kept["version"], kept["target"]) == (
-        "torchship", gate["variant"], 1, "local")
+        "torchship", chosen, 1, "local")
     assert 0.85 < kept["test_accuracy"] <= 1 and kept["p99_ms"] > 0
     statistics = json.loads((reference / "statistics.json").read_text())
     assert statistics["labels"]["counts"] and all(
         sum(f["histogram"]["counts"]) == statistics["n_rows"]
         for f in statistics["features"].values())
-    assert (f"reference: torchship version 1 ({gate['variant']}) and its training statistics "
+    assert (f"reference: torchship version 1 ({chosen}) and its training statistics "
             "kept in") in done.stdout
     # `torchship retrain-status` reads it: what serves, and a new file's drift by feature.
     from sklearn.datasets import load_digits
@@ -113,7 +119,7 @@ def test_compiled_pipeline_runs_end_to_end_on_real_triton_and_deploys(pipeline_y
     assert status.returncode == 0, status.stdout + status.stderr
     lines = status.stdout.splitlines()
     assert lines[0].startswith(
-        f"serving: torchship version 1 (local, variant {gate['variant']}), test accuracy ")
+        f"serving: torchship version 1 (local, variant {chosen}), test accuracy ")
     assert "decisions: none yet" in lines and f"{tmp_path / 'new.csv'} against the reference: drifted" in status.stdout
     moved = [line.split() for line in lines if line.strip().startswith("pixel_")]
     assert [row[0] for row in moved if row[-1] == "yes"] == ["pixel_3_3"] and len(moved) == 64

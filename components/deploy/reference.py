@@ -31,13 +31,16 @@ def _join(folder: str, name: str) -> str:
 def keep_reference(uri: str, statistics_path: str, gate_record_path: str, target: str,
                    deployed: dict[str, Any]) -> dict[str, Any]:
     """Write the reference of the model just deployed; return the serving record: `model` is the
-    served name (the same across retrains), `variant` the gate's choice it now serves."""
+    served name (the same across retrains), `variant` the variant it now serves (`deployed`'s,
+    else the gate's choice), `p99_ms` `deployed`'s (the serving search's measurement), else the
+    gate's."""
     statistics = read_json(statistics_path)
     gate = read_json(gate_record_path)
-    chosen = gate["variant"]
+    chosen = deployed.get("variant") or gate["variant"]  # the serving search's, where it chose
     row = next(entry for entry in gate["choice"]["table"] if entry["name"] == chosen)
-    p99 = next((check["value"] for check in gate["checks"]
-                if check["name"] == "p99 latency" and check.get("variant") == chosen), None)
+    p99 = deployed.get("p99_ms") or next(
+        (check["value"] for check in gate["checks"]
+         if check["name"] == "p99 latency" and check.get("variant") == chosen), None)
     model = deployed.get("serving_model_name") or chosen
     versions = deployed.get("versions") or {}
     record = {
