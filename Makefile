@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_PIN := torch==2.13.0
 PIPELINE := out/torchship-pipeline.yaml
 
-.PHONY: install demo test lint compile images clean bench bench-train bench-compress bench-vision bench-text bench-serve bench-load bench-data gpu-check
+.PHONY: install demo test lint compile images clean bench bench-train bench-compress bench-vision bench-text bench-serve bench-load bench-search bench-data gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ test: install
 	$(BIN)/python -m pytest
 
 # Performance goals live here, printed as ratios measured in one run (never as timed tests).
-bench: bench-train bench-compress bench-vision bench-text bench-serve bench-load bench-data
+bench: bench-train bench-compress bench-vision bench-text bench-serve bench-load bench-search bench-data
 
 bench-train: install
 	$(BIN)/python tests/benchmarks/bench_train.py
@@ -49,6 +49,12 @@ bench-serve: install
 
 bench-load: install
 	$(BIN)/python tests/benchmarks/bench_load.py
+
+# The joint serving search (variant x Triton settings under a p99 SLO) against an exhaustive
+# sweep: its choice's throughput per core over the default setting's, and its wall time over
+# the sweep's (goal: at most 0.5).
+bench-search: install
+	$(BIN)/python tests/benchmarks/bench_search.py
 
 # Peak memory of prepare-data and of a training worker at 1x and 10x the rows (over 2 GB).
 bench-data: install
