@@ -65,9 +65,16 @@ def test_gate_passes_within_budget_on_the_first_run():
     names = {(c["variant"], c["name"]) for c in record["checks"]}
     assert {("fp32", "accuracy"), ("fp32", "parity"), ("fp32", "p99 latency"),
             ("fp32", "errors"), ("int8", "p99 latency")} <= names
-    assert all(c["passed"] for c in record["checks"])
+    # No previous run: the regression check is kept, neither passed nor failed.
+    *evaluated, regression = record["checks"]
+    assert all(c["passed"] is True and c["status"] == "passed" for c in evaluated)
+    assert regression["name"] == "p99 regression" and regression["passed"] is None
+    assert regression["status"] == "not checked" and regression["why"] == "no previous run"
+    assert record["counts"] == {"passed": 8, "failed": 0, "not_checked": 1}
     assert "first run" in record["checks"][0]["detail"]
-    assert record["reason"].startswith("all ") and "within the budget of 10 ms" in record["reason"]
+    assert record["reason"].startswith(
+        "8 checks passed for fp32, int8, 1 not checked (p99 regression: no previous run); "
+        "fp32: p99 4.00 ms at concurrency 8 within the budget of 10 ms")
     assert record["variants"]["fp32"]["p99_ms"] == pytest.approx(4.0)
 
 
@@ -75,10 +82,11 @@ def test_gate_fails_when_the_latency_budget_is_too_tight():
     record = evaluate_gate(summary(p99_c8=4.0), accuracy_floor=0.9, latency_budget_p99_ms=2.5,
                            target_concurrency=8, variant="fp32")
     assert record["passed"] is False
-    (failed,) = [c for c in record["checks"] if not c["passed"]]
+    (failed,) = [c for c in record["checks"] if c["status"] == "failed"]
     assert failed["name"] == "p99 latency" and failed["value"] == pytest.approx(4.0)
-    assert failed["threshold"] == 2.5
-    assert record["reason"] == "fp32: p99 4.00 ms at concurrency 8 over the budget of 2.5 ms"
+    assert failed["threshold"] == 2.5 and failed["passed"] is False
+    assert record["reason"] == ("fp32: p99 4.00 ms at concurrency 8 over the budget of 2.5 ms; "
+                                "1 not checked (p99 regression: no previous run)")
 
 
 def test_gate_compares_accuracy_with_the_serving_baseline(tmp_path):
@@ -115,11 +123,31 @@ def test_a_model_no_better_than_always_guessing_the_majority_class_fails(tmp_pat
     chance = evaluate_gate(summary(accuracy=0.34), majority=("b", 0.34),
                            latency_budget_p99_ms=10, target_concurrency=8, variant="fp32")
     assert chance["passed"] is False
-    assert chance["reason"] == ("fp32: test accuracy 0.3400 vs 0.3400 from always predicting "
-                                "the most frequent class 'b'")
+    # A first run: the accuracy check itself takes the larger bar, the majority-class rate.
+    assert chance["reason"].startswith(
+        "fp32: first run, no serving baseline: test accuracy 0.3400 vs majority-class rate "
+        "0.3400 (always predicting 'b'; at least the accuracy floor 0.0000)")
+    [accuracy] = [c for c in chance["checks"] if c["name"] == "accuracy"]
+    assert accuracy["bar"] == {"applied": "majority-class rate", "threshold": 0.34,
+                               "accuracy_floor": 0.0, "majority_class": "b",
+                               "majority_rate": 0.34}
     better = evaluate_gate(summary(accuracy=0.5), majority=("b", 0.34),
                            latency_budget_p99_ms=10, target_concurrency=8, variant="fp32")
     assert better["passed"] is True
+    # A floor above the majority-class rate is the bar that applies, and the record says so.
+    floored = evaluate_gate(summary(accuracy=0.5), majority=("b", 0.34), accuracy_floor=0.6,
+                            latency_budget_p99_ms=10, target_concurrency=8, variant="fp32")
+    [accuracy] = [c for c in floored["checks"] if c["name"] == "accuracy"]
+    assert not floored["passed"] and accuracy["bar"]["applied"] == "accuracy floor"
+    assert accuracy["threshold"] == 0.6 and "vs floor 0.6000 (accuracy_floor; above the " \
+        "majority-class rate 0.3400)" in accuracy["detail"]
+    # With a serving baseline, accuracy is judged against it and chance is a check of its own.
+    served = evaluate_gate(summary(accuracy=0.34), majority=("b", 0.34), baseline_accuracy=0.34,
+                           latency_budget_p99_ms=10, target_concurrency=8, variant="fp32")
+    names = {c["name"]: c for c in served["checks"]}
+    assert names["accuracy"]["passed"] and not names["better than chance"]["passed"]
+    assert served["reason"].startswith("fp32: test accuracy 0.3400 vs 0.3400 from always "
+                                       "predicting the most frequent class 'b'")
 
 
 def test_a_baseline_record_of_another_variant_is_the_serving_baseline(tmp_path):

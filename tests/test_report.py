@@ -93,7 +93,8 @@ def test_tables_show_extras_and_mark_unstable_levels(onnx_dir, measured, tmp_pat
     assert table.splitlines()[-1].startswith("gate: FAILED: fp32: p99 3.00 ms")
 
     markdown = format_markdown(summary)
-    assert "**gate: FAILED" in markdown and "| p99 latency | NO |" in markdown
+    assert "**gate: FAILED" in markdown and "| p99 latency | FAILED |" in markdown
+    assert "| p99 regression | not checked |" in markdown
     assert "## Client and server time" in markdown
     write_summary(summary, str(tmp_path / "s.json"), str(tmp_path / "s.md"))
     assert json.loads((tmp_path / "s.json").read_text())["gate"]["passed"] is False

@@ -3,19 +3,29 @@
 ``evaluate_gate`` checks, for each candidate variant of a run summary (``report.summary.build_summary``):
 
 * ``accuracy``: test accuracy against the serving baseline (at most ``max_accuracy_drop_pt``
-  points below it) or, on the first run (no baseline), at least ``accuracy_floor``;
-* ``better than chance``: test accuracy above the share of the test split's most frequent class;
+  points below it) or, on the first run (no baseline), against the larger of ``accuracy_floor``
+  and the test split's majority-class rate (always guessing its most frequent class); the check's
+  ``bar`` says which applied;
+* ``better than chance`` (with a serving baseline): test accuracy above the majority-class rate;
 * ``parity``: the exported / quantised model passed its parity check against the PyTorch original;
 * ``p99 latency``: p99 at ``target_concurrency`` on a real Triton server within
   ``latency_budget_p99_ms``, and ``errors`` at that level at most ``max_errors``;
-* optionally ``stable`` (the level's windows agreed) and ``p99 regression`` (against the previous
-  run, from ``regression.compare_with_previous``).
+* optionally ``stable`` (the level's windows agreed), and ``p99 regression`` (against the
+  previous run, from ``regression.compare_with_previous``).
+
+A check that could not be evaluated (no budget given, no previous run, parity not required, no
+bar for a first run's accuracy) is kept with ``status`` ``"not checked"``, ``passed`` null and
+``why`` (the short reason); it neither passes nor fails the gate, and the reason line counts it:
+``3 checks passed for int8, 2 not checked (p99 latency: no p99 budget given; p99 regression: no
+previous run)``.
 
 The record (schema ``torchship.gate/v1``)::
 
-    {"schema", "passed": bool, "reason": one line, "checks": [{"name", "variant", "passed",
-     "value", "threshold", "detail"}], "candidates": [...], "variants": {name: {"test_accuracy",
-     "p99_ms", "parity_passed"}}, "baseline": {"accuracy", "source"}, "settings": {...},
+    {"schema", "passed": bool, "reason": one line, "checks": [{"name", "variant", "passed":
+     bool | null, "status": "passed" | "failed" | "not checked", "why": str | null, "value",
+     "threshold", "detail", "bar" (first-run accuracy)}], "counts": {"passed", "failed",
+     "not_checked"}, "candidates": [...], "variants": {name: {"test_accuracy", "p99_ms",
+     "parity_passed"}}, "baseline": {"accuracy", "source"}, "settings": {...},
      "regression": {...} | null, "created_at"}
 
 It is kept as an artifact whether or not the gate passed; the pipeline deploys only when
@@ -33,9 +43,16 @@ from torchship.components.benchmark.results import find_level
 from torchship.components.contracts import TARGET_CONCURRENCY
 from torchship.components.errors import UserInputError
 from torchship.components.files import read_json, write_json
+from torchship.components.gate.verdict import check as _check
+from torchship.components.gate.verdict import (
+    first_run_accuracy,
+    not_checked,
+    regression_check,
+    verdict_reason,
+)
 
 __all__ = ["GATE_SCHEMA", "baseline_accuracy_of", "evaluate_gate", "gate_metrics",
-           "read_gate_record", "write_gate_record"]
+           "read_gate_record", "verdict_reason", "write_gate_record"]
 
 GATE_SCHEMA = "torchship.gate/v1"
 # Points of test accuracy a candidate may lose against the serving baseline (or fp32).
@@ -91,11 +108,6 @@ def baseline_accuracy_of(record: dict[str, Any], variant: str) -> float | None:
     return None
 
 
-def _check(name: str, variant: str, passed: bool, value, threshold, detail: str) -> dict:
-    return {"name": name, "variant": variant, "passed": bool(passed), "value": value,
-            "threshold": threshold, "detail": detail}
-
-
 def evaluate_gate(
     summary_or_parts: dict | str | os.PathLike,
     accuracy_floor: float = ACCURACY_FLOOR,
@@ -118,8 +130,8 @@ def evaluate_gate(
     repository is deployed). ``baseline_accuracy`` is a number (from ``baseline_source``), or a
     path / fsspec URI (``gs://``) of the serving baseline's gate record or summary, which must
     exist. ``majority`` is the test split's most frequent class and its share: a candidate must
-    be more accurate than always guessing it. ``latency_budget_p99_ms=None`` skips the latency
-    check (recorded as skipped)."""
+    be more accurate than always guessing it. ``latency_budget_p99_ms=None`` leaves the latency
+    check not checked (kept, with the reason)."""
     if max_accuracy_drop_pt < 0:
         raise UserInputError(f"max_accuracy_drop_pt: {max_accuracy_drop_pt} must be >= 0")
     if latency_budget_p99_ms is not None and not latency_budget_p99_ms > 0:
@@ -167,12 +179,8 @@ def evaluate_gate(
             ))
         else:
             where = (f" (none for '{name}' in {baseline_source})" if baseline_source else "")
-            checks.append(_check(
-                "accuracy", name, accuracy >= accuracy_floor, accuracy, accuracy_floor,
-                f"{name}: first run, no serving baseline{where}: test accuracy {accuracy:.4f} "
-                f"vs floor {accuracy_floor:.4f}",
-            ))
-        if accuracy is not None and majority is not None:
+            checks.append(first_run_accuracy(name, accuracy, accuracy_floor, majority, where))
+        if accuracy is not None and majority is not None and baseline is not None:
             guess, rate = majority
             checks.append(_check(
                 "better than chance", name, accuracy > rate + 1e-9, accuracy, rate,
@@ -183,7 +191,7 @@ def evaluate_gate(
         parity = row.get("parity_passed")
         diff = row.get("parity_max_abs_diff")
         if not require_parity:
-            checks.append(_check("parity", name, True, diff, None, f"{name}: parity not required"))
+            checks.append(not_checked("parity", name, "parity not required", diff))
         elif parity is None:
             checks.append(_check("parity", name, False, diff, None,
                                  f"{name}: no parity record; export checks parity with PyTorch"))
@@ -198,25 +206,34 @@ def evaluate_gate(
         level = find_level(benchmark, name, target_concurrency, batch_size) if benchmark else None
         size = batch_size if batch_size is not None else benchmark.get("batch_size", 1)
         if latency_budget_p99_ms is None:
-            checks.append(_check("p99 latency", name, True, level and level["p99_ms"], None,
-                                 f"{name}: no latency budget given; not checked"))
+            measured_p99 = level["p99_ms"] if level else None
+            checks.append(not_checked(
+                "p99 latency", name, "no p99 budget given", measured_p99, None,
+                f"{name}: no p99 budget given (latency_budget_p99_ms); not checked" + (
+                    "" if measured_p99 is None else
+                    f" (p99 {measured_p99:.2f} ms at concurrency {target_concurrency})")))
         elif level is None:
-            measured = sorted({int(r["concurrency"]) for r in benchmark.get("results", [])
-                               if r["model"] == name})
             checks.append(_check(
                 "p99 latency", name, False, None, latency_budget_p99_ms,
                 f"{name}: concurrency {target_concurrency} (batch {size}) was not measured "
-                f"(measured: {', '.join(map(str, measured)) or 'none'}); add it to the sweep",
+                f"(measured: {_measured(benchmark, name)}); add it to the sweep",
             ))
+        if level is None:
+            checks.append(not_checked(
+                "errors", name, f"concurrency {target_concurrency} not measured", None,
+                max_errors, f"{name}: errors at concurrency {target_concurrency} not checked: "
+                f"the level was not measured (measured: {_measured(benchmark, name)})"))
         else:
             p99 = float(level["p99_ms"])
             unstable = "" if level.get("stable", True) else ", level unstable"
-            checks.append(_check(
-                "p99 latency", name, p99 <= latency_budget_p99_ms, p99, latency_budget_p99_ms,
-                f"{name}: p99 {p99:.2f} ms at concurrency {target_concurrency} "
-                f"{'within' if p99 <= latency_budget_p99_ms else 'over'} the budget of "
-                f"{latency_budget_p99_ms:g} ms{unstable}",
-            ))
+            if latency_budget_p99_ms is not None:
+                checks.append(_check(
+                    "p99 latency", name, p99 <= latency_budget_p99_ms, p99,
+                    latency_budget_p99_ms,
+                    f"{name}: p99 {p99:.2f} ms at concurrency {target_concurrency} "
+                    f"{'within' if p99 <= latency_budget_p99_ms else 'over'} the budget of "
+                    f"{latency_budget_p99_ms:g} ms{unstable}",
+                ))
             errors = int(level.get("errors", 0))
             checks.append(_check(
                 "errors", name, errors <= max_errors, errors, max_errors,
@@ -238,29 +255,15 @@ def evaluate_gate(
             "baseline_accuracy": baseline,
         }
 
-    if regression is not None:
-        flagged = bool(regression.get("flagged"))
-        checks.append(_check(
-            "p99 regression", ",".join(candidates), not (flagged and block_on_regression),
-            regression.get("worst_change_pct"), regression.get("max_p99_regression_pct"),
-            regression.get("summary", "") + ("" if block_on_regression or not flagged
-                                             else " (flagged, not blocking)"),
-        ))
-
-    failed = [c for c in checks if not c["passed"]]
-    if failed:
-        reason = failed[0]["detail"] + (f" (+{len(failed) - 1} more failed checks)"
-                                         if len(failed) > 1 else "")
-    else:
-        reason = f"all {len(checks)} checks passed for {', '.join(candidates)}"
-        latency = [c for c in checks if c["name"] == "p99 latency" and c["threshold"]]
-        if latency:
-            reason += "; " + "; ".join(c["detail"] for c in latency)
+    checks.append(regression_check(regression, ",".join(candidates), block_on_regression))
+    reason = verdict_reason(checks, candidates)
     return {
         "schema": GATE_SCHEMA,
-        "passed": not failed,
+        "passed": not any(c["status"] == "failed" for c in checks),
         "reason": reason,
         "checks": checks,
+        "counts": {status.replace(" ", "_"): sum(c["status"] == status for c in checks)
+                   for status in ("passed", "failed", "not checked")},
         "candidates": candidates,
         "variants": variants,
         "baseline": {"source": baseline_source,
@@ -275,16 +278,26 @@ def evaluate_gate(
             "max_errors": max_errors,
             "require_stable": require_stable,
             "block_on_regression": block_on_regression,
+            "majority_class": None if majority is None else
+            {"class": majority[0], "rate": majority[1]},
         },
         "regression": regression,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
+def _measured(benchmark: dict, name: str) -> str:
+    levels = sorted({int(r["concurrency"]) for r in benchmark.get("results", [])
+                     if r["model"] == name})
+    return ", ".join(map(str, levels)) or "none"
+
+
 def gate_metrics(record: dict[str, Any]) -> dict[str, float]:
     """Numbers of a gate record for a KFP ``Metrics`` artifact: ``gate_passed`` and each check's
     value (``gate_<variant>_<check>``)."""
     metrics = {"gate_passed": 1.0 if record.get("passed") else 0.0}
+    for status, count in (record.get("counts") or {}).items():
+        metrics[f"gate_checks_{status}"] = float(count)
     for check in record.get("checks", []):
         value = check.get("value")
         if isinstance(value, (int, float)) and not isinstance(value, bool):

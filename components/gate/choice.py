@@ -74,7 +74,9 @@ def choose_variant(
 
     Returns {"chosen": name or None, "reason": one line, "optimise": metric, "direction",
     "constraints": the limits, "table": the rows with `checks` (per constraint: metric, value,
-    limit, passed) and `meets_constraints`}. A constraint left None is not checked; export
+    limit, passed), `meets_constraints`, and `outcome`: why it was chosen, the constraint it
+    failed, or the margin it lost by on the metric (`margin`)}. A constraint left None is not
+    checked; export
     parity must have passed for every variant. Ties go to the higher accuracy, then the
     smaller file, then the order of the rows.
     """
@@ -126,6 +128,8 @@ def choose_variant(
         "constraints": {key: {"metric": m, "limit": limit} for key, (m, limit) in limits.items()},
         "table": table,
     }
+    for row in table:
+        row["outcome"] = None if row["meets_constraints"] else f"fails {_failed(row)}"
     if not candidates:
         failures = [f"{row['name']} fails {_failed(row)}" for row in table]
         choice["reason"] = (
@@ -142,6 +146,10 @@ def choose_variant(
     best["chosen"] = True
     others = [row["name"] for row in candidates if row is not best]
     word = "highest" if direction == "max" else "lowest"
+    best["outcome"] = f"chosen: the {word} {metric} of the variants meeting every constraint"
+    for row in candidates:
+        if row is not best:
+            row["margin"], row["outcome"] = _margin(metric, direction, row[metric], best[metric])
     choice["chosen"] = best["name"]
     choice["reason"] = (
         f"'{best['name']}' has the {word} {metric} ({_value(metric, best[metric])}) of the "
@@ -197,6 +205,20 @@ def format_choice_table(choice: dict[str, Any], markdown: bool = False) -> str:
         marked=lambda row: bool(row.get("chosen")))
     verdict = "chosen" if choice["chosen"] else "no choice"
     return f"{table}\n\n{verdict}: {choice['reason']}"
+
+
+def _margin(metric: str, direction: str, value: float, best: float) -> tuple[dict, str]:
+    """How far a variant that met every constraint is behind the chosen one on the metric."""
+    behind = (best - value) if direction == "max" else (value - best)
+    relative = behind / abs(best) * 100.0 if best else None
+    margin = {"metric": metric, "value": value, "best": best, "behind": behind,
+              "behind_pct": relative}
+    if behind <= 0:
+        return margin, (f"tied on {metric} ({_value(metric, value)}); lost on the tie-break "
+                        "(higher accuracy, then smaller file, then order)")
+    pct = "" if relative is None else f", {relative:.1f} %"
+    return margin, (f"lost by {_value(metric, behind)}{pct} on {metric} "
+                    f"({_value(metric, value)} vs {_value(metric, best)})")
 
 
 def _value(metric: str, value: float) -> str:

@@ -18,6 +18,7 @@ from torchship.components.contracts import (
     REFERENCE_SERVING,
     TARGET_CONCURRENCY,
     VARIANTS_JSON,
+    ServingSettings,
 )
 from torchship.components.data.splits import EVALUATION_ROWS, Split, load_split
 from torchship.components.errors import UserInputError, one_line
@@ -78,7 +79,12 @@ def decide(
     variant = choice["chosen"]
     if variant is None:
         record = {"schema": GATE_SCHEMA, "passed": False, "checks": [], "regression": regression,
-                  "reason": f"no variant meets the constraints: {choice['reason']}"}
+                  "reason": f"no variant meets the constraints: {choice['reason']}",
+                  "settings": {"latency_budget_p99_ms": latency_budget_p99_ms,
+                               "target_concurrency": target_concurrency,
+                               "accuracy_floor": accuracy_floor,
+                               "max_accuracy_drop_pt": max_accuracy_drop_pt},
+                  "environment": known_environment()}
         progress(record["reason"])
         progress(format_choice_table(choice))
         return {**record, "choice": choice, "variant": None}
@@ -92,7 +98,7 @@ def decide(
         latency_budget_p99_ms=latency_budget_p99_ms,
         target_concurrency=target_concurrency, variant=variant, regression=regression,
     )
-    record = {**record, "choice": choice, "variant": variant}
+    record = {**record, "choice": choice, "variant": variant, "environment": known_environment()}
     if split is not None:
         record["confusion_matrix"] = confusion_matrix(onnx_dir, variant, split)
     if record["passed"]:
@@ -137,6 +143,34 @@ def serving_baseline(baseline_uri: str, reference_uri: str, serving_repository: 
                  "(on its own test split, when it was deployed)")
         return float(kept["test_accuracy"]), named
     return None, None
+
+
+def known_environment() -> dict[str, Any]:
+    """How the benchmark served, where its result does not record it, from what the gate knows:
+    the serving settings the pipeline's benchmark repository is built with (torchship's
+    defaults), its backend, and the packages installed where the gate runs (the same image
+    family as the benchmark's). The report marks each as the gate's, not the benchmark's."""
+    from importlib import metadata
+
+    def version(*names: str) -> str | None:
+        for name in names:
+            try:
+                return f"{name} {metadata.version(name)}"
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+
+    defaults = ServingSettings.__dataclass_fields__
+    return {
+        "backend": "python", "cloud_backend": "onnxruntime",
+        "serving": {name: defaults[name].default for name in
+                    ("instance_count", "max_batch_size", "max_queue_delay_us")},
+        "triton_package": version("nvidia-pytriton"),
+        "onnxruntime": version("onnxruntime", "onnxruntime-gpu"),
+        "source": "torchship's serving defaults, which the pipeline's benchmark repository "
+                  "(python backend) is built with, and the packages where the gate ran; the "
+                  "benchmark result does not record them",
+    }
 
 
 def write_reports(record: dict[str, Any], summary: dict[str, Any], record_path: str,

@@ -4,7 +4,12 @@ fetched from anywhere, so the Vertex AI and Kubeflow UIs (and a browser offline)
 ``write_html_report(summary, path)`` renders a run summary (``report.summary.build_summary``), with its
 gate and regression records when the summary carries them or they are passed:
 
-* the gate verdict and its checks, and the chosen variant's confusion matrix on the test split;
+* first, what a reader needs to trust the choice (``explain``): the gate verdict, the objective,
+  the constraints, the chosen variant and its serving settings, each other variant with the
+  constraint it failed or the margin it lost by (the chosen row highlighted), and the
+  environment (CPU, Triton, backend, serving settings, the load client and what it cost);
+* the gate's checks (passed, FAILED or not checked, with why), and the chosen variant's
+  confusion matrix on the test split;
 * the variant table (accuracy, size, parity, latency per level; unstable levels marked);
 * throughput against p99 latency per variant, one point per concurrency level;
 * the latency histogram of each variant at one level (the gate's target concurrency, else the
@@ -23,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from torchship.components.files import write_text
+from torchship.components.report.explain import (
+    candidate_rows,
+    chosen_line,
+    constraint_lines,
+    environment_rows,
+    objective_line,
+)
 from torchship.components.report.summary import (
+    check_status,
     gate_line,
     method_line,
     not_made_lines,
@@ -44,6 +57,8 @@ th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 th { background: #f6f8fa; }
 .pass { color: #1a7f37; font-weight: 600; } .fail { color: #cf222e; font-weight: 600; }
+.skip { color: #9a6700; font-weight: 600; }
+tr.chosen td { background: #dafbe1; font-weight: 600; }
 .note { color: #57606a; font-size: 13px; }
 img { max-width: 100%; border: 1px solid #d0d7de; margin: 8px 0; }
 """
@@ -197,8 +212,9 @@ def time_split_plot(summary: dict[str, Any]) -> str | None:
     return uri
 
 
-def _table(header: list[str], body: list[list[str]], classes: list[list[str]] | None = None
-           ) -> str:
+def _table(header: list[str], body: list[list[str]], classes: list[list[str]] | None = None,
+           marked: int | None = None) -> str:
+    """A table; ``marked`` is the index of a row to highlight (the chosen one)."""
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     lines = []
     for i, line in enumerate(body):
@@ -207,7 +223,8 @@ def _table(header: list[str], body: list[list[str]], classes: list[list[str]] | 
             cls = classes[i][j] if classes else ""
             cells.append(f"<td class=\"{cls}\">{_esc(cell)}</td>" if cls
                          else f"<td>{_esc(cell)}</td>")
-        lines.append("<tr>" + "".join(cells) + "</tr>")
+        lines.append(("<tr class=\"chosen\">" if i == marked else "<tr>") + "".join(cells)
+                     + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(lines)}</table>"
 
 
@@ -217,6 +234,25 @@ def _number(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     return f"{value:.4g}"
+
+
+def _first_screen(summary: dict[str, Any]) -> list[str]:
+    """The verdict, objective, constraints, choice, candidates and environment."""
+    parts = []
+    gate = summary.get("gate")
+    if gate:
+        verdict = "pass" if gate.get("passed") else "fail"
+        parts.append(f"<p class=\"{verdict}\">{_esc(gate_line(gate))}</p>")
+        parts.append(f"<p>{_esc(objective_line(gate))}</p><p>Constraints:</p><ul>"
+                     + "".join(f"<li>{_esc(line)}</li>" for line in constraint_lines(gate))
+                     + f"</ul><p><b>{_esc(chosen_line(gate, summary.get('benchmark', {})))}"
+                       "</b></p>")
+        header, body, chosen = candidate_rows(summary)
+        if body:
+            parts.append("<h2>Candidates</h2>" + _table(header, body, marked=chosen))
+    rows = environment_rows(summary)
+    parts.append("<h2>Environment</h2>" + _table(["", ""], [list(row) for row in rows]))
+    return parts
 
 
 def render_html_report(summary: dict[str, Any], gate: dict[str, Any] | None = None,
@@ -229,7 +265,8 @@ def render_html_report(summary: dict[str, Any], gate: dict[str, Any] | None = No
     if regression is not None:
         summary["regression"] = regression
     bench = summary.get("benchmark", {})
-    parts = [f"<h1>{_esc(title)}</h1>", f"<p class=\"note\">{_esc(method_line(summary))}"]
+    parts = [f"<h1>{_esc(title)}</h1>", *_first_screen(summary),
+             f"<p class=\"note\">{_esc(method_line(summary))}"]
     if bench.get("endpoint"):
         parts.append(f" Endpoint: {_esc(bench['endpoint'])} ({_esc(bench.get('mode', ''))}).")
     if bench.get("started_at"):
@@ -238,15 +275,16 @@ def render_html_report(summary: dict[str, Any], gate: dict[str, Any] | None = No
 
     gate = summary.get("gate")
     if gate:
-        verdict = "pass" if gate.get("passed") else "fail"
-        parts.append(f"<h2>Gate</h2><p class=\"{verdict}\">{_esc(gate_line(gate))}</p>")
         body, classes = [], []
         for check in gate.get("checks", []):
-            body.append([check.get("variant", ""), check["name"],
-                         "yes" if check["passed"] else "NO", _number(check.get("value")),
-                         _number(check.get("threshold")), check.get("detail", "")])
-            classes.append(["", "", "pass" if check["passed"] else "fail", "", "", ""])
-        parts.append(_table(["variant", "check", "passed", "value", "threshold", "detail"],
+            status = check_status(check)
+            body.append([check.get("variant", ""), check["name"], status,
+                         _number(check.get("value")), _number(check.get("threshold")),
+                         check.get("detail", "")])
+            classes.append(["", "", {"passed": "pass", "FAILED": "fail"}.get(status, "skip"),
+                            "", "", ""])
+        parts.append("<h2>Gate checks</h2>")
+        parts.append(_table(["variant", "check", "status", "value", "threshold", "detail"],
                             body, classes))
         matrix = gate.get("confusion_matrix")
         if matrix:

@@ -23,6 +23,13 @@ from typing import Any
 
 from torchship.components.contracts import SKIPPED_JSON
 from torchship.components.files import read_json, write_json, write_text
+from torchship.components.report.explain import (
+    candidate_rows,
+    chosen_line,
+    constraint_lines,
+    environment_rows,
+    objective_line,
+)
 from torchship.components.report.tables import cell, markdown_table, text_table
 
 SUMMARY_SCHEMA = "torchship.summary/v1"
@@ -150,6 +157,13 @@ def not_made_lines(summary: dict[str, Any]) -> list[str]:
     return [f"not made: {item['name']}: {item['reason']}" for item in summary.get("skipped", [])]
 
 
+def check_status(check: dict[str, Any]) -> str:
+    """``passed``, ``FAILED`` or ``not checked`` (a record from before ``status`` was kept has
+    only ``passed``)."""
+    status = check.get("status") or ("passed" if check.get("passed") else "failed")
+    return "FAILED" if status == "failed" else status
+
+
 def gate_line(gate: dict[str, Any]) -> str:
     """One line for a gate record: the verdict and its reason."""
     return f"gate: {'PASSED' if gate.get('passed') else 'FAILED'}: {gate.get('reason', '')}"
@@ -168,10 +182,14 @@ def method_line(summary: dict[str, Any]) -> str:
     return text
 
 
+def _ms(microseconds: float | None) -> str:
+    return "-" if microseconds is None else f"{microseconds / 1e3:.3f}"
+
+
 def server_client_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Client view beside Triton's own statistics, per model and level."""
-    header = ["model", "b", "c", "client mean ms", "server request us", "server queue us",
-              "server compute us", "avg batch", "client CPU cores", "stable"]
+    header = ["model", "b", "c", "client mean ms", "server request ms", "server queue ms",
+              "server compute ms", "avg batch", "client CPU cores", "stable"]
     body = []
     for row in summary.get("benchmark", {}).get("results", []):
         server, client = row.get("server") or {}, row.get("client") or {}
@@ -179,27 +197,44 @@ def server_client_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[st
                                             "compute_output_us")]
         body.append([
             row["model"], str(row.get("batch_size", 1)), str(row["concurrency"]),
-            cell(row.get("mean_ms"), "{:.2f}"), cell(server.get("request_us"), "{:.0f}"),
-            cell(server.get("queue_us"), "{:.0f}"),
-            "-" if None in compute else f"{sum(compute):.0f}",
+            cell(row.get("mean_ms"), "{:.3f}"), _ms(server.get("request_us")),
+            _ms(server.get("queue_us")), "-" if None in compute else _ms(sum(compute)),
             cell(server.get("avg_batch_size"), "{:.2f}"), cell(client.get("cpu_cores"), "{:.2f}"),
             {True: "yes", False: "NO"}.get(row.get("stable"), "-"),
         ])
     return header, body
 
 
+def first_screen_markdown(summary: dict[str, Any]) -> list[str]:
+    """The verdict, objective, constraints, the choice and its settings, every candidate with
+    why it won or lost (the chosen row in bold), and the environment."""
+    lines: list[str] = []
+    gate = summary.get("gate")
+    if gate:
+        lines += [f"**{gate_line(gate)}**", "", objective_line(gate), "", "Constraints:", "",
+                  *(f"- {line}" for line in constraint_lines(gate)), "",
+                  f"**{chosen_line(gate, summary.get('benchmark') or {})}**", ""]
+        header, body, chosen = candidate_rows(summary)
+        if body:
+            body = [[f"**{text}**" if i == chosen and text != "-" else text for text in line]
+                    for i, line in enumerate(body)]
+            lines += ["## Candidates", "", *markdown_table(header, body, left=(0, 6)), ""]
+    rows = [list(row) for row in environment_rows(summary)]
+    lines += ["## Environment", "", *markdown_table(["", ""], rows, left=(0, 1))]
+    return lines
+
+
 def format_markdown(summary: dict[str, Any]) -> str:
     """The summary as Markdown, for the KFP Markdown artifact the UIs render."""
     columns = table_columns(summary)
-    lines = ["# torchship run summary", "", method_line(summary), ""]
+    lines = ["# torchship run summary", "", *first_screen_markdown(summary), "",
+             method_line(summary), ""]
     if summary.get("gate"):
-        gate = summary["gate"]
-        lines += [f"**{gate_line(gate)}**", ""]
-        lines += markdown_table(
-            ["check", "passed", "value", "threshold", "detail"],
-            [[c["name"], "yes" if c["passed"] else "NO", cell(c.get("value"), "{:.4g}"),
+        lines += ["## Gate checks", ""] + markdown_table(
+            ["check", "status", "value", "threshold", "detail"],
+            [[c["name"], check_status(c), cell(c.get("value"), "{:.4g}"),
               cell(c.get("threshold"), "{:.4g}"), c.get("detail", "")]
-             for c in gate.get("checks", [])],
+             for c in summary["gate"].get("checks", [])], left=(0, 1, 4),
         )
         lines.append("")
     lines += markdown_table(

@@ -21,10 +21,12 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]],
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
                    left: Collection[int] = (0,)) -> list[str]:
-    """A Markdown table, aligned as ``text_table`` aligns its columns."""
+    """A Markdown table, aligned as ``text_table`` aligns its columns; a ``|`` in a cell is
+    escaped."""
     rule = "|" + "|".join(":---" if i in left else "---:" for i in range(len(header))) + "|"
     return ["| " + " | ".join(header) + " |", rule,
-            *("| " + " | ".join(line) + " |" for line in rows)]
+            *("| " + " | ".join(text.replace("|", "\\|") for text in line) + " |"
+              for line in rows)]
 
 
 def cell(value: Any, spec: str = "{:.1f}") -> str:
