@@ -20,6 +20,7 @@ and runs perf_analyzer again (3 more windows) until the last ``min_windows`` agr
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -174,7 +175,7 @@ def _input_data(rows: dict[str, np.ndarray], batched: bool, path: Path, steps: i
     path.write_text(json.dumps({"data": data}))
 
 
-def _csv_row(path: Path) -> dict[str, float]:
+def csv_row(path: Path) -> dict[str, float]:
     lines = path.read_text().strip().splitlines()
     head, values = lines[0].split(","), lines[1].split(",")
     return {key: float(value) for key, value in zip(head, values) if value.strip()}
@@ -208,7 +209,7 @@ def _run(command: list[str], deadline_s: float) -> tuple[subprocess.CompletedPro
     return done, cpu, time.monotonic() - started
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
     """The line that says what went wrong: the last naming an error, else the last."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     telling = [line for line in lines
@@ -239,12 +240,13 @@ def measure(binary: Path, *, protocol: str, url: str, model: str, batched: bool,
         if done.returncode != 0 or not (work / "export.json").is_file():
             raise PerfAnalyzerFailed(
                 f"perf_analyzer exited with {done.returncode}: "
-                f"{_last_line(done.stderr + chr(10) + done.stdout)}")
+                f"{last_line(done.stderr + chr(10) + done.stdout)}")
         windows, lengths, slowest = _windows(work / "export.json")
-        return Measured(windows, lengths, slowest, _csv_row(work / "levels.csv"), cpu, wall,
+        return Measured(windows, lengths, slowest, csv_row(work / "levels.csv"), cpu, wall,
                         command)
 
 
+@functools.lru_cache(maxsize=8)
 def version_of(binary: Path) -> str:
     """The version perf_analyzer reports (``2.51.0``), or ``unknown``."""
     try:

@@ -1,0 +1,130 @@
+"""How far the benchmark's numbers are from a direct perf_analyzer run on the same server.
+
+``agreement`` measures each protocol and concurrency level in rounds, each round a pair taken
+back to back, in alternating order: one benchmark level (``benchmark_endpoint``, whatever engine
+it picks) and one direct ``perf_analyzer`` run (3 windows, random input data as it sends by
+default; its own per-window report and CSV). A round's figures are the median window's
+throughput and p99 (a burst of load from elsewhere spoils one window's p99, not the median) and
+the run's p50; each figure's agreement is the median over rounds of the pair's ratio, so load
+that drifts over the run falls on both sides of a pair alike. ``disagreement_pct`` is
+``|ratio - 1|`` in %; the largest over every figure is the headline (goal: at most 10).
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torchship.components.benchmark import perf_analyzer as pa
+from torchship.components.benchmark.stage import benchmark_endpoint
+from torchship.components.errors import UserInputError
+
+__all__ = ["FIGURES", "agreement", "direct_run"]
+
+FIGURES = ("throughput_rps", "p50_ms", "p99_ms")
+
+
+def direct_run(binary: Path, protocol: str, url: str, model: str, concurrency: int,
+               window_s: float, timeout_s: float = 120.0) -> dict[str, Any]:
+    """One plain perf_analyzer run: its throughput and p50/p99 (ms) from its CSV, and each
+    window's throughput and p99 as it prints them."""
+    with tempfile.TemporaryDirectory(prefix="torchship-pa-direct-") as tmp:
+        csv_path = Path(tmp) / "direct.csv"
+        command = [str(binary), "-m", model, "-u", url, "-i", protocol,
+                   "--concurrency-range", str(concurrency),
+                   "--measurement-interval", str(round(window_s * 1000)),
+                   "-s", "100000", "--max-trials", str(pa.STABLE_WINDOWS), "-f", str(csv_path),
+                   "--percentile", "99", "-v"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                              env=pa.environment(), check=False)
+        if done.returncode != 0 or not csv_path.is_file():
+            raise pa.PerfAnalyzerFailed(f"perf_analyzer exited with {done.returncode}: "
+                                        f"{pa.last_line(done.stderr + chr(10) + done.stdout)}")
+        row = pa.csv_row(csv_path)
+    passes = re.findall(r"Pass \[\d+\] throughput: ([0-9.]+) infer/sec\. p99 latency: (\d+) usec",
+                        done.stdout)
+    return {"throughput_rps": row["Inferences/Second"], "p50_ms": row["p50 latency"] / 1e3,
+            "p99_ms": row["p99 latency"] / 1e3,
+            "windows": [{"throughput_rps": float(t), "p99_ms": float(p) / 1e3}
+                        for t, p in passes[-pa.STABLE_WINDOWS:]]}
+
+
+def _figures(row: dict, windows: list[dict]) -> dict[str, float]:
+    """One round's figures: the median window's throughput and p99, the run's p50."""
+    return {"throughput_rps": statistics.median(w["throughput_rps"] for w in windows),
+            "p50_ms": float(row["p50_ms"]),
+            "p99_ms": statistics.median(w["p99_ms"] for w in windows)}
+
+
+def _ours(url: str, protocol: str, model: str, test_path: str | Path, level: int,
+          settings: dict[str, Any]) -> tuple[dict[str, float], dict]:
+    result = benchmark_endpoint(url, protocol, [model], test_path, concurrency=(level,),
+                                progress=None, **settings)
+    (row,) = result["results"]
+    judged = [w for w in row["windows"]
+              if w["index"] in row["stability"]["judged_windows"] and w["p99_ms"]]
+    return _figures(row, judged), row
+
+
+def agreement(urls: dict[str, str], model: str, test_path: str | Path, *,
+              levels: Sequence[int] = (1, 8), rounds: int = 3, max_rounds: int = 8,
+              window_s: float = 0.25, goal_pct: float = 10.0,
+              progress: Callable[[str], None] | None = None,
+              **measurement: Any) -> dict[str, Any]:
+    """Compare the benchmark with direct perf_analyzer runs on the running server at ``urls``
+    (``{"grpc": "host:port", "http": "host:port"}``): per protocol and level, ``rounds`` pairs
+    of measurements, more (up to ``max_rounds``) while a figure is off by more than
+    ``goal_pct`` (noise shrinks with rounds, a real difference does not). Each figure is the
+    median over rounds of the pair's ratio. ``UserInputError`` when perf_analyzer is missing."""
+    binary = pa.find_perf_analyzer()
+    if binary is None:
+        raise UserInputError("perf_analyzer is not installed; run `make install` (or python -m "
+                             "torchship.components.benchmark.perf_analyzer --install) or set "
+                             "PERF_ANALYZER")
+    say = progress or (lambda _line: None)
+    settings = {"warmup_s": 0.2, "window_s": window_s, "min_windows": 3, "max_windows": 3,
+                **measurement}
+    rows, clients = [], set()
+    for protocol, url in urls.items():
+        for level in levels:
+            pairs: list[tuple[dict, dict]] = []
+            costs: list[float] = []
+            while True:
+                first_ours = len(pairs) % 2 == 0
+                if first_ours:
+                    ours, row = _ours(url, protocol, model, test_path, level, settings)
+                run = direct_run(binary, protocol, url, model, level, window_s)
+                theirs = _figures(run, run["windows"])
+                if not first_ours:
+                    ours, row = _ours(url, protocol, model, test_path, level, settings)
+                pairs.append((ours, theirs))
+                clients.add((row["client"]["name"], row["client"]["version"]))
+                costs.append(row["client"]["cpu_s_per_request"] or 0.0)
+                ratio = {f: statistics.median(o[f] / t[f] for o, t in pairs) for f in FIGURES}
+                off = {f: abs(r - 1.0) * 100.0 for f, r in ratio.items()}
+                if len(pairs) >= max_rounds or (len(pairs) >= rounds
+                                                and max(off.values()) <= goal_pct):
+                    break
+            entry = {
+                "protocol": protocol, "concurrency": level, "rounds": len(pairs),
+                "benchmark": {f: statistics.median(o[f] for o, _ in pairs) for f in FIGURES},
+                "perf_analyzer": {f: statistics.median(t[f] for _, t in pairs) for f in FIGURES},
+                "ratio": ratio, "disagreement_pct": off,
+                "client_cpu_s_per_request": statistics.median(costs),
+            }
+            rows.append(entry)
+            say(f"{protocol} c{level} ({len(pairs)} rounds): " + ", ".join(
+                f"{f} {entry['benchmark'][f]:.4g} vs {entry['perf_analyzer'][f]:.4g} "
+                f"({off[f]:.1f}%)" for f in FIGURES))
+    worst = max(rows, key=lambda r: max(r["disagreement_pct"].values()))
+    return {"levels": rows, "clients": sorted(clients),
+            "perf_analyzer_version": pa.version_of(binary),
+            "max_disagreement_pct": max(worst["disagreement_pct"].values()),
+            "worst": {"protocol": worst["protocol"], "concurrency": worst["concurrency"],
+                      "figure": max(worst["disagreement_pct"],
+                                    key=worst["disagreement_pct"].get)}}

@@ -1,0 +1,80 @@
+"""The benchmark agrees with NVIDIA's perf_analyzer 2.51.0 on the same running tritonserver:
+throughput, p50 and p99 at concurrency 1 and 8, over gRPC and HTTP, within 10%.
+
+perf_analyzer comes from the ``tritonclient==2.51.0`` wheel (``make install`` extracts it into the
+venv; this test does so on first use where it is missing); the test is skipped only where that
+wheel cannot be had. Both measurements are taken in this run, in pairs back to back, and compared
+by the median ratio of the pairs (``agreement``), so load from other programs on a shared machine
+falls on both alike.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from torchship.components.benchmark import perf_analyzer as pa
+from torchship.components.benchmark.agreement import FIGURES, agreement
+from torchship.components.errors import UserInputError
+from torchship.components.triton.server import TritonServer
+
+GOAL_PCT = 10.0
+
+
+@pytest.fixture(scope="module")
+def perf_analyzer_binary():
+    try:
+        binary = pa.find_perf_analyzer() or pa.install(progress=lambda _line: None)
+    except UserInputError as exc:
+        pytest.skip(f"perf_analyzer {pa.VERSION} cannot be had here: {exc}")
+    if pa.version_of(binary) == "unknown":
+        pytest.skip(f"perf_analyzer at {binary} does not run here (its libraries are missing)")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def server(local_repo):
+    with TritonServer(local_repo) as running:
+        yield running
+
+
+def test_the_benchmark_agrees_with_perf_analyzer(perf_analyzer_binary, server, test_path):
+    lines: list[str] = []
+    found = agreement({"grpc": server.grpc_url, "http": server.http_url}, "fp32", test_path,
+                      levels=(1, 8), rounds=3, max_rounds=7, progress=lines.append)
+    assert [(r["protocol"], r["concurrency"]) for r in found["levels"]] == [
+        ("grpc", 1), ("grpc", 8), ("http", 1), ("http", 8)]
+    # Where perf_analyzer is present the benchmark measures with it, and says so.
+    assert found["clients"] == [("perf_analyzer", pa.VERSION)]
+    assert found["perf_analyzer_version"] == pa.VERSION
+    for row in found["levels"]:
+        assert set(row["disagreement_pct"]) == set(FIGURES)
+        assert row["client_cpu_s_per_request"] > 0
+    assert found["max_disagreement_pct"] <= GOAL_PCT, "\n".join(lines)
+
+
+def test_the_level_row_carries_perf_analyzers_breakdown(perf_analyzer_binary, server, test_path):
+    from torchship.components.benchmark.stage import benchmark_endpoint
+
+    result = benchmark_endpoint(server.grpc_url, "grpc", ["fp32"], test_path, concurrency=(2,),
+                                progress=None, warmup_s=0.1, window_s=0.2, max_windows=6)
+    (row,) = result["results"]
+    client, breakdown = row["client"], row["perf_analyzer"]
+    assert client["name"] == "perf_analyzer" and client["version"] == pa.VERSION
+    assert client["shares_host"] is True and client["cpu_s_per_request"] > 0
+    assert 0 < client["cpu_cores"] < 4
+    for key in ("server_queue_us", "server_compute_input_us", "server_compute_infer_us",
+                "server_compute_output_us", "client_send_us", "client_recv_us"):
+        assert breakdown[key] >= 0, key
+    assert breakdown["server_compute_infer_us"] > 0 and breakdown["runs"] >= 1
+    # Triton's statistics over the level beside perf_analyzer's report.
+    assert row["server"]["requests"] >= row["requests"] and row["server"]["queue_us"] >= 0
+    assert sum(w["requests"] for w in row["windows"][-3:]) == row["requests"]
+    assert sum(row["histogram"]["counts"]) == row["requests"]
+
+
+def test_a_named_perf_analyzer_that_is_not_there_is_one_line(monkeypatch, local_repo, test_path):
+    from torchship.components.benchmark.stage import benchmark_repository
+
+    monkeypatch.setenv("PERF_ANALYZER", str(local_repo / "no-such-binary"))
+    with pytest.raises(UserInputError, match="PERF_ANALYZER: .* is not an executable file"):
+        benchmark_repository(local_repo, test_path, concurrency=1, progress=None)
