@@ -98,8 +98,8 @@ def _keep_best(alive: list[dict[str, Any]], step: dict, objective: dict[str, Any
                f"{step['keep']}")
         candidate["qualifies"] = False
         candidate["outcome"] = (
-            f"dropped after round {step['round'] + 1}: {position} of {len(ranked)}, "
-            f"{behind:.0f}% behind the last kept ({last['model']}), {why}")
+            f"dropped after round {step['round'] + 1}: {position} of {len(ranked)}; the last "
+            f"kept ({last['model']}) is {behind:.0f}% better, {why}")
         candidate["why_not"] = candidate["outcome"]
     return sorted(keep, key=lambda c: c["simplicity"])
 

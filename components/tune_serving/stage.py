@@ -263,8 +263,8 @@ def _lost(candidate: dict[str, Any], record: dict[str, Any],
     best = (min if objective["metric"] == "latency" else max)(
         (c for c in finalists if c["qualifies"]), key=lambda c: value_of(c, objective))
     band = max(objective["margin_pct"], spread_of(best, objective), spread_of(candidate, objective))
-    return (f"lost: {gain_pct(best, candidate, objective):.1f}% behind the best "
-            f"({best['model']}), beyond the {band:.1f}% band")
+    return (f"lost: the best ({best['model']}) is {gain_pct(best, candidate, objective):.1f}% "
+            f"better, beyond the {band:.1f}% band")
 
 
 def _write_candidates(onnx_dir: Path, repository: Path, candidates: list[dict[str, Any]],
