@@ -59,6 +59,7 @@ th { background: #f6f8fa; }
 .pass { color: #1a7f37; font-weight: 600; } .fail { color: #cf222e; font-weight: 600; }
 .skip { color: #9a6700; font-weight: 600; }
 tr.chosen td { background: #dafbe1; font-weight: 600; }
+table.why td:last-child, table.text td { text-align: left; }
 .note { color: #57606a; font-size: 13px; }
 img { max-width: 100%; border: 1px solid #d0d7de; margin: 8px 0; }
 """
@@ -213,8 +214,9 @@ def time_split_plot(summary: dict[str, Any]) -> str | None:
 
 
 def _table(header: list[str], body: list[list[str]], classes: list[list[str]] | None = None,
-           marked: int | None = None) -> str:
-    """A table; ``marked`` is the index of a row to highlight (the chosen one)."""
+           marked: int | None = None, kind: str = "") -> str:
+    """A table; ``marked`` is the index of a row to highlight (the chosen one); ``kind`` its
+    class (``why``: the last column is text, ``text``: every column is)."""
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     lines = []
     for i, line in enumerate(body):
@@ -225,7 +227,8 @@ def _table(header: list[str], body: list[list[str]], classes: list[list[str]] | 
                          else f"<td>{_esc(cell)}</td>")
         lines.append(("<tr class=\"chosen\">" if i == marked else "<tr>") + "".join(cells)
                      + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(lines)}</table>"
+    return (f"<table class=\"{kind}\">" if kind else "<table>") + \
+        f"<tr>{head}</tr>{''.join(lines)}</table>"
 
 
 def _number(value: Any) -> str:
@@ -249,9 +252,11 @@ def _first_screen(summary: dict[str, Any]) -> list[str]:
                        "</b></p>")
         header, body, chosen = candidate_rows(summary)
         if body:
-            parts.append("<h2>Candidates</h2>" + _table(header, body, marked=chosen))
+            parts.append("<h2>Candidates</h2>" + _table(header, body, marked=chosen,
+                                                        kind="why"))
     rows = environment_rows(summary)
-    parts.append("<h2>Environment</h2>" + _table(["", ""], [list(row) for row in rows]))
+    parts.append("<h2>Environment</h2>" + _table(["", ""], [list(row) for row in rows],
+                                                 kind="text"))
     return parts
 
 
@@ -285,7 +290,7 @@ def render_html_report(summary: dict[str, Any], gate: dict[str, Any] | None = No
                             "", "", ""])
         parts.append("<h2>Gate checks</h2>")
         parts.append(_table(["variant", "check", "status", "value", "threshold", "detail"],
-                            body, classes))
+                            body, classes, kind="why"))
         matrix = gate.get("confusion_matrix")
         if matrix:
             parts.append(f"<h2>Confusion matrix</h2><p class=\"note\">'{_esc(gate['variant'])}' "
