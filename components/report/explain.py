@@ -165,7 +165,8 @@ def candidate_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]],
             row["name"], "-" if accuracy is None else f"{accuracy:.4f}",
             "-" if size is None else f"{size / 1024:.1f}",
             "-" if value is None else _metric_value(metric, value),
-            "-" if level.get("p99_ms") is None else f"{level['p99_ms']:.2f}",
+            "-" if level.get("p99_ms") is None else f"{level['p99_ms']:.2f}"
+            + ("*" if level.get("stable") is False else ""),  # unstable, as the tables mark it
             "-" if level.get("throughput_rps") is None else f"{level['throughput_rps']:.0f}",
             row.get("outcome") or ("chosen" if row.get("chosen") else
                                    "meets every constraint" if row.get("meets_constraints")
