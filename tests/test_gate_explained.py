@@ -11,7 +11,7 @@ import pytest
 from artifacts import export_linear
 
 from torchship.components.data.splits import load_split
-from torchship.components.gate.checks import evaluate_gate
+from torchship.components.gate.checks import evaluate_gate, gate_metrics
 from torchship.components.gate.choice import choose_variant
 from torchship.components.gate.regression import compare_with_previous
 from torchship.components.gate.stage import decide, majority_class
@@ -103,6 +103,7 @@ def test_a_first_run_with_no_budget_and_no_previous_run_says_what_it_did_not_che
 
 def test_the_first_screen_explains_the_choice(run, test_path):
     onnx_dir, summary, tmp_path = run
+    summary["benchmark"]["results"][1]["stable"] = False  # fp32 at concurrency 4
     record = decide(str(onnx_dir), summary, str(tmp_path / "chosen"), test_path=str(test_path),
                     target_concurrency=4, latency_budget_p99_ms=5.0, progress=lambda _: None)
     page = render_html_report(summary, gate=record)
@@ -117,6 +118,7 @@ def test_the_first_screen_explains_the_choice(run, test_path):
     assert "<td>fails accuracy drop 3.00 pt &gt; 1.00 pt</td>" in first
     assert "<td>lost by 0.030 ms, 60.0 % on latency_b1_ms (0.080 ms vs 0.050 ms)</td>" in first
     assert "<td>1024.0</td>" in first and "<td>1.20</td>" in first  # KiB, p99 ms at c4
+    assert "<td>fp32</td><td>0.9700</td><td>4096.0</td><td>0.080</td><td>2.00*</td>" in first
     # The environment: what the benchmark recorded, what the gate knows, nothing made up.
     for text in ("Example CPU @ 2.0GHz, 2 cores", "perf_analyzer 2.51.0 (6 of 6 levels)",
                  "0.120 ms CPU per request, 0.35 cores busy",
@@ -149,6 +151,21 @@ def test_a_first_run_without_a_bar_and_checks_not_asked_for_are_not_checked():
     assert record["reason"].startswith("no check could be evaluated for fp32: 5 not checked "
                                        "(accuracy: no serving baseline, no accuracy_floor set")
     assert record["counts"] == {"passed": 0, "failed": 0, "not_checked": 5}
+    metrics = gate_metrics(record)
+    assert metrics["gate_checks_not_checked"] == 5.0 and metrics["gate_checks_passed"] == 0.0
+
+
+def test_when_no_variant_meets_the_constraints_each_says_what_it_failed(run, test_path):
+    onnx_dir, summary, tmp_path = run
+    record = decide(str(onnx_dir), summary, str(tmp_path / "chosen"), test_path=str(test_path),
+                    max_size_bytes=512 * 1024, target_concurrency=4, progress=lambda _: None)
+    assert record["passed"] is False and record["variant"] is None
+    page = render_html_report(summary, gate=record)
+    first = page.split("<h2>Environment</h2>")[0]
+    assert "Chosen: none; no variant meets every constraint" in first
+    assert "<li>onnx_size_bytes &lt;= 512.0 KiB</li>" in first
+    assert "<td>fails onnx_size_bytes 1024.0 KiB &gt; 512.0 KiB</td>" in first
+    assert 'class="chosen"' not in first
 
 
 def test_each_variant_that_lost_says_why():
