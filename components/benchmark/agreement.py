@@ -1,13 +1,13 @@
 """How far the benchmark's numbers are from a direct perf_analyzer run on the same server.
 
 ``agreement`` measures each protocol and concurrency level in rounds, each round a pair taken
-back to back, in alternating order: one benchmark level (``benchmark_endpoint``, whatever engine
-it picks) and one direct ``perf_analyzer`` run (3 windows, random input data as it sends by
-default; its own per-window report and CSV). A round's figures are the median window's
-throughput and p99 (a burst of load from elsewhere spoils one window's p99, not the median) and
-the run's p50; each figure's agreement is the median over rounds of the pair's ratio, so load
-that drifts over the run falls on both sides of a pair alike. ``disagreement_pct`` is
-``|ratio - 1|`` in %; the largest over every figure is the headline (goal: at most 10).
+back to back, in alternating order (so load from other programs falls on both sides alike): one
+benchmark level (``benchmark_endpoint``, whatever engine it picks) and one direct
+``perf_analyzer`` run (3 windows, random input data as it sends by default; its own per-window
+report and CSV). Each side's figures are medians over its rounds: of every window's throughput
+and p99 (a burst of load from elsewhere spoils one window's p99, not the median of many) and of
+the runs' p50. ``disagreement_pct`` is ``|benchmark / perf_analyzer - 1|`` in %; the largest over
+every figure is the headline (goal: at most 10).
 """
 
 from __future__ import annotations
@@ -54,21 +54,21 @@ def direct_run(binary: Path, protocol: str, url: str, model: str, concurrency: i
                         for t, p in passes[-pa.STABLE_WINDOWS:]]}
 
 
-def _figures(row: dict, windows: list[dict]) -> dict[str, float]:
-    """One round's figures: the median window's throughput and p99, the run's p50."""
+def _figures(rows: list[dict], windows: list[dict]) -> dict[str, float]:
+    """One side's figures: the median window's throughput and p99, the median run's p50."""
     return {"throughput_rps": statistics.median(w["throughput_rps"] for w in windows),
-            "p50_ms": float(row["p50_ms"]),
+            "p50_ms": statistics.median(float(r["p50_ms"]) for r in rows),
             "p99_ms": statistics.median(w["p99_ms"] for w in windows)}
 
 
 def _ours(url: str, protocol: str, model: str, test_path: str | Path, level: int,
-          settings: dict[str, Any]) -> tuple[dict[str, float], dict]:
+          settings: dict[str, Any]) -> tuple[dict, list[dict]]:
     result = benchmark_endpoint(url, protocol, [model], test_path, concurrency=(level,),
                                 progress=None, **settings)
     (row,) = result["results"]
     judged = [w for w in row["windows"]
               if w["index"] in row["stability"]["judged_windows"] and w["p99_ms"]]
-    return _figures(row, judged), row
+    return row, judged
 
 
 def agreement(urls: dict[str, str], model: str, test_path: str | Path, *,
@@ -79,8 +79,8 @@ def agreement(urls: dict[str, str], model: str, test_path: str | Path, *,
     """Compare the benchmark with direct perf_analyzer runs on the running server at ``urls``
     (``{"grpc": "host:port", "http": "host:port"}``): per protocol and level, ``rounds`` pairs
     of measurements, more (up to ``max_rounds``) while a figure is off by more than
-    ``goal_pct`` (noise shrinks with rounds, a real difference does not). Each figure is the
-    median over rounds of the pair's ratio. ``UserInputError`` when perf_analyzer is missing."""
+    ``goal_pct`` (noise shrinks with rounds, a real difference does not). ``UserInputError``
+    when perf_analyzer is missing."""
     binary = pa.find_perf_analyzer()
     if binary is None:
         raise UserInputError("perf_analyzer is not installed; run `make install` (or python -m "
@@ -92,33 +92,35 @@ def agreement(urls: dict[str, str], model: str, test_path: str | Path, *,
     rows, clients = [], set()
     for protocol, url in urls.items():
         for level in levels:
-            pairs: list[tuple[dict, dict]] = []
-            costs: list[float] = []
+            ours: list[dict] = []
+            theirs: list[dict] = []
+            ours_windows: list[dict] = []
+            theirs_windows: list[dict] = []
             while True:
-                first_ours = len(pairs) % 2 == 0
-                if first_ours:
-                    ours, row = _ours(url, protocol, model, test_path, level, settings)
-                run = direct_run(binary, protocol, url, model, level, window_s)
-                theirs = _figures(run, run["windows"])
-                if not first_ours:
-                    ours, row = _ours(url, protocol, model, test_path, level, settings)
-                pairs.append((ours, theirs))
-                clients.add((row["client"]["name"], row["client"]["version"]))
-                costs.append(row["client"]["cpu_s_per_request"] or 0.0)
-                ratio = {f: statistics.median(o[f] / t[f] for o, t in pairs) for f in FIGURES}
-                off = {f: abs(r - 1.0) * 100.0 for f, r in ratio.items()}
-                if len(pairs) >= max_rounds or (len(pairs) >= rounds
-                                                and max(off.values()) <= goal_pct):
+                first_ours = len(ours) % 2 == 0
+                for who in ("ours", "theirs") if first_ours else ("theirs", "ours"):
+                    if who == "ours":
+                        row, windows = _ours(url, protocol, model, test_path, level, settings)
+                        ours.append(row)
+                        ours_windows += windows
+                        clients.add((row["client"]["name"], row["client"]["version"]))
+                    else:
+                        run = direct_run(binary, protocol, url, model, level, window_s)
+                        theirs.append(run)
+                        theirs_windows += run["windows"]
+                mine, other = _figures(ours, ours_windows), _figures(theirs, theirs_windows)
+                off = {f: abs(mine[f] / other[f] - 1.0) * 100.0 for f in FIGURES}
+                if len(ours) >= max_rounds or (len(ours) >= rounds
+                                               and max(off.values()) <= goal_pct):
                     break
             entry = {
-                "protocol": protocol, "concurrency": level, "rounds": len(pairs),
-                "benchmark": {f: statistics.median(o[f] for o, _ in pairs) for f in FIGURES},
-                "perf_analyzer": {f: statistics.median(t[f] for _, t in pairs) for f in FIGURES},
-                "ratio": ratio, "disagreement_pct": off,
-                "client_cpu_s_per_request": statistics.median(costs),
+                "protocol": protocol, "concurrency": level, "rounds": len(ours),
+                "benchmark": mine, "perf_analyzer": other, "disagreement_pct": off,
+                "client_cpu_s_per_request": statistics.median(
+                    r["client"]["cpu_s_per_request"] or 0.0 for r in ours),
             }
             rows.append(entry)
-            say(f"{protocol} c{level} ({len(pairs)} rounds): " + ", ".join(
+            say(f"{protocol} c{level} ({len(ours)} rounds): " + ", ".join(
                 f"{f} {entry['benchmark'][f]:.4g} vs {entry['perf_analyzer'][f]:.4g} "
                 f"({off[f]:.1f}%)" for f in FIGURES))
     worst = max(rows, key=lambda r: max(r["disagreement_pct"].values()))

@@ -50,7 +50,9 @@ def level_line(row: dict) -> str:
     )
     if queue is not None and infer is not None:
         text += f"  server queue {queue:.0f} us compute {infer:.0f} us"
-    text += (f"  client {row['client']['cpu_cores']:.2f} cores"
-             f"{' (SATURATED: add client_processes)' if row['client']['saturated'] else ''}"
+    client = row["client"]
+    hint = "add client_processes" if client.get("name", "python") == "python" else "a faster host"
+    text += (f"  client {client.get('name', 'python')} {client['cpu_cores']:.2f} cores"
+             f"{f' (SATURATED: {hint})' if client['saturated'] else ''}"
              f"  ({row['requests']} requests, {row['errors']} errors)")
     return text

@@ -195,6 +195,9 @@ def measure_level(engine: Engine, endpoint: Endpoint, model: Model,
                     snapshot_error)
     last = runs[-1]
     row["client"]["wall_s"] = float(sum(run.wall_s for run in runs))
+    # perf_analyzer runs a thread per request in flight: saturated near every core it can use.
+    usable = min(os.cpu_count() or 1, concurrency)
+    row["client"]["saturated"] = bool(row["client"]["cpu_cores"] / usable > 0.9)
     row["perf_analyzer"] = {  # its own report of the last run's 3 windows (µs)
         "version": engine.version, "runs": len(runs),
         "command": " ".join([os.path.basename(last.command[0])] + last.command[1:]),

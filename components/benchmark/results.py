@@ -15,7 +15,9 @@ Result JSON (``write_json``), schema ``torchship.benchmark/v2``; times in ms unl
     concurrency         the concurrency levels (requests in flight)
     warmup_s, duration_s, window_s, min_windows, max_windows, stability_pct,
     stability_metrics, request_timeout_s, client_processes    the method, as run
-    host                {"cpu_count", "platform", "python"} of the client machine
+    host                {"cpu_count", "platform", "python", "cpu_model"} of the client machine
+    engine              the engine asked for: "auto" | "perf_analyzer" | "python" (engine.py)
+    clients             [[name, version], ...]: the clients that measured the levels
     started_at          ISO 8601 UTC; wall_s: seconds the whole run took
     results             one row per (model, batch_size, concurrency):
       model, batch_size, concurrency
@@ -36,9 +38,19 @@ Result JSON (``write_json``), schema ``torchship.benchmark/v2``; times in ms unl
                            "queue_us", "compute_input_us", "compute_infer_us",
                            "compute_output_us", "request_us"} (per request, µs)
       client              {"processes", "threads", "cpu_s", "cpu_cores", "cpu_util_pct",
-                           "saturated", "outside_server_us"}: the load generator's CPU (cores
-                          busy, % of the machine; saturated: a process above 0.9 cores, so the
-                          client may limit the load) and the mean latency not spent in the server
+                           "saturated", "outside_server_us", "name", "version",
+                           "cpu_s_per_request", "shares_host", "fallback"}: the load generator's
+                          CPU (cores busy, % of the machine; saturated: a process above 0.9
+                          cores, so the client may limit the load), the mean latency not spent in
+                          the server, which client measured ("perf_analyzer" or "python") and its
+                          version, its CPU seconds per request, whether it ran on the server's
+                          host (null: unknown), and why perf_analyzer did not measure (or null)
+      perf_analyzer       only where perf_analyzer measured: its own report of its last run
+                          (µs): {"version", "runs", "command", "client_send_us",
+                          "network_server_us", "server_queue_us", "server_compute_input_us",
+                          "server_compute_infer_us", "server_compute_output_us",
+                          "client_recv_us", "p50_us", "p90_us", "p95_us", "p99_us", "mean_us",
+                          "throughput_ips"}
 
 ``files.write_json`` writes it, ``write_csv`` writes the rows flat, ``metrics_for_kfp`` gives the
 numbers a KFP ``Metrics`` artifact takes.
