@@ -124,7 +124,7 @@ def throughput_p99_plot(summary: dict[str, Any]) -> str | None:
     if budget:
         ax.axhline(budget, color="#cf222e", linestyle="--", linewidth=1,
                    label=f"p99 budget {budget:g} ms")
-    ax.set_xlabel("throughput (requests/s)")
+    ax.set_xlabel("throughput (req/s)")
     ax.set_ylabel("p99 latency (ms)")
     ax.set_title("Throughput against p99 latency (one point per concurrency; ring: unstable)")
     ax.grid(True, alpha=0.3)

@@ -175,7 +175,7 @@ def method_line(summary: dict[str, Any]) -> str:
     text = (f"Triton over {summary['protocol']}, batch size {', '.join(map(str, sizes))}, "
             f"concurrency {', '.join(map(str, summary['concurrency']))}.")
     if bench.get("window_s"):
-        text += (f" Warm-up {bench['warmup_s']:g} s, windows of {bench['window_s']:g} s; a level "
+        text += (f" Warm-up {bench['warmup_s']:g} s, windows of {bench['window_s']:.3g} s; a level "
                  f"is stable when its last {bench['min_windows']} windows agree within "
                  f"±{bench['stability_pct']:g} % ({', '.join(bench['stability_metrics'])}), "
                  f"else it runs up to {bench['max_windows']} windows and is marked unstable.")
