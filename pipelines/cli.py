@@ -229,7 +229,7 @@ def _deployed_line(variant: str, arguments: dict[str, Any], defaults: dict[str, 
     """What was deployed under which model name; for the local target, which version of which
     repository, with which serving settings, and how to serve it."""
     from torchship.components.triton.config import read_model_config
-    from torchship.components.triton.versions import served_versions, version_dirs
+    from torchship.components.triton.versions import served_versions, version_dirs, version_variant
 
     target = arguments.get("deploy_target", defaults.get("deploy_target", "local"))
     name = arguments.get("serving_model_name",
@@ -240,6 +240,8 @@ def _deployed_line(variant: str, arguments: dict[str, Any], defaults: dict[str, 
     model_dir = repository / name
     config = read_model_config(model_dir / "config.pbtxt")
     version = served_versions(config, version_dirs(model_dir))[-1]
+    # The variant the serving search chose and deploy served, as the version records it.
+    variant = version_variant(model_dir, version) or variant
     instances = sum(group.count for group in config.instance_group)
     delay = config.dynamic_batching.max_queue_delay_microseconds
     return (f"deployed: {variant} as version {version} of model '{name}' in {repository} "
