@@ -377,3 +377,45 @@ def test_bench_command_measures_a_repository_and_a_running_server(local_repo, se
 
     nowhere = bench("127.0.0.1:9", "--protocol", "http")
     assert nowhere.returncode == 2 and "error: cannot reach Triton" in nowhere.stderr
+
+
+# -- the knee sweep -----------------------------------------------------------------------------
+
+
+def test_the_knee_sweep_doubles_until_throughput_stops_rising(server, test_path):
+    lines: list[str] = []
+    result = benchmark_endpoint(server.grpc_url, "grpc", ["fp32"], test_path, knee=True,
+                                knee_max_concurrency=16, progress=lines.append, **SHORT)
+    (knee,) = result["knee"]
+    measured = [row["concurrency"] for row in result["results"]]
+    assert measured == knee["measured"] == [2 ** k for k in range(len(measured))]
+    assert result["concurrency"] == measured and knee["model"] == "fp32"
+    assert knee["concurrency"] in measured and knee["reason"]
+    best = max(result["results"], key=lambda r: r["throughput_rps"])
+    assert knee["throughput_rps"] == best["throughput_rps"]
+    assert any(line.startswith("knee of 'fp32' at batch size 1: concurrency") for line in lines)
+    # A budget no level meets stops the sweep at the first level, with no knee.
+    result = benchmark_endpoint(server.grpc_url, "grpc", ["fp32"], test_path, knee=True,
+                                latency_budget_p99_ms=0.001, progress=None, **SHORT)
+    (knee,) = result["knee"]
+    assert knee["concurrency"] is None and knee["measured"] == [1]
+    assert "passes the budget 0.001 ms" in knee["reason"]
+
+
+def test_knee_rules_on_given_levels():
+    from torchship.components.benchmark.knee import sweep_to_knee
+
+    curve = {1: (1000, 1.0), 2: (1900, 1.2), 4: (3000, 2.0), 8: (3050, 4.0), 16: (2000, 9.0)}
+
+    def level(c):
+        return {"concurrency": c, "throughput_rps": curve[c][0], "p99_ms": curve[c][1]}
+
+    rows, knee = sweep_to_knee(level, 1, 64, 5.0, None)
+    assert [r["concurrency"] for r in rows] == [1, 2, 4, 8] and knee["concurrency"] == 4
+    assert knee["reason"].startswith("throughput stopped rising: 3050 req/s at concurrency 8")
+    rows, knee = sweep_to_knee(level, 1, 64, 5.0, 1.5)
+    assert knee["concurrency"] == 2 and "passes the budget 1.5 ms" in knee["reason"]
+    rows, knee = sweep_to_knee(level, 1, 2, 5.0, None)
+    assert knee["concurrency"] == 2 and "knee_max_concurrency 2" in knee["reason"]
+    with pytest.raises(UserInputError, match="latency_budget_p99_ms"):
+        benchmark_endpoint("127.0.0.1:1", "grpc", ["fp32"], "x.npz", latency_budget_p99_ms=-1)

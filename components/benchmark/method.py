@@ -46,6 +46,12 @@ class Measurement:
     # Who measures: "auto" (perf_analyzer where present, else the Python client),
     # "perf_analyzer" or "python" (see engine.py).
     engine: str = "auto"
+    # The knee sweep (knee.py): double concurrency from the lowest level until throughput gains
+    # less than knee_min_gain_pct %, p99 passes latency_budget_p99_ms or knee_max_concurrency.
+    knee: bool = False
+    knee_max_concurrency: int = 64
+    knee_min_gain_pct: float = 5.0
+    latency_budget_p99_ms: float | None = None
 
 
 # The settings the pipeline exposes, as parameters `benchmark_<name>`; the benchmark and the
@@ -75,6 +81,10 @@ class Method:
     request_timeout_s: float
     client_processes: int
     engine: str = "auto"
+    knee: bool = False
+    knee_max_concurrency: int = 64
+    knee_min_gain_pct: float = 5.0
+    latency_budget_p99_ms: float | None = None
 
 
 def _clients_for(concurrency: int, requested: int | None) -> int:
@@ -120,7 +130,13 @@ def measurement_method(**settings: Any) -> Method:
         raise UserInputError(f"request_timeout_s: {m.request_timeout_s} must be > 0")
     if m.engine not in ("auto", "perf_analyzer", "python"):
         raise UserInputError(f"engine: '{m.engine}' is not one of auto, perf_analyzer, python")
+    if m.knee and not (int(m.knee_max_concurrency) >= 1 and m.knee_min_gain_pct >= 0):
+        raise UserInputError(f"knee_max_concurrency {m.knee_max_concurrency} / knee_min_gain_pct "
+                             f"{m.knee_min_gain_pct}: need >= 1 and >= 0, e.g. 64 and 5")
+    if m.latency_budget_p99_ms is not None and not m.latency_budget_p99_ms > 0:
+        raise UserInputError(f"latency_budget_p99_ms: {m.latency_budget_p99_ms} must be > 0")
     levels = [int(c) for c in levels]
+    most = max(levels + ([int(m.knee_max_concurrency)] if m.knee else []))
     return Method(
         concurrency=levels,
         batch_sizes=[int(b) for b in sizes],
@@ -132,6 +148,11 @@ def measurement_method(**settings: Any) -> Method:
         stability_pct=float(m.stability_pct),
         stability_metrics=tuple(m.stability_metrics),
         request_timeout_s=float(m.request_timeout_s),
-        client_processes=_clients_for(max(levels), m.client_processes),
+        client_processes=_clients_for(most, m.client_processes),
         engine=m.engine,
+        knee=bool(m.knee),
+        knee_max_concurrency=int(m.knee_max_concurrency),
+        knee_min_gain_pct=float(m.knee_min_gain_pct),
+        latency_budget_p99_ms=(None if m.latency_budget_p99_ms is None
+                               else float(m.latency_budget_p99_ms)),
     )

@@ -12,7 +12,11 @@ Result JSON (``write_json``), schema ``torchship.benchmark/v2``; times in ms unl
     models              model names, in the order measured
     batch_size          the first of batch_sizes (v1 readers)
     batch_sizes         rows per request, one sweep each
-    concurrency         the concurrency levels (requests in flight)
+    concurrency         the concurrency levels (requests in flight); with the knee sweep,
+                        the levels it measured
+    knee                null, or with knee=True one per model and batch size (knee.py):
+                        {"model", "batch_size", "concurrency" (null: none within the budget),
+                         "throughput_rps", "p99_ms", "measured": [levels], "reason"}
     warmup_s, duration_s, window_s, min_windows, max_windows, stability_pct,
     stability_metrics, request_timeout_s, client_processes    the method, as run
     host                {"cpu_count", "platform", "python", "cpu_model"} of the client machine

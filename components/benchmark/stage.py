@@ -43,12 +43,14 @@ from typing import Any
 
 import numpy as np
 
-from torchship.components.benchmark.client import ClientPool, WindowReport
+from torchship.components.benchmark.client import ClientPool
 from torchship.components.benchmark.display import level_line
 from torchship.components.benchmark.engine import annotate, cpu_model, engine_for, measure_level
+from torchship.components.benchmark.knee import sweep_to_knee
 from torchship.components.benchmark.method import Method, measurement_method
 from torchship.components.benchmark.perf_analyzer import PerfAnalyzerFailed
-from torchship.components.benchmark.requests import payloads, preflight, rows_for
+from torchship.components.benchmark.python_level import measure_level_python
+from torchship.components.benchmark.requests import preflight, rows_for
 from torchship.components.benchmark.results import SCHEMA
 from torchship.components.benchmark.server import (
     Endpoint,
@@ -60,7 +62,6 @@ from torchship.components.benchmark.server import (
     triton_client,
     vertex_models,
 )
-from torchship.components.benchmark.stats import judge, level_row, server_delta, window_row
 from torchship.components.contracts import OUTPUT_NAME
 from torchship.components.data.splits import load_inputs
 from torchship.components.errors import ServingError, UserInputError, one_line
@@ -96,114 +97,53 @@ def _plan(models: list[Model], x: dict[str, np.ndarray], method: Method) -> list
 
 def _sweep(endpoint: Endpoint, plan: list[tuple], method: Method,
            progress: Callable[[str], None], on_window: Callable[[dict], None] | None,
-           client=None, local: bool = False) -> list[dict]:
+           client=None, local: bool = False, knees: list | None = None) -> list[dict]:
     for model, rows, sizes in plan:  # every model answers once before the clock starts
         for size in sizes:
             preflight(endpoint, client, model, rows, size, method.request_timeout_s)
 
     engine = engine_for(method, endpoint, local)
+    knees = [] if knees is None else knees
     levels_total = sum(len(sizes) * len(method.concurrency) for _, _, sizes in plan)
-    results = []
+    results: list[dict] = []
     with ExitStack() as stack:
         pool = None  # the Python client's processes, started when a level needs them
-        level_no = 0
+
+        def measure(model: Model, rows: dict, size: int, concurrency: int) -> dict:
+            nonlocal pool
+            row, why = None, engine.usable(endpoint, rows, size)
+            level_no = len(results) + 1
+            total = max(levels_total, level_no)
+            if why is None:
+                try:
+                    row = measure_level(engine, endpoint, model, rows, size, concurrency,
+                                        method, on_window, level_no, total)
+                except PerfAnalyzerFailed as exc:
+                    why = f"perf_analyzer failed: {exc}"
+            if row is None:
+                if pool is None:
+                    pool = stack.enter_context(ClientPool(method.client_processes))
+                row = measure_level_python(pool, endpoint, model, rows, size, concurrency,
+                                           method, on_window, level_no, total)
+            results.append(annotate(row, engine, "perf_analyzer" if why is None else "python",
+                                    why))
+            progress(level_line(results[-1]))
+            return results[-1]
+
         for model, rows, sizes in plan:
             for size in sizes:
-                for concurrency in method.concurrency:
-                    level_no += 1
-                    row, why = None, engine.usable(endpoint, rows, size)
-                    if why is None:
-                        try:
-                            row = measure_level(engine, endpoint, model, rows, size,
-                                                concurrency, method, on_window, level_no,
-                                                levels_total)
-                        except PerfAnalyzerFailed as exc:
-                            why = f"perf_analyzer failed: {exc}"
-                    if row is None:
-                        if pool is None:
-                            pool = stack.enter_context(ClientPool(method.client_processes))
-                        row = _measure_level(
-                            pool, endpoint, model, rows, size, concurrency, method, on_window,
-                            level_no, levels_total,
-                        )
-                    name = "perf_analyzer" if why is None else "python"
-                    results.append(annotate(row, engine, name, why))
-                    progress(level_line(results[-1]))
+                if not method.knee:
+                    for concurrency in method.concurrency:
+                        measure(model, rows, size, concurrency)
+                    continue
+                _, knee = sweep_to_knee(
+                    lambda c, m=model, r=rows, b=size: measure(m, r, b, c),
+                    min(method.concurrency), method.knee_max_concurrency,
+                    method.knee_min_gain_pct, method.latency_budget_p99_ms)
+                knees.append({"model": model.name, "batch_size": size, **knee})
+                progress(f"knee of '{model.name}' at batch size {size}: concurrency "
+                         f"{knee['concurrency']} ({knee['reason']})")
     return results
-
-
-def _measure_level(pool: ClientPool, endpoint: Endpoint, model: Model,
-                   rows: dict[str, np.ndarray],
-                   batch_size: int, concurrency: int, method: Method,
-                   on_window: Callable[[dict], None] | None, level_no: int,
-                   levels_total: int) -> dict:
-    client_bodies, extra = [], {}
-    for client in range(concurrency):
-        bodies, extra = payloads(endpoint, model, rows, batch_size,
-                                 offset=client * 997 * batch_size)
-        client_bodies.append(bodies)
-    target = endpoint.target(model, extra)
-    where = f"model '{model.name}' at concurrency {concurrency}, batch size {batch_size}"
-    windows: list[dict] = []
-    snapshots: dict[str, Any] = {"before": None, "after": None, "error": None}
-
-    def snapshot(key: str) -> None:
-        if snapshots["error"] is not None:
-            return
-        try:
-            snapshots[key] = endpoint.statistics(model.name)
-        except Exception as exc:  # noqa: BLE001 - statistics are extra; the run goes on
-            snapshots["error"] = one_line(exc, 200)
-
-    def decide(report: WindowReport) -> bool:
-        window = window_row(report, method.window_s)
-        windows.append(window)
-        endpoint.check_alive(where)  # a server that is gone explains timeouts and errors
-        if report.timed_out:
-            raise ServingError(
-                f"{where}: a request timed out after {method.request_timeout_s:g} s "
-                f"({report.first_error}); the server is stuck or far too slow"
-            )
-        if window["requests"] == 0 and report.errors:
-            raise ServingError(
-                f"{where}: all {report.errors} requests of window {report.index} failed; "
-                f"first: {report.first_error}"
-            )
-        stable = None
-        if len(windows) >= method.min_windows:
-            ok, _ = judge(windows, method)
-            if ok or report.index == method.max_windows:
-                stable = ok
-        if stable is not None:
-            snapshot("after")
-        if on_window is not None:
-            on_window({
-                "model": model.name, "batch_size": batch_size, "concurrency": concurrency,
-                "level": level_no, "levels": levels_total, "window": report.index,
-                "min_windows": method.min_windows, "max_windows": method.max_windows,
-                "throughput_rps": window["throughput_rps"], "p99_ms": window["p99_ms"],
-                "errors": window["errors"], "stable": stable,
-            })
-        return stable is not None
-
-    reports = pool.run_level(
-        target, client_bodies, warmup_s=method.warmup_s, window_s=method.window_s,
-        max_windows=method.max_windows, timeout_s=method.request_timeout_s,
-        on_measure_start=lambda: snapshot("before"), on_window=decide,
-    )
-    if not any(w["requests"] for w in windows[-method.min_windows :]):
-        first = next((r.first_error for r in reports if r.first_error), None)
-        raise ServingError(
-            f"{where} answered no request in {len(windows)} windows of {method.window_s:g} s "
-            f"({sum(w['errors'] for w in windows)} errors; first: {first})"
-        )
-    server = None
-    if snapshots["error"] is None:
-        server = server_delta(snapshots["before"], snapshots["after"], model.name)
-        if server is None:
-            snapshots["error"] = f"no statistics for model '{model.name}'"
-    return level_row(model.name, batch_size, concurrency, min(pool.size, concurrency), windows,
-                     reports, method, server, snapshots["error"])
 
 
 def _result(mode: str, endpoint: Endpoint, method: Method, models: list[Model],
@@ -218,7 +158,9 @@ def _result(mode: str, endpoint: Endpoint, method: Method, models: list[Model],
         "models": [m.name for m in models],
         "batch_size": method.batch_sizes[0],
         "batch_sizes": method.batch_sizes,
-        "concurrency": method.concurrency,
+        "concurrency": (sorted({int(r["concurrency"]) for r in results}) if method.knee
+                        else method.concurrency),
+        "knee": extra.get("knee") if method.knee else None,
         "warmup_s": method.warmup_s,
         "duration_s": method.duration_s,
         "window_s": method.window_s,
@@ -284,7 +226,7 @@ def benchmark_repository(
     specs = repository_models(repository_dir, models)
     plan = _plan(specs, load_inputs(test_path, what="test_path", rows=REQUEST_ROWS), method)
     progress = progress or (lambda *_: None)
-    started, started_at = time.monotonic(), _now()
+    started, started_at, knees = time.monotonic(), _now(), []
 
     with TritonServer(repository_dir, startup_timeout_s=startup_timeout_s,
                       extra_args=list(server_args)) as server:
@@ -299,7 +241,8 @@ def benchmark_repository(
         progress(f"tritonserver ready in {server.startup_s:.1f} s ({endpoint.describe()})")
         client = triton_client(protocol, url, False, method.request_timeout_s)
         try:
-            results = _sweep(endpoint, plan, method, progress, on_window, client, local=True)
+            results = _sweep(endpoint, plan, method, progress, on_window, client, local=True,
+                             knees=knees)
         except _ServerExited:
             raise
         except ServingError as exc:
@@ -311,7 +254,7 @@ def benchmark_repository(
             client.close()
             endpoint.close()
         startup_s = server.startup_s
-    return _result("local", endpoint, method, specs, results, started, started_at,
+    return _result("local", endpoint, method, specs, results, started, started_at, knee=knees,
                    repository=str(repository_dir), server_startup_s=startup_s)
 
 
@@ -359,15 +302,17 @@ def benchmark_endpoint(
     if isinstance(models, str):
         models = [models]
     endpoint = remote_endpoint(url, protocol, dict(headers or {}), auth)
-    started, started_at = time.monotonic(), _now()
+    started, started_at, knees = time.monotonic(), _now(), []
 
     if protocol == "vertex":
         specs = vertex_models(models, x, output_names)
         try:
-            results = _sweep(endpoint, _plan(specs, x, method), method, progress, on_window)
+            results = _sweep(endpoint, _plan(specs, x, method), method, progress, on_window,
+                             knees=knees)
         finally:
             endpoint.close()
-        return _result("remote", endpoint, method, specs, results, started, started_at)
+        return _result("remote", endpoint, method, specs, results, started, started_at,
+                       knee=knees)
 
     client = triton_client(protocol, endpoint.url, endpoint.tls, method.request_timeout_s,
                            endpoint.path_prefix)
@@ -375,10 +320,11 @@ def benchmark_endpoint(
         check_reachable(endpoint, client, method.request_timeout_s)
         specs = remote_models(endpoint, client, models, method.request_timeout_s)
         progress(f"{endpoint.describe()} is live; measuring {', '.join(m.name for m in specs)}")
-        results = _sweep(endpoint, _plan(specs, x, method), method, progress, on_window, client)
+        results = _sweep(endpoint, _plan(specs, x, method), method, progress, on_window, client,
+                         knees=knees)
     finally:
         client.close()
         endpoint.close()
-    return _result("remote", endpoint, method, specs, results, started, started_at)
+    return _result("remote", endpoint, method, specs, results, started, started_at, knee=knees)
 
 
