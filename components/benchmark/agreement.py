@@ -16,6 +16,7 @@ import re
 import statistics
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,15 +73,15 @@ def _ours(url: str, protocol: str, model: str, test_path: str | Path, level: int
 
 
 def agreement(urls: dict[str, str], model: str, test_path: str | Path, *,
-              levels: Sequence[int] = (1, 8), rounds: int = 3, max_rounds: int = 8,
-              window_s: float = 0.25, goal_pct: float = 10.0,
+              levels: Sequence[int] = (1, 8), rounds: int = 3, max_rounds: int = 12,
+              max_level_s: float = 20.0, window_s: float = 0.2, goal_pct: float = 10.0,
               progress: Callable[[str], None] | None = None,
               **measurement: Any) -> dict[str, Any]:
     """Compare the benchmark with direct perf_analyzer runs on the running server at ``urls``
     (``{"grpc": "host:port", "http": "host:port"}``): per protocol and level, ``rounds`` pairs
-    of measurements, more (up to ``max_rounds``) while a figure is off by more than
-    ``goal_pct`` (noise shrinks with rounds, a real difference does not). ``UserInputError``
-    when perf_analyzer is missing."""
+    of measurements, more (up to ``max_rounds``, and while the level has taken less than
+    ``max_level_s``) while a figure is off by more than ``goal_pct`` (noise shrinks with
+    rounds, a real difference does not). ``UserInputError`` when perf_analyzer is missing."""
     binary = pa.find_perf_analyzer()
     if binary is None:
         raise UserInputError("perf_analyzer is not installed; run `make install` (or python -m "
@@ -96,6 +97,7 @@ def agreement(urls: dict[str, str], model: str, test_path: str | Path, *,
             theirs: list[dict] = []
             ours_windows: list[dict] = []
             theirs_windows: list[dict] = []
+            level_started = time.monotonic()
             while True:
                 first_ours = len(ours) % 2 == 0
                 for who in ("ours", "theirs") if first_ours else ("theirs", "ours"):
@@ -110,8 +112,9 @@ def agreement(urls: dict[str, str], model: str, test_path: str | Path, *,
                         theirs_windows += run["windows"]
                 mine, other = _figures(ours, ours_windows), _figures(theirs, theirs_windows)
                 off = {f: abs(mine[f] / other[f] - 1.0) * 100.0 for f in FIGURES}
-                if len(ours) >= max_rounds or (len(ours) >= rounds
-                                               and max(off.values()) <= goal_pct):
+                if len(ours) >= rounds and (
+                        max(off.values()) <= goal_pct or len(ours) >= max_rounds
+                        or time.monotonic() - level_started > max_level_s):
                     break
             entry = {
                 "protocol": protocol, "concurrency": level, "rounds": len(ours),
