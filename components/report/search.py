@@ -76,7 +76,8 @@ def _plot(record: dict[str, Any]) -> str:
         points = {c["model"]: _level(c, record) for c in record["candidates"]}
         line = [(points[m]["p99_ms"], points[m]["throughput_rps"]) for m in front if points.get(m)]
         if line:
-            ax.plot(*zip(*line), color="#1f2328", linewidth=1, label="Pareto front")
+            ax.plot(*zip(*line), color="#1f2328", linewidth=1, marker="s", markersize=9,
+                    markerfacecolor="none", label="Pareto front")
         chosen = points.get(record.get("chosen") or "")
         if chosen:
             ax.scatter([chosen["p99_ms"]], [chosen["throughput_rps"]], s=180,
