@@ -176,6 +176,8 @@ def test_local_sweep_writes_json_csv_and_kfp_metrics(local_result, workdir):
     assert len(rows) == len(result["results"])
     assert float(rows[0]["p99_ms"]) == pytest.approx(result["results"][0]["p99_ms"])
     assert rows[0]["server_queue_us"] != ""
+    assert rows[0]["client_name"] in ("perf_analyzer", "python")
+    assert float(rows[0]["client_cpu_s_per_request"]) > 0
     metrics = metrics_for_kfp(result)
     assert metrics["fp32_c4_b4_p99_ms"] == pytest.approx(find_level(result, "fp32", 4, 4)["p99_ms"])
     assert metrics["fp32_c1_b1_errors"] == 0.0

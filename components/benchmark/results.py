@@ -82,6 +82,7 @@ CSV_COLUMNS = (
     "server_requests", "server_avg_batch_size", "server_queue_us", "server_compute_input_us",
     "server_compute_infer_us", "server_compute_output_us", "server_request_us",
     "client_processes", "client_cpu_s", "client_cpu_cores", "client_outside_server_us",
+    "client_name", "client_version", "client_cpu_s_per_request", "client_shares_host",
 )
 
 
@@ -115,6 +116,9 @@ def metrics_for_kfp(result: dict) -> dict[str, float]:
             "server_queue_us": (row.get("server") or {}).get("queue_us"),
             "server_compute_infer_us": (row.get("server") or {}).get("compute_infer_us"),
             "client_cpu_cores": (row.get("client") or {}).get("cpu_cores"),
+            "client_cpu_us_per_request": (
+                None if (row.get("client") or {}).get("cpu_s_per_request") is None
+                else row["client"]["cpu_s_per_request"] * 1e6),
         }
         for key, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) \
@@ -140,6 +144,9 @@ def _csv_row(row: dict) -> dict[str, Any]:
         client_processes=client.get("processes"), client_cpu_s=client.get("cpu_s"),
         client_cpu_cores=client.get("cpu_cores"),
         client_outside_server_us=client.get("outside_server_us"),
+        client_name=client.get("name"), client_version=client.get("version"),
+        client_cpu_s_per_request=client.get("cpu_s_per_request"),
+        client_shares_host=client.get("shares_host"),
     )
     return {k: ("" if v is None else v) for k, v in flat.items()}
 
