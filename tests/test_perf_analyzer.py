@@ -4,8 +4,12 @@ throughput, p50 and p99 at concurrency 1 and 8, over gRPC and HTTP, within 10%.
 perf_analyzer comes from the ``tritonclient==2.51.0`` wheel (``make install`` extracts it into the
 venv; this test does so on first use where it is missing); the test is skipped only where that
 wheel cannot be had. Both measurements are taken in this run, in pairs back to back, and compared
-by the median ratio of the pairs (``agreement``), so load from other programs on a shared machine
-falls on both alike.
+wheel cannot be had. Both measurements are taken in this run, in pairs back to back in
+alternating order, and compared by the medians of their windows (``agreement``), rounds added
+while a figure is off; load from other programs on a shared machine falls on both alike. Where
+that load is far beyond the cores (a load average of 5 on 2 cores, seen here), p99 can differ by
+more than 10% even between two back-to-back runs of perf_analyzer itself; the test then fails
+rather than widen the goal.
 """
 
 from __future__ import annotations
