@@ -3,7 +3,6 @@ throughput, p50 and p99 at concurrency 1 and 8, over gRPC and HTTP, within 10%.
 
 perf_analyzer comes from the ``tritonclient==2.51.0`` wheel (``make install`` extracts it into the
 venv; this test does so on first use where it is missing); the test is skipped only where that
-wheel cannot be had. Both measurements are taken in this run, in pairs back to back, and compared
 wheel cannot be had. Both measurements are taken in this run, in pairs back to back in
 alternating order, and compared by the medians of their windows (``agreement``), rounds added
 while a figure is off; load from other programs on a shared machine falls on both alike. Where
