@@ -43,7 +43,8 @@ def server(local_repo):
 def test_the_benchmark_agrees_with_perf_analyzer(perf_analyzer_binary, server, test_path):
     lines: list[str] = []
     found = agreement({"grpc": server.grpc_url, "http": server.http_url}, "fp32", test_path,
-                      levels=(1, 8), progress=lines.append)
+                      levels=(1, 8), window_s=0.5, max_level_s=30.0,
+                      progress=lines.append)
     assert [(r["protocol"], r["concurrency"]) for r in found["levels"]] == [
         ("grpc", 1), ("grpc", 8), ("http", 1), ("http", 8)]
     # Where perf_analyzer is present the benchmark measures with it, and says so.
