@@ -20,10 +20,8 @@ gate and regression records when the summary carries them or they are passed:
 from __future__ import annotations
 
 import base64
-import html
 import io
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -45,29 +43,18 @@ from torchship.components.report.summary import (
     table_columns,
     unstable_levels,
 )
+from torchship.components.report.tables import PAGE_STYLE, escape
 
 __all__ = ["render_html_report", "write_html_report"]
 
-_STYLE = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px;
-       color: #1f2328; max-width: 1200px; }
-h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; }
-table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
-th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: right; }
+_STYLE = PAGE_STYLE + """
 th:first-child, td:first-child { text-align: left; }
-th { background: #f6f8fa; }
 .pass { color: #1a7f37; font-weight: 600; } .fail { color: #cf222e; font-weight: 600; }
 .skip { color: #9a6700; font-weight: 600; }
-tr.chosen td { background: #dafbe1; font-weight: 600; }
 table.why td:last-child, table.text td { text-align: left; }
-.note { color: #57606a; font-size: 13px; }
 img { max-width: 100%; border: 1px solid #d0d7de; margin: 8px 0; }
 """
-
-
-def _esc(value: Any) -> str:
-    """Escaped text; a URL's scheme is dropped so the page holds no link to anywhere."""
-    return html.escape(re.sub(r"\b[a-z][a-z0-9+.-]*://", "", str(value)))
+_esc = escape
 
 
 def _png(fig) -> str:

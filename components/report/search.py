@@ -8,31 +8,22 @@ the Pareto front of throughput against p99, and every candidate with why it lost
 
 from __future__ import annotations
 
-import html
 import io
 import os
 from pathlib import Path
 from typing import Any
 
 from torchship.components.files import write_text
+from torchship.components.report.tables import PAGE_STYLE, escape
 
 __all__ = ["render_search_report", "write_search_report"]
 
-_STYLE = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px;
-       color: #1f2328; max-width: 1200px; }
-h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; }
-table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
-th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: right; }
+_STYLE = PAGE_STYLE + """
 td.l, th.l { text-align: left; }
-th { background: #f6f8fa; } tr.chosen td { background: #dafbe1; font-weight: 600; }
-.note { color: #57606a; font-size: 13px; } .warn { color: #9a6700; font-weight: 600; }
+.warn { color: #9a6700; font-weight: 600; }
 svg { max-width: 100%; height: auto; }
 """
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value))
+_esc = escape
 
 
 def _objective(record: dict[str, Any]) -> list[str]:

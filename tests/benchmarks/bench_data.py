@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from torchship.components.benchmark.engine import cpu_model
 
 FEATURES, CLASSES = 32, 10
 ROWS_1X = int(os.environ.get("BENCH_DATA_ROWS", "850000"))  # x 10 = 8.5M rows, about 2.2 GB
@@ -53,16 +54,6 @@ metrics = train_model(out + "/train", out + "/val", out + "/model.pt", model_nam
                       num_workers=1, progress=lambda _: None)
 print("RESULT " + json.dumps({"samples_per_second": metrics["samples_per_second"]}))
 """
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_source(path: Path, rows: int) -> int:
@@ -107,7 +98,7 @@ def measure(code: str, *args: str) -> tuple[float, dict]:
 
 
 def main() -> None:
-    print(f"cpu: {cpu_name()}, {os.cpu_count()} cores")
+    print(f"cpu: {cpu_model() or 'unknown'}, {os.cpu_count()} cores")
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         for scale in (1, 10):

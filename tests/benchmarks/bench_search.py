@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from torchship.components.benchmark.engine import cpu_model
 from torchship.components.data.stage import prepare_data
 from torchship.components.models import build_model, export_onnx
 from torchship.components.tune_serving.stage import candidate_name, search_serving_config
@@ -33,16 +33,6 @@ from torchship.components.tune_serving.stage import candidate_name, search_servi
 VARIANTS = {"fp32": 1024, "distilled": 256, "tiny": 64}  # the mlp's hidden width
 DEFAULT = candidate_name("fp32", {"instance_count": 1, "max_queue_delay_us": 100,
                                   "max_batch_size": 64})
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_export(work: Path) -> tuple[Path, Path, dict]:
@@ -91,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     search, exhaustive = runs["search"], runs["exhaustive"]
     chosen = search["chosen"] or DEFAULT
     measured = sum(len(c["rounds"]) for c in search["candidates"])
-    print(f"cpu: {cpu_model()}, {os.cpu_count()} cores; {len(search['candidates'])} candidates, "
+    print(f"cpu: {cpu_model() or 'unknown'}, {os.cpu_count()} cores; {len(search['candidates'])} candidates, "
           f"p99 budget {args.budget_ms:g} ms at concurrency {args.concurrency}")
     print(f"search: chose {chosen} in {search['wall_s']:.1f} s ({measured} levels measured in "
           f"{len(search['schedule'])} rounds; tied: {', '.join(search['tied']) or 'none'})")
