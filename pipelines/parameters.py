@@ -29,7 +29,11 @@ from torchship.components.gate.checks import ACCURACY_FLOOR, MAX_ACCURACY_DROP_P
 from torchship.components.gate.choice import OPTIMISE, optimise_metric
 from torchship.components.gate.regression import MAX_P99_REGRESSION_PCT
 from torchship.components.train.config import default as training_default
-from torchship.components.tune_serving.stage import INSTANCE_COUNTS, QUEUE_DELAYS_US
+from torchship.components.tune_serving.stage import (
+    INSTANCE_COUNTS,
+    MAX_BATCH_SIZES,
+    QUEUE_DELAYS_US,
+)
 
 __all__ = ["MEASUREMENT_PARAMETERS", "PARAMETERS", "RUNNER_PARAMETERS", "TRAINING_PARAMETERS",
            "VERTEX_PARAMETERS", "Parameters", "check_parameters", "compiled_defaults",
@@ -89,9 +93,11 @@ PARAMETERS: Parameters = (
     ("target_concurrency", int, TARGET_CONCURRENCY),
     ("previous_results_uri", str, ""),
     ("max_p99_regression_pct", float, MAX_P99_REGRESSION_PCT),
-    # The serving search's grid (Triton settings of the chosen model); [] keeps that default.
+    # The serving search's grid (Triton settings, with every variant the gate found eligible);
+    # [] keeps that setting's default.
     ("serving_instance_counts", list[int], list(INSTANCE_COUNTS)),
     ("serving_queue_delays_us", list[int], list(QUEUE_DELAYS_US)),
+    ("serving_max_batch_sizes", list[int], list(MAX_BATCH_SIZES)),
     ("deploy_target", str, DEFAULT_TARGET),
     ("local_repository", str, ""),
     ("deploy_settings", dict, {}),
@@ -215,6 +221,7 @@ def _check_serving_search(values: dict[str, Any],
     for name, least, fix in (
         ("serving_instance_counts", 1, "pass instance counts of 1 or more, e.g. [1, 2], or []"),
         ("serving_queue_delays_us", 0, "pass delays in microseconds, e.g. [100, 2000], or []"),
+        ("serving_max_batch_sizes", 1, "pass max batch sizes of 1 or more, e.g. [8, 64], or []"),
     ):
         grid = values.get(name, [])
         if not isinstance(grid, list) or not all(

@@ -13,7 +13,6 @@ from kfp.dsl import HTML, Artifact, Markdown
 
 from torchship.components.errors import UserInputError
 from torchship.components.files import atomic_path
-from torchship.components.tune_serving.stage import MAX_BATCH_SIZES
 from torchship.pipelines.components import Components, build_components
 from torchship.pipelines.parameters import (
     MEASUREMENT_PARAMETERS,
@@ -129,7 +128,7 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
             onnx_models=exported.outputs["onnx_models"], gate_record=decided.outputs["record"],
             test=data.outputs["test"], instance_counts=params["serving_instance_counts"],
             queue_delays_us=params["serving_queue_delays_us"],
-            max_batch_sizes=list(MAX_BATCH_SIZES), optimise=params["optimise"],
+            max_batch_sizes=params["serving_max_batch_sizes"], optimise=params["optimise"],
             latency_budget_p99_ms=params["latency_budget_p99_ms"],
             target_concurrency=params["target_concurrency"], **_measurement(params),
         )

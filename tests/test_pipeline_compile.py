@@ -232,6 +232,7 @@ def test_run_refuses_a_bad_benchmark_sweep_before_anything_runs(compiled_local, 
 SERVING_SEARCH = {
     "serving_instance_counts": ("LIST", [1, 2]),
     "serving_queue_delays_us": ("LIST", [100, 2000]),
+    "serving_max_batch_sizes": ("LIST", [64]),
 }
 
 
@@ -244,7 +245,8 @@ def test_serving_search_is_set_by_pipeline_parameters_and_reads_the_gates_object
     branch = spec.components[spec.root.dag.tasks[condition].component_ref.name].dag.tasks
     inputs = branch["tune-serving"].inputs.parameters
     expected = {"instance_counts": "serving_instance_counts",
-                "queue_delays_us": "serving_queue_delays_us", "optimise": "optimise",
+                "queue_delays_us": "serving_queue_delays_us",
+                "max_batch_sizes": "serving_max_batch_sizes", "optimise": "optimise",
                 "latency_budget_p99_ms": "latency_budget_p99_ms",
                 "target_concurrency": "target_concurrency",
                 "duration_s": "benchmark_duration_s", "min_windows": "benchmark_min_windows"}
@@ -264,6 +266,9 @@ def test_serving_search_is_set_by_pipeline_parameters_and_reads_the_gates_object
     ({"serving_queue_delays_us": [-100]},
      "serving_queue_delays_us=[-100] is not a list of integers >= 0; pass delays in microseconds"),
     ({"serving_queue_delays_us": [0.5]}, "serving_queue_delays_us=[0.5] is not a list"),
+    ({"serving_max_batch_sizes": [0, 64]},
+     ("parameter serving_max_batch_sizes=[0, 64] is not a list of integers >= 1; pass max batch "
+      "sizes of 1 or more, e.g. [8, 64], or [] to keep the default")),
 ])
 def test_bad_serving_search_grid_is_refused_in_one_line(compiled_local, arguments, expected):
     with pytest.raises(UserInputError) as error:
@@ -274,5 +279,5 @@ def test_bad_serving_search_grid_is_refused_in_one_line(compiled_local, argument
 
 def test_empty_serving_search_axes_are_accepted(compiled_local):
     defaults = compiled_defaults(compiled_local)
-    assert check_parameters({"serving_instance_counts": [], "serving_queue_delays_us": []},
-                            defaults) is None
+    assert check_parameters({"serving_instance_counts": [], "serving_queue_delays_us": [],
+                             "serving_max_batch_sizes": []}, defaults) is None

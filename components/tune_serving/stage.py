@@ -208,7 +208,7 @@ def search_serving_config(
     if not grid:
         record.update(chosen=None, variant=variants[0], settings=dict(DEFAULT_SETTINGS),
                       band_pct=None, tied=[], reason=(
-                          "no search (serving_instance_counts, serving_queue_delays_us and "
+                          "no search (serving_instance_counts, serving_queue_delays_us and serving_"
                           "max_batch_sizes are all empty); deploying the gate's choice with the "
                           f"default settings ({describe(DEFAULT_SETTINGS)})"))
     else:
