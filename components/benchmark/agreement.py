@@ -7,7 +7,10 @@ benchmark level (``benchmark_endpoint``, whatever engine it picks) and one direc
 report and CSV). Each side's figures are medians over its rounds: of every window's throughput
 and p99 (a burst of load from elsewhere spoils one window's p99, not the median of many) and of
 the runs' p50. ``disagreement_pct`` is ``|benchmark / perf_analyzer - 1|`` in %; the largest over
-every figure is the headline (goal: at most 10).
+every figure is the headline (goal: at most 10). ``self_disagreement_pct`` is perf_analyzer
+against itself, the same figures of its odd rounds against its even rounds: how far apart two
+measurements of one server by one tool fall on this machine, now; a disagreement within it is
+noise the reference cannot resolve, not a difference between the tools.
 """
 
 from __future__ import annotations
@@ -62,6 +65,16 @@ def _figures(rows: list[dict], windows: list[dict]) -> dict[str, float]:
             "p99_ms": statistics.median(w["p99_ms"] for w in windows)}
 
 
+def _self_disagreement(runs: list[dict]) -> dict[str, float]:
+    """perf_analyzer against itself: each figure of its odd runs against its even runs, in %
+    (0 with fewer than two runs)."""
+    if len(runs) < 2:
+        return dict.fromkeys(FIGURES, 0.0)
+    halves = [_figures(part, [w for run in part for w in run["windows"]])
+              for part in (runs[0::2], runs[1::2])]
+    return {f: abs(halves[0][f] / halves[1][f] - 1.0) * 100.0 for f in FIGURES}
+
+
 def _ours(url: str, protocol: str, model: str, test_path: str | Path, level: int,
           settings: dict[str, Any]) -> tuple[dict, list[dict]]:
     result = benchmark_endpoint(url, protocol, [model], test_path, concurrency=(level,),
@@ -112,6 +125,7 @@ def agreement(urls: dict[str, str], model: str, test_path: str | Path, *,
                         theirs_windows += run["windows"]
                 mine, other = _figures(ours, ours_windows), _figures(theirs, theirs_windows)
                 off = {f: abs(mine[f] / other[f] - 1.0) * 100.0 for f in FIGURES}
+                itself = _self_disagreement(theirs)
                 if len(ours) >= rounds and (
                         max(off.values()) <= goal_pct or len(ours) >= max_rounds
                         or time.monotonic() - level_started > max_level_s):
@@ -119,13 +133,14 @@ def agreement(urls: dict[str, str], model: str, test_path: str | Path, *,
             entry = {
                 "protocol": protocol, "concurrency": level, "rounds": len(ours),
                 "benchmark": mine, "perf_analyzer": other, "disagreement_pct": off,
+                "self_disagreement_pct": itself,
                 "client_cpu_s_per_request": statistics.median(
                     r["client"]["cpu_s_per_request"] or 0.0 for r in ours),
             }
             rows.append(entry)
             say(f"{protocol} c{level} ({len(ours)} rounds): " + ", ".join(
                 f"{f} {entry['benchmark'][f]:.4g} vs {entry['perf_analyzer'][f]:.4g} "
-                f"({off[f]:.1f}%)" for f in FIGURES))
+                f"({off[f]:.1f}%; perf_analyzer itself {itself[f]:.1f}%)" for f in FIGURES))
     worst = max(rows, key=lambda r: max(r["disagreement_pct"].values()))
     return {"levels": rows, "clients": sorted(clients),
             "perf_analyzer_version": pa.version_of(binary),

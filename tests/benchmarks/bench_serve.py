@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> float:
     print(f"triton_c8_over_c1_throughput = {ratio:.2f}")
     print(f"triton_overhead_p50_ms = {triton_p50 - ort_ms:.3f}")
     print(f"perf_analyzer_agreement_pct = {agreed['max_disagreement_pct']:.1f}")
+    itself = max(max(row["self_disagreement_pct"].values()) for row in agreed["levels"])
+    print(f"perf_analyzer_self_disagreement_pct = {itself:.1f}  (its odd rounds against its even "
+          "rounds: the noise floor on this machine now)")
     return ratio
 
 
