@@ -73,6 +73,10 @@ def main() -> None:
 @click.option("--gpu-image", default=None,
               help="The image of stages on GPUs (default: $TORCHSHIP_GPU_IMAGE, else --image "
                    "with torchship-cpu made torchship-cuda).")
+@click.option("--serving-image", default=None,
+              help="The image benchmark and tune-serving run in (default: "
+                   "$TORCHSHIP_SERVING_IMAGE, else --image with torchship-cpu made "
+                   "torchship-tritonserver: Triton's onnxruntime backend, as it serves).")
 @click.option("--platform", type=click.Choice(list(PLATFORM_NAMES)), default=None,
               help="kfp [default]: kfp.local and Kubeflow Pipelines, training as N processes in "
                    "one task (`local` and `kubeflow` name it by where it runs: the same YAML); "
@@ -90,11 +94,16 @@ def main() -> None:
                    "chip, e.g. NVIDIA_L4 (required there with --compress/--benchmark-gpus).")
 @click.option("--target", "old_platform", type=click.Choice(["local", "vertex"]), default=None,
               hidden=True)  # the earlier name of --platform (local: kfp)
-def compile(output: str, image: str | None, gpu_image: str | None, platform: str | None,
-            train_gpus: int, compress_gpus: int, benchmark_gpus: int, gpu_type: str,
-            old_platform: str | None) -> None:
+def compile(output: str, image: str | None, gpu_image: str | None, serving_image: str | None,
+            platform: str | None, train_gpus: int, compress_gpus: int, benchmark_gpus: int,
+            gpu_type: str, old_platform: str | None) -> None:
     """Compile the pipeline to a KFP v2 YAML: the file every runner executes."""
-    from torchship.pipelines.pipeline import compile_pipeline, default_gpu_image, default_image
+    from torchship.pipelines.pipeline import (
+        compile_pipeline,
+        default_gpu_image,
+        default_image,
+        default_serving_image,
+    )
 
     if platform and old_platform:
         fail("--target is the earlier name of --platform; pass only --platform")
@@ -103,18 +112,27 @@ def compile(output: str, image: str | None, gpu_image: str | None, platform: str
     try:
         path = compile_pipeline(output, image=image, platform=platform, gpu_image=gpu_image,
                                 train_gpus=train_gpus, compress_gpus=compress_gpus,
-                                benchmark_gpus=benchmark_gpus, gpu_type=gpu_type)
+                                benchmark_gpus=benchmark_gpus, gpu_type=gpu_type,
+                                serving_image=serving_image)
     except UserInputError as exc:
         fail(str(exc))
     image = image or default_image()
-    on_gpus = [f"{stage} on {count} GPU{'s' if count != 1 else ''}" for stage, count in
-               (("train", train_gpus), ("compress", compress_gpus),
-                ("benchmark", benchmark_gpus)) if count]
+    serving_image = default_serving_image(image) if serving_image is None else serving_image
+
+    def on(count: int) -> str:
+        return f"{count} GPU{'s' if count != 1 else ''}"
+
+    on_gpus = [f"{stage} on {on(count)}" for stage, count in
+               (("train", train_gpus), ("compress", compress_gpus)) if count]
     gpus = f" ({', '.join(on_gpus)})" if on_gpus else ""
-    gpu_line = (f", GPU image {gpu_image or default_gpu_image(image)}{gpus}"
-                if platform == "vertex" or on_gpus else "")
+    gpu_image = gpu_image or default_gpu_image(image)
+    gpu_line = f", GPU image {gpu_image}{gpus}" if platform == "vertex" or on_gpus else ""
+    where = f" on {on(benchmark_gpus)}" if benchmark_gpus else ""
+    measured = (f"; benchmark and tune-serving in {serving_image}{where}" if serving_image else
+                f"; benchmark and tune-serving in {gpu_image if benchmark_gpus else image}{where}, "
+                "on Triton's python backend")
     alias = f" (the {platform} pipeline)" if named != platform else ""
-    click.echo(f"wrote {path} (platform {named}{alias}, image {image}{gpu_line})")
+    click.echo(f"wrote {path} (platform {named}{alias}, image {image}{gpu_line}{measured})")
 
 
 @main.command()

@@ -22,6 +22,9 @@ from kfp.dsl import (
 
 from torchship.pipelines.components_release import deploy, gate, tune_serving
 
+# The stages that measure on Triton: in the serving image, on Vertex AI on the serving machine.
+MEASURING = ("benchmark", "tune-serving")
+
 
 def prepare_data(
     data_source: str,
@@ -173,6 +176,9 @@ def benchmark(
     min_windows: int,
     max_windows: int,
     stability_pct: float,
+    engine: str,
+    knee: bool,
+    serving_backend: str,
     results: Output[Artifact],
     results_csv: Output[Dataset],
     metrics: Output[Metrics],
@@ -181,22 +187,28 @@ def benchmark(
     """Every variant on a real Triton launched over a candidate repository (as Model Analyzer's
     local mode does): latency percentiles, throughput, server queue/compute time. Each level
     runs `min_windows` to `max_windows` windows of `window_s` (0: `duration_s / min_windows`)
-    after `warmup_s`, until they agree within `stability_pct`."""
+    after `warmup_s`, until they agree within `stability_pct`; measured by `engine`
+    (perf_analyzer where present), `knee`: doubling concurrency until throughput stops rising.
+    `serving_backend` auto: Triton's onnxruntime backend where the tritonserver has it (the
+    Triton serving image), else the python backend (nvidia-pytriton's, locally)."""
     from torchship.components.benchmark.results import metrics_for_kfp, write_csv
     from torchship.components.benchmark.stage import benchmark_repository
     from torchship.components.progress import report
     from torchship.components.report.summary import build_summary, write_summary
     from torchship.components.scratch import scratch_dir
+    from torchship.components.triton.binary import find_tritonserver, measurement_backend
     from torchship.components.triton.repository import build_model_repository
 
+    backend = measurement_backend(serving_backend)
+    report(f"measuring on {find_tritonserver().describe()} with Triton's {backend} backend")
     with scratch_dir("candidates") as scratch:
         repository = f"{scratch}/repository"
-        build_model_repository(onnx_models.path, repository, "python", warmup_path=test.path)
+        build_model_repository(onnx_models.path, repository, backend, warmup_path=test.path)
         measured = benchmark_repository(
             repository, test.path, concurrency=[int(level) for level in concurrency],
             batch_size=batch_size, duration_s=duration_s, warmup_s=warmup_s, window_s=window_s,
             min_windows=min_windows, max_windows=max_windows, stability_pct=stability_pct,
-            progress=report,
+            engine=engine, knee=knee, progress=report,
         )
     table = build_summary(onnx_models.path, measured)
     write_summary(table, results.path, summary.path)
@@ -220,6 +232,20 @@ def vertex_worker_pools(
 
     return worker_pool_specs(template, replica_count, machine_type, accelerator_type,
                              accelerator_count, cpu_image=cpu_image, gpu_image=gpu_image)
+
+
+def vertex_serving_pools(
+    template: str,
+    deploy_settings: dict,
+    image: str,
+    gpus: int,
+    gpu_type: str,
+) -> list:
+    """Vertex AI worker pool specs for a Triton measurement's custom job: one machine like the
+    deploy's (`deploy_settings` machine_type and accelerator), running the Triton serving image."""
+    from torchship.pipelines.vertex import serving_pool_specs
+
+    return serving_pool_specs(template, deploy_settings, image, gpus=gpus, gpu_type=gpu_type)
 
 
 def vertex_job_settings(
@@ -259,6 +285,7 @@ class Components:
     gate: Callable
     tune_serving: Callable
     vertex_worker_pools: Callable
+    vertex_serving_pools: Callable
     vertex_job_settings: Callable
     # The train stage's image on machines with GPUs (the Vertex AI custom job's worker pools).
     gpu_image: str = ""
@@ -266,21 +293,31 @@ class Components:
     # --benchmark-gpus), of `gpu_type`; such a task runs `gpu_image`.
     gpus: dict[str, int] = field(default_factory=dict)
     gpu_type: str = ""
+    # The image of the Triton measurements, benchmark and serving search: the Triton serving
+    # image (its native onnxruntime backend; empty: `image`, or `gpu_image` on GPUs).
+    serving_image: str = ""
     # The train component wrapped as a Vertex AI custom job, and its container as JSON.
     train_custom_job: Callable | None = None
     train_custom_job_template: str = ""
+    # Vertex AI: benchmark and tune-serving as custom jobs on the deploy's machine (stage ->
+    # (job, its container as JSON)).
+    serving_jobs: dict[str, tuple[Callable, str]] = field(default_factory=dict)
 
 
 def build_components(image: str, vertex: bool = False, gpu_image: str = "",
-                     gpus: dict[str, int] | None = None, gpu_type: str = "") -> Components:
+                     gpus: dict[str, int] | None = None, gpu_type: str = "",
+                     serving_image: str = "") -> Components:
     """Make the components with `image` as their base image (the image has torchship and kfp);
     `gpu_image` (default: `image`) is the image of a stage on machines with accelerators: the
     Vertex AI train job's, chosen at run time, and that of every stage given GPUs in `gpus`
-    (stage name -> count of `gpu_type`) when compiled."""
+    (stage name -> count of `gpu_type`) when compiled; `serving_image` that of the benchmark
+    and the serving search (on Vertex AI, custom jobs on the deploy's machine)."""
     gpus = {stage: count for stage, count in (gpus or {}).items() if count}
 
     def make(func: Callable, stage: str = "") -> Callable:
         base = (gpu_image or image) if gpus.get(stage) else image
+        if stage in MEASURING and serving_image:
+            base = serving_image
         return dsl.component(func, base_image=base, install_kfp_package=False)
 
     ops = Components(
@@ -297,11 +334,17 @@ def build_components(image: str, vertex: bool = False, gpu_image: str = "",
         gate=make(gate),
         tune_serving=make(tune_serving, "tune-serving"),
         vertex_worker_pools=make(vertex_worker_pools),
+        vertex_serving_pools=make(vertex_serving_pools),
         vertex_job_settings=make(vertex_job_settings),
+        serving_image=serving_image,
     )
     if not vertex:
         return ops
     from torchship.pipelines.vertex import custom_training_job
 
     job, template = custom_training_job(ops.train)
-    return replace(ops, train_custom_job=job, train_custom_job_template=template)
+    serving_jobs = {stage: custom_training_job(getattr(ops, stage.replace("-", "_")), stage)
+                    for stage in MEASURING}
+    return replace(ops, train_custom_job=job, train_custom_job_template=template,
+                   serving_jobs=serving_jobs)
+

@@ -97,6 +97,9 @@ def tune_serving(
     min_windows: int,
     max_windows: int,
     stability_pct: float,
+    engine: str,
+    throughput_target_rps: float,
+    serving_backend: str,
     record: Output[Artifact],
     chosen_model: Output[Model],
     report_html: Output[HTML],
@@ -105,12 +108,17 @@ def tune_serving(
 ):
     """One search over the variants the gate found eligible x Triton settings (instance_count x
     max_queue_delay_us x max_batch_size) on one local tritonserver, by successive halving at the
-    target concurrency under the gate's p99 budget; the record names the variant and settings to
-    deploy with, `chosen_model` holds that variant as the gate's `chosen_model` does."""
+    target concurrency under the gate's p99 budget (and `throughput_target_rps`, 0: none); the
+    record names the variant and settings to deploy with, `chosen_model` holds that variant as
+    the gate's `chosen_model` does. `serving_backend` as the benchmark's."""
     from torchship.components.contracts import limit
     from torchship.components.progress import report
+    from torchship.components.triton.binary import find_tritonserver, measurement_backend
     from torchship.components.tune_serving.choice import serving_metrics, write_candidate_table
     from torchship.components.tune_serving.stage import search_serving_config
+
+    backend = measurement_backend(serving_backend)
+    report(f"searching on {find_tritonserver().describe()} with Triton's {backend} backend")
 
     searched = search_serving_config(
         onnx_models.path, test.path, record.path, gate_record=gate_record.path,
@@ -119,9 +127,10 @@ def tune_serving(
         queue_delays_us=[int(d) for d in queue_delays_us],
         max_batch_sizes=[int(b) for b in max_batch_sizes],
         target_concurrency=target_concurrency, latency_budget_p99_ms=limit(latency_budget_p99_ms),
+        throughput_target_rps=limit(throughput_target_rps), backend=backend,
         optimise=optimise, batch_size=batch_size, duration_s=duration_s, warmup_s=warmup_s,
         window_s=window_s, min_windows=min_windows, max_windows=max_windows,
-        stability_pct=stability_pct, progress=report,
+        stability_pct=stability_pct, engine=engine, progress=report,
     )
     write_candidate_table(searched, table.path)
     record.metadata.update({"chosen": searched["chosen"], "variant": searched["variant"],

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from torchship.components.benchmark import method as measurement
+from torchship.components.benchmark.engine import ENGINES
 from torchship.components.compress import variants as catalog
 from torchship.components.contracts import NOT_SET, TARGET_CONCURRENCY
 from torchship.components.data.runners import PIPELINE_PARAMETERS as RUNNER_FIELDS
@@ -29,6 +30,7 @@ from torchship.components.gate.checks import ACCURACY_FLOOR, MAX_ACCURACY_DROP_P
 from torchship.components.gate.choice import OPTIMISE, optimise_metric
 from torchship.components.gate.regression import MAX_P99_REGRESSION_PCT
 from torchship.components.train.config import default as training_default
+from torchship.components.triton.binary import MEASUREMENT_BACKENDS
 from torchship.components.tune_serving.stage import (
     INSTANCE_COUNTS,
     MAX_BATCH_SIZES,
@@ -84,6 +86,11 @@ PARAMETERS: Parameters = (
     # window_s 0: benchmark_duration_s / benchmark_min_windows.
     *((f"benchmark_{name}", type(measurement.default(name)), measurement.default(name))
       for name in MEASUREMENT_PARAMETERS),
+    # The benchmark also doubles concurrency from the lowest level until throughput stops rising.
+    ("benchmark_knee", bool, measurement.default("knee")),
+    # The Triton backend benchmark and tune-serving measure with (auto: onnxruntime where the
+    # tritonserver has it, as in the Triton serving image; else python, as locally).
+    ("benchmark_backend", str, MEASUREMENT_BACKENDS[0]),
     ("max_accuracy_drop_pt", float, MAX_ACCURACY_DROP_PT),
     ("max_size_bytes", int, NOT_SET),
     ("optimise", str, OPTIMISE),
@@ -91,6 +98,8 @@ PARAMETERS: Parameters = (
     ("baseline_uri", str, ""),
     ("latency_budget_p99_ms", float, float(NOT_SET)),
     ("target_concurrency", int, TARGET_CONCURRENCY),
+    # The serving search's other constraint: at least this throughput at target_concurrency.
+    ("throughput_target_rps", float, float(NOT_SET)),
     ("previous_results_uri", str, ""),
     ("max_p99_regression_pct", float, MAX_P99_REGRESSION_PCT),
     # The serving search's grid (Triton settings, with every variant the gate found eligible);
@@ -137,7 +146,7 @@ def check_parameters(arguments: dict[str, Any], defaults: dict[str, Any] | None 
         raise UserInputError(f"parameter {name}={values[name]!r} {problem}; {fix}")
 
     for name in ("latency_budget_p99_ms", "max_accuracy_drop_pt", "max_size_bytes",
-                 "max_p99_regression_pct", "accuracy_floor"):
+                 "max_p99_regression_pct", "accuracy_floor", "throughput_target_rps"):
         if name in values and float(values[name]) < 0:
             refuse(name, "is negative", "pass 0 for no limit or a positive value")
     if "variants" in values:
@@ -207,6 +216,9 @@ def _check_benchmark_sweep(values: dict[str, Any],
     ):
         if name in values and not number(name) > 0:
             refuse(name, "is not positive", fix)
+    for name, known in (("benchmark_engine", ENGINES), ("benchmark_backend", MEASUREMENT_BACKENDS)):
+        if name in values and values[name] not in known:
+            refuse(name, "is unknown", f"pass one of {', '.join(known)}")
     for name, fix in (
         ("benchmark_warmup_s", "pass 0 for no warm-up, or the seconds to warm up each level"),
         ("benchmark_window_s", "pass a window in seconds, or 0 for duration / min windows"),

@@ -27,6 +27,7 @@ from torchship.pipelines.parameters import (
 PIPELINE_NAME = "torchship"
 IMAGE_ENV = "TORCHSHIP_IMAGE"
 GPU_IMAGE_ENV = "TORCHSHIP_GPU_IMAGE"
+SERVING_IMAGE_ENV = "TORCHSHIP_SERVING_IMAGE"
 STAGES = ("prepare-data", "train", "compress", "export", "benchmark", "gate", "tune-serving",
           "deploy")
 
@@ -41,12 +42,26 @@ def default_gpu_image(image: str) -> str:
     by the images' tag scheme, REGISTRY/torchship-cpu:VERSION -> REGISTRY/torchship-cuda:VERSION
     (Makefile `images`, containers/cloudbuild.yaml). An image named otherwise, or pinned by
     digest, is its own GPU image: pass --gpu-image."""
-    if os.environ.get(GPU_IMAGE_ENV):
-        return os.environ[GPU_IMAGE_ENV]
-    registry, slash, name = image.rpartition("/")
-    if "@" in name or name.partition(":")[0] != "torchship-cpu":
-        return image
-    return registry + slash + "torchship-cuda" + name.removeprefix("torchship-cpu")
+    return os.environ.get(GPU_IMAGE_ENV) or _by_scheme(image, "torchship-cuda") or image
+
+
+def default_serving_image(image: str) -> str:
+    """The image the benchmark and the serving search run in on Vertex AI and Kubeflow: the
+    Triton serving image (NGC's tritonserver, its onnxruntime backend, torchship and
+    perf_analyzer; containers/Dockerfile.triton): $TORCHSHIP_SERVING_IMAGE, else by the tag
+    scheme REGISTRY/torchship-cpu:VERSION -> REGISTRY/torchship-tritonserver:VERSION; empty for
+    an image named otherwise (they then run in the component image, on Triton's python
+    backend): pass --serving-image."""
+    return os.environ.get(SERVING_IMAGE_ENV) or _by_scheme(image, "torchship-tritonserver")
+
+
+def _by_scheme(image: str, name: str) -> str:
+    """`image` (REGISTRY/torchship-cpu:VERSION) as the image `name` of the same scheme; empty
+    for an image named otherwise, or pinned by digest."""
+    registry, slash, own = image.rpartition("/")
+    if "@" in own or own.partition(":")[0] != "torchship-cpu":
+        return ""
+    return registry + slash + name + own.removeprefix("torchship-cpu")
 
 
 Outputs = NamedTuple(  # noqa: UP014 - KFP's form
@@ -104,9 +119,11 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
         calibration_method=params["calibration_method"],
     )
     exported = ops.export(variants=variants.outputs["variants"], test=data.outputs["test"])
-    measured = ops.benchmark(
-        onnx_models=exported.outputs["onnx_models"], test=data.outputs["test"],
-        concurrency=params["benchmark_concurrency"], **_measurement(params),
+    measure = _measuring(ops, params)
+    measured = measure(
+        "benchmark", onnx_models=exported.outputs["onnx_models"], test=data.outputs["test"],
+        concurrency=params["benchmark_concurrency"], knee=params["benchmark_knee"],
+        serving_backend=params["benchmark_backend"], **_measurement(params),
     )
     decided = ops.gate(
         onnx_models=exported.outputs["onnx_models"], results=measured.outputs["results"],
@@ -124,13 +141,15 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
     with dsl.If(decided.outputs["Output"] == True, name="gate-passed"):
         # One search over the variants the gate found eligible x the serving settings; deploy
         # takes the variant it chose (in the gate's chosen_model layout) and its settings.
-        tuned = ops.tune_serving(
-            onnx_models=exported.outputs["onnx_models"], gate_record=decided.outputs["record"],
+        tuned = measure(
+            "tune-serving", onnx_models=exported.outputs["onnx_models"], gate_record=decided.outputs["record"],
             test=data.outputs["test"], instance_counts=params["serving_instance_counts"],
             queue_delays_us=params["serving_queue_delays_us"],
             max_batch_sizes=params["serving_max_batch_sizes"], optimise=params["optimise"],
             latency_budget_p99_ms=params["latency_budget_p99_ms"],
-            target_concurrency=params["target_concurrency"], **_measurement(params),
+            target_concurrency=params["target_concurrency"],
+            throughput_target_rps=params["throughput_target_rps"],
+            serving_backend=params["benchmark_backend"], **_measurement(params),
         )
         deployed = ops.deploy(
             chosen_model=tuned.outputs["chosen_model"], test=data.outputs["test"],
@@ -144,9 +163,59 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
         deployed.set_caching_options(False)
     for stage, task in (("compress", variants), ("export", exported), ("benchmark", measured),
                         ("gate", decided), ("tune-serving", tuned), ("deploy", deployed)):
-        _settle(task, stage, requests=ops.train_custom_job is None, ops=ops)
+        if stage in ops.serving_jobs:  # a custom job's launcher: its machine is the job's
+            task.set_retry(RETRIES[stage], backoff_duration="30s", backoff_factor=2.0)
+        else:
+            _settle(task, stage, requests=ops.train_custom_job is None, ops=ops)
     return Outputs(summary=measured.outputs["summary"], results=measured.outputs["results"],
                    gate_record=decided.outputs["record"], report=decided.outputs["report_html"])
+
+
+def _measuring(ops: Components, params: dict[str, Any]) -> Callable[..., dsl.PipelineTask]:
+    """What runs a Triton measurement (benchmark, tune-serving) of `ops`: its component's task,
+    or on Vertex AI a custom job on one machine like the deploy's (`deploy_settings`
+    machine_type and accelerator; the compiled GPUs when they name none) in the serving image,
+    where and as whom the pipeline job runs (in `vertex_location` when set)."""
+    settings = None
+
+    def measure(stage: str, **arguments: Any) -> dsl.PipelineTask:
+        nonlocal settings
+        if stage not in ops.serving_jobs:
+            return getattr(ops, stage.replace("-", "_"))(**arguments)
+        job, template = ops.serving_jobs[stage]
+        gpus = ops.gpus.get(stage, 0)
+        pools = ops.vertex_serving_pools(
+            template=template, deploy_settings=params["deploy_settings"],
+            image=ops.serving_image or (ops.gpu_image if gpus else ops.image), gpus=gpus,
+            gpu_type=ops.gpu_type if gpus else "").set_display_name(f"{stage}-machine")
+        _settle(pools, "vertex-job-setup", requests=False)
+        if settings is None:
+            settings = _job_settings(ops, params["vertex_location"], "", "", "")
+        return job(**arguments, worker_pool_specs=pools.output,
+                   **{name: settings.outputs[name] for name in
+                      ("location", "service_account", "network", "encryption_spec_key_name")})
+
+    return measure
+
+
+def _job_settings(ops: Components, location: Any, service_account: Any, network: Any,
+                  encryption_spec_key_name: Any) -> dsl.PipelineTask:
+    """A custom job's CustomJobSpec settings: a setting left empty is the pipeline job's own."""
+    from google_cloud_pipeline_components import _placeholders as pipeline_job
+
+    settings = ops.vertex_job_settings(
+        location=location, service_account=service_account, network=network,
+        encryption_spec_key_name=encryption_spec_key_name,
+        # Vertex AI's placeholders for the running pipeline job's own settings.
+        pipeline_location=pipeline_job.LOCATION_PLACEHOLDER,
+        pipeline_service_account=pipeline_job.SERVICE_ACCOUNT_PLACEHOLDER,
+        pipeline_network=pipeline_job.NETWORK_PLACEHOLDER,
+        pipeline_encryption_spec_key_name=pipeline_job.ENCRYPTION_SPEC_KMS_KEY_NAME_PLACEHOLDER,
+    )
+    _settle(settings, "vertex-job-setup", requests=False)
+    # Its inputs are placeholders that each run fills in: a cached result is another run's.
+    settings.set_caching_options(False)
+    return settings
 
 
 DESCRIPTION = "PyTorch model from raw data to a benchmarked NVIDIA Triton deployment."
@@ -164,14 +233,16 @@ KFP_GPU_TYPE = "nvidia.com/gpu"
 
 def build_pipeline(image: str, platform: str = "kfp", gpu_image: str | None = None,
                    train_gpus: int = 0, compress_gpus: int = 0, benchmark_gpus: int = 0,
-                   gpu_type: str = "") -> Callable:
+                   gpu_type: str = "", serving_image: str | None = None) -> Callable:
     """The pipeline function for `platform` (see PLATFORMS), with every component's base image
     set to `image`; a stage on GPUs runs `gpu_image` (default: `default_gpu_image(image)`).
     Training: on Vertex AI on machines with accelerators (run parameters), on the kfp platform,
     which trains in one task whose image is fixed when compiled, when `train_gpus` (that task's
     GPU limit) is set. Compression's fine-tuning (`compress_gpus`) and the Triton measurements,
     benchmark and serving search (`benchmark_gpus`), on both platforms, each task asking for
-    that many GPUs of `gpu_type` (kfp default: nvidia.com/gpu; Vertex AI: required)."""
+    that many GPUs of `gpu_type` (kfp default: nvidia.com/gpu; Vertex AI: required). Those two
+    run in `serving_image` (default: `default_serving_image(image)`), on Vertex AI as custom
+    jobs on the deploy's machine type and accelerator."""
     if platform not in PLATFORMS:
         raise UserInputError(
             f"platform {platform!r} is unknown; pass one of {', '.join(PLATFORMS)}")
@@ -194,7 +265,9 @@ def build_pipeline(image: str, platform: str = "kfp", gpu_image: str | None = No
         gpus["train"] = train_gpus
     ops = build_components(image, vertex=platform == "vertex",
                            gpu_image=gpu_image or default_gpu_image(image), gpus=gpus,
-                           gpu_type=gpu_type or KFP_GPU_TYPE)
+                           gpu_type=gpu_type or KFP_GPU_TYPE,
+                           serving_image=default_serving_image(image)
+                           if serving_image is None else serving_image)
     if platform == "kfp":
         return _pipeline(ops, PARAMETERS, _train_in_one_task)
     return _pipeline(ops, VERTEX_PARAMETERS, _train_as_vertex_job)
@@ -250,8 +323,6 @@ def _train_as_vertex_job(ops: Components, data: dsl.PipelineTask,
                          params: dict[str, Any]) -> dsl.PipelineTask:
     """A Vertex AI custom job of `train_replica_count` machines, sized at run time, in the GPU
     image on machines with accelerators; where and as whom it runs, from pipeline parameters."""
-    from google_cloud_pipeline_components import _placeholders as pipeline_job
-
     pools = ops.vertex_worker_pools(
         template=ops.train_custom_job_template, replica_count=params["train_replica_count"],
         machine_type=params["train_machine_type"],
@@ -259,20 +330,9 @@ def _train_as_vertex_job(ops: Components, data: dsl.PipelineTask,
         accelerator_count=params["train_accelerator_count"],
         cpu_image=ops.image, gpu_image=ops.gpu_image,
     )
-    settings = ops.vertex_job_settings(
-        location=params["vertex_location"], service_account=params["train_service_account"],
-        network=params["train_network"],
-        encryption_spec_key_name=params["train_encryption_spec_key_name"],
-        # Vertex AI's placeholders for the running pipeline job's own settings.
-        pipeline_location=pipeline_job.LOCATION_PLACEHOLDER,
-        pipeline_service_account=pipeline_job.SERVICE_ACCOUNT_PLACEHOLDER,
-        pipeline_network=pipeline_job.NETWORK_PLACEHOLDER,
-        pipeline_encryption_spec_key_name=pipeline_job.ENCRYPTION_SPEC_KMS_KEY_NAME_PLACEHOLDER,
-    )
-    for helper in (pools, settings):
-        _settle(helper, "vertex-job-setup", requests=False)
-    # Its inputs are placeholders that each run fills in: a cached result is another run's.
-    settings.set_caching_options(False)
+    _settle(pools, "vertex-job-setup", requests=False)
+    settings = _job_settings(ops, params["vertex_location"], params["train_service_account"],
+                             params["train_network"], params["train_encryption_spec_key_name"])
     return ops.train_custom_job(
         train=data.outputs["train"], val=data.outputs["val"],
         **{name: params[name] for name in TRAINING_PARAMETERS},
@@ -287,10 +347,10 @@ def _train_as_vertex_job(ops: Components, data: dsl.PipelineTask,
 def compile_pipeline(output: str | Path, image: str | None = None,
                      platform: str = "kfp", gpu_image: str | None = None,
                      train_gpus: int = 0, compress_gpus: int = 0, benchmark_gpus: int = 0,
-                     gpu_type: str = "") -> Path:
+                     gpu_type: str = "", serving_image: str | None = None) -> Path:
     """Write the pipeline YAML (the contract every runner executes) and return its path."""
     pipeline = build_pipeline(image or default_image(), platform, gpu_image, train_gpus,
-                              compress_gpus, benchmark_gpus, gpu_type)
+                              compress_gpus, benchmark_gpus, gpu_type, serving_image)
     with atomic_path(output) as tmp:  # the temporary name keeps .yaml, which kfp checks
         compiler.Compiler().compile(pipeline, str(tmp))
     return Path(output)

@@ -1,4 +1,5 @@
-"""Vertex AI specifics: the train stage as a multi-replica custom job sized at run time."""
+"""Vertex AI specifics: the train stage as a multi-replica custom job sized at run time, and the
+Triton measurements as custom jobs on the serving machine."""
 
 import copy
 import json
@@ -12,8 +13,8 @@ from torchship.components.errors import UserInputError
 DEFAULT_REGION = "us-central1"
 
 
-def custom_training_job(train_component: Callable) -> tuple[Callable, str]:
-    """Wrap `train_component` as a Vertex AI CustomJob (gcpc) and return it with its pool template.
+def custom_training_job(component: Callable, display_name: str = "train") -> tuple[Callable, str]:
+    """Wrap `component` as a Vertex AI CustomJob (gcpc) and return it with its pool template.
 
     gcpc bakes the worker pools in at compile time; the template (one pool: the container with
     its executor placeholders) lets `worker_pool_specs` size the job from pipeline parameters.
@@ -22,9 +23,27 @@ def custom_training_job(train_component: Callable) -> tuple[Callable, str]:
         create_custom_training_job_from_component,
     )
 
-    job = create_custom_training_job_from_component(train_component, display_name="train")
+    job = create_custom_training_job_from_component(component, display_name=display_name)
     pools = job.component_spec.inputs["worker_pool_specs"].default
     return job, json.dumps(pools[0])
+
+
+# The machine a Vertex AI deploy serves on unless its settings say otherwise
+# (components/deploy/targets/vertex.py `deploy_vertex`).
+SERVING_MACHINE_TYPE = "n1-standard-4"
+
+
+def serving_pool_specs(template: str, deploy_settings: dict[str, Any], image: str,
+                       gpus: int = 0, gpu_type: str = "") -> list[dict[str, Any]]:
+    """One machine like the deploy's for a Triton measurement (benchmark, serving search): the
+    deploy settings' `machine_type` (default SERVING_MACHINE_TYPE) and accelerator, else the
+    `gpus` x `gpu_type` it was compiled with, running `image` (the Triton serving image)."""
+    settings = deploy_settings or {}
+    accelerator = settings.get("accelerator_type") or ""
+    count = int(settings.get("accelerator_count") or 0) if accelerator else int(gpus)
+    return worker_pool_specs(template, 1, settings.get("machine_type") or SERVING_MACHINE_TYPE,
+                             accelerator or (gpu_type if count else ""), count,
+                             cpu_image=image, gpu_image=image)
 
 
 def worker_pool_specs(

@@ -156,7 +156,7 @@ def test_python_images_build_in_one_stage_and_run_from_a_slim_one(name):
     assert not any("pip install" in a for _, a in runtime)
 
 
-@pytest.mark.parametrize("name", PYTHON_IMAGES)
+@pytest.mark.parametrize("name", [*PYTHON_IMAGES, "Dockerfile.triton"])
 def test_dependencies_are_installed_before_the_source_is_copied(name, tmp_path):
     """Editing components/ rebuilds only the last layers: pyproject.toml alone is copied before
     the dependency layer, which installs exactly pyproject's dependencies."""
@@ -175,7 +175,7 @@ def test_dependencies_are_installed_before_the_source_is_copied(name, tmp_path):
     command = steps[requirements].removeprefix("RUN ").split(" > requirements.txt")[0]
     (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
     argv = shlex.split(command)
-    assert argv[:2] == ["python", "-c"]
+    assert argv[:2] in (["python", "-c"], ["python3", "-c"])
     printed = subprocess.run([sys.executable, "-c", argv[2]], cwd=tmp_path, check=True,
                              capture_output=True, text=True).stdout.split()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -264,13 +264,30 @@ def test_makefile_and_cloud_build_tag_every_image_alike():
     assert tags["containers/Dockerfile.triton"] == f"{REGISTRY}/torchship-tritonserver:{version}"
 
 
-def test_cloud_build_compiles_against_both_component_images_it_pushed():
-    from torchship.pipelines.pipeline import default_gpu_image
+def test_cloud_build_compiles_against_the_three_images_it_pushed():
+    from torchship.pipelines.pipeline import default_gpu_image, default_serving_image
 
     [script] = [step["args"][-1] for step in cloud_build()["steps"]
                 if step.get("id") == "compile-and-publish"]
     cpu = re.search(r"--image (\S+)", script)[1]
     gpu = re.search(r"--gpu-image (\S+)", script)[1]
+    serving = re.search(r"--serving-image (\S+)", script)[1]
     assert cpu.endswith("/torchship-cpu:${_VERSION}") and gpu.endswith("/torchship-cuda:${_VERSION}")
-    # The tag scheme gives the same GPU image when --gpu-image is left out.
-    assert default_gpu_image(cpu) == gpu
+    assert serving == cpu.replace("/torchship-cpu:", "/torchship-tritonserver:")
+    # The tag scheme gives the same images when --gpu-image and --serving-image are left out.
+    assert default_gpu_image(cpu) == gpu and default_serving_image(cpu) == serving
+
+
+def test_the_serving_image_measures_with_its_own_triton():
+    """The benchmark and the serving search run in the Triton serving image: it carries
+    torchship and perf_analyzer, and points torchship's launcher at NGC's own tritonserver (its
+    onnxruntime backend), which `find_tritonserver` then prefers to nvidia-pytriton's."""
+    from torchship.components.triton.binary import HOME_ENV, NGC_HOME
+
+    final = stages(ROOT / "containers" / "Dockerfile.triton")[-1]
+    assert final[0][1].startswith("nvcr.io/nvidia/tritonserver:")
+    env = " ".join(arguments for keyword, arguments in final if keyword == "ENV")
+    assert f"{HOME_ENV}={NGC_HOME}" in env and "PATH=/opt/venv/bin:$PATH" in env
+    runs = " ".join(arguments for keyword, arguments in final if keyword == "RUN")
+    assert "/opt/venv/bin/pip install ." in runs
+    assert "/opt/venv/bin/python -m torchship.components.benchmark.perf_analyzer --install" in runs

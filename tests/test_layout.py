@@ -237,7 +237,8 @@ def test_the_compiled_pipeline_keeps_every_parameter(tmp_path, platform):
     """Every parameter of the compiled YAML, with its type and default, exactly as before the
     stages were reorganised (tests/data/pipeline_parameters.json was taken from that YAML), and
     the ones added since (image_size, model_options, text_column, tokenizer, max_length; the
-    data step's Beam runner: data_runner, dataflow_*, beam_job_endpoint)."""
+    data step's Beam runner: data_runner, dataflow_*, beam_job_endpoint; benchmark_engine,
+    benchmark_knee, benchmark_backend, throughput_target_rps)."""
     import json
 
     import yaml

@@ -57,8 +57,14 @@ def test_compiled_yaml_is_a_pipeline_spec_with_one_task_per_stage(tmp_path):
     # Deploy serves the variant the serving search chose, not the gate's first pick.
     model = branch["deploy"].inputs.artifacts["chosen_model"].task_output_artifact
     assert (model.producer_task, model.output_artifact_key) == ("tune-serving", "chosen_model")
-    images = {executor.container.image for executor in executors(spec)}
-    assert images == {"registry.example/team/torchship-cpu:1.2.3"}
+    deployment = pipeline_spec_pb2.PipelineDeploymentConfig()
+    json_format.ParseDict(json_format.MessageToDict(spec.deployment_spec), deployment)
+    images = {name: executor.container.image for name, executor in deployment.executors.items()}
+    # Triton's measurements run in the serving image (the same tag scheme), the rest in the CPU one.
+    assert {name: image for name, image in images.items()
+            if image != "registry.example/team/torchship-cpu:1.2.3"} == {
+        "exec-benchmark": "registry.example/team/torchship-tritonserver:1.2.3",
+        "exec-tune-serving": "registry.example/team/torchship-tritonserver:1.2.3"}
     parameters = set(spec.root.input_definitions.parameters)
     for name in ("data_source", "label_column", "model_name", "epochs", "num_workers",
                  "target_sparsity", "quantize", "benchmark_concurrency"):
@@ -208,6 +214,12 @@ def test_both_targets_take_the_same_parameters_but_vertex_adds_the_custom_job_si
     ({"benchmark_warmup_s": -0.5}, "benchmark_warmup_s=-0.5 is negative; pass 0 for no warm-up"),
     ({"benchmark_window_s": -1}, "benchmark_window_s=-1 is negative; pass a window in seconds"),
     ({"benchmark_window_s": "long"}, "benchmark_window_s='long' is not a number; pass a number"),
+    ({"benchmark_engine": "locust"},
+     "parameter benchmark_engine='locust' is unknown; pass one of auto, perf_analyzer, python"),
+    ({"benchmark_backend": "tensorrt"},
+     "parameter benchmark_backend='tensorrt' is unknown; pass one of auto, onnxruntime, python"),
+    ({"throughput_target_rps": -5.0},
+     "parameter throughput_target_rps=-5.0 is negative; pass 0 for no limit or a positive value"),
 ])
 def test_bad_benchmark_sweep_is_refused_in_one_line_naming_the_parameter(
         compiled_local, arguments, expected):

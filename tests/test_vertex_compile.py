@@ -14,6 +14,8 @@ from torchship.pipelines.pipeline import RESOURCES, RETRIES, compile_pipeline, d
 
 REGISTRY = "europe-west4-docker.pkg.dev/acme-ml/ml"
 CPU_IMAGE, GPU_IMAGE = f"{REGISTRY}/torchship-cpu:0.1.0", f"{REGISTRY}/torchship-cuda:0.1.0"
+TRITON_IMAGE = f"{REGISTRY}/torchship-tritonserver:0.1.0"
+MEASURED = f"; benchmark and tune-serving in {TRITON_IMAGE})"
 # The custom job's settings that come from pipeline parameters, by CustomJob field.
 JOB_SETTINGS = {"location": "vertex_location", "service_account": "train_service_account",
                 "network": "train_network",
@@ -108,7 +110,7 @@ def test_compile_takes_gpu_image_and_says_which_images_it_compiled(tmp_path):
          "--image", CPU_IMAGE, "--gpu-image", f"{REGISTRY}/custom-cuda:3", "-o",
          str(tmp_path / "pipeline.yaml")], check=True, capture_output=True, text=True)
     assert done.stdout.strip().endswith(
-        f"(platform vertex, image {CPU_IMAGE}, GPU image {REGISTRY}/custom-cuda:3)")
+        f"(platform vertex, image {CPU_IMAGE}, GPU image {REGISTRY}/custom-cuda:3" + MEASURED)
     spec = yaml.safe_load((tmp_path / "pipeline.yaml").read_text())
     assert constant(spec["root"]["dag"]["tasks"]["vertex-worker-pools"], "gpu_image") == (
         f"{REGISTRY}/custom-cuda:3")
@@ -117,8 +119,9 @@ def test_compile_takes_gpu_image_and_says_which_images_it_compiled(tmp_path):
 def test_the_kfp_platform_trains_in_one_task_of_the_cpu_image(kfp):
     train = kfp["deploymentSpec"]["executors"]["exec-train"]["container"]
     assert train["image"] == CPU_IMAGE and "accelerator" not in train["resources"]
-    assert {e["container"]["image"] for e in kfp["deploymentSpec"]["executors"].values()} == {
-        CPU_IMAGE}
+    assert {name: e["container"]["image"] for name, e in kfp["deploymentSpec"]["executors"].items()
+            if e["container"]["image"] != CPU_IMAGE} == {
+        "exec-benchmark": TRITON_IMAGE, "exec-tune-serving": TRITON_IMAGE}
 
 
 def test_the_kfp_platform_compiled_with_gpus_trains_in_the_gpu_image_on_them(tmp_path):
@@ -129,7 +132,7 @@ def test_the_kfp_platform_compiled_with_gpus_trains_in_the_gpu_image_on_them(tmp
         [sys.executable, "-m", "torchship.pipelines.cli", "compile", "--platform", "kubeflow",
          "--image", CPU_IMAGE, "--train-gpus", "2", "-o", str(tmp_path / "pipeline.yaml")],
         check=True, capture_output=True, text=True)
-    assert done.stdout.strip().endswith(f"GPU image {GPU_IMAGE} (train on 2 GPUs))")
+    assert done.stdout.strip().endswith(f"GPU image {GPU_IMAGE} (train on 2 GPUs)" + MEASURED)
     spec = yaml.safe_load((tmp_path / "pipeline.yaml").read_text())
     executors = spec["deploymentSpec"]["executors"]
     train = executors["exec-train"]["container"]
@@ -137,7 +140,7 @@ def test_the_kfp_platform_compiled_with_gpus_trains_in_the_gpu_image_on_them(tmp
     assert train["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert train["resources"]["accelerator"]["resourceCount"] == "2"
     assert {e["container"]["image"] for name, e in executors.items() if name != "exec-train"} == {
-        CPU_IMAGE}
+        CPU_IMAGE, TRITON_IMAGE}
     refused = subprocess.run(
         [sys.executable, "-m", "torchship.pipelines.cli", "compile", "--platform", "vertex",
          "--train-gpus", "1", "-o", str(tmp_path / "vertex.yaml")],
@@ -150,29 +153,47 @@ def test_the_kfp_platform_compiled_with_gpus_trains_in_the_gpu_image_on_them(tmp
 
 @pytest.mark.parametrize("platform", ["kubeflow", "vertex"])
 def test_compression_and_benchmarks_on_gpus_when_requested(tmp_path, platform):
-    """`--compress-gpus` and `--benchmark-gpus`: compress, benchmark and tune-serving run the GPU
-    image and ask for the GPUs (Kubernetes' nvidia.com/gpu on kfp, the named chip on Vertex AI);
-    export, gate and deploy keep the CPU image and ask for none. Vertex AI needs the chip."""
+    """`--compress-gpus` and `--benchmark-gpus`: compress runs the GPU image, benchmark and
+    tune-serving the Triton serving image, each asking for its GPUs (Kubernetes' nvidia.com/gpu
+    on kfp; on Vertex AI the named chip: compress's task, and the measurements' custom jobs when
+    the deploy settings name no accelerator); export, gate and deploy keep the CPU image and ask
+    for none. Vertex AI needs the chip."""
     gpu_type = ["--gpu-type", "NVIDIA_L4"] if platform == "vertex" else []
     done = subprocess.run(
         [sys.executable, "-m", "torchship.pipelines.cli", "compile", "--platform", platform,
          "--image", CPU_IMAGE, "--compress-gpus", "1", "--benchmark-gpus", "2", *gpu_type,
          "-o", str(tmp_path / "pipeline.yaml")], check=True, capture_output=True, text=True)
     assert done.stdout.strip().endswith(
-        f"GPU image {GPU_IMAGE} (compress on 1 GPU, benchmark on 2 GPUs))")
-    executors = yaml.safe_load((tmp_path / "pipeline.yaml").read_text())[
-        "deploymentSpec"]["executors"]
-    wanted = {"exec-compress": "1", "exec-benchmark": "2", "exec-tune-serving": "2"}
-    for name, count in wanted.items():
+        f"GPU image {GPU_IMAGE} (compress on 1 GPU); benchmark and tune-serving in "
+        f"{TRITON_IMAGE} on 2 GPUs)")
+    spec = yaml.safe_load((tmp_path / "pipeline.yaml").read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    chip = "NVIDIA_L4" if gpu_type else "nvidia.com/gpu"
+    wanted = {"exec-compress": (GPU_IMAGE, "1")}
+    if platform == "kubeflow":
+        wanted.update({"exec-benchmark": (TRITON_IMAGE, "2"),
+                       "exec-tune-serving": (TRITON_IMAGE, "2")})
+    for name, (image, count) in wanted.items():
         container = executors[name]["container"]
-        assert container["image"] == GPU_IMAGE, name
+        assert container["image"] == image, name
         accelerator = container["resources"]["accelerator"]
-        assert accelerator["resourceType"] == ("NVIDIA_L4" if gpu_type else "nvidia.com/gpu")
+        assert accelerator["resourceType"] == chip
         assert accelerator["resourceCount"] == count, name
     for name in ("exec-export", "exec-gate", "exec-deploy", "exec-prepare-data"):
         container = executors[name]["container"]
         assert container["image"] == CPU_IMAGE and "accelerator" not in container["resources"]
     if platform == "vertex":
+        tasks = all_tasks(spec)
+        for pools in ("vertex-serving-pools", "vertex-serving-pools-2"):
+            arguments = {name: constant(tasks[pools], name)
+                         for name in ("template", "image", "gpus", "gpu_type")}
+            assert (arguments["image"], arguments["gpus"], arguments["gpu_type"]) == (
+                TRITON_IMAGE, 2, "NVIDIA_L4")
+            machine = components.vertex_serving_pools(
+                **{**arguments, "gpus": int(arguments["gpus"])},
+                deploy_settings={"machine_type": "g2-standard-24"})[0]["machine_spec"]
+            assert machine == {"machine_type": "g2-standard-24", "accelerator_type": "NVIDIA_L4",
+                               "accelerator_count": 2}
         refused = subprocess.run(
             [sys.executable, "-m", "torchship.pipelines.cli", "compile", "--platform", platform,
              "--compress-gpus", "1", "-o", str(tmp_path / "untyped.yaml")],
@@ -275,6 +296,12 @@ def test_every_stage_asks_for_its_resources_and_retries_where_a_retry_helps(
     for stage in stages:
         cpu_request, cpu_limit, memory_request, memory_limit = RESOURCES[stage]
         asked = resources(spec, stage)
+        retry = tasks[stage].get("retryPolicy", {}).get("maxRetryCount", 0)
+        assert retry == RETRIES.get(stage, 0), stage
+        if platform == "vertex" and stage in components.MEASURING:
+            # A custom job on the deploy's machine: its launcher asks for nothing.
+            assert "accelerator" not in asked and "resourceCpuLimit" not in asked, stage
+            continue
         assert asked["resourceCpuLimit"] == cpu_limit, stage
         assert asked["resourceMemoryLimit"] == memory_limit, stage
         if platform == "kfp":  # Kubernetes schedules by the requests
@@ -282,14 +309,13 @@ def test_every_stage_asks_for_its_resources_and_retries_where_a_retry_helps(
             assert asked["resourceMemoryRequest"] == memory_request, stage
         else:  # Vertex AI picks the machine by the limits
             assert "resourceCpuRequest" not in asked, stage
-        retry = tasks[stage].get("retryPolicy", {}).get("maxRetryCount", 0)
-        assert retry == RETRIES.get(stage, 0), stage
     assert tasks["prepare-data"]["retryPolicy"]["backoffDuration"] == "30s"
     # Never retried: training (hours), the gate (a decision), the deploy (it changes what serves).
     for stage in ("train", "gate", "deploy"):
         assert "retryPolicy" not in tasks[stage], stage
     if platform == "vertex":
-        for helper in ("vertex-worker-pools", "vertex-job-settings"):
+        for helper in ("vertex-worker-pools", "vertex-job-settings", "vertex-serving-pools",
+                       "vertex-serving-pools-2", "vertex-job-settings-2"):
             assert tasks[helper]["retryPolicy"]["maxRetryCount"] == 2
             assert resources(spec, helper)["resourceCpuLimit"] == "1"
 

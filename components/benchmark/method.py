@@ -57,7 +57,7 @@ class Measurement:
 # The settings the pipeline exposes, as parameters `benchmark_<name>`; the benchmark and the
 # serving search take them under `<name>`.
 PIPELINE_SETTINGS = ("batch_size", "duration_s", "warmup_s", "window_s", "min_windows",
-                     "max_windows", "stability_pct")
+                     "max_windows", "stability_pct", "engine")
 
 
 def default(name: str) -> Any:

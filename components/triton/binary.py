@@ -1,8 +1,13 @@
-"""The ``tritonserver`` binary bundled in the ``nvidia-pytriton`` wheel: where it is and what it
-needs to run from a virtual environment, free and taken ports, and reading its log.
+"""The ``tritonserver`` binary: the one bundled in the ``nvidia-pytriton`` wheel (locally), or a
+native Triton install such as NGC's ``/opt/tritonserver`` (the Triton serving image, where the
+benchmark and the serving search run on Vertex AI and Kubeflow); where it is, which backends it
+has, what it needs to run from a virtual environment, free and taken ports, and reading its log.
 
-What the binary needs to run from a virtual environment (see DESIGN.md, "Notes on the local Triton
-server"):
+Which one: ``$TORCHSHIP_TRITONSERVER_HOME`` (a folder with ``bin/tritonserver`` and
+``backends/``), else ``/opt/tritonserver`` where it has the binary, else the wheel's.
+
+What the wheel's binary needs to run from a virtual environment (see DESIGN.md, "Notes on the
+local Triton server"):
 
 * the Python backend directory must hold ``triton_python_backend_stub`` built for the running
   interpreter's version; the wheel keeps one per version under ``python_backend_stubs/``, so we copy
@@ -12,48 +17,115 @@ server"):
   ``nvidia_pytriton.libs`` on it too (the copied stub and backend lose their ``$ORIGIN`` rpath);
 * the virtual environment's ``bin`` first on ``PATH``, so the embedded interpreter of the stub finds
   the venv (``pyvenv.cfg``) and imports its packages (numpy, onnxruntime).
+
+A native install runs as it is, with its own ``backends/`` folder (``onnxruntime``, ``python``,
+...): nothing is copied.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import re
-import signal
+import shutil
 import socket
+import sys
 import sysconfig
-import time
 from pathlib import Path
 
 from torchship.components.errors import UserInputError
 
-__all__ = ["TritonPaths", "check_port_free", "find_tritonserver", "free_port"]
+__all__ = ["HOME_ENV", "MEASUREMENT_BACKENDS", "TritonPaths", "check_port_free", "find_tritonserver", "free_port",
+           "measurement_backend"]
+
+# A native Triton install to use instead of the wheel's binary (the serving image sets it).
+HOME_ENV = "TORCHSHIP_TRITONSERVER_HOME"
+NGC_HOME = Path("/opt/tritonserver")
 
 
 class TritonPaths:
-    """Locations inside the installed ``nvidia-pytriton`` distribution."""
+    """Locations of a ``tritonserver`` install: the ``nvidia-pytriton`` wheel's (``native``
+    False) or a native one such as NGC's ``/opt/tritonserver``."""
 
-    def __init__(self, root: Path, libs: Path):
-        self.root = root  # .../site-packages/pytriton/tritonserver
-        self.libs = libs  # .../site-packages/nvidia_pytriton.libs
+    def __init__(self, root: Path, libs: Path, native: bool = False):
+        self.root = root  # .../site-packages/pytriton/tritonserver, or /opt/tritonserver
+        self.libs = libs  # .../site-packages/nvidia_pytriton.libs, or /opt/tritonserver/lib
+        self.native = native
 
     @property
     def binary(self) -> Path:
         return self.root / "bin" / "tritonserver"
 
     @property
+    def backends(self) -> Path:
+        return self.root / "backends"
+
+    @property
     def python_backend(self) -> Path:
-        return self.root / "backends" / "python"
+        return self.backends / "python"
+
+    @property
+    def kind(self) -> str:
+        """What the install is, for records: ``native`` or ``nvidia-pytriton``."""
+        return "native" if self.native else "nvidia-pytriton"
+
+    def describe(self) -> str:
+        return f"{self.binary} ({'native install' if self.native else 'nvidia-pytriton wheel'})"
+
+    def available_backends(self) -> list[str]:
+        """The backends this install can load: ``backends/<name>/libtriton_<name>.so``."""
+        if not self.backends.is_dir():
+            return []
+        return sorted(d.name for d in self.backends.iterdir()
+                      if (d / f"libtriton_{d.name}.so").is_file())
 
     def stub(self, version: str) -> Path:
+        if self.native:
+            return self.python_backend / "triton_python_backend_stub"
         return self.root / "python_backend_stubs" / version / "triton_python_backend_stub"
+
+    def prepare_backends(self, workspace: Path) -> Path:
+        """The backend directory to start the server with: a native install's own, or, for the
+        wheel, a copy in ``workspace`` of its Python backend with the stub for this Python."""
+        if self.native:
+            return self.backends
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = self.stub(version)
+        if not stub.is_file():
+            raise UserInputError(
+                f"tritonserver: nvidia-pytriton has no Python-backend stub for Python {version} "
+                f"(looked for {stub}); use a Python version it supports"
+            )
+        backends = workspace / "backends"
+        python_dir = backends / "python"
+        python_dir.mkdir(parents=True)
+        for item in self.python_backend.iterdir():
+            if item.is_file():
+                shutil.copy2(item, python_dir / item.name)
+        shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+        return backends
+
+
+def _native_home() -> Path | None:
+    home = os.environ.get(HOME_ENV)
+    if home:
+        if not os.access(Path(home) / "bin" / "tritonserver", os.X_OK):
+            raise UserInputError(
+                f"{HOME_ENV}: {home} has no executable bin/tritonserver; point it at a Triton "
+                "install (e.g. /opt/tritonserver) or unset it to use nvidia-pytriton's"
+            )
+        return Path(home)
+    return NGC_HOME if os.access(NGC_HOME / "bin" / "tritonserver", os.X_OK) else None
 
 
 def find_tritonserver() -> TritonPaths:
-    """Locate the ``tritonserver`` binary shipped inside the ``nvidia-pytriton`` wheel.
+    """Locate ``tritonserver``: a native install (``$TORCHSHIP_TRITONSERVER_HOME``, else NGC's
+    ``/opt/tritonserver``), else the binary shipped inside the ``nvidia-pytriton`` wheel.
 
-    Raises ``UserInputError`` with the fix when the wheel is missing or incomplete.
+    Raises ``UserInputError`` with the fix when there is none or it is incomplete.
     """
+    home = _native_home()
+    if home is not None:
+        return TritonPaths(home, home / "lib", native=True)
     try:
         import pytriton
     except ImportError as exc:
@@ -74,6 +146,32 @@ def find_tritonserver() -> TritonPaths:
             "nvidia-pytriton"
         )
     return paths
+
+
+# What the benchmark and the serving search measure with: `auto` picks Triton's native ONNX
+# Runtime backend (what serves in production) where the tritonserver has it, else the Python
+# backend running ONNX Runtime in the stub (nvidia-pytriton's binary has only that one).
+MEASUREMENT_BACKENDS = ("auto", "onnxruntime", "python")
+
+
+def measurement_backend(requested: str = "auto", paths: TritonPaths | None = None) -> str:
+    """The backend to build the measured repository with: ``requested``, or for ``auto`` the
+    ONNX Runtime backend where ``paths`` (default: ``find_tritonserver()``) has it, else
+    ``python``; one line naming the fix when the install lacks the requested one."""
+    if requested not in MEASUREMENT_BACKENDS:
+        raise UserInputError(f"serving_backend: '{requested}' is not one of "
+                             f"{', '.join(MEASUREMENT_BACKENDS)}")
+    paths = paths or find_tritonserver()
+    have = paths.available_backends()
+    if requested == "auto":
+        return "onnxruntime" if "onnxruntime" in have else "python"
+    if requested not in have:
+        raise UserInputError(
+            f"serving_backend: '{requested}' is not among the backends of {paths.describe()} "
+            f"({', '.join(have) or 'none'}); run in the Triton serving image "
+            "(torchship-tritonserver) for onnxruntime, or pass auto"
+        )
+    return requested
 
 
 def free_port() -> int:
@@ -97,183 +195,6 @@ def prepend(value: str | None, *entries: str | None) -> str:
     if value:
         parts.append(value)
     return os.pathsep.join(parts)
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no server log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-# Error lines Triton always prints on a machine without a GPU; not worth reporting.
-BENIGN = ("CudaDriverHelper has not been initialized",)
-# Log lines that mean startup has failed (with --exit-on-error the server exits a bit later).
-FATAL = ("failed to load '", "error: creating server", "Poll failed for model directory",
-          "failed to start ")
-# Log lines of a Python-backend stub that died while starting (the server would wait for it).
-STUB_CRASH = ("terminate called after throwing",)
-
-
-def stub_crash(text: str, width: int = 200) -> str | None:
-    """A stub's dying words in a server log, on one line (with the C++ `what()` after them)."""
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        if any(marker in line for marker in STUB_CRASH):
-            words = [line] + [n for n in lines[i + 1:i + 2] if "what()" in n]
-            message = " ".join(" ".join(words).split())
-            return message if len(message) <= width else message[:width] + " ..."
-    return None
-
-
-class StubWatch:
-    """The Python-backend stubs of a starting ``tritonserver``, read from /proc.
-
-    A stub that dies before it answers (``os._exit`` or a segfault while its model.py is
-    imported) prints nothing, and Triton waits for it without end; all that shows is the stub, a
-    child of the server, left a zombie (Triton reaps the stubs it stops at once). `dead` says
-    which one, and how it ended, once it has stayed so for a moment."""
-
-    def __init__(self, server_pid: int, settle_s: float = 1.0) -> None:
-        self.server_pid = server_pid
-        self.settle_s = settle_s
-        self._names: dict[int, str] = {}  # a stub's model (instance), from its command line
-        self._dead_since: dict[int, float] = {}
-
-    def dead(self, log: str = "") -> str | None:
-        """"the stub of model 'fp32' exited with status 7" for a stub dead a while, else None.
-        A stub may die before it is seen alive: its model is then the one the server's `log`
-        shows loading that no live stub serves."""
-        now, live, dead = time.monotonic(), [], None
-        for pid, state, comm, status in _children(self.server_pid):
-            if state != "Z":
-                self._names[pid] = self._names.get(pid) or _stub_name(pid)
-                live += [self._names[pid]] if self._names[pid] else []
-            elif self._names.get(pid) or comm.startswith("triton_python_b"):
-                since = self._dead_since.setdefault(pid, now)
-                # A stub Triton stopped itself exits 0 and is reaped at once; allow it longer.
-                if now - since >= (self.settle_s if status else 5 * self.settle_s):
-                    dead = pid, status
-        if dead is None:
-            return None
-        pid, status = dead
-        name = self._names.get(pid)
-        models = [name] if name else [m for m in _loading(log) if not any(
-            re.fullmatch(rf"{re.escape(m)}(_\d+)*", n) for n in live)]
-        whose = (f"the stub of model '{models[0]}'" if len(models) == 1 else
-                 f"a stub (pid {pid}) of one of {', '.join(map(repr, models))}" if models else
-                 f"a stub (pid {pid})")
-        return f"{whose} {_how(status)}"
-
-
-def _children(pid: int) -> list[tuple[int, str, str, int]]:
-    """(pid, state, command name, exit status) of each child process of `pid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is the stat's third field
-            if int(fields[1]) == pid:
-                status = int(fields[49]) if len(fields) > 49 else 0  # the 52nd: exit_code
-                found.append((int(entry), fields[0], stat[stat.index("(") + 1:stat.rindex(")")],
-                              status))
-    return found
-
-
-def _loading(log: str) -> list[str]:
-    """The models a server log shows loading, neither loaded nor failed yet."""
-    names = dict.fromkeys(re.findall(r"loading: ([^:\s\"]+):\d+", log))
-    done = set(re.findall(r"(?:successfully loaded|failed to load) '([^']+)'", log))
-    return [name for name in names if name not in done]
-
-
-def _stub_name(pid: int) -> str | None:
-    """The model (instance) a stub serves: the last but one word of its command line (the
-    same in the ``bash -c "exec <stub> ..."`` that turns into it)."""
-    try:
-        words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return None
-    words = words.replace("\0", " ").split()
-    stub = any(w.endswith("/triton_python_backend_stub") for w in words)
-    return words[-2] if stub and len(words) >= 3 else None
-
-
-def _how(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        try:
-            return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
-        except ValueError:
-            return f"was killed by signal {os.WTERMSIG(status)}"
-    return f"exited with status {os.WEXITSTATUS(status)}"
-
-
-LOG_PREFIX = re.compile(r"^[EWI]\d{4} [\d:.]+\s+\d+\s+[\w.]+:\d+\]\s*")
-
-
-def log_errors(text: str, limit: int = 8, width: int = 500) -> list[str]:
-    errors = [
-        line
-        for line in text.splitlines()
-        if line[:1] == "E" and line[1:5].isdigit() and not any(b in line for b in BENIGN)
-    ]
-    return [e if len(e) <= width else e[:width] + " ..." for e in errors[:limit]]
-
-
-def error_summary(text: str, width: int = 300) -> str | None:
-    """The most telling error of a server log as one line, without Triton's prefix."""
-    errors = log_errors(text, limit=100, width=10_000)
-    errors += [line for line in text.splitlines() if line.startswith("error: creating server")]
-    if not errors:
-        return None
-    markers = ("failed to start ", "Poll failed", "failed to load '")
-    chosen = next((e for m in markers for e in errors if m in e), errors[0])
-    # Triton quotes a Python error with its traceback, newlines escaped: keep the error itself.
-    chosen = chosen.split("\\n", 1)[0]
-    message = " ".join(LOG_PREFIX.sub("", chosen).strip().strip('"').split())
-    return message if len(message) <= width else message[:width] + " ..."
-
-
-def exit_summary(code: int, text: str) -> str:
-    """How a server that exited with `code` ended, on one line, with its log's error or last
-    line."""
-    if code < 0:
-        try:
-            how = f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            how = f"killed by signal {-code}"
-    else:
-        how = f"exit status {code}"
-    error = error_summary(text, width=120)
-    if error:
-        return f"{how}; its log says: {error}"
-    last = last_line(text)
-    return f"{how}; last log line: {last}" if last else how
-
-
-def last_line(text: str, width: int = 120) -> str | None:
-    """The log's last line that says something (not the option table, not the command line)."""
-    for line in reversed(text.splitlines()):
-        line = " ".join(LOG_PREFIX.sub("", line).strip().strip('"').split())
-        if line and line[0] not in "|+$":
-            return line if len(line) <= width else line[:width] + " ..."
-    return None
-
-
-def port_conflict(text: str) -> str | None:
-    """Which listener ("http" or "grpc") could not bind its port, from the server log."""
-    for line in text.splitlines():
-        lowered = line.lower()
-        if "already in use" in lowered or "address in use" in lowered:
-            if "grpc" in lowered or "chttp2" in lowered:
-                return "grpc"
-            if "http" in lowered:
-                return "http"
-    return None
 
 
 def connect_host(host: str) -> str:

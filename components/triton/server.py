@@ -31,24 +31,26 @@ from torchship.components.scratch import (
     sweep_stale,
 )
 from torchship.components.triton.binary import (
-    FATAL,
-    StubWatch,
     TritonPaths,
     check_port_free,
     connect_host,
-    error_summary,
-    exit_summary,
     find_tritonserver,
     free_port,
     libpython_dir,
-    log_errors,
-    port_conflict,
     port_in_use,
     prepend,
+)
+from torchship.components.triton.config import read_model_config
+from torchship.components.triton.logs import (
+    FATAL,
+    StubWatch,
+    error_summary,
+    exit_summary,
+    log_errors,
+    port_conflict,
     stub_crash,
     tail,
 )
-from torchship.components.triton.config import read_model_config
 from torchship.components.watchdog import Watchdog
 
 __all__ = ["TritonServer"]
@@ -247,21 +249,7 @@ class TritonServer:
             return ""
 
     def _prepare_backends(self, paths: TritonPaths) -> Path:
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        stub = paths.stub(version)
-        if not stub.is_file():
-            raise UserInputError(
-                f"tritonserver: nvidia-pytriton has no Python-backend stub for Python {version} "
-                f"(looked for {stub}); use a Python version it supports"
-            )
-        backends = self._workspace / "backends"
-        python_dir = backends / "python"
-        python_dir.mkdir(parents=True)
-        for item in paths.python_backend.iterdir():
-            if item.is_file():
-                shutil.copy2(item, python_dir / item.name)
-        shutil.copy2(stub, python_dir / "triton_python_backend_stub")
-        return backends
+        return paths.prepare_backends(self._workspace)
 
     def _environment(self, paths: TritonPaths) -> dict[str, str]:
         env = os.environ.copy()
