@@ -91,6 +91,9 @@ def test_config_pbtxt_is_a_model_config(workdir, onnx_dir, backend):
         if backend == "onnxruntime":
             assert (config.platform, config.backend) == ("onnxruntime_onnx", "")
             assert not (model_dir / "1" / "model.py").exists()
+            # One ONNX Runtime thread per instance, as the python backend's model.py has it.
+            assert {name: value.string_value for name, value in config.parameters.items()} == {
+                "intra_op_thread_count": "1", "inter_op_thread_count": "1"}
         else:
             assert (config.platform, config.backend) == ("", "python")
             source = (model_dir / "1" / "model.py").read_text()
