@@ -1,6 +1,8 @@
 """The serving search's own HTML report, self-contained (the plot inline as SVG, nothing fetched):
-objective and constraints, the choice and why, whether the search could tell the best apart,
-the Pareto front of throughput against p99, and every candidate with why it lost.
+objective and constraints, the choice and why, whether the search could tell the best apart and
+the choice from the default, the Pareto front of throughput against p99 (each point marked by the
+round it was last measured in; the front among the last round's only), and every candidate with
+why it lost.
 
 ``write_search_report(record, path)`` renders a ``torchship.serving-search`` record (see
 ``tune_serving.stage``); it reads only the record.
@@ -16,7 +18,7 @@ from typing import Any
 from torchship.components.files import write_text
 from torchship.components.report.tables import PAGE_STYLE, escape
 
-__all__ = ["render_search_report", "write_search_report"]
+__all__ = ["render_search_report", "round_label", "write_search_report"]
 
 _STYLE = PAGE_STYLE + """
 td.l, th.l { text-align: left; }
@@ -45,48 +47,100 @@ def _level(candidate: dict[str, Any], record: dict[str, Any]) -> dict[str, Any] 
     return candidate["levels"].get(f"c{record['objective']['target_concurrency']}")
 
 
+def _last_round(candidate: dict[str, Any]) -> int | None:
+    rounds = candidate.get("rounds") or []
+    return rounds[-1]["round"] if rounds else None
+
+
+def round_label(step: dict[str, Any]) -> str:
+    """How a round measured, for the legend: ``round 2: windows of 0.33 s``."""
+    passes = int(step.get("passes") or 1)
+    return (f"round {step['round'] + 1}: windows of {step['window_s']:.2f} s"
+            + (f", {passes} interleaved passes" if passes > 1 else ""))
+
+
 def _plot(record: dict[str, Any]) -> str:
-    """Throughput against p99 of every measured candidate, the Pareto front joined, the chosen
-    one ringed and the budget drawn; inline SVG."""
+    """Throughput against p99 of every measured candidate at its latest measurement, colour by
+    variant, marker by the round (an earlier round's shorter windows are fainter), the Pareto
+    front of the last round joined, the chosen one ringed and the budget drawn; inline SVG."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     front = record.get("pareto_front") or []
+    steps = {step["round"]: step for step in record.get("schedule") or []}
+    last = max(steps, default=None)
+    markers = ("x", "^", "D", "v", "P")
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     try:
-        by_variant: dict[str, list[tuple[float, float]]] = {}
+        colours: dict[str, str] = {}
+        points: dict[tuple[str, int | None], list[tuple[float, float]]] = {}
         for candidate in record["candidates"]:
             level = _level(candidate, record)
             if level and not level["errors"]:
-                by_variant.setdefault(candidate["variant"], []).append(
+                colours.setdefault(candidate["variant"], f"C{len(colours) % 10}")
+                points.setdefault((candidate["variant"], _last_round(candidate)), []).append(
                     (level["p99_ms"], level["throughput_rps"]))
-        for variant, points in by_variant.items():
-            ax.scatter(*zip(*points), label=variant, s=28, alpha=0.8)
-        points = {c["model"]: _level(c, record) for c in record["candidates"]}
-        line = [(points[m]["p99_ms"], points[m]["throughput_rps"]) for m in front if points.get(m)]
+        for (variant, measured_in), xy in points.items():
+            final = measured_in == last
+            ax.scatter(*zip(*xy), s=34 if final else 24, color=colours[variant],
+                       marker="o" if final else markers[(measured_in or 0) % len(markers)],
+                       alpha=0.9 if final else 0.35)
+        handles = [Line2D([], [], color=c, marker="o", linestyle="", label=v)
+                   for v, c in colours.items()]
+        handles += [Line2D([], [], color="#57606a", linestyle="", label=round_label(step),
+                           marker="o" if r == last else markers[r % len(markers)],
+                           alpha=0.9 if r == last else 0.35)
+                    for r, step in sorted(steps.items())
+                    if any(key[1] == r for key in points)]
+        levels = {c["model"]: _level(c, record) for c in record["candidates"]}
+        line = [(levels[m]["p99_ms"], levels[m]["throughput_rps"]) for m in front if levels.get(m)]
         if line:
-            ax.plot(*zip(*line), color="#1f2328", linewidth=1, marker="s", markersize=9,
-                    markerfacecolor="none", label="Pareto front")
-        chosen = points.get(record.get("chosen") or "")
+            handles += ax.plot(*zip(*line), color="#1f2328", linewidth=1, marker="s",
+                               markersize=9, markerfacecolor="none",
+                               label="Pareto front (last round)")
+        chosen = levels.get(record.get("chosen") or "")
         if chosen:
-            ax.scatter([chosen["p99_ms"]], [chosen["throughput_rps"]], s=180,
-                       facecolors="none", edgecolors="#cf222e", linewidths=2, label="chosen")
+            handles.append(ax.scatter([chosen["p99_ms"]], [chosen["throughput_rps"]], s=180,
+                                      facecolors="none", edgecolors="#cf222e", linewidths=2,
+                                      label="chosen"))
         budget = record["objective"].get("latency_budget_p99_ms")
         if budget:
-            ax.axvline(budget, color="#cf222e", linestyle="--", linewidth=1, label="p99 budget")
+            handles.append(ax.axvline(budget, color="#cf222e", linestyle="--", linewidth=1,
+                                      label="p99 budget"))
         ax.set_xlabel(f"p99 latency (ms) at concurrency "
                       f"{record['objective']['target_concurrency']}")
         ax.set_ylabel("throughput (req/s)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(handles=handles, fontsize=7)
         buffer = io.StringIO()
         fig.savefig(buffer, format="svg", bbox_inches="tight")
     finally:
         plt.close(fig)
     svg = buffer.getvalue()
     return svg[svg.index("<svg"):]
+
+
+def _versus_default(record: dict[str, Any]) -> str | None:
+    """A line on the choice against the incumbent (None: no incumbent in the grid)."""
+    incumbent = record.get("incumbent")
+    if not incumbent:
+        return None
+    versus = record.get("versus_default")
+    if record.get("chosen") == incumbent:
+        told = ("no finalist was shown better than it" + (
+            f": the best, {versus['candidate']}, by {versus['gain_pct']:.1f}% against a "
+            f"{versus['band_pct']:.1f}% band" if versus else ""))
+        return f"<p>the default ({_esc(incumbent)}) is kept: {_esc(told)}.</p>"
+    if versus:
+        gains = ", ".join(f"{g:+.1f}%" for g in versus.get("pass_gains_pct") or [])
+        return (f"<p>against the default ({_esc(incumbent)}): {_esc(versus['candidate'])} beats "
+                f"it by {versus['gain_pct']:.1f}%, beyond the {versus['band_pct']:.1f}% band "
+                f"(per interleaved pass: {_esc(gains or 'not paired')}).</p>")
+    return (f'<p class="note">the default ({_esc(incumbent)}) did not reach the last round: '
+            "it could not meet the constraints.</p>")
 
 
 def _table(record: dict[str, Any]) -> str:
@@ -126,10 +180,15 @@ def render_search_report(record: dict[str, Any]) -> str:
              + "".join(f"<li>{line}</li>" for line in _objective(record)) + "</ul>",
              (f"<p><b>chosen:</b> {_esc(record.get('chosen') or 'none (default settings kept)')}"
              f": {_esc(record['reason'])}</p>")]
+    versus = _versus_default(record)
+    if versus:
+        parts.append(versus)
     if record.get("tied"):
+        kept = ("the default is kept" if record.get("chosen") == record.get("incumbent") else
+                "the simplest is chosen")
         parts.append(f'<p class="warn">The search could not tell apart {len(record["tied"])} '
                      f"candidates ({_esc(', '.join(record['tied']))}): their differences are "
-                     "within the measured spread; the simplest is chosen.</p>")
+                     f"within the measured spread; {kept}.</p>")
     method = record.get("method") or {}
     searched = record.get("searched") or {}
     parts.append(
@@ -138,13 +197,16 @@ def render_search_report(record: dict[str, Any]) -> str:
         + " x ".join(f"{_esc(k)} {_esc(v)}" for k, v in searched.items() if k != "variant")
         + f"; {len(record['candidates'])} candidates on one tritonserver (started in "
         f"{record.get('server_startup_s') or 0:.1f} s), {method.get('rounds', 0)} rounds of "
-        f"successive halving, {method.get('windows', 0)} windows per level, the last "
-        f"{method.get('window_s', 0):.2f} s long; search wall time "
-        f"{record.get('wall_s') or 0:.1f} s</p>")
+        f"successive halving, {method.get('windows', 0)} windows per level ("
+        + _esc("; ".join(round_label(step) for step in record.get("schedule") or []))
+        + f"); search wall time {record.get('wall_s') or 0:.1f} s</p>")
     if record["candidates"]:
         parts += ["<h2>Throughput against p99 (Pareto front)</h2>", _plot(record),
-                  ('<p class="note">each candidate at its latest round; the front: no other '
-                  "candidate has both a lower p99 and a higher throughput</p>"),
+                  ('<p class="note">each candidate at its latest measurement, marked by its '
+                   "round: an earlier round's windows are shorter, so its points (faint) are "
+                   "noisier and not comparable with the last round's. The Pareto front is among "
+                   "the candidates measured in the last round only: no other of them has both a "
+                   "lower p99 and a higher throughput.</p>"),
                   "<h2>Candidates</h2>", _table(record)]
     body = "\n".join(parts)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Serving search</title>"

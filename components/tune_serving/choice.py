@@ -14,10 +14,10 @@ from torchship.components.contracts import ServingSettings
 from torchship.components.files import write_text
 from torchship.components.report.tables import cell, markdown_table, text_table
 
-__all__ = ["DEFAULT_SETTINGS", "MARGIN_PCT", "TUNED", "choose_settings", "cores",
-           "format_candidate_table", "gain_pct", "level_of", "pareto_front", "serving_metrics",
-           "serving_objective", "spread_of", "value_of", "variant_property", "why_not",
-           "write_candidate_table"]
+__all__ = ["DEFAULT_SETTINGS", "MARGIN_PCT", "TUNED", "band_against", "choose_settings", "cores",
+           "format_candidate_table", "gain_pct", "level_of", "pareto_front", "pass_gains_pct",
+           "serving_metrics", "serving_objective", "spread_of", "spread_pct", "value_of",
+           "variant_property", "versus_default", "why_not", "write_candidate_table"]
 
 # The settings searched, with the defaults every deploy starts from.
 TUNED = ("instance_count", "max_queue_delay_us", "max_batch_size")
@@ -62,9 +62,44 @@ def value_of(candidate: dict[str, Any], objective: dict[str, Any]) -> float:
 
 
 def spread_of(candidate: dict[str, Any], objective: dict[str, Any]) -> float:
-    """The measured spread (%) of the windows on the objective's metric."""
+    """The measured spread (%) on the objective's metric: of the windows, or of the final
+    round's interleaved passes."""
     key = "p99_ms" if objective["metric"] == "latency" else "throughput_rps"
     return float((level_of(candidate, objective)["spread_pct"] or {}).get(key) or 0.0)
+
+
+def spread_pct(values: list[float]) -> float:
+    """Largest distance from the mean, in % of the mean: the benchmark's window statistic."""
+    mean = sum(values) / len(values) if values else 0.0
+    return max(abs(v - mean) for v in values) / mean * 100.0 if mean > 0 else 0.0
+
+
+def pass_gains_pct(candidate: dict[str, Any], than: dict[str, Any],
+                   objective: dict[str, Any]) -> list[float]:
+    """How much ``candidate`` beats ``than`` in each interleaved pass of the final round, in %
+    of ``than``'s value in that pass (empty: not measured in the same passes)."""
+    ours = (level_of(candidate, objective) or {}).get("passes") or []
+    theirs = (level_of(than, objective) or {}).get("passes") or []
+    if not ours or len(ours) != len(theirs):
+        return []
+    key = "p99_ms" if objective["metric"] == "latency" else "throughput_rps"
+    gains = []
+    for a, b in zip(ours, theirs):
+        if objective["metric"] == "latency":
+            gains.append((b[key] - a[key]) / a[key] * 100.0)  # `than`'s p99 over ours
+        else:
+            a_core, b_core = a[key] / cores(candidate), b[key] / cores(than)
+            gains.append((a_core - b_core) / b_core * 100.0)
+    return gains
+
+
+def band_against(candidate: dict[str, Any], than: dict[str, Any],
+                 objective: dict[str, Any]) -> float:
+    """The band (%) within which ``candidate`` and ``than`` cannot be told apart: the margin,
+    either one's measured spread, or the spread of their paired per-pass ratios, the largest."""
+    ratios = [1 + gain / 100.0 for gain in pass_gains_pct(candidate, than, objective)]
+    return max(float(objective["margin_pct"]), spread_of(candidate, objective),
+               spread_of(than, objective), spread_pct(ratios) if len(ratios) > 1 else 0.0)
 
 
 def why_not(candidate: dict[str, Any], objective: dict[str, Any],
@@ -97,12 +132,16 @@ def gain_pct(better: dict[str, Any], than: dict[str, Any], objective: dict[str, 
 
 def choose_settings(candidates: list[dict[str, Any]], objective: dict[str, Any],
                     default: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``{"chosen", "variant", "settings", "reason", "band_pct", "tied"}`` for the finalists
-    among ``candidates`` (those measured in the last round that meet the constraints): the best
-    on the objective; every finalist the best does not beat by more than the band (the margin,
-    or the windows' measured spread of either, whichever is larger) is tied with it, and of the
-    tied the simplest (lowest ``simplicity``) is chosen. None qualifying: ``default``
-    (``{"variant", "settings"}``) is kept."""
+    """``{"chosen", "variant", "settings", "reason", "band_pct", "tied", "versus_default"}`` for
+    the finalists among ``candidates`` (those measured in the last round that meet the
+    constraints). The incumbent (the candidate marked ``incumbent``: the gate's variant with the
+    default settings), when it qualifies, is replaced only by a challenger that beats it by more
+    than ``band_against`` (the margin, either's spread over the interleaved passes, or the spread
+    of their paired per-pass ratios); when none does, the record says the search could not tell
+    them from the default, and the default is chosen. Among the challengers that do (or all
+    finalists, without a qualifying incumbent): the best on the objective; every one the best
+    does not beat by more than the band is tied with it, and of the tied the simplest (lowest
+    ``simplicity``) is chosen. None qualifying: ``default`` (``{"variant", "settings"}``)."""
     qualifying = sorted((c for c in candidates if c.get("qualifies")),
                         key=lambda c: c["simplicity"])
     if not qualifying:
@@ -110,43 +149,127 @@ def choose_settings(candidates: list[dict[str, Any]], objective: dict[str, Any],
         lost = "; ".join(f"{c['model']}: {c['why_not']}" for c in candidates)
         return {"chosen": None, "variant": default["variant"],
                 "settings": dict(default["settings"]), "band_pct": None, "tied": [],
+                "versus_default": None,
                 "reason": (f"no candidate qualifies ({lost}); keeping "
                            f"{default['variant'] or 'the model'} with the default settings "
                            f"({describe(default['settings'])}) under which the gate passed it")}
+    pick = min if objective["metric"] == "latency" else max
+    incumbent = next((c for c in qualifying if c.get("incumbent")), None)
+    if incumbent is not None:
+        shown = [c for c in qualifying if c is not incumbent
+                 and gain_pct(c, incumbent, objective) > band_against(c, incumbent, objective)]
+        if not shown:
+            return _keep_incumbent(incumbent, qualifying, objective)
+        qualifying = shown
 
     def band(candidate: dict[str, Any]) -> float:
         return max(float(objective["margin_pct"]), spread_of(best, objective),
                    spread_of(candidate, objective))
 
-    pick = min if objective["metric"] == "latency" else max
     best = pick(qualifying, key=lambda c: value_of(c, objective))  # ties: the simpler
     tied = [c for c in qualifying if gain_pct(best, c, objective) <= band(c)]
     chosen = tied[0]
-    shown = _shown(best, objective)
+    shown_text = _shown(best, objective)
     of = f"of the {len(qualifying)} finalists that meet the constraints"
+    if incumbent is not None:
+        of = f"of the {len(qualifying)} finalists shown better than the default"
     if len(tied) > 1:
         reason = (f"could not tell apart {len(tied)} candidates ({', '.join(c['model'] for c in tied)}):"
-                  f" the best, {best['model']} ({shown}), beats none of them by more than the "
-                  f"band (margin {objective['margin_pct']:g}% or the windows' spread, up to "
+                  f" the best, {best['model']} ({shown_text}), beats none of them by more than "
+                  f"the band (margin {objective['margin_pct']:g}% or the windows' spread, up to "
                   f"{max(band(c) for c in tied):.1f}%), so the simplest, {chosen['model']}, is "
                   "chosen")
     else:
-        reason = f"{best['model']} has the best {shown} {of}"
+        reason = f"{best['model']} has the best {shown_text} {of}"
         others = [c for c in qualifying if c is not best]
         if others:
             closest = min(others, key=lambda c: gain_pct(best, c, objective))
             reason += (f", {gain_pct(best, closest, objective):.1f}% better than the next "
                        f"({closest['model']}), beyond the {band(closest):.1f}% band")
+    versus = None
+    if incumbent is not None:
+        versus = _versus(chosen, incumbent, objective)
+        reason += (f"; it beats the default, {incumbent['model']}, by {versus['gain_pct']:.1f}%, "
+                   f"beyond the {versus['band_pct']:.1f}% band of their interleaved passes")
     return {"chosen": chosen["model"], "variant": chosen["variant"],
             "settings": dict(chosen["settings"]), "band_pct": band(chosen),
-            "tied": [c["model"] for c in tied] if len(tied) > 1 else [], "reason": reason}
+            "tied": [c["model"] for c in tied] if len(tied) > 1 else [],
+            "versus_default": versus, "reason": reason}
 
 
-def pareto_front(candidates: list[dict[str, Any]], target: int) -> list[str]:
+def _versus(candidate: dict[str, Any], incumbent: dict[str, Any],
+            objective: dict[str, Any]) -> dict[str, Any]:
+    """The head-to-head of ``candidate`` against the incumbent, as the record keeps it."""
+    return {"default": incumbent["model"], "candidate": candidate["model"],
+            "gain_pct": gain_pct(candidate, incumbent, objective),
+            "band_pct": band_against(candidate, incumbent, objective),
+            "pass_gains_pct": [round(g, 2) for g in pass_gains_pct(candidate, incumbent,
+                                                                    objective)]}
+
+
+def _keep_incumbent(incumbent: dict[str, Any], qualifying: list[dict[str, Any]],
+                    objective: dict[str, Any]) -> dict[str, Any]:
+    """The choice when no finalist is shown better than the incumbent: the incumbent, tied with
+    every finalist within the band of it either way."""
+    pick = min if objective["metric"] == "latency" else max
+    best = pick(qualifying, key=lambda c: value_of(c, objective))
+    tied = [incumbent] + [c for c in qualifying if c is not incumbent
+                          and gain_pct(incumbent, c, objective) <= band_against(c, incumbent,
+                                                                                objective)]
+    versus = _versus(best, incumbent, objective)
+    reason = (f"no finalist is shown better than the default, {incumbent['model']} "
+              f"({_shown(incumbent, objective)}): ")
+    if best is incumbent:
+        reason += "it is the best of the finalists"
+    else:
+        reason += (f"the best, {best['model']}, is {versus['gain_pct']:.1f}% better, within the "
+                   f"{versus['band_pct']:.1f}% band (margin {objective['margin_pct']:g}%, the "
+                   "spread of their interleaved passes, or of their per-pass ratios)")
+    reason += "; the search could not tell " + (
+        f"{', '.join(c['model'] for c in tied[1:])} from the default, so" if len(tied) > 1
+        else "a better one, so") + " the default is chosen"
+    band = max([band_against(c, incumbent, objective) for c in tied[1:]]
+               or [float(objective["margin_pct"])])
+    return {"chosen": incumbent["model"], "variant": incumbent["variant"],
+            "settings": dict(incumbent["settings"]), "band_pct": band,
+            "tied": [c["model"] for c in tied] if len(tied) > 1 else [],
+            "versus_default": versus if best is not incumbent else None, "reason": reason}
+
+
+def versus_default(candidate: dict[str, Any], record: dict[str, Any],
+                   finalists: list[dict[str, Any]]) -> str | None:
+    """A finalist's outcome against the incumbent (None: it had no qualifying incumbent to
+    beat, or it was shown better than it and lost to another challenger)."""
+    objective = record["objective"]
+    incumbent = next((c for c in finalists if c.get("incumbent") and c.get("qualifies")), None)
+    if incumbent is None or not candidate.get("qualifies") or candidate["model"] == record["chosen"]:
+        return None
+    if candidate is incumbent:
+        versus = record["versus_default"]
+        return (f"the default: {record['chosen']} beats it by {versus['gain_pct']:.1f}%, beyond "
+                f"the {versus['band_pct']:.1f}% band of their interleaved passes")
+    gain, band = gain_pct(candidate, incumbent, objective), band_against(candidate, incumbent,
+                                                                        objective)
+    if gain > band:
+        return None
+    if gain_pct(incumbent, candidate, objective) > band:
+        return (f"lost: the default ({incumbent['model']}) is "
+                f"{gain_pct(incumbent, candidate, objective):.1f}% better, beyond the {band:.1f}% "
+                "band")
+    return (f"not shown better than the default ({incumbent['model']}): {gain:+.1f}%, within the "
+            f"{band:.1f}% band of their interleaved passes")
+
+
+def pareto_front(candidates: list[dict[str, Any]], target: int,
+                 last_round: int | None = None) -> list[str]:
     """The measured candidates no other beats on both throughput and p99 at the target
-    concurrency (each by its latest measurement), lowest p99 first."""
+    concurrency (each by its latest measurement), lowest p99 first. With ``last_round``, only
+    candidates measured in that round count: an earlier round's shorter windows are not
+    comparable with the final round's."""
     points = [(c["model"], c["levels"][f"c{target}"]) for c in candidates
-              if c["levels"].get(f"c{target}") and not c["levels"][f"c{target}"]["errors"]]
+              if c["levels"].get(f"c{target}") and not c["levels"][f"c{target}"]["errors"]
+              and (last_round is None
+                   or (c.get("rounds") or [{}])[-1].get("round") == last_round)]
     front = [
         (level["p99_ms"], name) for name, level in points
         if not any(o["p99_ms"] <= level["p99_ms"] and o["throughput_rps"] >= level["throughput_rps"]
@@ -198,7 +321,8 @@ def format_candidate_table(record: dict[str, Any], markdown: bool = False) -> st
               f"{record['reason']}")
     return "\n".join(["# Serving search", "", objective_text(record["objective"]), "",
                       *markdown_table(header, body, left), "",
-                      "`*`: on the Pareto front (throughput vs p99); `~`: windows disagreed", "",
+                      ("`*`: on the Pareto front of the last round's candidates (throughput vs "
+                       "p99); `~`: windows disagreed"), "",
                       chosen]) + "\n"
 
 

@@ -17,25 +17,38 @@ from typing import Any
 
 from torchship.components.benchmark.results import find_level
 from torchship.components.benchmark.stage import benchmark_endpoint
-from torchship.components.tune_serving.choice import gain_pct, spread_of, value_of, why_not
+from torchship.components.tune_serving.choice import (
+    gain_pct,
+    spread_of,
+    spread_pct,
+    value_of,
+    why_not,
+)
 
-__all__ = ["ETA", "ROUNDS", "run_rounds", "schedule"]
+__all__ = ["ETA", "FINAL_PASSES", "ROUNDS", "measure_interleaved", "run_rounds", "schedule"]
 
 # Each round keeps a third of the candidates and measures them with windows three times longer.
 ETA = 3
-# At most this many rounds (the last at full length).
+# At most this many rounds (the last as long as the benchmark's level).
 ROUNDS = 3
+# The last round's interleaved passes: the benchmark's level split in this many, each pass with
+# windows this many times shorter (the same time measured; a few short level start-ups more).
+FINAL_PASSES = 3
 
 
-def schedule(n: int, final_window_s: float, rounds: int = ROUNDS, eta: int = ETA) -> list[dict]:
-    """The rounds for ``n`` candidates: ``[{"round", "window_s", "keep"}]``, the last at
-    ``final_window_s`` with ``keep`` None; a round is added while more than two remain."""
+def schedule(n: int, final_window_s: float, rounds: int = ROUNDS, eta: int = ETA,
+             passes: int = FINAL_PASSES) -> list[dict]:
+    """The rounds for ``n`` candidates: ``[{"round", "window_s", "keep", "passes"}]``; a round
+    is added while more than two remain. The last (``keep`` None) measures in ``passes``
+    interleaved passes with windows of ``final_window_s / passes``, as long in all as one level
+    with windows of ``final_window_s``."""
     sizes = [n]
     while sizes[-1] > 2 and len(sizes) < max(1, int(rounds)):
         sizes.append(max(2, math.ceil(sizes[-1] / eta)))
-    last = len(sizes) - 1
-    return [{"round": r, "window_s": final_window_s / eta ** (last - r),
-             "keep": sizes[r + 1] if r < last else None} for r in range(len(sizes))]
+    last, passes = len(sizes) - 1, max(1, int(passes))
+    return [{"round": r, "window_s": final_window_s / (eta ** (last - r) if r < last else passes),
+             "keep": sizes[r + 1] if r < last else None, "passes": 1 if r < last else passes}
+            for r in range(len(sizes))]
 
 
 def run_rounds(url: str, candidates: list[dict[str, Any]], test_path: str,
@@ -45,22 +58,26 @@ def run_rounds(url: str, candidates: list[dict[str, Any]], test_path: str,
     ``why_not``, ``outcome``) on the Triton at ``url`` (gRPC) round by round; return the
     finalists. Each level: ``windows`` windows of the round's length after a warm-up of
     ``warmup_s`` (one round: the full warm-up; several: the first round's window, the models
-    being warm from Triton's own warm-up at load and the first round)."""
+    being warm from Triton's own warm-up at load and the first round); the last round's levels
+    in its interleaved passes (``measure_interleaved``)."""
     target = int(objective["target_concurrency"])
     alive = list(candidates)
     for step in plan:
         final = step["keep"] is None
         warm = warmup_s if len(plan) == 1 else min(warmup_s, plan[0]["window_s"])
+        passes = int(step.get("passes") or 1)
         say(f"serving search round {step['round'] + 1} of {len(plan)}: {len(alive)} candidates, "
-            f"{windows} windows of {step['window_s']:.2f} s at concurrency {target}")
-        measured = benchmark_endpoint(
-            url, "grpc", [c["model"] for c in alive], test_path, progress=say,
-            **{**measurement, "concurrency": [target], "warmup_s": warm,
-               "window_s": step["window_s"], "min_windows": windows, "max_windows": windows})
+            + (f"{passes} interleaved passes of " if passes > 1 else "")
+            + f"{windows} windows of {step['window_s']:.2f} s at concurrency {target}")
+        levels = measure_interleaved(
+            url, [c["model"] for c in alive], test_path, target, passes, say=say,
+            **{**measurement, "warmup_s": warm, "window_s": step["window_s"],
+               "min_windows": windows, "max_windows": windows})
         for candidate in alive:
-            level = _level_summary(find_level(measured, candidate["model"], target))
+            level = levels[candidate["model"]]
             candidate["levels"][f"c{target}"] = level
             candidate["rounds"].append({"round": step["round"], "window_s": step["window_s"],
+                                        "passes": passes,
                                         **{k: level[k] for k in ("p99_ms", "throughput_rps",
                                                                  "spread_pct")}})
             candidate["why_not"] = why_not(candidate, objective, allow_spread=not final)
@@ -89,8 +106,12 @@ def _keep_best(alive: list[dict[str, Any]], step: dict, objective: dict[str, Any
     ranked = sorted(alive, key=lambda c: (value_of(c, objective) * (
         1 if objective["metric"] == "latency" else -1), c["simplicity"]))
     keep = ranked[:step["keep"]]
-    for position, candidate in enumerate(ranked[step["keep"]:], start=step["keep"] + 1):
-        last = keep[-1]
+    # The incumbent goes on besides the best: a challenger replaces it only in the last round.
+    keep += [c for c in ranked[step["keep"]:] if c.get("incumbent")]
+    for position, candidate in enumerate(ranked, start=1):
+        if position <= step["keep"] or candidate.get("incumbent"):
+            continue
+        last = ranked[step["keep"] - 1]
         band = max(spread_of(last, objective), spread_of(candidate, objective))
         behind = gain_pct(last, candidate, objective)
         why = (f"beyond the windows' spread of {band:.0f}%" if behind > band else
@@ -102,6 +123,53 @@ def _keep_best(alive: list[dict[str, Any]], step: dict, objective: dict[str, Any
             f"kept ({last['model']}) is {behind:.0f}% better, {why}")
         candidate["why_not"] = candidate["outcome"]
     return sorted(keep, key=lambda c: c["simplicity"])
+
+
+def measure_interleaved(url: str, models: list[str], test_path: str, concurrency: int,
+                        passes: int, *, say: Callable[[str], None], **measurement: Any,
+                        ) -> dict[str, dict[str, Any]]:
+    """Each of ``models`` on the Triton at ``url`` (gRPC) at ``concurrency``, in ``passes``
+    passes: each pass one level of each model (``measurement``: the benchmark's method), in
+    turn, the next pass in the reverse order (A B C, C B A, ...), so that a drift of the machine
+    over the passes hits each alike. Returns each model's level: p50, p95, p99 and throughput the
+    mean over the passes, ``spread_pct`` the passes' spread (one pass: its windows'), the passes
+    themselves under ``passes``. Later passes warm up for at most one window (the models are
+    warm)."""
+    runs: dict[str, list[dict[str, Any]]] = {model: [] for model in models}
+    for number in range(max(1, int(passes))):
+        order = list(models) if number % 2 == 0 else list(reversed(models))
+        settings = {**measurement, "concurrency": [concurrency]}
+        if number:
+            settings["warmup_s"] = min(float(settings.get("warmup_s", 0.0)),
+                                       float(settings["window_s"]))
+        measured = benchmark_endpoint(url, "grpc", order, test_path, progress=say, **settings)
+        for model in order:
+            runs[model].append(_level_summary(find_level(measured, model, concurrency)))
+    return {model: _over_passes(levels) for model, levels in runs.items()}
+
+
+def _over_passes(levels: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(levels) == 1:
+        return {**levels[0], "passes": [_pass(levels[0])]}
+
+    def mean(key: str) -> float | None:
+        values = [level[key] for level in levels if level.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    figures = ("p50_ms", "p95_ms", "p99_ms", "throughput_rps")
+    return {**{key: mean(key) for key in figures},
+            "errors": sum(level["errors"] for level in levels),
+            "stable": all(level["stable"] for level in levels),
+            "duration_s": sum(level["duration_s"] for level in levels),
+            "spread_pct": {key: round(spread_pct([level[key] for level in levels]), 2)
+                           for key in ("p50_ms", "p99_ms", "throughput_rps")},
+            "server_queue_us": mean("server_queue_us"),
+            "server_compute_infer_us": mean("server_compute_infer_us"),
+            "passes": [_pass(level) for level in levels]}
+
+
+def _pass(level: dict[str, Any]) -> dict[str, Any]:
+    return {key: level[key] for key in ("p50_ms", "p99_ms", "throughput_rps", "errors")}
 
 
 def _level_summary(row: dict[str, Any]) -> dict[str, Any]:

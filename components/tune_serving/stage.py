@@ -8,31 +8,43 @@ becomes its own model, ``<variant>__i<count>_q<delay>_b<max batch>``, in one rep
 ``tritonserver`` serves, as Triton Model Analyzer does. They are measured at the target
 concurrency in rounds of successive halving (``halving``): a candidate whose early, short
 windows cannot meet the constraints is discarded at once, the best third go on with longer
-windows, and the finalists are measured with full windows. The objective (``choice``):
+windows, and the finalists are measured for as long as the benchmark measures a level, in
+interleaved passes (A B C, C B A, A B C) so that the drift of a shared machine hits each alike.
+The incumbent, the gate's variant with the default settings (what deploying without a search
+would serve), goes on to the last round whenever it can meet the constraints. The objective
+(``choice``):
 
 * with a p99 budget (``latency_budget_p99_ms``) or a ``throughput_target_rps``, or an
   ``optimise`` that is not latency: the highest throughput per core (one core per instance)
   among candidates meeting the constraints;
 * else (``optimise="latency"``, the default, or ``latency_b<N>_ms``): the lowest p99.
 
-A candidate beats another only by more than the band, the margin or the windows' measured
-spread; when the best is within the band of others, the record (``tied``) and the log say the
-search could not tell them apart, and the simplest (fewest instances, the gate's variant, the
-default delay and batch size) is chosen. When no candidate qualifies, the gate's variant with
-the default settings, under which the gate passed it, is kept and the record says so.
+A candidate beats another only by more than the band, the margin or the measured spread (of
+the final passes, and against the incumbent also of their paired per-pass ratios). A challenger
+replaces a qualifying incumbent only when it beats it by more than that band; when none does, the
+record (``versus_default``, ``tied``) and the log say the search could not tell them from the
+default, and the default is chosen. Among challengers that do, when the best is within the band
+of others, the record and the log say the search could not tell them apart, and the simplest
+(fewest instances, the gate's variant, the default delay and batch size) is chosen. When no
+candidate qualifies, the gate's variant with the default settings, under which the gate passed
+it, is kept and the record says so. (A grid without the default settings has no incumbent: the
+best finalist by the band is chosen.)
 
 The record (schema ``torchship.serving-search/v2``; v1's fields kept, ``variant`` is now the
-chosen variant and ``levels`` hold the target concurrency only; written atomically)::
+chosen variant and ``levels`` hold the target concurrency only, a finalist's the mean over the
+final passes with the passes under ``passes``; written atomically)::
 
     {"schema", "variant", "variants", "objective": {"metric", "optimise",
      "latency_budget_p99_ms", "throughput_target_rps", "target_concurrency", "margin_pct"},
      "searched": {"variant", "instance_count", "max_queue_delay_us", "max_batch_size"},
      "default": settings, "default_variant", "concurrency": [target], "method": {...},
-     "schedule": [{"round", "window_s", "keep"}], "candidates": [{"model", "variant",
-     "settings", "simplicity", "levels": {"c<target>": {p50_ms, p95_ms, p99_ms, throughput_rps,
-     errors, stable, spread_pct, ...}}, "rounds": [...], "qualifies", "why_not", "outcome"}],
-     "chosen": model or None, "settings", "reason", "band_pct", "tied", "could_not_tell_apart",
-     "pareto_front": [models], "server_startup_s", "wall_s", "created_at"}
+     "schedule": [{"round", "window_s", "keep", "passes"}], "candidates": [{"model", "variant",
+     "settings", "simplicity", "incumbent", "levels": {"c<target>": {p50_ms, p95_ms, p99_ms,
+     throughput_rps, errors, stable, spread_pct, passes, ...}}, "rounds": [...], "qualifies",
+     "why_not", "outcome"}], "chosen": model or None, "settings", "reason", "band_pct", "tied",
+     "could_not_tell_apart", "incumbent": model or None, "versus_default": {"default",
+     "candidate", "gain_pct", "band_pct", "pass_gains_pct"} or None, "pareto_front": [models of
+     the last round], "server_startup_s", "wall_s", "created_at"}
 """
 
 from __future__ import annotations
@@ -72,6 +84,7 @@ from torchship.components.tune_serving.choice import (
     spread_of,
     value_of,
     variant_property,
+    versus_default,
 )
 from torchship.components.tune_serving.halving import ROUNDS, run_rounds, schedule
 
@@ -187,6 +200,9 @@ def search_serving_config(
                                    grid.index(c["settings"])))
     for rank, candidate in enumerate(candidates):
         candidate["simplicity"] = rank
+        # What deploying without a search serves; a challenger must be shown better than it.
+        candidate["incumbent"] = (candidate["variant"], candidate["settings"]) == (
+            variants[0], DEFAULT_SETTINGS)
     plan = schedule(len(candidates), method.window_s, rounds)
     record: dict[str, Any] = {
         "schema": SCHEMA, "variants": variants, "variants_from": variants_from,
@@ -235,15 +251,19 @@ def search_serving_config(
         for candidate in finalists:
             candidate["outcome"] = ("chosen" if candidate["model"] == record["chosen"] else
                                     _lost(candidate, record, finalists))
-        record["pareto_front"] = pareto_front(candidates, target)
+        record["pareto_front"] = pareto_front(candidates, target, plan[-1]["round"])
         for line in format_candidate_table(record).splitlines():
             say(line)
     record["could_not_tell_apart"] = bool(record.get("tied"))
+    record["incumbent"] = next((c["model"] for c in candidates if c["incumbent"]), None)
+    record.setdefault("versus_default", None)
     record["wall_s"] = time.monotonic() - started
     record["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if record["could_not_tell_apart"]:
+        kept = ("the default is kept" if record["chosen"] == record["incumbent"] else
+                "the simplest is chosen")
         say(f"serving search: could not tell apart {', '.join(record['tied'])} (within the "
-            "measured spread); the simplest is chosen")
+            f"measured spread); {kept}")
     say(f"serving: {record['variant']} with {describe(record['settings'])}: {record['reason']}")
     if chosen_dir is not None:
         publish_chosen_variant(onnx_dir, record["variant"], chosen_dir)
@@ -255,6 +275,9 @@ def search_serving_config(
 
 def _lost(candidate: dict[str, Any], record: dict[str, Any],
           finalists: list[dict[str, Any]]) -> str:
+    against_default = versus_default(candidate, record, finalists)
+    if against_default:
+        return against_default
     if candidate["model"] in record.get("tied", []):
         return f"tied with the chosen one (within the {record['band_pct']:.1f}% band), less simple"
     if not candidate["qualifies"]:
