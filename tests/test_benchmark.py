@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import http.server
 import json
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from artifacts import N_CLASSES, N_FEATURES
@@ -24,6 +26,7 @@ from torchship.components.gate.checks import evaluate_gate
 from torchship.components.report.html_report import write_html_report
 from torchship.components.report.summary import build_summary, format_markdown, format_table
 from torchship.components.triton.binary import free_port
+from torchship.components.triton.config import read_model_config
 from torchship.components.triton.server import TritonServer
 
 SHORT = {"warmup_s": 0.2, "window_s": 0.25, "min_windows": 3, "max_windows": 5}
@@ -129,6 +132,11 @@ def test_local_sweep_numbers_are_consistent(local_result):
             assert 1 <= row["duration_s"] / (SHORT["min_windows"] * SHORT["window_s"]) < 2
             breakdown = row["perf_analyzer"]
             assert breakdown["server_compute_infer_us"] > 0 and breakdown["p99_us"] > 0, where
+            # perf_analyzer has no warm-up of its own: a run of its own before the level.
+            warmup = breakdown["warmup"]
+            assert warmup["by"] == "perf_analyzer" and warmup["requests"] > 0, where
+            assert warmup["warmup_s"] >= SHORT["warmup_s"] and "--concurrency-range" \
+                f" {row['concurrency']}" in warmup["command"], where
         assert client["shares_host"] is True and client["cpu_s_per_request"] > 0, where
         assert row["throughput_rps"] == pytest.approx(row["requests"] / row["duration_s"])
         assert row["throughput_sps"] == pytest.approx(row["batch_size"] * row["throughput_rps"])
@@ -164,6 +172,25 @@ def test_local_sweep_numbers_are_consistent(local_result):
     assert all(("stable" in line or "UNSTABLE" in line) for line in lines[1:])
     finals = [e for e in events if e["stable"] is not None]
     assert len(finals) == len(result["results"]) and finals[-1]["level"] == finals[-1]["levels"]
+
+
+def test_the_result_records_what_served(local_result, local_repo):
+    # As the running server answered: its version, the binary that ran, each model's config.
+    served = local_result[0]["server"]
+    assert served["name"] == "triton" and re.fullmatch(r"\d+\.\d+\.\d+", served["version"])
+    assert Path(served["binary"]).name == "tritonserver" and Path(served["binary"]).is_file()
+    assert served["errors"] == [] and list(served["models"]) == ["fp32"]
+    config = read_model_config(local_repo / "fp32" / "config.pbtxt")
+    model = json.loads(json.dumps(served["models"]["fp32"]))  # a copy: the fixture is shared
+    # Triton completes the file: a preferred batch size the file does not set, say.
+    preferred = model["dynamic_batching"].pop("preferred_batch_size")
+    assert all(1 <= size <= config.max_batch_size for size in preferred)
+    assert model == {
+        "backend": "python", "platform": None, "max_batch_size": config.max_batch_size,
+        "instance_group": [{"count": sum(g.count for g in config.instance_group),
+                            "kind": "KIND_CPU"}],
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": config.dynamic_batching.max_queue_delay_microseconds}}
 
 
 def test_local_sweep_writes_json_csv_and_kfp_metrics(local_result, workdir):
@@ -239,6 +266,9 @@ def test_remote_triton(server, test_path, protocol):
                                 progress=None, **SHORT)
     assert result["mode"] == "remote" and result["repository"] is None
     assert [r["model"] for r in result["results"]] == ["fp32", "pruned"]
+    served = result["server"]  # asked over the protocol measured; the binary is not known
+    assert served["version"] and served["binary"] is None and served["errors"] == []
+    assert {m["backend"] for m in served["models"].values()} == {"python"}
     for row in result["results"]:
         assert row["errors"] == 0 and row["requests"] > 20
         assert row["server"]["requests"] > 0 and row["server"]["compute_infer_us"] > 0
@@ -253,6 +283,7 @@ def test_remote_vertex_json_body(server, test_path):
     assert row["errors"] == 0 and row["requests"] > 20 and row["batch_size"] == 2
     assert row["server"] is None and "statistics" in row["server_error"]
     assert result["endpoint"] == url  # http: no token was fetched or added
+    assert result["server"]["version"] is None and "rawPredict" in result["server"]["errors"][0]
 
 
 def test_remote_without_model_names_needs_them_where_unlisted(server, test_path):

@@ -76,10 +76,26 @@ def test_the_level_row_carries_perf_analyzers_breakdown(perf_analyzer_binary, se
                 "server_compute_output_us", "client_send_us", "client_recv_us"):
         assert breakdown[key] >= 0, key
     assert breakdown["server_compute_infer_us"] > 0 and breakdown["runs"] >= 1
+    # perf_analyzer 2.51.0 has no warm-up option: a run of its own loaded the level first, its
+    # report discarded; the row says so. Triton's statistics below start after it.
+    warmup = breakdown["warmup"]
+    assert warmup["by"] == "perf_analyzer" and warmup["requests"] > 0
+    assert warmup["warmup_s"] >= 0.1 and warmup["windows"] == pa.STABLE_WINDOWS
+    assert "--concurrency-range 2 --measurement-interval 50 " in warmup["command"]
+    assert result["server"]["version"] and result["server"]["models"]["fp32"]["backend"]
     # Triton's statistics over the level beside perf_analyzer's report.
     assert row["server"]["requests"] >= row["requests"] and row["server"]["queue_us"] >= 0
     assert sum(w["requests"] for w in row["windows"][-3:]) == row["requests"]
     assert sum(row["histogram"]["counts"]) == row["requests"]
+
+
+def test_no_warm_up_asked_for_is_none_run(perf_analyzer_binary, server, test_path):
+    from torchship.components.benchmark.stage import benchmark_endpoint
+
+    result = benchmark_endpoint(server.grpc_url, "grpc", ["fp32"], test_path, concurrency=(1,),
+                                progress=None, warmup_s=0, window_s=0.1, max_windows=3)
+    (row,) = result["results"]
+    assert row["client"]["name"] == "perf_analyzer" and row["perf_analyzer"]["warmup"] is None
 
 
 def test_a_named_perf_analyzer_that_is_not_there_is_one_line(monkeypatch, local_repo, test_path):

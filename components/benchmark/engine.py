@@ -138,6 +138,14 @@ def measure_level(engine: Engine, endpoint: Endpoint, model: Model,
     where = f"model '{model.name}' at concurrency {concurrency}, batch size {batch_size}"
     metrics = method.stability_metrics
     percentile = 50 if "p50_ms" in metrics else 99 if "p99_ms" in metrics else None
+    warmup = None
+    if method.warmup_s > 0:  # before the statistics snapshot: the server's figures exclude it
+        warmup = pa.warm_up(
+            engine.binary, protocol=endpoint.protocol, url=endpoint.url, model=model.name,
+            batched=model.max_batch_size > 0, rows=rows, batch_size=batch_size,
+            concurrency=concurrency, warmup_s=method.warmup_s,
+            request_timeout_s=method.request_timeout_s)
+        endpoint.check_alive(where)
     snapshot_error, before = None, None
     try:
         before = endpoint.statistics(model.name)
@@ -199,7 +207,7 @@ def measure_level(engine: Engine, endpoint: Endpoint, model: Model,
     usable = min(os.cpu_count() or 1, concurrency)
     row["client"]["saturated"] = bool(row["client"]["cpu_cores"] / usable > 0.9)
     row["perf_analyzer"] = {  # its own report of the last run's 3 windows (µs)
-        "version": engine.version, "runs": len(runs),
+        "version": engine.version, "runs": len(runs), "warmup": warmup,
         "command": " ".join([os.path.basename(last.command[0])] + last.command[1:]),
         **{key: last.csv.get(column) for column, key in _CSV_KEYS.items()},
     }

@@ -16,6 +16,11 @@ send/receive, server queue and compute) and every request's timestamps
 computed exactly as for the Python client; the caller judges stability as for the Python client
 and runs perf_analyzer again (3 more windows) until the last ``min_windows`` agree or
 ``max_windows`` ran.
+
+perf_analyzer 2.51.0 has no warm-up option, and its first window would start on a cold level.
+So where the method's ``warmup_s`` is above 0, ``warm_up`` first runs perf_analyzer at the same
+level for that long (3 windows of ``warmup_s / 3``, at least 50 ms each) and discards its
+measurement; the row records it (``perf_analyzer.warmup``).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import numpy as np
 
 from torchship.components.errors import UserInputError, one_line
 
-__all__ = ["VERSION", "PerfAnalyzerFailed", "find_perf_analyzer", "install", "measure"]
+__all__ = ["VERSION", "PerfAnalyzerFailed", "find_perf_analyzer", "install", "measure", "warm_up"]
 
 VERSION = "2.51.0"
 WHEEL = f"tritonclient=={VERSION}"
@@ -217,6 +222,36 @@ def last_line(text: str) -> str:
     return one_line((telling or lines or ["no output"])[-1], 300)
 
 
+def _command(binary: Path, protocol: str, url: str, model: str, batched: bool,
+             batch_size: int, concurrency: int, interval_ms: int, data: Path) -> list[str]:
+    command = [str(binary), "-m", model, "-u", url, "-i", protocol,
+               "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
+               "-s", "100000", "--max-trials", str(STABLE_WINDOWS), "--input-data", str(data)]
+    return command + (["-b", str(batch_size)] if batched else [])
+
+
+def warm_up(binary: Path, *, protocol: str, url: str, model: str, batched: bool,
+            rows: dict[str, np.ndarray], batch_size: int, concurrency: int, warmup_s: float,
+            request_timeout_s: float) -> dict:
+    """Load the level for ``warmup_s`` with perf_analyzer itself, its report discarded;
+    returns what was run (``PerfAnalyzerFailed`` when it could not)."""
+    interval_ms = max(50, round(warmup_s * 1000 / STABLE_WINDOWS))
+    with tempfile.TemporaryDirectory(prefix="torchship-pa-warmup-") as tmp:
+        _input_data(rows, batched, Path(tmp) / "data.json")
+        command = _command(binary, protocol, url, model, batched, batch_size, concurrency,
+                           interval_ms, Path(tmp) / "data.json")
+        deadline = STABLE_WINDOWS * interval_ms / 1e3 * 2 + request_timeout_s + 10.0
+        done, _, wall = _run(command, deadline)
+    if done.returncode != 0:
+        raise PerfAnalyzerFailed(f"perf_analyzer's warm-up exited with {done.returncode}: "
+                                 f"{last_line(done.stderr + chr(10) + done.stdout)}")
+    found = re.search(r"Request count:\s*(\d+)", done.stdout)
+    return {"by": "perf_analyzer", "warmup_s": STABLE_WINDOWS * interval_ms / 1e3,
+            "windows": STABLE_WINDOWS, "measurement_interval_ms": interval_ms,
+            "requests": int(found.group(1)) if found else None, "wall_s": wall,
+            "command": " ".join([os.path.basename(command[0])] + command[1:])}
+
+
 def measure(binary: Path, *, protocol: str, url: str, model: str, batched: bool,
             rows: dict[str, np.ndarray], batch_size: int, concurrency: int, window_s: float,
             percentile: int | None, request_timeout_s: float) -> Measured:
@@ -225,14 +260,10 @@ def measure(binary: Path, *, protocol: str, url: str, model: str, batched: bool,
     with tempfile.TemporaryDirectory(prefix="torchship-pa-") as tmp:
         work = Path(tmp)
         _input_data(rows, batched, work / "data.json")
-        command = [str(binary), "-m", model, "-u", url, "-i", protocol,
-                   "--concurrency-range", str(concurrency),
-                   "--measurement-interval", str(max(50, round(window_s * 1000))),
-                   "-s", "100000", "--max-trials", str(STABLE_WINDOWS),
-                   "--input-data", str(work / "data.json"), "-f", str(work / "levels.csv"),
-                   "--verbose-csv", "--profile-export-file", str(work / "export.json")]
-        if batched:
-            command += ["-b", str(batch_size)]
+        command = _command(binary, protocol, url, model, batched, batch_size, concurrency,
+                           max(50, round(window_s * 1000)), work / "data.json")
+        command += ["-f", str(work / "levels.csv"), "--verbose-csv",
+                    "--profile-export-file", str(work / "export.json")]
         if percentile is not None:
             command += ["--percentile", str(percentile)]
         deadline = STABLE_WINDOWS * window_s * 2 + request_timeout_s + 10.0

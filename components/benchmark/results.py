@@ -9,6 +9,14 @@ Result JSON (``write_json``), schema ``torchship.benchmark/v2``; times in ms unl
     protocol            "grpc" | "http" | "vertex"
     repository          the model repository (local mode), else null
     server_startup_s    local mode: seconds until the server was ready, else null
+    server              what served, as the running server answered (``served.py``), or null in
+                        results written before it was recorded:
+                        {"name", "version" (Triton's, e.g. "2.51.0"), "binary" (the
+                         tritonserver that ran, local mode; null remote), "kind", "description"
+                         (how torchship found that install, where it says), "models": {model:
+                         {"backend", "platform", "max_batch_size", "instance_group": [{"count",
+                         "kind"}], "dynamic_batching": null | {"max_queue_delay_microseconds",
+                         "preferred_batch_size"}} | null}, "errors": [what went unanswered]}
     models              model names, in the order measured
     batch_size          the first of batch_sizes (v1 readers)
     batch_sizes         rows per request, one sweep each
@@ -50,11 +58,14 @@ Result JSON (``write_json``), schema ``torchship.benchmark/v2``; times in ms unl
                           version, its CPU seconds per request, whether it ran on the server's
                           host (null: unknown), and why perf_analyzer did not measure (or null)
       perf_analyzer       only where perf_analyzer measured: its own report of its last run
-                          (µs): {"version", "runs", "command", "client_send_us",
+                          (µs): {"version", "runs", "warmup", "command", "client_send_us",
                           "network_server_us", "server_queue_us", "server_compute_input_us",
                           "server_compute_infer_us", "server_compute_output_us",
                           "client_recv_us", "p50_us", "p90_us", "p95_us", "p99_us", "mean_us",
-                          "throughput_ips"}
+                          "throughput_ips"}; warmup: null (warmup_s 0), or the warm-up
+                          perf_analyzer ran before the level, its report discarded:
+                          {"by": "perf_analyzer", "warmup_s", "windows",
+                           "measurement_interval_ms", "requests", "wall_s", "command"}
 
 ``files.write_json`` writes it, ``write_csv`` writes the rows flat, ``metrics_for_kfp`` gives the
 numbers a KFP ``Metrics`` artifact takes.

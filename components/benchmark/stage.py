@@ -27,7 +27,9 @@ no wait in the run is longer than a window plus that timeout: never a hang.
 The pieces live beside this module: ``method`` (the settings and their defaults), ``server`` (the
 endpoint and the models it serves), ``requests`` (request bodies and the preflight), ``client``
 and ``http_client`` (the client processes), ``stats`` (windows, stability, a level's row),
-``display`` (progress) and ``results`` (the result's JSON schema, CSV and KFP metrics).
+``display`` (progress), ``served`` (what served: the server's version, its binary, each model's
+config as the running server reports it) and ``results`` (the result's JSON schema, CSV and KFP
+metrics).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ from torchship.components.benchmark.perf_analyzer import PerfAnalyzerFailed
 from torchship.components.benchmark.python_level import measure_level_python
 from torchship.components.benchmark.requests import preflight, rows_for
 from torchship.components.benchmark.results import SCHEMA
+from torchship.components.benchmark.served import (
+    local_server_block,
+    server_block,
+    unanswered_block,
+)
 from torchship.components.benchmark.server import (
     Endpoint,
     Model,
@@ -155,6 +162,7 @@ def _result(mode: str, endpoint: Endpoint, method: Method, models: list[Model],
         "protocol": endpoint.protocol,
         "repository": extra.get("repository"),
         "server_startup_s": extra.get("server_startup_s"),
+        "server": extra.get("server"),
         "models": [m.name for m in models],
         "batch_size": method.batch_sizes[0],
         "batch_sizes": method.batch_sizes,
@@ -239,6 +247,7 @@ def benchmark_repository(
         endpoint = Endpoint(protocol, url, stats_url=server.http_url, stats_protocol="http",
                             check_alive=check_alive)
         progress(f"tritonserver ready in {server.startup_s:.1f} s ({endpoint.describe()})")
+        served = local_server_block(server, [m.name for m in specs], method.request_timeout_s)
         client = triton_client(protocol, url, False, method.request_timeout_s)
         try:
             results = _sweep(endpoint, plan, method, progress, on_window, client, local=True,
@@ -255,7 +264,7 @@ def benchmark_repository(
             endpoint.close()
         startup_s = server.startup_s
     return _result("local", endpoint, method, specs, results, started, started_at, knee=knees,
-                   repository=str(repository_dir), server_startup_s=startup_s)
+                   repository=str(repository_dir), server_startup_s=startup_s, server=served)
 
 
 def benchmark_endpoint(
@@ -312,7 +321,8 @@ def benchmark_endpoint(
         finally:
             endpoint.close()
         return _result("remote", endpoint, method, specs, results, started, started_at,
-                       knee=knees)
+                       knee=knees, server=unanswered_block(
+                           "Vertex AI rawPredict does not answer Triton's metadata API"))
 
     client = triton_client(protocol, endpoint.url, endpoint.tls, method.request_timeout_s,
                            endpoint.path_prefix)
@@ -320,11 +330,14 @@ def benchmark_endpoint(
         check_reachable(endpoint, client, method.request_timeout_s)
         specs = remote_models(endpoint, client, models, method.request_timeout_s)
         progress(f"{endpoint.describe()} is live; measuring {', '.join(m.name for m in specs)}")
+        served = server_block(client, protocol, [m.name for m in specs],
+                              headers=endpoint.headers or None, timeout_s=method.request_timeout_s)
         results = _sweep(endpoint, _plan(specs, x, method), method, progress, on_window, client,
                          knees=knees)
     finally:
         client.close()
         endpoint.close()
-    return _result("remote", endpoint, method, specs, results, started, started_at, knee=knees)
+    return _result("remote", endpoint, method, specs, results, started, started_at, knee=knees,
+                   server=served)
 
 
