@@ -14,8 +14,8 @@ from torchship.components.data.splits import load_split
 from torchship.components.gate.checks import evaluate_gate, gate_metrics
 from torchship.components.gate.choice import choose_variant
 from torchship.components.gate.regression import compare_with_previous
-from torchship.components.gate.stage import decide, majority_class
-from torchship.components.report.explain import environment_rows
+from torchship.components.gate.stage import decide, known_environment, majority_class
+from torchship.components.report.explain import chosen_line, environment_rows
 from torchship.components.report.html_report import render_html_report
 from torchship.components.report.summary import build_summary, format_markdown
 
@@ -138,6 +138,52 @@ def test_unrecorded_environment_reads_not_recorded():
     assert rows["CPU"] == "model not recorded, cores not recorded"
     assert rows["backend"] == rows["load client"] == "not recorded"
     assert rows["client shares the host with the server"] == "not recorded"
+    assert rows["Triton server"] == "version not recorded by the benchmark"
+    assert rows["serving settings"] == "not recorded"
+
+
+def served(count: int, delay_us: int | None, backend: str = "python") -> dict:
+    """One model's config as the benchmark's ``server`` block records it."""
+    return {"backend": backend, "platform": None, "max_batch_size": 64,
+            "instance_group": [{"count": count, "kind": "KIND_CPU"}],
+            "dynamic_batching": None if delay_us is None else {
+                "max_queue_delay_microseconds": delay_us, "preferred_batch_size": [64]}}
+
+
+def test_the_environment_shows_what_the_server_reported():
+    gate = {"variant": "int8", "environment": known_environment()}
+    server = {"name": "triton", "version": "2.51.0", "binary": "/opt/tritonserver/bin/tritonserver",
+              "kind": "native", "models": {"fp32": served(1, 100), "int8": served(2, None)},
+              "errors": []}
+    bench = {"protocol": "grpc", "mode": "local", "results": [], "server": server}
+    rows = dict(environment_rows({"benchmark": bench, "gate": gate}))
+    recorded = "(recorded by the benchmark from the running server)"
+    assert rows["Triton server"] == f"2.51.0, /opt/tritonserver/bin/tritonserver, native {recorded}"
+    assert rows["backend"].startswith("python for fp32, int8 (ONNX Runtime")
+    assert "not recorded" not in rows["backend"]
+    assert rows["serving settings"] == (
+        "fp32: 1 instance (KIND_CPU), max batch size 64, dynamic batching, max queue delay 0.1 ms, "
+        "preferred batch size 64; int8: 2 instances (KIND_CPU), max batch size 64, no dynamic "
+        f"batching {recorded}")
+    # The chosen variant is served as the server said, not as the gate's defaults would have it.
+    assert chosen_line(gate, bench).startswith(
+        "Chosen: int8, served with 2 instances (KIND_CPU), max batch size 64, no dynamic "
+        f"batching {recorded[:-1]};")
+    # Models that agree read once; models on different backends each say theirs.
+    server["models"] = {"fp32": served(1, 100), "int8": served(1, 100, "onnxruntime")}
+    rows = dict(environment_rows({"benchmark": bench, "gate": gate}))
+    assert rows["backend"] == "python for fp32; onnxruntime for int8"
+    assert rows["serving settings"].endswith(
+        "preferred batch size 64 (every model: fp32, int8; recorded by the benchmark from the "
+        "running server)")
+    # An endpoint that cannot be asked (Vertex AI rawPredict) says why, and what the gate knows.
+    bench["server"] = {"version": None, "models": {}, "errors": ["rawPredict: no metadata API"]}
+    rows = dict(environment_rows({"benchmark": bench, "gate": gate}))
+    assert rows["Triton server"].startswith(
+        "version not recorded by the benchmark (rawPredict: no metadata API) (tritonserver "
+        "bundled in nvidia-pytriton")
+    assert rows["serving settings"].endswith("(torchship's defaults, which the benchmark builds "
+                                             "with)")
 
 
 def test_a_first_run_without_a_bar_and_checks_not_asked_for_are_not_checked():

@@ -3,7 +3,10 @@ which serving settings, why each other variant lost, and where it was measured.
 
 It reads only records: the gate record's ``choice`` (``gate.choice.choose_variant``: the table
 with each row's ``outcome`` and ``margin``), its ``settings``, ``environment`` (what the gate
-knows of how the benchmark served) and the benchmark result (``host``, each row's ``client``).
+knows of how the benchmark served) and the benchmark result (``host``, each row's ``client``,
+and ``server``: the Triton version, binary and each model's config as the running server
+reported them, ``benchmark.served``). What the benchmark's ``server`` block holds wins over
+what the gate knows; a result written before it was recorded falls back to the gate's.
 Units: latency in ms, throughput in req/s, sizes in KiB. A field no record holds is shown as
 ``not recorded``, never guessed.
 """
@@ -89,9 +92,41 @@ def constraint_lines(gate: dict[str, Any]) -> list[str]:
     return lines
 
 
+RECORDED = "recorded by the benchmark from the running server"
+
+
+def served_models(bench: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each model's config as the running server reported it (the result's ``server`` block),
+    for the models it answered for; empty for a result without the block."""
+    models = (bench.get("server") or {}).get("models") or {}
+    return {name: config for name, config in models.items() if config}
+
+
+def served_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A served model config (``server.models[<model>]``) as the settings ``settings_text``
+    shows."""
+    groups = config.get("instance_group") or []
+    batching = config.get("dynamic_batching")
+    kinds = sorted({str(group.get("kind")) for group in groups if group.get("kind")})
+    return {
+        "instance_count": sum(int(group.get("count", 0)) for group in groups) if groups else None,
+        "instance_kind": "/".join(kinds) or None,
+        "max_batch_size": config.get("max_batch_size"),
+        "dynamic_batching": batching is not None,
+        "max_queue_delay_us": None if batching is None
+        else batching.get("max_queue_delay_microseconds"),
+        "preferred_batch_size": None if batching is None
+        else batching.get("preferred_batch_size") or None,
+    }
+
+
 def _serving(gate: dict[str, Any], bench: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """The serving settings measured and where they come from: the benchmark result's own
-    record when it has one, else the gate's knowledge of the pipeline's defaults."""
+    """The serving settings measured and where they come from: the chosen variant's config as
+    the running server reported it (the benchmark's ``server`` block), the benchmark result's
+    own record when it has one, else the gate's knowledge of the pipeline's defaults."""
+    served = served_models(bench)
+    if served.get(gate.get("variant")):
+        return served_settings(served[gate["variant"]]), RECORDED
     if bench.get("serving"):
         return bench["serving"], "recorded by the benchmark"
     environment = gate.get("environment") or {}
@@ -113,7 +148,12 @@ def settings_text(serving: dict[str, Any]) -> str:
     if serving.get("max_queue_delay_us") is not None:
         parts.append(f"dynamic batching, max queue delay {serving['max_queue_delay_us'] / 1000:g} "
                      f"ms")
-    return ", ".join(parts)
+    elif serving.get("dynamic_batching") is False:
+        parts.append("no dynamic batching")
+    if serving.get("preferred_batch_size"):
+        parts.append("preferred batch size "
+                     + ", ".join(str(size) for size in serving["preferred_batch_size"]))
+    return ", ".join(parts) or NOT_RECORDED
 
 
 def chosen_line(gate: dict[str, Any], bench: dict[str, Any]) -> str:
@@ -187,11 +227,17 @@ def _clients(rows: list[dict[str, Any]]) -> str:
     return ", ".join(f"{name} ({n} of {len(rows)} levels)" for name, n in counts.items())
 
 
-def _backend(recorded: str | None, environment: dict[str, Any]) -> str:
+def _backend(recorded: str | None, environment: dict[str, Any],
+             served: dict[str, list[str]] | None = None) -> str:
+    """The backend text; ``served``: the models the running server reported on each backend."""
+    served = served or {}
+    recorded = recorded or (next(iter(served)) if len(served) == 1 else None)
     backend = recorded or environment.get("backend")
-    if not backend:
+    if not backend and not served:
         return NOT_RECORDED
-    text = backend
+    if len(served) > 1:  # models on different backends: each with its own
+        return "; ".join(f"{name} for {', '.join(models)}" for name, models in served.items())
+    text = backend + (f" for {', '.join(served[backend])}" if backend in served else "")
     if backend == "python":
         runtime = environment.get("onnxruntime")
         text += f" (ONNX Runtime{' ' + runtime.split()[-1] if runtime else ''} in Triton's " \
@@ -203,6 +249,40 @@ def _backend(recorded: str | None, environment: dict[str, Any]) -> str:
         text += (f"; Vertex AI and KServe serve with the "
                  f"{environment.get('cloud_backend', 'onnxruntime')} backend")
     return text
+
+
+def _triton_server(bench: dict[str, Any], environment: dict[str, Any]) -> str:
+    server = bench.get("server") or {}
+    version = bench.get("triton_version") or server.get("version")
+    if version:
+        where = [str(w) for w in (version, server.get("binary"), server.get("kind")) if w]
+        return f"{', '.join(where)} ({RECORDED})"
+    package = environment.get("triton_package")
+    why = "; ".join(server.get("errors") or [])
+    return (f"version {NOT_RECORDED} by the benchmark" + (f" ({why})" if why else "")
+            + (f" (tritonserver bundled in {package}, where the gate ran)" if package else ""))
+
+
+def _served_backends(served: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """The models the running server reported on each backend (or platform)."""
+    by: dict[str, list[str]] = {}
+    for name, config in served.items():
+        by.setdefault(config.get("backend") or config.get("platform") or NOT_RECORDED,
+                      []).append(name)
+    return by
+
+
+def _serving_row(gate: dict[str, Any], bench: dict[str, Any]) -> str:
+    """Each served model's settings as the server reported them (one line when all agree),
+    else the settings known from elsewhere and where they come from."""
+    served = served_models(bench)
+    if not served:
+        serving, source = _serving(gate, bench)
+        return settings_text(serving) + ("" if source == NOT_RECORDED else f" ({source})")
+    texts = {name: settings_text(served_settings(config)) for name, config in served.items()}
+    if len(set(texts.values())) == 1:
+        return f"{next(iter(texts.values()))} (every model: {', '.join(texts)}; {RECORDED})"
+    return "; ".join(f"{name}: {text}" for name, text in texts.items()) + f" ({RECORDED})"
 
 
 def environment_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -217,15 +297,10 @@ def environment_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
                    + (f"{cores} cores" if cores else f"cores {NOT_RECORDED}"))]
     if host.get("platform"):
         out.append(("platform", host["platform"]))
-    version = bench.get("triton_version") or (bench.get("server") or {}).get("version")
-    package = environment.get("triton_package")
-    out.append(("Triton server", version or f"version {NOT_RECORDED} by the benchmark"
-                + (f" (tritonserver bundled in {package}, where the gate ran)" if package
-                   else "")))
-    out.append(("backend", _backend(bench.get("backend"), environment)))
-    serving, source = _serving(gate, bench)
-    out.append(("serving settings", f"{settings_text(serving)}"
-                + ("" if source == NOT_RECORDED else f" ({source})")))
+    out.append(("Triton server", _triton_server(bench, environment)))
+    out.append(("backend", _backend(bench.get("backend"), environment,
+                                    _served_backends(served_models(bench)))))
+    out.append(("serving settings", _serving_row(gate, bench)))
     out.append(("protocol", f"{bench.get('protocol', NOT_RECORDED)}, "
                             f"{bench.get('mode') or 'mode ' + NOT_RECORDED}"
                             + (" (server launched by the benchmark)"
