@@ -240,10 +240,23 @@ def run(pipeline_yaml: str | None, pipeline_root: str, verbose: bool, params: tu
     if not gate["passed"]:
         click.echo("not deployed: the serving version is unchanged", err=True)
         sys.exit(1)
-    click.echo(_deployed_line(gate["variant"], arguments, defaults))
+    click.echo(_deployed_line(gate["variant"], arguments, defaults,
+                              Path(summary["paths"]["gate"]).parents[1]))
 
 
-def _deployed_line(variant: str, arguments: dict[str, Any], defaults: dict[str, Any]) -> str:
+def _deployed_variant(run_dir: Path) -> str | None:
+    """The variant the deploy task served (the serving search's choice, which may not be the
+    gate's): its model_repository artifact's metadata, as kfp.local keeps it."""
+    from torchship.components.files import read_json
+
+    output = read_json(run_dir / "deploy" / "executor_output.json") or {}
+    found = (output.get("artifacts") or {}).get("model_repository", {}).get("artifacts", [])
+    return next((a["metadata"]["variant"] for a in found
+                 if (a.get("metadata") or {}).get("variant")), None)
+
+
+def _deployed_line(gate_variant: str, arguments: dict[str, Any], defaults: dict[str, Any],
+                   run_dir: Path) -> str:
     """What was deployed under which model name; for the local target, which version of which
     repository, with which serving settings, and how to serve it."""
     from torchship.components.triton.config import read_model_config
@@ -252,6 +265,7 @@ def _deployed_line(variant: str, arguments: dict[str, Any], defaults: dict[str, 
     target = arguments.get("deploy_target", defaults.get("deploy_target", "local"))
     name = arguments.get("serving_model_name",
                          defaults.get("serving_model_name", DEFAULT_SERVING_NAME))
+    variant = _deployed_variant(run_dir) or gate_variant
     if target != "local":
         return f"deployed: {variant} as model '{name}' ({target})"
     repository = Path(arguments["local_repository"])

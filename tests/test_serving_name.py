@@ -201,3 +201,25 @@ def test_two_pipeline_runs_choosing_different_variants_serve_under_one_name(pipe
         finally:
             client.close()
     assert answer["model_name"] == NAME and answer["model_version"] == "2"
+
+
+@pytest.mark.parametrize("target", ["vertex", "kserve"])
+def test_the_deployed_line_names_the_variant_deploy_served_not_the_gates(tmp_path, target):
+    """The serving search may choose another variant than the gate's pick, and deploy serves the
+    search's: a cloud target's `deployed:` line names that one, from the deploy task's
+    model_repository metadata as kfp.local keeps it."""
+    from torchship.pipelines.cli import _deployed_line
+
+    run_dir = tmp_path / "torchship-2026-12-04-12-00-00-000000"
+    (run_dir / "deploy").mkdir(parents=True)
+    arguments = {"deploy_target": target, "serving_model_name": NAME}
+    # Before the deploy task wrote its outputs (or an older layout): the gate's pick.
+    assert _deployed_line("fp32", arguments, {}, run_dir) == \
+        f"deployed: fp32 as model '{NAME}' ({target})"
+    metadata = {"target": target, "model_name": NAME, "variant": "int8"}
+    (run_dir / "deploy" / "executor_output.json").write_text(json.dumps({"artifacts": {
+        "vertex_model": {"artifacts": [{"name": "vertex_model", "metadata": {"target": target}}]},
+        "model_repository": {"artifacts": [{"name": "model_repository", "metadata": metadata}]},
+    }}))
+    assert _deployed_line("fp32", arguments, {}, run_dir) == \
+        f"deployed: int8 as model '{NAME}' ({target})"
