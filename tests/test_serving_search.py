@@ -76,6 +76,16 @@ def test_every_candidate_is_measured_and_the_record_is_whole(searched):
     assert models == ["fp32__i1_q100_b64", "fp32__i1_q20000_b64", "pruned__i1_q100_b64",
                       "pruned__i1_q20000_b64", "fp32__i2_q100_b64", "fp32__i2_q20000_b64",
                       "pruned__i2_q100_b64", "pruned__i2_q20000_b64"]
+    # What served, as the running server said (benchmark.served): each candidate's own settings.
+    served = record["server"]
+    assert served["version"] and Path(served["binary"]).name == "tritonserver"
+    assert list(served["models"]) == models and served["errors"] == []
+    for candidate in record["candidates"]:
+        config, settings = served["models"][candidate["model"]], candidate["settings"]
+        assert config["instance_group"][0]["count"] == settings["instance_count"]
+        assert config["max_batch_size"] == settings["max_batch_size"]
+        assert config["dynamic_batching"]["max_queue_delay_microseconds"] == \
+            settings["max_queue_delay_us"]
     for candidate in record["candidates"]:
         assert candidate["rounds"] and candidate["rounds"][0]["round"] == 0, candidate["model"]
         measured = candidate["levels"]["c2"]

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from torchship.components.benchmark.method import measurement_method
+from torchship.components.benchmark.served import local_server_block
 from torchship.components.contracts import MODEL_ONNX, TARGET_CONCURRENCY, ServingSettings
 from torchship.components.data.splits import load_inputs
 from torchship.components.errors import UserInputError
@@ -240,6 +241,7 @@ def search_serving_config(
             with TritonServer(repository, startup_timeout_s=max(120.0, 6.0 * len(candidates))
                               ) as server:
                 record["server_startup_s"] = server.startup_s
+                record["server"] = local_server_block(server, [c["model"] for c in candidates])
                 say(f"tritonserver ready in {server.startup_s:.1f} s with "
                     f"{len(candidates)} candidate models")
                 finalists = run_rounds(
