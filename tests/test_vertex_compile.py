@@ -326,3 +326,57 @@ def test_deploy_and_prepare_data_are_never_cached(platform, kfp, vertex):
     assert tasks["deploy"]["cachingOptions"].get("enableCache") is not True
     assert tasks["prepare-data"]["cachingOptions"].get("enableCache") is not True
     assert tasks["train"]["cachingOptions"]["enableCache"] is True
+
+
+# -- the Triton measurements on the serving machine --------------------------------------------
+
+def parameter(argument: dict) -> str:
+    """The pipeline parameter an argument takes (under the gate's condition, as its channel)."""
+    return argument["componentInputParameter"].removeprefix("pipelinechannel--")
+
+
+def test_on_vertex_the_measurements_are_custom_jobs_on_a_machine_like_the_deploys(vertex):
+    """Benchmark and tune-serving run as custom jobs of the Triton serving image on one machine
+    like the deploy's: `deploy_settings` machine type and accelerator, decided at run time."""
+    import inspect
+
+    from torchship.components.deploy.targets.vertex import deploy_vertex
+    from torchship.pipelines.vertex import SERVING_MACHINE_TYPE
+
+    tasks = all_tasks(vertex)
+    for stage, pools in (("benchmark", "vertex-serving-pools"),
+                         ("tune-serving", "vertex-serving-pools-2")):
+        task = tasks[stage]["inputs"]["parameters"]
+        assert task["worker_pool_specs"]["taskOutputParameter"]["producerTask"] == pools
+        assert parameter(task["serving_backend"]) == "benchmark_backend"
+        assert parameter(tasks[pools]["inputs"]["parameters"]["deploy_settings"]) == (
+            "deploy_settings")
+        arguments = {name: constant(tasks[pools], name)
+                     for name in ("template", "image", "gpus", "gpu_type")}
+        assert (arguments["image"], arguments["gpus"], arguments["gpu_type"]) == (
+            TRITON_IMAGE, 0, "")
+        arguments["gpus"] = 0
+        [pool] = components.vertex_serving_pools(**arguments, deploy_settings={})
+        assert pool["replica_count"] == 1 and pool["container_spec"]["image_uri"] == TRITON_IMAGE
+        assert pool["machine_spec"] == {"machine_type": SERVING_MACHINE_TYPE}
+        function = pool["container_spec"]["args"]
+        assert function[function.index("--function_to_execute") + 1] == stage.replace("-", "_")
+        [pool] = components.vertex_serving_pools(**arguments, deploy_settings={
+            "machine_type": "g2-standard-8", "accelerator_type": "NVIDIA_L4",
+            "accelerator_count": 1})
+        assert pool["machine_spec"] == {"machine_type": "g2-standard-8",
+                                        "accelerator_type": "NVIDIA_L4", "accelerator_count": 1}
+    # The machine a deploy with no machine_type serves on.
+    default = inspect.signature(deploy_vertex).parameters["machine_type"].default
+    assert SERVING_MACHINE_TYPE == default
+
+
+def test_on_kubeflow_the_measurements_run_the_serving_image_with_the_backend_parameter(kfp):
+    tasks = all_tasks(kfp)
+    executors = kfp["deploymentSpec"]["executors"]
+    for stage in ("benchmark", "tune-serving"):
+        assert executors[f"exec-{stage}"]["container"]["image"] == TRITON_IMAGE
+        assert parameter(tasks[stage]["inputs"]["parameters"]["serving_backend"]) == (
+            "benchmark_backend")
+    assert kfp["root"]["inputDefinitions"]["parameters"]["benchmark_backend"][
+        "defaultValue"] == "auto"
