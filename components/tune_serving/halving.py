@@ -3,10 +3,15 @@
 Round 0 measures every candidate with short windows; a candidate whose windows cannot meet the
 constraints even allowing for their measured spread (p99 over the budget, throughput under the
 target, failed requests) is discarded there, and of the rest only the best ``1/ETA`` (at least
-two, and any within the windows' spread of the last one kept) go on to the next round, whose
-windows are ``ETA`` times longer. The last round measures the finalists with the full windows the
-benchmark stage would use, and only its numbers choose. An exhaustive sweep is the one-round
-schedule: every candidate with full windows.
+two) go on to the next round, whose windows are ``ETA`` times longer. The incumbent (the gate's
+variant with the default settings, marked ``incumbent``) goes on to the last round whenever it
+can meet the constraints, besides the best. The last round measures each finalist for as long as
+the benchmark stage measures a level (its windows of its ``window_s``), but in ``FINAL_PASSES``
+interleaved passes: each pass every finalist in turn (one level of shorter windows), the next
+pass in the reverse order, so that the drift of a shared machine hits all of them alike. A
+finalist's figures are the mean over the passes, its spread theirs, and each pass pairs it with
+the incumbent (``choice.pass_gains_pct``). Only the last round's numbers choose. An exhaustive
+sweep is the one-round schedule: every candidate so measured.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ def run_rounds(url: str, candidates: list[dict[str, Any]], test_path: str,
                say: Callable[[str], None], **measurement: Any) -> list[dict[str, Any]]:
     """Measure ``candidates`` (records, updated in place: ``levels``, ``rounds``, ``qualifies``,
     ``why_not``, ``outcome``) on the Triton at ``url`` (gRPC) round by round; return the
-    finalists. Each level: ``windows`` windows of the round's length after a warm-up of
+    finalists, every candidate measured in the last round (one that fails the constraints there
+    with ``qualifies`` False). Each level: ``windows`` windows of the round's length after a warm-up of
     ``warmup_s`` (one round: the full warm-up; several: the first round's window, the models
     being warm from Triton's own warm-up at load and the first round); the last round's levels
     in its interleaved passes (``measure_interleaved``)."""
@@ -86,12 +92,11 @@ def run_rounds(url: str, candidates: list[dict[str, Any]], test_path: str,
                 candidate["outcome"] = (f"discarded in round {step['round'] + 1}: "
                                         f"{candidate['why_not']}")
         failed = [c for c in alive if not c["qualifies"]]
-        alive = [c for c in alive if c["qualifies"]]
         if final:
-            candidate_count = len(alive)
-            say(f"serving search: {candidate_count} finalists meet the constraints"
+            say(f"serving search: {len(alive) - len(failed)} finalists meet the constraints"
                 + (f", {len(failed)} do not" if failed else ""))
             return alive
+        alive = [c for c in alive if c["qualifies"]]
         alive = _keep_best(alive, step, objective)
         say(f"serving search round {step['round'] + 1}: {len(failed)} discarded (cannot meet "
             f"the constraints), {len(alive)} kept for round {step['round'] + 2}")
