@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from torchship.components.benchmark.engine import ENGINES
 from torchship.components.benchmark.method import DEFAULT_CONCURRENCY
 from torchship.components.benchmark.method import default as measurement_default
 from torchship.components.data.runners import PIPELINE_PARAMETERS as RUNNER_PARAMETERS
@@ -316,11 +317,19 @@ def retrain_status(reference_uri: str, data: str | None, newest: int) -> None:
 @click.option("--protocol", type=click.Choice(["grpc", "http", "vertex"]), default="grpc",
               show_default=True, help="vertex: KServe v2 JSON to a Vertex AI rawPredict URL.")
 @click.option("--model", "models", multiple=True, help="Model to measure (default: all).")
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="auto", show_default=True,
+              help="Who measures: NVIDIA's perf_analyzer (auto: where installed) or the Python "
+                   "client.")
+@click.option("--knee", is_flag=True,
+              help="Also double concurrency from the lowest level until throughput stops "
+                   "rising or p99 passes --latency-budget-ms.")
+@click.option("--latency-budget-ms", type=float, default=None, help="The knee sweep's p99 budget.")
 @click.option("--output", "-o", default=None, help="Write the JSON result here (path or gs://).")
 @click.option("--csv", "csv_path", default=None, help="Write the levels as CSV here.")
 @click.option("--html", "html_path", default=None, help="Write the HTML report here.")
 def bench(repository_or_url: str, test_data: str, concurrency: str, batch_size: int,
           duration: float, max_windows: int, protocol: str, models: tuple[str, ...],
+          engine: str, knee: bool, latency_budget_ms: float | None,
           output: str | None, csv_path: str | None, html_path: str | None) -> None:
     """Measure REPOSITORY_OR_URL: a model repository (a local Triton is launched over it, as
     Model Analyzer's local mode does) or the URL of a running endpoint."""
@@ -334,7 +343,8 @@ def bench(repository_or_url: str, test_data: str, concurrency: str, batch_size: 
     common: dict[str, Any] = {
         "concurrency": levels, "batch_size": batch_size, "duration_s": duration,
         "max_windows": max_windows, "models": list(models) or None, "progress": click.echo,
-        "on_window": ProgressBar(),
+        "on_window": ProgressBar(), "engine": engine, "knee": knee,
+        "latency_budget_p99_ms": latency_budget_ms,
     }
     try:
         if Path(repository_or_url).is_dir():

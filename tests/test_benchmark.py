@@ -408,6 +408,15 @@ def test_bench_command_measures_a_repository_and_a_running_server(local_repo, se
     assert remote.returncode == 0, remote.stderr[-2000:]
     assert remote.stdout.count(" errors") >= 4 and " 0 errors" in remote.stdout
 
+    # Who measures, and the knee sweep, as the pipeline's benchmark_engine and benchmark_knee.
+    kneed = bench(str(local_repo), "--model", "fp32", "--engine", "python", "--knee",
+                  "--latency-budget-ms", "1000", "-o", str(tmp_path / "knee.json"))
+    assert kneed.returncode == 0, kneed.stderr[-2000:]
+    result = json.loads((tmp_path / "knee.json").read_text())
+    assert {row["client"]["name"] for row in result["results"]} == {"python"}
+    (knee,) = result["knee"]
+    assert knee["model"] == "fp32" and knee["measured"][:2] == [1, 2]
+
     nowhere = bench("127.0.0.1:9", "--protocol", "http")
     assert nowhere.returncode == 2 and "error: cannot reach Triton" in nowhere.stderr
 
