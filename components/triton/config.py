@@ -162,8 +162,8 @@ def model_config(
         config.platform = PRODUCTION_PLATFORM
         # One ONNX Runtime thread per instance, as the python backend's model.py runs it: an
         # instance holds one core, and instance_count (what the serving search tunes) the cores.
-        for name in ("intra_op_thread_count", "inter_op_thread_count"):
-            config.parameters[name].string_value = "1"
+        for parameter in ("intra_op_thread_count", "inter_op_thread_count"):
+            config.parameters[parameter].string_value = "1"
     else:
         config.backend = "python"
     config.version_policy.specific.versions.extend(sorted({int(v) for v in versions}))
