@@ -168,8 +168,9 @@ def known_environment() -> dict[str, Any]:
         "triton_package": version("nvidia-pytriton"),
         "onnxruntime": version("onnxruntime", "onnxruntime-gpu"),
         "source": "torchship's serving defaults, which the pipeline's benchmark repository "
-                  "(python backend) is built with, and the packages where the gate ran; the "
-                  "benchmark result does not record them",
+                  "(python backend, locally) is built with, and the packages where the gate "
+                  "ran; for a benchmark result without its server block (one written before "
+                  "the benchmark recorded what served)",
     }
 
 
