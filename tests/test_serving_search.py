@@ -30,7 +30,12 @@ from torchship.components.tune_serving.choice import (
     versus_default,
     write_candidate_table,
 )
-from torchship.components.tune_serving.halving import FINAL_PASSES, _keep_best, schedule
+from torchship.components.tune_serving.halving import (
+    FINAL_PASSES,
+    FINAL_SHARE,
+    _keep_best,
+    schedule,
+)
 from torchship.components.tune_serving.stage import (
     SCHEMA,
     candidate_settings,
@@ -39,8 +44,8 @@ from torchship.components.tune_serving.stage import (
 )
 
 # Short levels: the tiny model answers in well under a millisecond. The last round measures each
-# finalist 1.2 s in all: FINAL_PASSES interleaved passes of 2 windows of 0.6 s / FINAL_PASSES;
-# earlier rounds' windows are a third and a ninth of 0.6 s.
+# finalist 2/3 of 2 windows of 0.6 s in all: FINAL_PASSES interleaved passes of 2 windows of
+# 0.4 s / FINAL_PASSES; earlier rounds' windows are a third and a ninth of 0.6 s.
 QUICK = {"duration_s": 1.2, "warmup_s": 0.2, "min_windows": 2, "max_windows": 3}
 # A 20 ms batching delay (batches never fill to 64 at concurrency 2) puts p99 near 20 ms: over
 # a 12 ms budget even allowing for the short windows' spread.
@@ -97,7 +102,8 @@ def test_every_candidate_is_measured_and_the_record_is_whole(searched):
     windows = [step["window_s"] for step in record["schedule"]]
     assert windows[:2] == pytest.approx([0.6 / 9, 0.6 / 3])
     final = record["schedule"][-1]
-    assert final["passes"] == FINAL_PASSES and final["window_s"] * FINAL_PASSES == pytest.approx(0.6)
+    assert final["passes"] == FINAL_PASSES
+    assert final["window_s"] * FINAL_PASSES == pytest.approx(0.6 * FINAL_SHARE)
     chosen = next(c for c in record["candidates"] if c["model"] == record["chosen"])
     assert chosen["outcome"] == "chosen" and len(chosen["rounds"]) == 3
     # The last round's figures are the mean over its interleaved passes, each pass kept.
@@ -149,7 +155,7 @@ def test_the_default_goes_to_the_last_round_and_is_replaced_only_when_beaten(sea
         assert default["outcome"].startswith(f"the default: {chosen['model']} beats it by")
     assert all(c["simplicity"] > chosen["simplicity"] for c in finalists
                if c["model"] in record["tied"] and c is not chosen)
-    assert any(" interleaved passes of 2 windows of 0.20 s" in line for line in lines)
+    assert any(" interleaved passes of 2 windows of 0.13 s" in line for line in lines)
 
 
 def test_the_pareto_front_and_the_report(searched):
@@ -238,12 +244,12 @@ def test_the_variants_searched_come_from_the_gate(onnx_dir, tmp_path):
 
 
 def test_successive_halving_schedule():
-    plan = schedule(20, 1.0, passes=3)
-    assert [round(step["window_s"], 3) for step in plan] == [0.111, 0.333, 0.333]
+    plan = schedule(20, 1.0, passes=3, share=2 / 3)
+    assert [round(step["window_s"], 3) for step in plan] == [0.111, 0.333, 0.222]
     assert [step["keep"] for step in plan] == [7, 3, None]
-    assert [step["passes"] for step in plan] == [1, 1, 3]  # the last: 3 passes of 0.33 s
-    assert schedule(2, 1.0, passes=1) == [{"round": 0, "window_s": 1.0, "keep": None,
-                                          "passes": 1}]
+    assert [step["passes"] for step in plan] == [1, 1, 3]  # the last: 3 passes of 0.22 s
+    assert schedule(2, 1.0, passes=1, share=1) == [{"round": 0, "window_s": 1.0, "keep": None,
+                                                   "passes": 1}]
     assert len(schedule(20, 1.0, rounds=1)) == 1  # the exhaustive sweep
 
 
@@ -331,7 +337,7 @@ def test_the_default_is_kept_unless_a_challenger_beats_it_beyond_the_spread():
     assert choice["versus_default"]["pass_gains_pct"] == pytest.approx([15.0, -4.55, 15.0],
                                                                        abs=0.01)
     assert choice["outcomes"]["int8__i1_q100"].startswith(
-        "not shown better than the default (fp32__i1_q100): +8.1%, within the 12.0% band")
+        "not shown better than the default (fp32__i1_q100): 8.1% better, within the 12.0% band")
     # The same 8% with the passes' ratio steady (both drift alike): beyond the 6.5% band.
     steady = _finalist("int8__i1_q100", 1, [1080, 1188, 1080])
     assert band_against(steady, default, objective) == pytest.approx(
@@ -351,6 +357,14 @@ def test_the_default_is_kept_unless_a_challenger_beats_it_beyond_the_spread():
     assert choice["outcomes"]["fp32__i1_q100"].startswith(
         "the default: int8__i1_q100 beats it by 38.7%, beyond the")
     assert choice["outcomes"]["int8__i2_q100"].startswith("not shown better than the default")
+    # Lowest p99: a slower challenger lost to the default, by the default's gain over it.
+    quick = _finalist("fp32__i1_q100", 0, [1000] * 3, incumbent=True, p99=3.0)
+    slow = _finalist("int8__i1_q100", 1, [1000] * 3, p99=3.7)
+    choice = _outcomes([quick, slow], _objective("latency"))
+    assert choice["chosen"] == "fp32__i1_q100" and choice["tied"] == []
+    assert choice["outcomes"]["int8__i1_q100"] == (
+        "lost to the default (fp32__i1_q100): it is 18.9% better, beyond the 5.0% band of their "
+        "interleaved passes")
     # A default that does not qualify is no incumbent: the best finalist by the band.
     default["qualifies"] = False
     assert _outcomes([default, close], objective)["chosen"] == "int8__i2_q100"
@@ -385,7 +399,7 @@ def test_the_pareto_front_is_of_the_last_round_and_the_plot_says_each_round():
         "schedule": schedule(20, 0.9, passes=3), "method": {"rounds": 3, "windows": 3},
         "pareto_front": pareto_front(candidates, 4, last_round=2)}
     page = render_search_report(record)
-    for label in ("round 1: windows of 0.10 s", "round 3: windows of 0.30 s, 3 interleaved passes",
+    for label in ("round 1: windows of 0.10 s", "round 3: windows of 0.20 s, 3 interleaved passes",
                   "Pareto front (last round)", "among the candidates measured in the last round"):
         assert label in page, label
     assert "against the default (fp32__i1_q100): int8__i1_q100 beats it by 50.0%" in page

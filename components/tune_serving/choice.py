@@ -250,13 +250,14 @@ def versus_default(candidate: dict[str, Any], record: dict[str, Any],
                 f"the {versus['band_pct']:.1f}% band of their interleaved passes")
     gain, band = gain_pct(candidate, incumbent, objective), band_against(candidate, incumbent,
                                                                         objective)
+    behind = gain_pct(incumbent, candidate, objective)
     if gain > band:
         return None
-    if gain_pct(incumbent, candidate, objective) > band:
-        return (f"lost: the default ({incumbent['model']}) is "
-                f"{gain_pct(incumbent, candidate, objective):.1f}% better, beyond the {band:.1f}% "
-                "band")
-    return (f"not shown better than the default ({incumbent['model']}): {gain:+.1f}%, within the "
+    if gain > 0:
+        return (f"not shown better than the default ({incumbent['model']}): {gain:.1f}% better, "
+                f"within the {band:.1f}% band of their interleaved passes")
+    where = "beyond" if behind > band else "within"
+    return (f"lost to the default ({incumbent['model']}): it is {behind:.1f}% better, {where} the "
             f"{band:.1f}% band of their interleaved passes")
 
 

@@ -5,10 +5,11 @@ constraints even allowing for their measured spread (p99 over the budget, throug
 target, failed requests) is discarded there, and of the rest only the best ``1/ETA`` (at least
 two) go on to the next round, whose windows are ``ETA`` times longer. The incumbent (the gate's
 variant with the default settings, marked ``incumbent``) goes on to the last round whenever it
-can meet the constraints, besides the best. The last round measures each finalist for as long as
-the benchmark stage measures a level (its windows of its ``window_s``), but in ``FINAL_PASSES``
-interleaved passes: each pass every finalist in turn (one level of shorter windows), the next
-pass in the reverse order, so that the drift of a shared machine hits all of them alike. A
+can meet the constraints, besides the best. The last round measures each finalist in
+``FINAL_PASSES`` interleaved passes, ``FINAL_SHARE`` of a benchmark level in all (the pairing,
+not the length, is what makes finalists comparable; measuring less pays for the passes' extra
+level start-ups): each pass every finalist in turn (one level of shorter windows), the next pass
+in the reverse order, so that the drift of a shared machine hits all of them alike. A
 finalist's figures are the mean over the passes, its spread theirs, and each pass pairs it with
 the incumbent (``choice.pass_gains_pct``). Only the last round's numbers choose. An exhaustive
 sweep is the one-round schedule: every candidate so measured.
@@ -30,28 +31,31 @@ from torchship.components.tune_serving.choice import (
     why_not,
 )
 
-__all__ = ["ETA", "FINAL_PASSES", "ROUNDS", "measure_interleaved", "run_rounds", "schedule"]
+__all__ = ["ETA", "FINAL_PASSES", "FINAL_SHARE", "ROUNDS", "measure_interleaved", "run_rounds", "schedule"]
 
 # Each round keeps a third of the candidates and measures them with windows three times longer.
 ETA = 3
-# At most this many rounds (the last as long as the benchmark's level).
+# At most this many rounds.
 ROUNDS = 3
-# The last round's interleaved passes: the benchmark's level split in this many, each pass with
-# windows this many times shorter (the same time measured; a few short level start-ups more).
+# The last round's interleaved passes, and the share of a benchmark level (its windows of its
+# window_s) they measure each finalist for in all: 3 passes of 3 windows of 2/9 of window_s.
 FINAL_PASSES = 3
+FINAL_SHARE = 2 / 3
 
 
 def schedule(n: int, final_window_s: float, rounds: int = ROUNDS, eta: int = ETA,
-             passes: int = FINAL_PASSES) -> list[dict]:
+             passes: int = FINAL_PASSES, share: float = FINAL_SHARE) -> list[dict]:
     """The rounds for ``n`` candidates: ``[{"round", "window_s", "keep", "passes"}]``; a round
-    is added while more than two remain. The last (``keep`` None) measures in ``passes``
-    interleaved passes with windows of ``final_window_s / passes``, as long in all as one level
-    with windows of ``final_window_s``."""
+    is added while more than two remain; round ``r`` before the last has windows of
+    ``final_window_s / eta ** (last - r)``. The last (``keep`` None) measures in ``passes``
+    interleaved passes with windows of ``final_window_s * share / passes``: ``share`` of one
+    level with windows of ``final_window_s`` in all."""
     sizes = [n]
     while sizes[-1] > 2 and len(sizes) < max(1, int(rounds)):
         sizes.append(max(2, math.ceil(sizes[-1] / eta)))
     last, passes = len(sizes) - 1, max(1, int(passes))
-    return [{"round": r, "window_s": final_window_s / (eta ** (last - r) if r < last else passes),
+    return [{"round": r, "window_s": (final_window_s / eta ** (last - r) if r < last else
+                                      final_window_s * share / passes),
              "keep": sizes[r + 1] if r < last else None, "passes": 1 if r < last else passes}
             for r in range(len(sizes))]
 

@@ -8,8 +8,8 @@ becomes its own model, ``<variant>__i<count>_q<delay>_b<max batch>``, in one rep
 ``tritonserver`` serves, as Triton Model Analyzer does. They are measured at the target
 concurrency in rounds of successive halving (``halving``): a candidate whose early, short
 windows cannot meet the constraints is discarded at once, the best third go on with longer
-windows, and the finalists are measured for as long as the benchmark measures a level, in
-interleaved passes (A B C, C B A, A B C) so that the drift of a shared machine hits each alike.
+windows, and the finalists are measured for two thirds of a benchmark level, in interleaved
+passes (A B C, C B A, A B C) so that the drift of a shared machine hits each alike.
 The incumbent, the gate's variant with the default settings (what deploying without a search
 would serve), goes on to the last round whenever it can meet the constraints. The objective
 (``choice``):
