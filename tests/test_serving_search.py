@@ -250,7 +250,11 @@ def test_successive_halving_schedule():
     assert [step["passes"] for step in plan] == [1, 1, 3]  # the last: 3 passes of 0.22 s
     assert schedule(2, 1.0, passes=1, share=1) == [{"round": 0, "window_s": 1.0, "keep": None,
                                                    "passes": 1}]
-    assert len(schedule(20, 1.0, rounds=1)) == 1  # the exhaustive sweep
+    # The exhaustive sweep: every candidate one level of full windows, no passes; a search of
+    # two candidates has one round too, interleaved.
+    assert schedule(20, 1.0, rounds=1) == [{"round": 0, "window_s": 1.0, "keep": None,
+                                            "passes": 1}]
+    assert schedule(2, 0.9)[0]["passes"] == FINAL_PASSES
 
 
 def _candidate(model: str, rank: int, p99: float, rps: float, spread: float = 1.0) -> dict:

@@ -12,7 +12,8 @@ level start-ups): each pass every finalist in turn (one level of shorter windows
 in the reverse order, so that the drift of a shared machine hits all of them alike. A
 finalist's figures are the mean over the passes, its spread theirs, and each pass pairs it with
 the incumbent (``choice.pass_gains_pct``). Only the last round's numbers choose. An exhaustive
-sweep is the one-round schedule: every candidate so measured.
+sweep (``rounds=1``) is the one-round schedule of the benchmark's own levels: every candidate one
+level of full windows, no passes (what measuring every candidate fully costs).
 """
 
 from __future__ import annotations
@@ -49,11 +50,14 @@ def schedule(n: int, final_window_s: float, rounds: int = ROUNDS, eta: int = ETA
     is added while more than two remain; round ``r`` before the last has windows of
     ``final_window_s / eta ** (last - r)``. The last (``keep`` None) measures in ``passes``
     interleaved passes with windows of ``final_window_s * share / passes``: ``share`` of one
-    level with windows of ``final_window_s`` in all."""
+    level with windows of ``final_window_s`` in all. ``rounds=1``, the exhaustive sweep: one
+    round of full windows, no passes."""
     sizes = [n]
     while sizes[-1] > 2 and len(sizes) < max(1, int(rounds)):
         sizes.append(max(2, math.ceil(sizes[-1] / eta)))
     last, passes = len(sizes) - 1, max(1, int(passes))
+    if int(rounds) <= 1:
+        passes, share = 1, 1.0
     return [{"round": r, "window_s": (final_window_s / eta ** (last - r) if r < last else
                                       final_window_s * share / passes),
              "keep": sizes[r + 1] if r < last else None, "passes": 1 if r < last else passes}

@@ -5,8 +5,8 @@ On the built-in digits data, three variants of the default `mlp` (untrained, sin
 not depend on the weights: `fp32`, and the narrower students `distilled` and `tiny`) x
 instance_count (1, 2) x max_queue_delay_us (100, 2000) x max_batch_size (64, 1) are searched
 under a p99 budget at concurrency 4, choosing by throughput per core: once by successive halving
-(the pipeline's search), once exhaustively (one round, every candidate measured as the search's
-last round measures). Then the search's choice and the default (the gate's variant `fp32` with
+(the pipeline's search), once exhaustively (one round, every candidate one level of the
+benchmark's full warm-up and windows). Then the search's choice and the default (the gate's variant `fp32` with
 the default settings) are measured head to head on one fresh tritonserver: `PAIRS` pairs of
 full levels (the benchmark's windows), alternating which goes first, so that the drift of a
 shared machine hits both alike. The last lines are
