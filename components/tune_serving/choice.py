@@ -170,9 +170,10 @@ def choose_settings(candidates: list[dict[str, Any]], objective: dict[str, Any],
     tied = [c for c in qualifying if gain_pct(best, c, objective) <= band(c)]
     chosen = tied[0]
     shown_text = _shown(best, objective)
-    of = f"of the {len(qualifying)} finalists that meet the constraints"
+    finalists = f"{len(qualifying)} finalist{'s' if len(qualifying) != 1 else ''}"
+    of = f"of the {finalists} that meet the constraints"
     if incumbent is not None:
-        of = f"of the {len(qualifying)} finalists shown better than the default"
+        of = f"of the {finalists} shown better than the default"
     if len(tied) > 1:
         reason = (f"could not tell apart {len(tied)} candidates ({', '.join(c['model'] for c in tied)}):"
                   f" the best, {best['model']} ({shown_text}), beats none of them by more than "
