@@ -168,6 +168,7 @@ def search_serving_config(
     optimise: str = OPTIMISE,
     margin_pct: float = MARGIN_PCT,
     rounds: int = ROUNDS,
+    backend: str = "python",
     progress: Callable[[str], None] | None = print,
     **measurement: Any,
 ) -> dict[str, Any]:
@@ -177,7 +178,8 @@ def search_serving_config(
     to ``chosen_dir`` and the HTML report to ``report_path`` (each when given); return the
     record. ``measurement`` is the benchmark's method (``benchmark.method.Measurement``): its
     window and warm-up are the last round's, its ``min_windows`` the windows of every level;
-    ``rounds=1`` is the exhaustive sweep (every candidate with full windows)."""
+    ``rounds=1`` is the exhaustive sweep (every candidate with full windows). ``backend``: the
+    Triton backend the candidates are served with (``triton.binary.measurement_backend``)."""
     say = progress or (lambda _message: None)
     gate = read_json(gate_record) if isinstance(gate_record, (str, os.PathLike)) else gate_record
     if isinstance(gate_record, (str, os.PathLike)) and gate is None:
@@ -216,7 +218,8 @@ def search_serving_config(
         "method": {"protocol": "grpc", "batch_size": method.batch_sizes[0],
                    "warmup_s": method.warmup_s, "window_s": method.window_s,
                    "windows": method.min_windows, "stability_pct": method.stability_pct,
-                   "rounds": len(plan), "cores_per_instance": 1},
+                   "rounds": len(plan), "cores_per_instance": 1, "backend": backend,
+                   "engine": method.engine},
         "schedule": plan if grid else [], "candidates": candidates if grid else [],
         "server_startup_s": None,
     }
@@ -237,7 +240,7 @@ def search_serving_config(
             f"{objective_text(objective)}; {len(plan)} rounds")
         with scratch_dir("serving-search") as scratch:
             repository = Path(scratch) / "repository"
-            _write_candidates(Path(onnx_dir), repository, candidates, test_path)
+            _write_candidates(Path(onnx_dir), repository, candidates, test_path, backend)
             with TritonServer(repository, startup_timeout_s=max(120.0, 6.0 * len(candidates))
                               ) as server:
                 record["server_startup_s"] = server.startup_s
@@ -248,7 +251,7 @@ def search_serving_config(
                     server.grpc_url, candidates, str(test_path), objective, plan,
                     windows=method.min_windows, warmup_s=method.warmup_s, say=say,
                     batch_size=method.batch_sizes[0], stability_pct=method.stability_pct,
-                    request_timeout_s=method.request_timeout_s)
+                    request_timeout_s=method.request_timeout_s, engine=method.engine)
         record.update(choose_settings(finalists, objective, default))
         for candidate in finalists:
             candidate["outcome"] = ("chosen" if candidate["model"] == record["chosen"] else
@@ -293,14 +296,14 @@ def _lost(candidate: dict[str, Any], record: dict[str, Any],
 
 
 def _write_candidates(onnx_dir: Path, repository: Path, candidates: list[dict[str, Any]],
-                      test_path: str | os.PathLike) -> None:
+                      test_path: str | os.PathLike, backend: str = "python") -> None:
     """One model per candidate in a fresh repository, each with a real warm-up sample."""
     sample = load_inputs(test_path, "test_path", 1)
     for candidate in candidates:
         write_model(onnx_dir / candidate["variant"] / MODEL_ONNX, repository / candidate["model"],
-                    1, backend="python", versions=[1], sample=sample,
+                    1, backend=backend, versions=[1], sample=sample,
                     serving=ServingSettings().with_values(candidate["settings"]))
-    validate_model_repository(repository, backend="python", load_onnx=False)
+    validate_model_repository(repository, backend=backend, load_onnx=False)
 
 
 def _axis(grid: list[dict[str, int]], name: str) -> str:
