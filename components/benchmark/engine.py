@@ -131,15 +131,17 @@ def annotate(row: dict, engine: Engine, name: str, fallback: str | None) -> dict
 def measure_level(engine: Engine, endpoint: Endpoint, model: Model,
                   rows: dict[str, np.ndarray], batch_size: int, concurrency: int,
                   method: Method, on_window: Callable[[dict], None] | None, level_no: int,
-                  levels_total: int) -> dict:
-    """One level measured by perf_analyzer, as the row ``stats.level_row`` makes. Raises
-    ``pa.PerfAnalyzerFailed`` when perf_analyzer could not measure it, ``ServingError`` when a
-    request outlived the timeout or the server is gone."""
+                  levels_total: int, warm: str | None = None) -> dict:
+    """One level measured by perf_analyzer, as the row ``stats.level_row`` makes. ``warm``: why
+    the server needs no warm-up for it (the model was just measured at another level; each
+    perf_analyzer run opens its own connections, so a warm-up run would warm only the server).
+    Raises ``pa.PerfAnalyzerFailed`` when perf_analyzer could not measure it, ``ServingError``
+    when a request outlived the timeout or the server is gone."""
     where = f"model '{model.name}' at concurrency {concurrency}, batch size {batch_size}"
     metrics = method.stability_metrics
     percentile = 50 if "p50_ms" in metrics else 99 if "p99_ms" in metrics else None
-    warmup = None
-    if method.warmup_s > 0:  # before the statistics snapshot: the server's figures exclude it
+    warmup = {"skipped": warm} if warm and method.warmup_s > 0 else None
+    if method.warmup_s > 0 and not warm:  # before the statistics snapshot: not in its figures
         warmup = pa.warm_up(
             engine.binary, protocol=endpoint.protocol, url=endpoint.url, model=model.name,
             batched=model.max_batch_size > 0, rows=rows, batch_size=batch_size,

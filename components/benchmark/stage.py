@@ -115,6 +115,7 @@ def _sweep(endpoint: Endpoint, plan: list[tuple], method: Method,
     results: list[dict] = []
     with ExitStack() as stack:
         pool = None  # the Python client's processes, started when a level needs them
+        warmed: dict[tuple[str, int], int] = {}  # (model, batch size) -> the level just measured
 
         def measure(model: Model, rows: dict, size: int, concurrency: int) -> dict:
             nonlocal pool
@@ -122,9 +123,12 @@ def _sweep(endpoint: Endpoint, plan: list[tuple], method: Method,
             level_no = len(results) + 1
             total = max(levels_total, level_no)
             if why is None:
+                before = warmed.get((model.name, size))
                 try:
                     row = measure_level(engine, endpoint, model, rows, size, concurrency,
-                                        method, on_window, level_no, total)
+                                        method, on_window, level_no, total,
+                                        warm=f"measured at concurrency {before} just before"
+                                        if before else None)
                 except PerfAnalyzerFailed as exc:
                     why = f"perf_analyzer failed: {exc}"
             if row is None:
@@ -132,6 +136,7 @@ def _sweep(endpoint: Endpoint, plan: list[tuple], method: Method,
                     pool = stack.enter_context(ClientPool(method.client_processes))
                 row = measure_level_python(pool, endpoint, model, rows, size, concurrency,
                                            method, on_window, level_no, total)
+            warmed[model.name, size] = concurrency
             results.append(annotate(row, engine, "perf_analyzer" if why is None else "python",
                                     why))
             progress(level_line(results[-1]))

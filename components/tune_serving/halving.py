@@ -72,13 +72,16 @@ def run_rounds(url: str, candidates: list[dict[str, Any]], test_path: str,
     finalists, every candidate measured in the last round (one that fails the constraints there
     with ``qualifies`` False). Each level: ``windows`` windows of the round's length after a warm-up of
     ``warmup_s`` (one round: the full warm-up; several: the first round's window, the models
-    being warm from Triton's own warm-up at load and the first round); the last round's levels
-    in its interleaved passes (``measure_interleaved``)."""
+    being warm from Triton's own warm-up at load, and none after the first round, which warmed
+    them); the last round's levels in its interleaved passes (``measure_interleaved``)."""
     target = int(objective["target_concurrency"])
     alive = list(candidates)
     for step in plan:
         final = step["keep"] is None
-        warm = warmup_s if len(plan) == 1 else min(warmup_s, plan[0]["window_s"])
+        # Later rounds measure models the first round warmed: no warm-up (with perf_analyzer,
+        # a warm-up is a process of its own, about 0.3 s a level).
+        warm = (warmup_s if len(plan) == 1 else
+                min(warmup_s, plan[0]["window_s"]) if step["round"] == 0 else 0.0)
         passes = int(step.get("passes") or 1)
         say(f"serving search round {step['round'] + 1} of {len(plan)}: {len(alive)} candidates, "
             + (f"{passes} interleaved passes of " if passes > 1 else "")
@@ -146,15 +149,13 @@ def measure_interleaved(url: str, models: list[str], test_path: str, concurrency
     turn, the next pass in the reverse order (A B C, C B A, ...), so that a drift of the machine
     over the passes hits each alike. Returns each model's level: p50, p95, p99 and throughput the
     mean over the passes, ``spread_pct`` the passes' spread (one pass: its windows'), the passes
-    themselves under ``passes``. Later passes warm up for at most one window (the models are
-    warm)."""
+    themselves under ``passes``. Later passes do not warm up (the models are warm)."""
     runs: dict[str, list[dict[str, Any]]] = {model: [] for model in models}
     for number in range(max(1, int(passes))):
         order = list(models) if number % 2 == 0 else list(reversed(models))
         settings = {**measurement, "concurrency": [concurrency]}
         if number:
-            settings["warmup_s"] = min(float(settings.get("warmup_s", 0.0)),
-                                       float(settings["window_s"]))
+            settings["warmup_s"] = 0.0
         measured = benchmark_endpoint(url, "grpc", order, test_path, progress=say, **settings)
         for model in order:
             runs[model].append(_level_summary(find_level(measured, model, concurrency)))
