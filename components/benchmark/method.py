@@ -52,6 +52,9 @@ class Measurement:
     knee_max_concurrency: int = 64
     knee_min_gain_pct: float = 5.0
     latency_budget_p99_ms: float | None = None
+    # Keep every judged request's latency in the level's row (``latencies_ms``), for a caller
+    # that pools levels (the perf_analyzer agreement); never in a stage's record.
+    keep_latencies: bool = False
 
 
 # The settings the pipeline exposes, as parameters `benchmark_<name>`; the benchmark and the
@@ -85,6 +88,7 @@ class Method:
     knee_max_concurrency: int = 64
     knee_min_gain_pct: float = 5.0
     latency_budget_p99_ms: float | None = None
+    keep_latencies: bool = False
 
 
 def _clients_for(concurrency: int, requested: int | None) -> int:
@@ -155,4 +159,5 @@ def measurement_method(**settings: Any) -> Method:
         knee_min_gain_pct=float(m.knee_min_gain_pct),
         latency_budget_p99_ms=(None if m.latency_budget_p99_ms is None
                                else float(m.latency_budget_p99_ms)),
+        keep_latencies=bool(m.keep_latencies),
     )

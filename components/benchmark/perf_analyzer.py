@@ -44,7 +44,8 @@ import numpy as np
 
 from torchship.components.errors import UserInputError, one_line
 
-__all__ = ["VERSION", "PerfAnalyzerFailed", "find_perf_analyzer", "install", "measure", "warm_up"]
+__all__ = ["VERSION", "PerfAnalyzerFailed", "export_windows", "find_perf_analyzer", "install",
+           "measure", "warm_up"]
 
 VERSION = "2.51.0"
 WHEEL = f"tritonclient=={VERSION}"
@@ -186,7 +187,9 @@ def csv_row(path: Path) -> dict[str, float]:
     return {key: float(value) for key, value in zip(head, values) if value.strip()}
 
 
-def _windows(export: Path) -> tuple[list[np.ndarray], list[float], float]:
+def export_windows(export: Path) -> tuple[list[np.ndarray], list[float], float]:
+    """A ``--profile-export-file``'s requests: each window's latencies (ms), the windows'
+    lengths (s) and the slowest latency."""
     experiment = json.loads(export.read_text())["experiments"][0]
     bounds = np.asarray(experiment["window_boundaries"], dtype=np.int64)
     ends, latencies = [], []
@@ -272,7 +275,7 @@ def measure(binary: Path, *, protocol: str, url: str, model: str, batched: bool,
             raise PerfAnalyzerFailed(
                 f"perf_analyzer exited with {done.returncode}: "
                 f"{last_line(done.stderr + chr(10) + done.stdout)}")
-        windows, lengths, slowest = _windows(work / "export.json")
+        windows, lengths, slowest = export_windows(work / "export.json")
         return Measured(windows, lengths, slowest, csv_row(work / "levels.csv"), cpu, wall,
                         command)
 

@@ -172,6 +172,7 @@ def level_row(model: str, batch_size: int, concurrency: int, processes: int,
         "windows": windows,
         "p99_ci95_ms": None,
         "histogram": _histogram(lat),
+        **({"latencies_ms": lat.tolist()} if method.keep_latencies else {}),
         "server": server,
         "server_error": server_error,
         "client": {
