@@ -11,7 +11,8 @@ client and its version are printed). Then, on the same server:
 * Triton's own cost: the median p50 at concurrency 1, batch 1 over the rounds, minus the p50 of
   the same ONNX model run in this process by ONNX Runtime (one thread, as the served model runs);
 * agreement with perf_analyzer (``components/benchmark/agreement.py``): throughput, p50 and p99
-  at concurrency 1 and 8 over gRPC and HTTP, the benchmark against direct perf_analyzer runs.
+  at concurrency 1 and 8 over gRPC and HTTP, the benchmark against direct perf_analyzer runs
+  (p50 and p99 over every request of all rounds pooled).
 
 It prints the CPU model and core count it ran on, and ends with
 
@@ -150,6 +151,10 @@ def main(argv: list[str] | None = None) -> float:
     itself = max(max(row["self_disagreement_pct"].values()) for row in agreed["levels"])
     print(f"perf_analyzer_self_disagreement_pct = {itself:.1f}  (its odd rounds against its even "
           "rounds: the noise floor on this machine now)")
+    at = next(row for row in agreed["levels"] if row["protocol"] == worst["protocol"]
+              and row["concurrency"] == worst["concurrency"])
+    print(f"perf_analyzer_noise_pct = {at['noise_pct'][worst['figure']]:.1f}  (twice the standard "
+          "error of the difference at the largest disagreement, from both sides' rounds)")
     return ratio
 
 
