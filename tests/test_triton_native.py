@@ -9,8 +9,6 @@ backend and the stub for this Python): the same binary, run the native way.
 
 from __future__ import annotations
 
-import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +30,7 @@ def native_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "tritonserver"
     (home / "bin").mkdir(parents=True)
     (home / "bin" / "tritonserver").symlink_to(wheel.binary)
-    python = home / "backends" / "python"
-    python.mkdir(parents=True)
-    for item in wheel.python_backend.iterdir():
-        if item.is_file():
-            shutil.copy2(item, python / item.name)
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    shutil.copy2(wheel.stub(version), python / "triton_python_backend_stub")
+    wheel.prepare_backends(home)  # backends/python with the stub for this Python, as NGC's
     (home / "lib").symlink_to(wheel.libs, target_is_directory=True)
     return home
 

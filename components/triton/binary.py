@@ -1,7 +1,8 @@
 """The ``tritonserver`` binary: the one bundled in the ``nvidia-pytriton`` wheel (locally), or a
 native Triton install such as NGC's ``/opt/tritonserver`` (the Triton serving image, where the
 benchmark and the serving search run on Vertex AI and Kubeflow); where it is, which backends it
-has, what it needs to run from a virtual environment, free and taken ports, and reading its log.
+has, what it needs to run from a virtual environment, and free and taken ports (its log:
+``logs``).
 
 Which one: ``$TORCHSHIP_TRITONSERVER_HOME`` (a folder with ``bin/tritonserver`` and
 ``backends/``), else ``/opt/tritonserver`` where it has the binary, else the wheel's.
@@ -34,8 +35,8 @@ from pathlib import Path
 
 from torchship.components.errors import UserInputError
 
-__all__ = ["HOME_ENV", "MEASUREMENT_BACKENDS", "TritonPaths", "check_port_free", "find_tritonserver", "free_port",
-           "measurement_backend"]
+__all__ = ["HOME_ENV", "MEASUREMENT_BACKENDS", "TritonPaths", "check_port_free",
+           "find_tritonserver", "free_port", "measurement_backend"]
 
 # A native Triton install to use instead of the wheel's binary (the serving image sets it).
 HOME_ENV = "TORCHSHIP_TRITONSERVER_HOME"
@@ -79,8 +80,7 @@ class TritonPaths:
                       if (d / f"libtriton_{d.name}.so").is_file())
 
     def stub(self, version: str) -> Path:
-        if self.native:
-            return self.python_backend / "triton_python_backend_stub"
+        """The wheel's Python-backend stub for Python ``version``."""
         return self.root / "python_backend_stubs" / version / "triton_python_backend_stub"
 
     def prepare_backends(self, workspace: Path) -> Path:

@@ -190,7 +190,7 @@ class TritonServer:
             if not safe_path(served):
                 served = self._workspace / "repository"
                 served.symlink_to(self.repository, target_is_directory=True)
-            backends = self._prepare_backends(paths)
+            backends = paths.prepare_backends(self._workspace)
             env = self._environment(paths)
             # Picking a free port and binding it later is racy; retry when another process won.
             for attempt in range(3):
@@ -247,9 +247,6 @@ class TritonServer:
             return self.log_path.read_text(errors="replace") if self.log_path else ""
         except OSError:
             return ""
-
-    def _prepare_backends(self, paths: TritonPaths) -> Path:
-        return paths.prepare_backends(self._workspace)
 
     def _environment(self, paths: TritonPaths) -> dict[str, str]:
         env = os.environ.copy()
