@@ -9,7 +9,7 @@ measurement::
 
     {"name": "triton", "version": "2.51.0",
      "binary": "/.../tritonserver" | null (a remote server), "kind", "description": how
-     torchship found that install (binary.TritonPaths), where it says, else null,
+     torchship found that install (binary.TritonPaths), null for a remote server,
      "models": {model: {"backend": "python", "platform": null, "max_batch_size": 64,
                         "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
                         "dynamic_batching": {"max_queue_delay_microseconds": 100,
@@ -78,7 +78,7 @@ def server_block(client: Any, protocol: str, models: Sequence[str], *,
 
 def _binary(pid: int | None) -> tuple[str | None, str | None, str | None]:
     """The path of the executable process ``pid`` runs (else the one ``find_tritonserver``
-    gives), and the install's kind and description where ``binary.TritonPaths`` has them."""
+    gives), and that install's kind and description (``binary.TritonPaths``)."""
     path = None
     if pid:
         try:
@@ -89,15 +89,7 @@ def _binary(pid: int | None) -> tuple[str | None, str | None, str | None]:
         paths = find_tritonserver()
     except Exception:  # noqa: BLE001 - the server ran; only its description is missing
         return path, None, None
-    found = []
-    for attribute in ("kind", "describe"):  # binary.TritonPaths may name them, or not
-        value = getattr(paths, attribute, None)
-        try:
-            value = value() if callable(value) else value
-        except Exception:  # noqa: BLE001
-            value = None
-        found.append(None if value is None else str(value))
-    return path or str(paths.binary), found[0], found[1]
+    return path or str(paths.binary), paths.kind, paths.describe()
 
 
 def local_server_block(server: Any, models: Sequence[str], timeout_s: float = 10.0) -> dict:
