@@ -11,7 +11,7 @@ import numpy as np
 from torchship.components.benchmark.client import WindowReport
 from torchship.components.benchmark.method import Method
 
-__all__ = ["judge", "level_row", "server_delta", "t_quantile_975", "window_row"]
+__all__ = ["judge", "level_row", "server_delta", "spread_pct", "t_quantile_975", "window_row"]
 
 HISTOGRAM_BINS_PER_DECADE = 20
 CLIENT_SATURATED = 0.9  # cores per client process beyond which the client limits the load
@@ -55,7 +55,7 @@ def window_row(report: WindowReport, window_s: float) -> dict[str, Any]:
     return row
 
 
-def _spread_pct(values: list[float | None]) -> float:
+def spread_pct(values: list[float | None]) -> float:
     """Largest distance from the mean, in % of the mean (inf when a value is missing)."""
     if not values or any(v is None for v in values):
         return math.inf
@@ -68,7 +68,7 @@ def _spread_pct(values: list[float | None]) -> float:
 def judge(windows: list[dict], method: Method) -> tuple[bool, dict[str, float]]:
     """Whether the last ``min_windows`` windows agree within the band, and each metric's spread."""
     judged = windows[-method.min_windows :]
-    spreads = {m: _spread_pct([w[m] for w in judged])
+    spreads = {m: spread_pct([w[m] for w in judged])
                for m in ("throughput_rps", "p50_ms", "p99_ms", "mean_ms")}
     stable = len(judged) >= method.min_windows and all(
         spreads[m] <= method.stability_pct for m in method.stability_metrics

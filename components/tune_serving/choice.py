@@ -5,11 +5,13 @@ measures them is `stage` (rounds: `halving`)."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+from torchship.components.benchmark.stats import spread_pct as window_spread_pct
 from torchship.components.contracts import ServingSettings
 from torchship.components.files import write_text
 from torchship.components.report.tables import cell, markdown_table, text_table
@@ -69,9 +71,10 @@ def spread_of(candidate: dict[str, Any], objective: dict[str, Any]) -> float:
 
 
 def spread_pct(values: list[float]) -> float:
-    """Largest distance from the mean, in % of the mean: the benchmark's window statistic."""
-    mean = sum(values) / len(values) if values else 0.0
-    return max(abs(v - mean) for v in values) / mean * 100.0 if mean > 0 else 0.0
+    """The benchmark's window statistic (``stats.spread_pct``: largest distance from the mean,
+    in % of the mean) over passes or ratios; 0 where it is undefined (no values, a mean <= 0)."""
+    spread = window_spread_pct(values)
+    return 0.0 if math.isinf(spread) else spread
 
 
 def pass_gains_pct(candidate: dict[str, Any], than: dict[str, Any],

@@ -90,7 +90,7 @@ from torchship.components.tune_serving.choice import (
 from torchship.components.tune_serving.halving import ROUNDS, run_rounds, schedule
 
 __all__ = ["INSTANCE_COUNTS", "MAX_BATCH_SIZES", "QUEUE_DELAYS_US", "SCHEMA", "candidate_name",
-           "candidate_settings", "search_serving_config", "searched_variants"]
+           "candidate_settings", "search_serving_config", "searched_variants", "write_candidates"]
 
 SCHEMA = "torchship.serving-search/v2"
 # The settings grid searched by default, per variant: 2 instance counts x 2 dynamic-batching
@@ -240,7 +240,7 @@ def search_serving_config(
             f"{objective_text(objective)}; {len(plan)} rounds")
         with scratch_dir("serving-search") as scratch:
             repository = Path(scratch) / "repository"
-            _write_candidates(Path(onnx_dir), repository, candidates, test_path, backend)
+            write_candidates(Path(onnx_dir), repository, candidates, test_path, backend)
             with TritonServer(repository, startup_timeout_s=max(120.0, 6.0 * len(candidates))
                               ) as server:
                 record["server_startup_s"] = server.startup_s
@@ -295,7 +295,7 @@ def _lost(candidate: dict[str, Any], record: dict[str, Any],
             f"better, beyond the {band:.1f}% band")
 
 
-def _write_candidates(onnx_dir: Path, repository: Path, candidates: list[dict[str, Any]],
+def write_candidates(onnx_dir: Path, repository: Path, candidates: list[dict[str, Any]],
                       test_path: str | os.PathLike, backend: str = "python") -> None:
     """One model per candidate in a fresh repository, each with a real warm-up sample."""
     sample = load_inputs(test_path, "test_path", 1)

@@ -37,9 +37,9 @@ from torchship.components.models import build_model, export_onnx
 from torchship.components.triton.server import TritonServer
 from torchship.components.tune_serving.halving import measure_interleaved
 from torchship.components.tune_serving.stage import (
-    _write_candidates,
     candidate_name,
     search_serving_config,
+    write_candidates,
 )
 
 VARIANTS = {"fp32": 1024, "distilled": 256, "tiny": 64}  # the mlp's hidden width
@@ -78,7 +78,7 @@ def head_to_head(work: Path, onnx_dir: Path, test_path: Path, record: dict, chos
     """``chosen`` against ``DEFAULT`` on one fresh tritonserver, ``PAIRS`` pairs of full levels,
     the order alternating: per pair, each one's throughput per core and p99."""
     candidates = [c for c in record["candidates"] if c["model"] in (chosen, DEFAULT)]
-    _write_candidates(onnx_dir, work / "head-to-head", candidates, test_path)
+    write_candidates(onnx_dir, work / "head-to-head", candidates, test_path)
     with TritonServer(work / "head-to-head") as server:
         levels = measure_interleaved(
             server.grpc_url, [chosen, DEFAULT], str(test_path), args.concurrency, PAIRS,
