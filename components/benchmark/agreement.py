@@ -4,7 +4,7 @@
 back to back, in alternating order (so load from other programs falls on both sides alike): one
 benchmark level (``benchmark_endpoint``, whatever engine it picks) and one direct
 ``perf_analyzer`` run (3 windows, random input data as it sends by default; its own per-window
-report and CSV, and every request's timestamps from ``--profile-export-file``). Each side's
+report, and every request's timestamps from ``--profile-export-file``). Each side's
 figures pool its rounds: throughput is the median window's (a burst of load from elsewhere
 spoils one window, not the median of many), p50 and p99 are percentiles of every request's
 latency over all its rounds (a p99 of thousands of requests, where one window's p99 is the 6th
@@ -42,27 +42,24 @@ FIGURES = ("throughput_rps", "p50_ms", "p99_ms")
 
 def direct_run(binary: Path, protocol: str, url: str, model: str, concurrency: int,
                window_s: float, timeout_s: float = 120.0) -> dict[str, Any]:
-    """One plain perf_analyzer run: its throughput and p50/p99 (ms) from its CSV, each window's
-    throughput and p99 as it prints them, and every request's latency (ms) of those windows."""
+    """One plain perf_analyzer run: each window's throughput and p99 as it prints them, and
+    every request's latency (ms) of those windows from its profile export."""
     with tempfile.TemporaryDirectory(prefix="torchship-pa-direct-") as tmp:
-        csv_path, export = Path(tmp) / "direct.csv", Path(tmp) / "export.json"
+        export = Path(tmp) / "export.json"
         command = [str(binary), "-m", model, "-u", url, "-i", protocol,
                    "--concurrency-range", str(concurrency),
                    "--measurement-interval", str(round(window_s * 1000)),
-                   "-s", "100000", "--max-trials", str(pa.STABLE_WINDOWS), "-f", str(csv_path),
+                   "-s", "100000", "--max-trials", str(pa.STABLE_WINDOWS),
                    "--percentile", "99", "-v", "--profile-export-file", str(export)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
                               env=pa.environment(), check=False)
-        if done.returncode != 0 or not csv_path.is_file() or not export.is_file():
+        if done.returncode != 0 or not export.is_file():
             raise pa.PerfAnalyzerFailed(f"perf_analyzer exited with {done.returncode}: "
                                         f"{pa.last_line(done.stderr + chr(10) + done.stdout)}")
-        row = pa.csv_row(csv_path)
         windows, _, _ = pa.export_windows(export)
     passes = re.findall(r"Pass \[\d+\] throughput: ([0-9.]+) infer/sec\. p99 latency: (\d+) usec",
                         done.stdout)
-    return {"throughput_rps": row["Inferences/Second"], "p50_ms": row["p50 latency"] / 1e3,
-            "p99_ms": row["p99 latency"] / 1e3,
-            "windows": [{"throughput_rps": float(t), "p99_ms": float(p) / 1e3}
+    return {"windows": [{"throughput_rps": float(t), "p99_ms": float(p) / 1e3}
                         for t, p in passes[-pa.STABLE_WINDOWS:]],
             "latencies_ms": np.concatenate(windows[-pa.STABLE_WINDOWS:]).tolist()
             if windows else []}
@@ -76,10 +73,6 @@ def _figures(runs: list[dict], windows: list[dict]) -> dict[str, float]:
     p50, p99 = (float(v) for v in np.percentile(latencies, [50, 99]))
     return {"throughput_rps": statistics.median(w["throughput_rps"] for w in windows),
             "p50_ms": p50, "p99_ms": p99}
-
-
-def _round_figures(run: dict[str, Any], windows: list[dict]) -> dict[str, float]:
-    return _figures([run], windows)
 
 
 def noise_pct(ours: list[dict[str, float]], theirs: list[dict[str, float]]) -> dict[str, float]:
@@ -155,13 +148,13 @@ def agreement(urls: dict[str, str], model: str, test_path: str | Path, *,
                         row, windows = _ours(url, protocol, model, test_path, level, settings)
                         ours.append(row)
                         ours_windows += windows
-                        ours_rounds.append(_round_figures(row, windows))
+                        ours_rounds.append(_figures([row], windows))
                         clients.add((row["client"]["name"], row["client"]["version"]))
                     else:
                         run = direct_run(binary, protocol, url, model, level, window_s)
                         theirs.append(run)
                         theirs_windows += run["windows"]
-                        theirs_rounds.append(_round_figures(run, run["windows"]))
+                        theirs_rounds.append(_figures([run], run["windows"]))
                 mine, other = _figures(ours, ours_windows), _figures(theirs, theirs_windows)
                 off = {f: abs(mine[f] / other[f] - 1.0) * 100.0 for f in FIGURES}
                 itself = _self_disagreement(theirs)

@@ -65,7 +65,8 @@ Result JSON (``write_json``), schema ``torchship.benchmark/v2``; times in ms unl
                           "throughput_ips"}; warmup: null (warmup_s 0), or the warm-up
                           perf_analyzer ran before the level, its report discarded:
                           {"by": "perf_analyzer", "warmup_s", "windows",
-                           "measurement_interval_ms", "requests", "wall_s", "command"}
+                           "measurement_interval_ms", "requests", "wall_s", "command"}, or
+                          {"skipped": why} where the model was just measured at another level
 
 ``files.write_json`` writes it, ``write_csv`` writes the rows flat, ``metrics_for_kfp`` gives the
 numbers a KFP ``Metrics`` artifact takes.
