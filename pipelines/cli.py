@@ -99,6 +99,7 @@ def compile(output: str, image: str | None, gpu_image: str | None, serving_image
             platform: str | None, train_gpus: int, compress_gpus: int, benchmark_gpus: int,
             gpu_type: str, old_platform: str | None) -> None:
     """Compile the pipeline to a KFP v2 YAML: the file every runner executes."""
+    from torchship.pipelines.components import stage_image
     from torchship.pipelines.pipeline import (
         compile_pipeline,
         default_gpu_image,
@@ -129,9 +130,10 @@ def compile(output: str, image: str | None, gpu_image: str | None, serving_image
     gpu_image = gpu_image or default_gpu_image(image)
     gpu_line = f", GPU image {gpu_image}{gpus}" if platform == "vertex" or on_gpus else ""
     where = f" on {on(benchmark_gpus)}" if benchmark_gpus else ""
-    measured = (f"; benchmark and tune-serving in {serving_image}{where}" if serving_image else
-                f"; benchmark and tune-serving in {gpu_image if benchmark_gpus else image}{where}, "
-                "on Triton's python backend")
+    measured_in = stage_image("benchmark", image, gpu_image, {"benchmark": benchmark_gpus},
+                              serving_image)
+    measured = (f"; benchmark and tune-serving in {measured_in}{where}"
+                + ("" if serving_image else ", on Triton's python backend"))
     alias = f" (the {platform} pipeline)" if named != platform else ""
     click.echo(f"wrote {path} (platform {named}{alias}, image {image}{gpu_line}{measured})")
 

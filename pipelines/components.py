@@ -26,6 +26,15 @@ from torchship.pipelines.components_release import deploy, gate, tune_serving
 MEASURING = ("benchmark", "tune-serving")
 
 
+def stage_image(stage: str, image: str, gpu_image: str = "", gpus: dict[str, int] | None = None,
+                serving_image: str = "") -> str:
+    """The image `stage` runs: the serving image for the Triton measurements where there is one,
+    else `gpu_image` (default: `image`) when the stage has GPUs, else `image`."""
+    if stage in MEASURING and serving_image:
+        return serving_image
+    return (gpu_image or image) if (gpus or {}).get(stage) else image
+
+
 def prepare_data(
     data_source: str,
     label_column: str,
@@ -315,10 +324,9 @@ def build_components(image: str, vertex: bool = False, gpu_image: str = "",
     gpus = {stage: count for stage, count in (gpus or {}).items() if count}
 
     def make(func: Callable, stage: str = "") -> Callable:
-        base = (gpu_image or image) if gpus.get(stage) else image
-        if stage in MEASURING and serving_image:
-            base = serving_image
-        return dsl.component(func, base_image=base, install_kfp_package=False)
+        return dsl.component(func, base_image=stage_image(stage, image, gpu_image, gpus,
+                                                          serving_image),
+                             install_kfp_package=False)
 
     ops = Components(
         image=image,

@@ -13,7 +13,7 @@ from kfp.dsl import HTML, Artifact, Markdown
 
 from torchship.components.errors import UserInputError
 from torchship.components.files import atomic_path
-from torchship.pipelines.components import Components, build_components
+from torchship.pipelines.components import Components, build_components, stage_image
 from torchship.pipelines.parameters import (
     MEASUREMENT_PARAMETERS,
     MODEL_OPTIONS,
@@ -142,8 +142,8 @@ def _after_training(ops: Components, data: dsl.PipelineTask, trained: dsl.Pipeli
         # One search over the variants the gate found eligible x the serving settings; deploy
         # takes the variant it chose (in the gate's chosen_model layout) and its settings.
         tuned = measure(
-            "tune-serving", onnx_models=exported.outputs["onnx_models"], gate_record=decided.outputs["record"],
-            test=data.outputs["test"], instance_counts=params["serving_instance_counts"],
+            "tune-serving", onnx_models=exported.outputs["onnx_models"],
+            gate_record=decided.outputs["record"], test=data.outputs["test"], instance_counts=params["serving_instance_counts"],
             queue_delays_us=params["serving_queue_delays_us"],
             max_batch_sizes=params["serving_max_batch_sizes"], optimise=params["optimise"],
             latency_budget_p99_ms=params["latency_budget_p99_ms"],
@@ -186,7 +186,8 @@ def _measuring(ops: Components, params: dict[str, Any]) -> Callable[..., dsl.Pip
         gpus = ops.gpus.get(stage, 0)
         pools = ops.vertex_serving_pools(
             template=template, deploy_settings=params["deploy_settings"],
-            image=ops.serving_image or (ops.gpu_image if gpus else ops.image), gpus=gpus,
+            image=stage_image(stage, ops.image, ops.gpu_image, ops.gpus, ops.serving_image),
+            gpus=gpus,
             gpu_type=ops.gpu_type if gpus else "").set_display_name(f"{stage}-machine")
         _settle(pools, "vertex-job-setup", requests=False)
         if settings is None:
